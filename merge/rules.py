@@ -1,0 +1,83 @@
+"""The registry of merge rules, and `merge_states`, the one entry point the daemon calls.
+
+Every rule is a pure function `(own, others, config) -> merged state` whose docstring states its
+math and how many bad neighbours per merge it tolerates:
+
+  average       weighted average of the factors (cheap; B_bar A_bar != average of B A)
+  product       exact weighted average of B A, re-factorised to rank r (any neighbour rank)
+  trimmed-mean  coordinate-wise, unweighted, drops `trim` values per end
+  median        coordinate-wise, unweighted
+  clipped       self-centered clipping of each neighbour's difference at radius tau
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, TypeAlias
+
+from merge.average import average
+from merge.product import product
+from merge.robust import clipped, median, trimmed_mean
+from merge.tensors import lora_pairs
+from merge.types import AdapterState, Contribution
+from merge.validate import check_structure, validate_update
+from merge.weights import merge_weights
+
+if TYPE_CHECKING:
+    from merge.config import MergeConfig
+
+__all__ = [
+    "RULES",
+    "MergeRule",
+    "accepts_rank_change",
+    "lora_pairs",
+    "merge_states",
+    "merge_weights",
+    "validate_update",
+]
+
+MergeRule: TypeAlias = "Callable[[Contribution, Sequence[Contribution], MergeConfig], AdapterState]"
+
+RULES: dict[str, MergeRule] = {
+    "average": average,
+    "product": product,
+    "trimmed-mean": trimmed_mean,
+    "median": median,
+    "clipped": clipped,
+}
+
+# Rules that merge in weight space, where the LoRA rank of a neighbour does not matter.
+_RANK_FREE = frozenset({"product"})
+
+
+def accepts_rank_change(rule: str) -> bool:
+    """Whether `rule` can merge neighbours of another LoRA rank (pass it to `validate_update`)."""
+    return rule in _RANK_FREE
+
+
+def merge_states(own: Contribution, others: Sequence[Contribution],
+                 config: MergeConfig) -> AdapterState:
+    """Merge our adapter with the accepted neighbours' by the rule `config.rule`.
+
+    Validate each neighbour with `validate_update` first, so that one bad neighbour is dropped
+    instead of failing the whole merge; this function re-checks only the structure (keys,
+    shapes, dtypes), which is cheap, not the values.
+
+    Args:
+        own: our adapter, samples and age (normally 0).
+        others: accepted neighbours, in any order (the result does not depend on it).
+        config: the rule and its parameters.
+
+    Returns:
+        A new state with own's keys, shapes and dtypes, contiguous, on the CPU, sharing no
+        memory with any input; a copy of `own.state` when `others` is empty.
+
+    Raises:
+        RejectedUpdate: a neighbour's structure does not match ours.
+    """
+    if not others:
+        return {key: t.detach().to("cpu").clone().contiguous() for key, t in own.state.items()}
+    allow = accepts_rank_change(config.rule)
+    for other in others:
+        check_structure(own.state, other.state, allow_rank_change=allow)
+    return RULES[config.rule](own, others, config)

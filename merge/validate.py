@@ -1,0 +1,99 @@
+"""Validation of a neighbour's adapter against our own, before any rule may see it."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import TYPE_CHECKING
+
+import torch
+
+from merge.errors import RejectedUpdate
+from merge.tensors import floored_norm, is_factor_pair, lora_pairs, state_norm
+
+if TYPE_CHECKING:
+    from merge.config import MergeConfig
+
+
+def validate_update(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+                    config: MergeConfig, *, allow_rank_change: bool = False) -> None:
+    """Check that `other` may be merged into `own`; a rejected update is never merged.
+
+    Checks, in order: identical key sets; identical shapes (LoRA factors may differ in rank
+    only when `allow_rank_change`); identical floating-point dtypes; every value finite;
+    Frobenius norm of the whole state at most `max_norm_ratio` x our own norm, which is floored
+    at an RMS of `NORM_RMS_FLOOR` per entry so that an all-zero state does not reject everything.
+
+    Args:
+        own: our adapter state.
+        other: the neighbour's adapter state.
+        config: supplies `max_norm_ratio`.
+        allow_rank_change: accept LoRA pairs of another rank (only `product` can merge them).
+
+    Raises:
+        RejectedUpdate: with reason "keys_mismatch", "shape_mismatch", "rank_mismatch",
+            "dtype_mismatch", "non_finite" or "norm_bound".
+    """
+    check_structure(own, other, allow_rank_change=allow_rank_change)
+    for key, tensor in other.items():
+        if not bool(torch.isfinite(tensor).all()):
+            raise RejectedUpdate("non_finite", f"{key} holds NaN or Inf")
+    bound = config.max_norm_ratio * floored_norm(own)
+    norm = state_norm(other)
+    # An overflowing norm is inf, which fails the bound as it should.
+    if not (math.isfinite(norm) and norm <= bound):
+        raise RejectedUpdate(
+            "norm_bound", f"norm {norm:.4g} exceeds {config.max_norm_ratio:g} x own = {bound:.4g}"
+        )
+
+
+def check_structure(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor], *,
+                    allow_rank_change: bool = False) -> None:
+    """The cheap half of `validate_update`: keys, shapes and dtypes, not values.
+
+    Raises:
+        RejectedUpdate: with reason "keys_mismatch", "shape_mismatch", "rank_mismatch" or
+            "dtype_mismatch".
+    """
+    if own.keys() != other.keys():
+        missing, extra = sorted(own.keys() - other.keys()), sorted(other.keys() - own.keys())
+        raise RejectedUpdate(
+            "keys_mismatch", f"{len(missing)} missing (e.g. {missing[:1]}), "
+            f"{len(extra)} unexpected (e.g. {extra[:1]})"
+        )
+    paired: set[str] = set()
+    for a_key, b_key in lora_pairs(own).values():
+        _check_pair(own, other, a_key, b_key, allow_rank_change)
+        paired.update((a_key, b_key))
+    for key, ref in own.items():
+        if key not in paired and other[key].shape != ref.shape:
+            raise RejectedUpdate(
+                "shape_mismatch", f"{key}: {tuple(other[key].shape)} != {tuple(ref.shape)}"
+            )
+        if other[key].dtype != ref.dtype:
+            raise RejectedUpdate("dtype_mismatch", f"{key}: {other[key].dtype} != {ref.dtype}")
+        if not other[key].is_floating_point():
+            raise RejectedUpdate("dtype_mismatch", f"{key}: {ref.dtype} is not floating point")
+
+
+def _check_pair(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.Tensor],
+                a_key: str, b_key: str, allow_rank_change: bool) -> None:
+    own_a, own_b, a, b = own[a_key], own[b_key], other[a_key], other[b_key]
+    if a.shape == own_a.shape and b.shape == own_b.shape:
+        return
+    # A rank change keeps every dimension but the rank: A's trailing ones and B's leading one.
+    same_outer = (
+        a.dim() == own_a.dim() and b.dim() == own_b.dim()
+        and a.shape[1:] == own_a.shape[1:] and b.shape[0] == own_b.shape[0]
+        and b.shape[2:] == own_b.shape[2:] and is_factor_pair(a, b)
+    )
+    if not same_outer:
+        raise RejectedUpdate(
+            "shape_mismatch", f"{a_key}/{b_key}: {tuple(a.shape)}/{tuple(b.shape)} "
+            f"!= {tuple(own_a.shape)}/{tuple(own_b.shape)}"
+        )
+    if not allow_rank_change:
+        raise RejectedUpdate(
+            "rank_mismatch", f"{a_key}: rank {a.shape[0]} != {own_a.shape[0]} "
+            "(only the product rule merges adapters of another rank)"
+        )

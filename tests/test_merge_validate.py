@@ -1,0 +1,113 @@
+"""`validate_update` rejects each kind of bad update with its reason, and accepts good ones."""
+
+from __future__ import annotations
+
+import pickle
+
+import pytest
+import torch
+
+from merge.config import MergeConfig
+from merge.errors import REJECT_REASONS, RejectedUpdate
+from merge.tensors import NORM_RMS_FLOOR
+from merge.validate import validate_update
+
+CONFIG = MergeConfig(max_norm_ratio=20.0)
+
+
+def own_state() -> dict[str, torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    return {
+        "m.q.lora_A.weight": torch.randn(4, 6, generator=gen),
+        "m.q.lora_B.weight": torch.randn(8, 4, generator=gen),
+        "m.bias": torch.randn(8, generator=gen),
+    }
+
+
+def modified(**changes: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Our state with some tensors replaced (keys given with '.' as '__') or removed (None)."""
+    state = own_state()
+    for name, tensor in changes.items():
+        key = name.replace("__", ".")
+        if tensor is None:
+            del state[key]
+        else:
+            state[key] = tensor
+    return state
+
+
+def reason_of(other: dict[str, torch.Tensor], *, allow_rank_change: bool = False) -> str:
+    with pytest.raises(RejectedUpdate) as info:
+        validate_update(own_state(), other, CONFIG, allow_rank_change=allow_rank_change)
+    assert info.value.reason in REJECT_REASONS and info.value.detail
+    return info.value.reason
+
+
+def test_a_good_update_passes() -> None:
+    other = {key: 1.5 * t for key, t in own_state().items()}
+    validate_update(own_state(), other, CONFIG)
+
+
+@pytest.mark.parametrize(("other", "reason"), [
+    (modified(m__bias=None), "keys_mismatch"),
+    ({**own_state(), "m.extra": torch.zeros(1)}, "keys_mismatch"),
+    (modified(m__bias=torch.zeros(9)), "shape_mismatch"),
+    (modified(m__q__lora_A__weight=torch.zeros(4, 7)), "shape_mismatch"),
+    (modified(m__q__lora_B__weight=torch.zeros(9, 4)), "shape_mismatch"),
+    (modified(m__q__lora_A__weight=torch.zeros(3, 6)), "shape_mismatch"),  # A and B disagree
+    (modified(m__q__lora_A__weight=torch.zeros(3, 6), m__q__lora_B__weight=torch.zeros(8, 3)),
+     "rank_mismatch"),
+    (modified(m__bias=torch.zeros(8, dtype=torch.float16)), "dtype_mismatch"),
+    (modified(m__bias=torch.tensor([0.0] * 7 + [float("nan")])), "non_finite"),
+    (modified(m__bias=torch.tensor([0.0] * 7 + [float("-inf")])), "non_finite"),
+    (modified(m__bias=torch.full((8,), 1e3)), "norm_bound"),
+    (modified(m__bias=torch.full((8,), 3e38)), "norm_bound"),  # its norm overflows float32
+])
+def test_each_bad_update_is_rejected_with_its_reason(other: dict[str, torch.Tensor],
+                                                     reason: str) -> None:
+    assert reason_of(other) == reason
+
+
+def test_rank_change_passes_only_when_allowed() -> None:
+    other = modified(m__q__lora_A__weight=torch.ones(2, 6), m__q__lora_B__weight=torch.ones(8, 2))
+    assert reason_of(other) == "rank_mismatch"
+    validate_update(own_state(), other, CONFIG, allow_rank_change=True)
+    # Allowing a rank change does not allow other dimensions to change.
+    wider = modified(m__q__lora_A__weight=torch.ones(2, 7), m__q__lora_B__weight=torch.ones(8, 2))
+    assert reason_of(wider, allow_rank_change=True) == "shape_mismatch"
+
+
+def test_integer_tensors_are_refused() -> None:
+    own = {"x": torch.zeros(3, dtype=torch.int64)}
+    with pytest.raises(RejectedUpdate) as info:
+        validate_update(own, {"x": torch.zeros(3, dtype=torch.int64)}, CONFIG)
+    assert info.value.reason == "dtype_mismatch"
+
+
+def test_norm_bound_is_relative_to_our_norm() -> None:
+    own = own_state()
+    norm = float(torch.cat([t.flatten() for t in own.values()]).norm())
+    just_inside = {key: 19.9 * t for key, t in own.items()}
+    validate_update(own, just_inside, CONFIG)
+    just_outside = {key: 20.1 * t for key, t in own.items()}
+    assert norm > NORM_RMS_FLOOR
+    with pytest.raises(RejectedUpdate, match="norm_bound"):
+        validate_update(own, just_outside, CONFIG)
+
+
+def test_an_all_zero_state_still_accepts_small_updates() -> None:
+    zero = {"m.q.lora_A.weight": torch.zeros(4, 6), "m.q.lora_B.weight": torch.zeros(8, 4)}
+    small = {key: torch.full(t.shape, 5 * NORM_RMS_FLOOR) for key, t in zero.items()}
+    validate_update(zero, small, CONFIG)
+    large = {key: torch.full(t.shape, 50 * NORM_RMS_FLOOR) for key, t in zero.items()}
+    with pytest.raises(RejectedUpdate, match="norm_bound"):
+        validate_update(zero, large, CONFIG)
+
+
+def test_rejected_update_survives_copying_and_refuses_unknown_reasons() -> None:
+    error = RejectedUpdate("norm_bound", "too\nlarge")
+    assert str(error) == "norm_bound: too large"
+    copy = pickle.loads(pickle.dumps(error))
+    assert (copy.reason, copy.detail) == ("norm_bound", "too large")
+    with pytest.raises(ValueError):
+        RejectedUpdate("bad_vibes", "?")
