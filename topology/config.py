@@ -1,0 +1,42 @@
+"""Configuration of the membership view and of the dialling policy."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from topology.errors import TopologyConfigError
+
+
+@dataclass(frozen=True)
+class TopologyConfig:
+    """How many peers a node knows, talks to and keeps connections with."""
+
+    fanout: int = field(
+        default=2, metadata={"help": "neighbours fetched from per round (0: train alone)"}
+    )
+    view_size: int = field(default=64, metadata={"help": "most peers kept in the membership view"})
+    peer_timeout_s: float = field(
+        default=30.0, metadata={"help": "a peer silent for longer than this is dropped"}
+    )
+    target_connections: int = field(
+        default=4, metadata={"help": "below this many connected live peers, dial more known ones"}
+    )
+
+    def __post_init__(self) -> None:
+        if self.view_size < 1:
+            raise TopologyConfigError(f"view_size must be at least 1, got {self.view_size}")
+        if not 0 <= self.fanout <= self.view_size:
+            raise TopologyConfigError(
+                f"fanout must be in 0..view_size ({self.view_size}), got {self.fanout}"
+            )
+        # NaN would make every liveness comparison false, so a NaN timeout must not slip through.
+        if not (math.isfinite(self.peer_timeout_s) and self.peer_timeout_s > 0):
+            raise TopologyConfigError(
+                f"peer_timeout_s must be a positive number of seconds, got {self.peer_timeout_s}"
+            )
+        if not 0 <= self.target_connections <= self.view_size:
+            raise TopologyConfigError(
+                f"target_connections must be in 0..view_size ({self.view_size}), "
+                f"got {self.target_connections}"
+            )
