@@ -1,0 +1,242 @@
+"""Adapters as safetensors bytes, with the header checked by our own code before safetensors.
+
+Nothing is ever unpickled. `decode_adapter` refuses oversized data first, then parses the
+8-byte header length and the JSON header itself with strict bounds (entry keys, dtypes, shapes,
+offsets covering the body exactly), compares names, shapes and dtypes with what we expect, and
+only then lets `safetensors` build tensors, which must all be finite.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import safetensors
+import safetensors.torch
+import torch
+
+from gossip.errors import WireError
+
+MAX_TENSORS = 4096
+MAX_HEADER_BYTES = 4 * 1024 * 1024  # ~1 KiB per tensor at MAX_TENSORS: far above any real header
+MAX_NDIM = 8
+MAX_DIM = 2**31 - 1
+MAX_NAME_LEN = 512
+ADAPTER_DTYPES: dict[str, torch.dtype] = {
+    "F16": torch.float16, "BF16": torch.bfloat16, "F32": torch.float32, "F64": torch.float64,
+}
+
+_DTYPE_NAMES = {dtype: name for name, dtype in ADAPTER_DTYPES.items()}
+
+
+def check_cap(name: str, value: int, cap: int) -> None:
+    if type(cap) is not int or cap < 1:
+        raise ValueError(f"the cap on {name} must be a positive int, got {cap!r}")
+    if value > cap:
+        raise WireError("oversized", f"{name} {value} exceeds the cap of {cap}")
+
+
+
+def encode_adapter(state: Mapping[str, torch.Tensor]) -> bytes:
+    """Serialise an adapter state to safetensors bytes.
+
+    Deterministic: the same names, dtypes and values always give the same bytes, whatever the
+    insertion order or device, so that digests of equal adapters compare equal.
+
+    Raises:
+        ValueError: the state is empty, or holds a non-tensor, a bad name or a non-float dtype.
+    """
+    if not state:
+        raise ValueError("an adapter state needs at least one tensor")
+    tensors: dict[str, torch.Tensor] = {}
+    for name in sorted(state):
+        tensor = state[name]
+        if not isinstance(name, str) or not 1 <= len(name) <= MAX_NAME_LEN:
+            raise ValueError(f"tensor names are str of 1..{MAX_NAME_LEN} characters: {name!r}")
+        if not isinstance(tensor, torch.Tensor) or tensor.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"{name}: expected a tensor of {sorted(ADAPTER_DTYPES)}")
+        # A private contiguous CPU copy: safetensors refuses tensors that share storage.
+        tensors[name] = tensor.detach().to("cpu").contiguous().clone()
+    return bytes(safetensors.torch.save(tensors))
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One tensor as the safetensors header describes it."""
+
+    name: str
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    # Two parsers that resolve a duplicate key differently are a classic smuggling route.
+    out = dict(pairs)
+    if len(out) != len(pairs):
+        raise ValueError("duplicate key in the safetensors header")
+    return out
+
+
+def _read_header(data: bytes) -> tuple[dict[str, Any], int]:
+    """Return the parsed JSON header and the offset at which the tensor bytes start."""
+    if len(data) < 8:
+        raise WireError("truncated", f"{len(data)} bytes, shorter than the safetensors prefix")
+    length = int.from_bytes(data[:8], "little")
+    if length > len(data) - 8:
+        raise WireError("truncated", f"header of {length} bytes in {len(data)} bytes of data")
+    if length > MAX_HEADER_BYTES:
+        raise WireError("oversized", f"header of {length} bytes, at most {MAX_HEADER_BYTES}")
+    try:
+        header = json.loads(data[8 : 8 + length].decode("utf-8"), object_pairs_hook=_no_duplicates)
+    except (ValueError, RecursionError) as exc:
+        raise WireError("malformed", f"unreadable header: {type(exc).__name__}") from exc
+    if not isinstance(header, dict):
+        raise WireError("malformed", "the safetensors header is not a JSON object")
+    return header, 8 + length
+
+
+def _parse_entry(name: str, raw: object, body_len: int) -> _Entry:
+    """Check one header entry against the format and the bytes actually present."""
+    if not 1 <= len(name) <= MAX_NAME_LEN:
+        raise WireError("bad_tensor", f"tensor name of {len(name)} characters")
+    if not isinstance(raw, dict) or raw.keys() != {"dtype", "shape", "data_offsets"}:
+        raise WireError("bad_tensor", f"{name!r}: entry is not {{dtype, shape, data_offsets}}")
+    dtype, shape, offsets = raw["dtype"], raw["shape"], raw["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in ADAPTER_DTYPES:
+        raise WireError("bad_tensor", f"{name!r}: unsupported dtype {str(dtype)[:16]!r}")
+    if not isinstance(shape, list) or len(shape) > MAX_NDIM:
+        raise WireError("bad_tensor", f"{name!r}: shape is not a list of at most {MAX_NDIM} dims")
+    if not all(type(d) is int and 0 <= d <= MAX_DIM for d in shape):
+        raise WireError("bad_tensor", f"{name!r}: absurd shape")
+    if not (isinstance(offsets, list) and len(offsets) == 2
+            and all(type(o) is int for o in offsets)):
+        raise WireError("bad_tensor", f"{name!r}: data_offsets is not two ints")
+    begin, end = offsets
+    if not 0 <= begin <= end <= body_len:
+        raise WireError("bad_tensor", f"{name!r}: offsets {begin}..{end} outside 0..{body_len}")
+    itemsize = ADAPTER_DTYPES[dtype].itemsize
+    if math.prod(shape) * itemsize != end - begin:
+        raise WireError("bad_tensor", f"{name!r}: shape {shape} does not fill {end - begin} bytes")
+    return _Entry(name, ADAPTER_DTYPES[dtype], tuple(shape), begin, end)
+
+
+def _parse_entries(data: bytes) -> list[_Entry]:
+    """Parse and bound-check the whole header; the tensors must tile the body exactly."""
+    header, body_start = _read_header(data)
+    metadata = header.pop("__metadata__", {})
+    if not isinstance(metadata, dict) or not all(
+        isinstance(v, str) for v in metadata.values()
+    ):
+        raise WireError("bad_tensor", "__metadata__ is not a map of strings")
+    if not header:
+        raise WireError("bad_tensor", "no tensors")
+    if len(header) > MAX_TENSORS:
+        raise WireError("oversized", f"{len(header)} tensors, at most {MAX_TENSORS}")
+    body_len = len(data) - body_start
+    entries = [_parse_entry(name, raw, body_len) for name, raw in header.items()]
+    # No gaps and no overlaps: bytes outside every tensor could hide anything.
+    cursor = 0
+    for entry in sorted(entries, key=lambda e: (e.begin, e.end)):
+        if entry.begin != cursor:
+            raise WireError("bad_tensor", f"{entry.name!r}: overlaps or leaves a gap at {cursor}")
+        cursor = entry.end
+    if cursor != body_len:
+        raise WireError("bad_tensor", f"{body_len - cursor} trailing bytes after the tensors")
+    return entries
+
+
+def _rank_dim(name: str, ndim: int) -> int | None:
+    """Which dim of a LoRA factor is its rank: 0 for lora_A (r, in), 1 for lora_B (out, r)."""
+    parts = name.split(".")
+    if "lora_A" in parts and ndim >= 1:
+        return 0
+    if "lora_B" in parts and ndim >= 2:
+        return 1
+    return None
+
+
+def _check_expected(
+    entries: list[_Entry],
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    allow_rank_change: bool,
+) -> None:
+    """Same names, dtypes and shapes as ours (rank dims may differ with `allow_rank_change`)."""
+    got = {entry.name: entry for entry in entries}
+    if got.keys() != expected.keys():
+        missing = sorted(expected.keys() - got.keys())
+        extra = sorted(got.keys() - expected.keys())
+        raise WireError("keys_mismatch", f"{len(missing)} missing (e.g. {missing[:2]}), "
+                        f"{len(extra)} unexpected (e.g. {[n[:80] for n in extra[:2]]})")
+    for name in sorted(got):
+        shape, dtype = expected[name]
+        entry = got[name]
+        if entry.dtype != dtype:
+            raise WireError("dtype_mismatch", f"{name}: {entry.dtype}, expected {dtype}")
+        rank_dim = _rank_dim(name, len(shape)) if allow_rank_change else None
+        ours, theirs = list(shape), list(entry.shape)
+        if rank_dim is not None and len(theirs) == len(ours):
+            if theirs[rank_dim] < 1:
+                raise WireError("shape_mismatch", f"{name}: LoRA rank {theirs[rank_dim]}")
+            ours[rank_dim] = theirs[rank_dim]
+        if ours != theirs:
+            raise WireError("shape_mismatch", f"{name}: {entry.shape}, expected {tuple(shape)}")
+    if allow_rank_change:
+        _check_rank_pairs(got)
+
+
+def _check_rank_pairs(got: Mapping[str, _Entry]) -> None:
+    """The A and B factors of one module must agree on the rank, whatever it is."""
+    for name, a in got.items():
+        parts = name.split(".")
+        if "lora_A" not in parts or len(a.shape) < 1:
+            continue
+        b = got.get(".".join("lora_B" if p == "lora_A" else p for p in parts))
+        if b is not None and len(b.shape) >= 2 and b.shape[1] != a.shape[0]:
+            raise WireError("shape_mismatch", f"{name}: rank {a.shape[0]} but B has {b.shape[1]}")
+
+
+def decode_adapter(
+    data: bytes,
+    *,
+    max_bytes: int,
+    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
+    allow_rank_change: bool = False,
+) -> dict[str, torch.Tensor]:
+    """Decode and validate untrusted safetensors bytes into an adapter state.
+
+    1. Refuse anything above `max_bytes` before looking inside.
+    2. Parse the header here, strictly: length, JSON, dtypes, shapes, offsets tiling the body.
+    3. Compare names, dtypes and shapes with `expected` (when given) without touching the body.
+    4. Only then let `safetensors` build the tensors, and require every value to be finite.
+
+    Args:
+        data: the bytes received.
+        max_bytes: the size cap.
+        expected: our own {name: (shape, dtype)}; None checks only the format.
+        allow_rank_change: let the LoRA rank differ (lora_A dim 0, lora_B dim 1).
+
+    Returns:
+        {name: CPU tensor}.
+
+    Raises:
+        WireError: with the reason of the rejection.
+    """
+    if not isinstance(data, bytes | bytearray):
+        raise WireError("malformed", f"expected bytes, got {type(data).__name__}")
+    check_cap("adapter size", len(data), max_bytes)
+    entries = _parse_entries(bytes(data))
+    if expected is not None:
+        _check_expected(entries, expected, allow_rank_change)
+    try:
+        state = safetensors.torch.load(bytes(data))
+    except (safetensors.SafetensorError, ValueError, RuntimeError, TypeError) as exc:
+        raise WireError("bad_tensor", f"safetensors refused the bytes: {exc}") from exc
+    for name in sorted(state):
+        if not bool(torch.isfinite(state[name]).all()):
+            raise WireError("non_finite", f"{name}: NaN or Inf values")
+    return state

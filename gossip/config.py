@@ -1,0 +1,85 @@
+"""Network settings of a peer, and the libp2p connection settings derived from them."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import multiaddr
+from libp2p.network.config import ConnectionConfig
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Network settings of one peer."""
+
+    listen: tuple[str, ...] = field(
+        default=("/ip4/127.0.0.1/tcp/0",), metadata={"help": "multiaddrs to listen on"}
+    )
+    bootstrap: tuple[str, ...] = field(
+        default=(), metadata={"help": "multiaddrs (with /p2p/<id>) of peers to join through"}
+    )
+    psk: str | None = field(default=None, metadata={"help": "64 hex chars: private swarm key"})
+    max_adapter_bytes: int = field(default=256 << 20, metadata={"help": "largest adapter taken"})
+    fetch_timeout_s: float = field(default=30.0, metadata={"help": "limit for one transfer"})
+    dial_timeout_s: float = field(default=10.0, metadata={"help": "limit for one dial"})
+    max_uploads: int = field(default=4, metadata={"help": "concurrent adapter uploads"})
+    max_downloads: int = field(default=4, metadata={"help": "concurrent adapter downloads"})
+    min_upload_interval_s: float = field(
+        default=0.5, metadata={"help": "least time between two uploads to one peer"}
+    )
+    heartbeat_s: int = field(default=1, metadata={"help": "gossipsub heartbeat interval"})
+    health_check_s: float = field(
+        default=15.0,
+        metadata={"help": "ping every connection this often and close those that do not answer "
+                          "(0: never; then a frozen peer's connection is never noticed)"},
+    )
+    ping_timeout_s: float = field(default=5.0, metadata={"help": "limit for one health ping"})
+
+    def __post_init__(self) -> None:
+        for addr in (*self.listen, *self.bootstrap):
+            try:
+                multiaddr.Multiaddr(addr)
+            except Exception as exc:  # multiaddr raises several unrelated types
+                raise ValueError(f"not a multiaddr: {addr!r} ({exc})") from exc
+        for addr in self.bootstrap:
+            if "/p2p/" not in addr:
+                raise ValueError(
+                    f"bootstrap address {addr!r} lacks /p2p/<peer id>; copy the whole address "
+                    "the first peer printed"
+                )
+        if self.psk is not None and (len(self.psk) != 64 or not _is_hex(self.psk)):
+            raise ValueError("a swarm key is 64 hex characters; make one with `loraswarm keygen`")
+        if self.max_adapter_bytes < 1024:
+            raise ValueError("max_adapter_bytes must be at least 1024")
+        if self.fetch_timeout_s <= 0 or self.dial_timeout_s <= 0 or self.ping_timeout_s <= 0:
+            raise ValueError("timeouts must be positive")
+        if self.max_uploads < 1 or self.max_downloads < 1:
+            raise ValueError("max_uploads and max_downloads must be at least 1")
+        if self.health_check_s < 0:
+            raise ValueError("health_check_s must be >= 0 (0 turns health checks off)")
+
+
+def _is_hex(text: str) -> bool:
+    try:
+        bytes.fromhex(text)
+    except ValueError:
+        return False
+    return True
+
+
+def connection_config(config: NodeConfig) -> ConnectionConfig:
+    """libp2p connection settings: health pings on, so that dead peers' connections close.
+
+    Without health monitoring py-libp2p never notices a peer that froze or vanished without
+    closing its sockets (PY-LIBP2P.md pitfall 7); its connection would keep it "connected" and
+    so alive in the membership view forever.
+    """
+    if config.health_check_s == 0:
+        return ConnectionConfig()
+    return ConnectionConfig(
+        enable_health_monitoring=True,
+        health_initial_delay=config.health_check_s,
+        health_check_interval=config.health_check_s,
+        ping_timeout=config.ping_timeout_s,
+        abort_connection_on_ping_failure=True,
+    )

@@ -1,0 +1,63 @@
+"""Exceptions of the network layer.
+
+Rejections of untrusted input carry a short machine-readable `reason` (the daemon counts them per
+reason in status.json) and a one-line human `detail`; `str(error)` is ``"reason: detail"``.
+"""
+
+from __future__ import annotations
+
+WIRE_REASONS = frozenset({
+    "bad_magic",  # not a loraswarm envelope at all
+    "wrong_swarm",  # an envelope of another swarm; dropped before its payload is decoded
+    "malformed",  # undecodable msgpack / JSON, or not the expected kind of message
+    "bad_protocol",  # a protocol version this peer does not speak
+    "bad_field",  # a missing, unknown, mistyped or out-of-bounds field
+    "oversized",  # larger than a cap
+    "truncated",  # shorter than its own framing says
+    "bad_tensor",  # a safetensors entry that is inconsistent or unsupported
+    "non_finite",  # NaN or Inf in a tensor
+    "keys_mismatch",  # tensor names differ from ours
+    "shape_mismatch",
+    "dtype_mismatch",
+})
+
+TRANSFER_REASONS = frozenset({
+    "timeout", "digest_mismatch", "oversized", "refused", "unreachable", "truncated",
+    "header_mismatch",  # the transfer header contradicts the signed announcement
+})
+
+
+class GossipError(Exception):
+    """Base of every error raised by the `gossip` package."""
+
+
+class _ReasonedError(GossipError):
+    """An error with a fixed vocabulary of reasons, so that callers can count them."""
+
+    reasons: frozenset[str] = frozenset()
+
+    def __init__(self, reason: str, detail: str) -> None:
+        # An unknown reason is a bug in our own code, not in the remote input: fail loudly.
+        if reason not in self.reasons:
+            raise ValueError(f"{type(self).__name__}: unknown reason {reason!r}")
+        # Details end up in one log line and in status.json, so keep them on one short line.
+        detail = " ".join(str(detail).split())[:300]
+        super().__init__(f"{reason}: {detail}")
+        self.reason = reason
+        self.detail = detail
+
+    def __reduce__(self) -> tuple[type[_ReasonedError], tuple[str, str]]:
+        # Keep the two-argument constructor working through copy and pickling of the exception.
+        return (type(self), (self.reason, self.detail))
+
+
+class WireError(_ReasonedError):
+    """Inbound bytes failed validation (see `WIRE_REASONS` for the reasons)."""
+
+    reasons = WIRE_REASONS
+
+
+class TransferError(_ReasonedError):
+    """An adapter transfer failed (see `TRANSFER_REASONS` for the reasons)."""
+
+    reasons = TRANSFER_REASONS

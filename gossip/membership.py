@@ -1,0 +1,321 @@
+"""Membership: who is in the swarm, who is alive, and whom to stay connected to.
+
+One `Membership` per peer feeds a `topology.MembershipView` and keeps the peer in the swarm:
+
+1. Announcements (signed, validated by `GossipNode`) carry a peer's adapter version, sample
+   count and addresses; their addresses go to the peerstore, so that dials and fetches reach
+   the peer. A message whose gossipsub sequence number is not above the last one seen from its
+   signer, or that announces an older version than one already seen, is a replay: logged,
+   counted in `node.rejected["replay"]` and dropped. A fresh message repeating the current
+   version is a re-announcement: it proves the peer alive.
+2. Re-announcing: every `reannounce_s` we publish our latest announcement again. Peers that
+   missed it (gossipsub loses messages while meshes form) learn of us, and peers we are not
+   connected to keep us live even when training rounds take longer than `peer_timeout_s`.
+3. Connections: every tick, each connected peer subscribed to the swarm topic is observed
+   alive. Health pings (`NodeConfig.health_check_s`) close the connection of a peer that died
+   without a goodbye; nothing refreshes it any more and it expires after `peer_timeout_s`.
+4. Dialling: while fewer than `target_connections` live peers are connected, dial random live
+   ones (`topology.peers_to_dial`), each with its own backoff after failures. While no peer at
+   all is connected, dial the bootstrap addresses again, backing off with
+   `topology.backoff_delay` and logging every failed attempt.
+
+Discovery beyond the bootstrap rests on announced addresses. Measured with py-libp2p 0.8.1 (16
+peers joined through one, on loopback): gossipsub peer exchange never fired (heartbeat PRUNEs
+carry no PX records: 0 received in 4 s), and KadDHT `provide` took 18 s of wall time and 14 s
+of CPU and left every peer connected to every other. Announcements reach every member through
+the bootstrap peer's mesh anyway (with flood publishing, see `gossip.router`), and carry the
+addresses at no extra cost.
+"""
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from gossip.errors import GossipError
+from gossip.node import GossipNode, Heard
+from gossip.wire import Announcement
+from topology.config import TopologyConfig
+from topology.discovery import backoff_delay, peers_to_dial
+from topology.view import MembershipView, Observation
+
+logger = logging.getLogger(__name__)
+
+_TICK_S = 1.0
+_REANNOUNCE_S = 10.0
+_REJOIN_BASE_S, _REJOIN_CAP_S = 0.5, 30.0
+_REDIAL_BASE_S, _REDIAL_CAP_S = 1.0, 60.0
+
+
+@dataclass(frozen=True)
+class MembershipStatistics:
+    """A snapshot for status reports; counters are totals since creation."""
+
+    live: int  # peers heard from within the timeout
+    announced: int  # live peers with an adapter: what `sample` draws from
+    neighbours: int  # live peers we hold a connection to
+    connected: int  # every peer we hold a connection to
+    replays: int
+    dials: int
+    dial_failures: int
+    bootstrap_failures: int
+
+
+class Membership:
+    """The service that keeps a peer's membership view and connections up to date.
+
+    Args:
+        node: the peer's network node (its announcements are consumed here).
+        config: view size, peer timeout, fanout and connection target.
+        rng: the source of randomness for sampling, dialling and backoff jitter.
+        view: an existing view to feed (a new one when None).
+        announcements: the table to keep each peer's newest announcement in, for a caller
+            that reads it directly (a new one when None).
+        tick_s: how often liveness is refreshed and connections are topped up.
+        reannounce_s: how often our latest announcement is published again; by default
+            10 s, or a third of `peer_timeout_s` if that is shorter.
+    """
+
+    def __init__(
+        self,
+        node: GossipNode,
+        config: TopologyConfig,
+        rng: random.Random,
+        *,
+        view: MembershipView | None = None,
+        announcements: dict[str, Announcement] | None = None,
+        tick_s: float = _TICK_S,
+        reannounce_s: float | None = None,
+    ) -> None:
+        if reannounce_s is None:
+            reannounce_s = min(_REANNOUNCE_S, config.peer_timeout_s / 3)
+        if tick_s <= 0 or reannounce_s <= 0:
+            raise ValueError(f"tick_s and reannounce_s must be positive: {tick_s}, {reannounce_s}")
+        self.node = node
+        self.config = config
+        self.rng = rng
+        self.view = view if view is not None else MembershipView(config, node.peer_id)
+        self._latest = announcements if announcements is not None else {}
+        self._tick_s = tick_s
+        self._reannounce_s = reannounce_s
+        self._seqnos: dict[str, int] = {}  # highest gossipsub seqno seen per signer
+        self._changed = trio.Event()
+        self._redial: dict[str, tuple[int, float]] = {}  # peer -> (failures, not before)
+        self._replays = 0
+        self._dials = 0
+        self._dial_failures = 0
+        self._bootstrap_failures = 0
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def latest(self, peer_id: str) -> Announcement | None:
+        """The newest announcement heard from `peer_id`, or None."""
+        return self._latest.get(peer_id)
+
+    def sample(self, k: int, *, exclude: Collection[str] = ()) -> list[Announcement]:
+        """Announcements of `k` live peers drawn uniformly at random (fewer if fewer are live)."""
+        drawn = self.view.sample(k, self.rng, trio.current_time(), exclude=exclude)
+        return [self._latest[info.peer_id] for info in drawn if info.peer_id in self._latest]
+
+    def live_peers(self) -> list[str]:
+        """Ids of the peers heard from within the timeout, sorted."""
+        return [info.peer_id for info in self.view.live(trio.current_time())]
+
+    def neighbours(self) -> list[str]:
+        """Live peers we hold a connection to, sorted."""
+        connected = set(self.node.connected_peers())
+        return [peer for peer in self.live_peers() if peer in connected]
+
+    def statistics(self) -> MembershipStatistics:
+        """Counts describing the membership now."""
+        view = self.view.statistics(trio.current_time())
+        return MembershipStatistics(
+            live=view.live, announced=view.announced, neighbours=len(self.neighbours()),
+            connected=len(self.node.connected_peers()), replays=self._replays,
+            dials=self._dials, dial_failures=self._dial_failures,
+            bootstrap_failures=self._bootstrap_failures,
+        )
+
+    async def wait_until(self, predicate: Callable[[], bool]) -> None:
+        """Return once `predicate()` holds; it is re-checked after every change and tick."""
+        while not predicate():
+            await self._changed.wait()
+
+    # -- the service -----------------------------------------------------------------------
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Consume announcements, refresh liveness and keep connected; runs until cancelled.
+
+        Readiness is signalled at once: a peer whose bootstrap is down keeps running (and
+        retrying) instead of blocking its owner.
+        """
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self._listen)
+            nursery.start_soon(self._refresh)
+            nursery.start_soon(self._maintain)
+            nursery.start_soon(self._reannounce)
+            task_status.started(self)
+
+    async def _listen(self) -> None:
+        async for heard in self.node.announcements:
+            self.observe(heard)
+
+    def observe(self, heard: Heard) -> Observation:
+        """Feed one validated announcement into the view; replays are counted and dropped."""
+        announcement, peer = heard.announcement, heard.announcement.peer
+        now = trio.current_time()
+        last = self._seqnos.get(peer, -1)
+        if heard.seqno == last:
+            # py-libp2p can deliver one message twice when two copies race through validation,
+            # so a repeat is not counted as hostile; it proves nothing either (an old copy
+            # replayed after gossipsub's seen-cache expired looks the same): the view is kept.
+            logger.debug("duplicate delivery of %s's message %d ignored", peer, heard.seqno)
+            return Observation.REPLAY
+        if heard.seqno < last:
+            return self._replayed(announcement, f"sequence number {heard.seqno} < {last}")
+        known = self.view.get(peer)
+        if known is not None and known.version == announcement.version:
+            # A fresh copy of what we know: the peer is alive and re-announced itself. The same
+            # version with other bytes would let it show different adapters to different peers.
+            previous = self._latest.get(peer)
+            if previous is not None and (previous.digest, previous.samples) != (
+                    announcement.digest, announcement.samples):
+                self.node.rejected["equivocation"] += 1
+                logger.warning("rejected equivocation: %s announced version %d twice with "
+                               "different adapters", peer, announcement.version)
+                return Observation.REPLAY
+            self._seqnos[peer] = heard.seqno
+            self.view.observe(peer, now, addrs=announcement.addrs)
+            self._keep(announcement)
+            return Observation.REFRESHED
+        seen = self.view.observe(peer, now, addrs=announcement.addrs,
+                                 version=announcement.version, samples=announcement.samples)
+        if seen is Observation.REPLAY:
+            return self._replayed(announcement, "a newer version was seen")
+        self._seqnos[peer] = heard.seqno
+        if self._keep(announcement):
+            logger.info("new peer %s (version %d)", peer, announcement.version)
+        return seen
+
+    def _keep(self, announcement: Announcement) -> bool:
+        """Store the newest announcement of its peer; True if the peer was unknown."""
+        previous = self._latest.get(announcement.peer)
+        if previous is None or previous.addrs != announcement.addrs:
+            self.node.remember(announcement.peer, announcement.addrs)
+        self._latest[announcement.peer] = announcement
+        self._notify()
+        return previous is None
+
+    def _replayed(self, announcement: Announcement, why: str) -> Observation:
+        self._replays += 1
+        self.node.rejected["replay"] += 1
+        logger.info("rejected replay: version %d from %s (%s)", announcement.version,
+                    announcement.peer, why)
+        self._notify()
+        return Observation.REPLAY
+
+    async def _reannounce(self) -> None:
+        """Publish our latest announcement again, at jittered intervals, until cancelled."""
+        while True:
+            await trio.sleep(self._reannounce_s * self.rng.uniform(0.75, 1.25))
+            if self.node.published is not None:
+                await self.node.publish(self.node.published)
+
+    async def _refresh(self) -> None:
+        """Connected members are alive; silent ones expire; their records go with them."""
+        while True:
+            now = trio.current_time()
+            for peer in self.node.topic_peers():
+                self.view.observe(peer, now)
+            self.view.expire(now)
+            for peer in [p for p in self._latest if p not in self.view]:
+                del self._latest[peer]
+            for table in (self._redial, self._seqnos):
+                for peer in [p for p in table if p not in self.view]:
+                    del table[peer]
+            self._notify()
+            await trio.sleep(self._tick_s)
+
+    async def _maintain(self) -> None:
+        """Top up connections every tick; when cut off, rejoin through the bootstrap peers."""
+        attempt = 0
+        was_connected = False
+        while True:
+            await self._dial_more()
+            connected = bool(self.node.connected_peers())
+            if connected or not self.node.config.bootstrap:
+                attempt = 0
+            else:
+                if was_connected:
+                    logger.warning("lost every connection; rejoining through the bootstrap peers")
+                error = await self._rejoin()
+                connected = error is None
+                if error is not None:
+                    self._bootstrap_failures += 1
+                    delay = backoff_delay(attempt, self.rng, base_s=_REJOIN_BASE_S,
+                                          cap_s=_REJOIN_CAP_S)
+                    attempt += 1
+                    logger.warning("cannot reach the swarm: no bootstrap peer answered "
+                                   "(attempt %d: %s); retrying in %.1f s", attempt, error, delay)
+                    was_connected = False
+                    await trio.sleep(delay)
+                    continue
+            was_connected = connected
+            await trio.sleep(self._tick_s)
+
+    async def _dial_more(self) -> None:
+        """Dial random live peers until `target_connections` live peers are connected."""
+        now = trio.current_time()
+        connected = set(self.node.connected_peers())
+        chosen = [
+            info.peer_id
+            for info in peers_to_dial(self.view, connected, now, self.config, self.rng)
+            if self._redial.get(info.peer_id, (0, now))[1] <= now
+        ]
+        async with trio.open_nursery() as nursery:
+            for peer in chosen:
+                nursery.start_soon(self._dial_one, peer)
+
+    async def _dial_one(self, peer: str) -> None:
+        self._dials += 1
+        try:
+            await self.node.dial(peer)
+        except GossipError as exc:
+            self._dial_failures += 1
+            failures = self._redial.get(peer, (0, 0.0))[0]
+            delay = backoff_delay(failures, self.rng, base_s=_REDIAL_BASE_S, cap_s=_REDIAL_CAP_S)
+            self._redial[peer] = (failures + 1, trio.current_time() + delay)
+            logger.debug("dial %s failed (%s); not before %.1f s", peer, exc, delay)
+            return
+        self._redial.pop(peer, None)
+        self.view.observe(peer, trio.current_time())
+        logger.debug("connected to %s", peer)
+        self._notify()
+
+    async def _rejoin(self) -> str | None:
+        """Dial every bootstrap address at once; None if one answered, else the last error."""
+        errors: list[str] = []
+
+        async def dial(addr: str) -> None:
+            try:
+                await self.node.connect(addr)
+            except GossipError as exc:
+                errors.append(f"{addr}: {exc}")
+            else:
+                logger.info("joined the swarm through %s", addr)
+
+        async with trio.open_nursery() as nursery:
+            for addr in self.node.config.bootstrap:
+                nursery.start_soon(dial, addr)
+        if len(errors) < len(self.node.config.bootstrap):
+            self._notify()
+            return None
+        return errors[-1]
+
+    def _notify(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()

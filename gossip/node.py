@@ -1,0 +1,397 @@
+"""A swarm member on the network: libp2p host, gossipsub announcements, adapter transfers.
+
+`GossipNode.run` owns every network task in one nursery. The daemon talks to it through a few
+calls: `publish` an announcement, receive validated ones (`Heard`) from `announcements`, `offer`
+the adapter it serves, and `fetch` (or `receive`: fetch and decode) a neighbour's adapter.
+Who is in the swarm and whom to dial is `gossip.membership.Membership`'s business.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import multiaddr
+import torch
+import trio
+from libp2p import new_host
+from libp2p.crypto.keystore import FileSystemKeyStore
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11, PROTOCOL_ID_V12
+from libp2p.pubsub.pubsub import Pubsub
+from libp2p.tools.anyio_service import background_trio_service
+
+from gossip.config import NodeConfig, connection_config
+from gossip.errors import GossipError, TransferError, WireError
+from gossip.router import FloodPublishGossipSub
+from gossip.swarm import TRANSFER_PROTOCOL, topic_name
+from gossip.transfer import AdapterServer, Fetched, Offer, fetch_adapter
+from gossip.wire import Announcement, decode_adapter, digest
+
+__all__ = ["GossipNode", "Heard", "NodeConfig", "Received"]
+
+logger = logging.getLogger(__name__)
+
+_ANNOUNCEMENT_QUEUE = 256
+_TRANSFER = TProtocol(TRANSFER_PROTOCOL)
+_PEERSTORE_TTL_S = 3600
+
+Shapes = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+@dataclass(frozen=True)
+class Heard:
+    """A validated announcement and the gossipsub sequence number it was signed with.
+
+    py-libp2p numbers a publisher's messages from the wall clock at its start, one up per
+    publish, and strict signing covers the number: a higher one than any seen before from that
+    peer proves the message is fresh, not a replay of an old one.
+    """
+
+    announcement: Announcement
+    seqno: int
+
+
+@dataclass(frozen=True)
+class Received:
+    """A neighbour's adapter, fetched, digest-checked and decoded against our own shapes."""
+
+    peer: str
+    version: int
+    samples: int
+    state: dict[str, torch.Tensor]
+    nbytes: int
+
+
+class GossipNode:
+    """One peer's presence in a swarm.
+
+    Args:
+        config: network settings.
+        swarm: the 16-byte swarm id; it names the pubsub topic and is checked in every message.
+        identity_dir: folder holding the persistent libp2p key (`node.key`, mode 0600);
+            None for an ephemeral identity (tests).
+    """
+
+    def __init__(self, config: NodeConfig, swarm: bytes, identity_dir: Path | None) -> None:
+        self.config = config
+        self.swarm = swarm
+        self.topic = topic_name(swarm)
+        keystore = FileSystemKeyStore(identity_dir) if identity_dir is not None else None
+        self.host = new_host(
+            keystore=keystore,
+            identity_name="node",
+            listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
+            psk=config.psk,
+            connection_config=connection_config(config),
+        )
+        self.peer_id = str(self.host.get_id())
+        self.router = FloodPublishGossipSub(
+            protocols=[PROTOCOL_ID_V12, PROTOCOL_ID_V11, PROTOCOL_ID],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_interval=config.heartbeat_s,
+            spam_protection_enabled=False,  # it silently drops our own paced publishes
+        )
+        self.pubsub = Pubsub(
+            self.host, self.router, strict_signing=True, allowed_topics={self.topic}
+        )
+        self.server = AdapterServer(
+            swarm,
+            max_concurrent=config.max_uploads,
+            min_interval_s=config.min_upload_interval_s,
+            timeout_s=config.fetch_timeout_s,
+        )
+        self.rejected: Counter[str] = Counter()
+        self.bytes_in = 0
+        self.downloads_in_flight = 0
+        self.downloads_peak = 0
+        self._downloads = trio.Semaphore(config.max_downloads)
+        self.published: Announcement | None = None
+        self._send, self.announcements = trio.open_memory_channel[Heard](_ANNOUNCEMENT_QUEUE)
+        self._last_addrs: list[str] = []
+
+    @property
+    def listen_addrs(self) -> list[str]:
+        """Full multiaddrs (with /p2p/<id>) that other peers can bootstrap from.
+
+        The last known addresses are kept after the host closes, for the final status.
+        """
+        current = [str(addr) if "/p2p/" in str(addr) else f"{addr}/p2p/{self.peer_id}"
+                   for addr in self.host.get_addrs()]
+        if current:
+            self._last_addrs = current
+        return current or self._last_addrs
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Start the host, pubsub and transfer handler; signal readiness; serve until cancelled.
+
+        On cancellation the host is closed first, while libp2p's own tasks still run, and only
+        then are those tasks cancelled. The other order leaks sockets: a connection whose task
+        is cancelled mid-close counts as closed but its socket stays open, and the peer at the
+        other end keeps a zombie connection (PY-LIBP2P.md pitfall 6).
+        """
+        libp2p_scope = trio.CancelScope(shield=True)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(self._serve, libp2p_scope)
+            task_status.started(self)
+            try:
+                await trio.sleep_forever()
+            finally:
+                with trio.CancelScope(shield=True), trio.move_on_after(5):
+                    await self.host.close()
+                libp2p_scope.cancel()
+
+    async def _serve(self, scope: trio.CancelScope, *, task_status: Any) -> None:
+        """Everything libp2p runs, inside `scope` (shielded: only `run` may cancel it)."""
+        self.host.set_stream_handler(_TRANSFER, self.server.handle)
+        self.pubsub.set_topic_validator(self.topic, self._validate, False)
+        with scope:
+            async with self.host.run(
+                listen_addrs=[multiaddr.Multiaddr(a) for a in self.config.listen]
+            ):
+                try:
+                    await self._stop_auto_connector()
+                    async with background_trio_service(self.pubsub), \
+                            background_trio_service(self.router):
+                        await self.pubsub.wait_until_ready()
+                        subscription = await self.pubsub.subscribe(self.topic)
+                        async with trio.open_nursery() as nursery:
+                            nursery.start_soon(self._drain, subscription)
+                            task_status.started()
+                            await trio.sleep_forever()
+                finally:
+                    # Reached on a crash inside libp2p too: close, shielded and bounded.
+                    with trio.CancelScope(shield=True), trio.move_on_after(5):
+                        await self.host.close()
+
+    async def _stop_auto_connector(self) -> None:
+        """Leave every dial decision to `Membership`.
+
+        py-libp2p's AutoConnector aims at the midpoint of the connection watermarks (150 by
+        default) and dials every peer in the peerstore to get there: with the announced
+        addresses we remember, each peer would connect to every other. It is started inside
+        the swarm's run, right after this event, with no checkpoint in between.
+        """
+        network = self.host.get_network()
+        started = getattr(network, "event_background_nursery_created", None)
+        connector = getattr(network, "auto_connector", None)
+        if started is None or connector is None:
+            return
+        await started.wait()
+        await connector.stop()
+
+    def _validate(self, forwarder: ID, msg: Any) -> bool:
+        """Pubsub validator: runs before a message is delivered or forwarded (own ones too)."""
+        try:
+            announcement = Announcement.from_wire(
+                msg.data, swarm=self.swarm, max_nbytes=self.config.max_adapter_bytes
+            )
+        except WireError as exc:
+            self._reject(exc.reason, "announcement via %s: %s", forwarder, exc)
+            return False
+        signer = str(ID(msg.from_id))
+        if announcement.peer != signer:
+            self._reject("signer_mismatch", "announcement via %s: signer_mismatch: it claims %s "
+                         "but is signed by %s", forwarder, announcement.peer, signer)
+            return False
+        return True
+
+    def _reject(self, reason: str, fmt: str, *args: object) -> None:
+        self.rejected[reason] += 1
+        logger.warning("rejected " + fmt, *args)
+
+    async def _drain(self, subscription: Any) -> None:
+        """Move delivered messages to our own queue at once: libp2p's buffer drops at 32."""
+        while True:
+            msg = await subscription.get()
+            if str(ID(msg.from_id)) == self.peer_id:
+                continue
+            try:
+                announcement = Announcement.from_wire(
+                    msg.data, swarm=self.swarm, max_nbytes=self.config.max_adapter_bytes
+                )
+                seqno = int.from_bytes(msg.seqno, "big")
+                self._send.send_nowait(Heard(announcement, seqno))
+            except WireError as exc:  # validated already; kept for safety, never expected
+                self._reject(exc.reason, "announcement: %s", exc)
+            except trio.WouldBlock:
+                self._reject("queue_full", "announcement from %s: queue_full: the daemon is "
+                             "behind", ID(msg.from_id))
+
+    async def connect(self, addr: str) -> str:
+        """Dial a full multiaddr (with /p2p/<id>); returns the peer id.
+
+        Raises:
+            GossipError: the address is malformed or the dial failed or timed out.
+        """
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:  # multiaddr parsing raises several unrelated types
+            raise GossipError(f"bad address {addr!r}: {exc}") from exc
+        await self._dial(info)
+        return str(info.peer_id)
+
+    async def dial(self, peer: str) -> None:
+        """Connect to `peer` at the addresses remembered for it (see `remember`).
+
+        Raises:
+            GossipError: no address is known, or the dial failed or timed out.
+        """
+        pid = ID.from_base58(peer)
+        try:
+            addrs = self.host.get_peerstore().addrs(pid)
+        except Exception as exc:  # PeerStoreError when the peer is unknown
+            raise GossipError(f"no address known for {peer}") from exc
+        if not addrs:
+            raise GossipError(f"no address known for {peer}")
+        await self._dial(PeerInfo(pid, addrs))
+
+    async def _dial(self, info: PeerInfo) -> None:
+        # Retrying is our caller's decision, made with its own backoff; libp2p's 60 s negative
+        # cache would otherwise fail every retry at once, even after the peer came back.
+        unblock = getattr(self.host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(info.peer_id)
+        try:
+            with trio.fail_after(self.config.dial_timeout_s):
+                await self.host.connect(info)
+        except trio.TooSlowError as exc:
+            raise GossipError(
+                f"dial timed out after {self.config.dial_timeout_s:g} s{self._key_hint()}"
+            ) from exc
+        except Exception as exc:  # libp2p dial failures share no importable base
+            raise GossipError(
+                f"dial failed: {type(exc).__name__}: {exc}{self._key_hint()}"
+            ) from exc
+
+    def _key_hint(self) -> str:
+        # A mismatched swarm key mostly makes a dial hang (PY-LIBP2P.md section 4), but under
+        # load the remote may close the socket first and the dial fails outright: both cases.
+        if self.config.psk:
+            return "; a wrong --swarm-key looks like this"
+        return "; a private swarm (one run with --swarm-key) looks like this without its key"
+
+    def remember(self, peer: str, addrs: Sequence[str]) -> None:
+        """Record a peer's announced addresses so that later dials and fetches can reach it.
+
+        An address naming another peer id (`/p2p/<other>`) is dropped and counted as
+        "bad_addr": a peer may only tell us where it itself lives, or it could point the whole
+        swarm's dials at a victim.
+        """
+        parsed = []
+        for addr in addrs:
+            base, _, named = addr.partition("/p2p/")
+            if named and named != peer:
+                self.rejected["bad_addr"] += 1
+                continue
+            try:
+                parsed.append(multiaddr.Multiaddr(base))
+            except Exception:  # an unusable address from a peer: skip it, keep the others
+                self.rejected["bad_addr"] += 1
+        if parsed:
+            self.host.get_peerstore().add_addrs(ID.from_base58(peer), parsed, _PEERSTORE_TTL_S)
+
+    def connected_peers(self) -> list[str]:
+        """Ids of every peer this host holds a connection to."""
+        return [str(p) for p in self.host.get_connected_peers()]
+
+    def topic_peers(self) -> list[str]:
+        """Connected peers subscribed to the swarm topic: members we hear from directly."""
+        connected = set(self.host.get_connected_peers())
+        return sorted(str(p) for p in self.pubsub.peer_topics.get(self.topic, ()) if p in connected)
+
+    async def publish(self, announcement: Announcement) -> None:
+        """Sign and publish an announcement on the swarm topic; it becomes `published`."""
+        await self.pubsub.publish(self.topic, announcement.to_wire())
+        self.published = announcement
+
+    def offer(self, version: int, samples: int, data: bytes) -> Offer:
+        """Serve `data` (safetensors bytes of our adapter) to neighbours from now on."""
+        offer = Offer(version=version, samples=samples, data=data, digest=digest(data))
+        self.server.publish(offer)
+        return offer
+
+    async def fetch(self, announcement: Announcement) -> Fetched:
+        """Pull the adapter a neighbour announced, checked against the signed announcement.
+
+        At most `max_downloads` fetches run at once; waiting for a slot counts against the
+        same `fetch_timeout_s` as the transfer, so a round never waits longer than that.
+
+        Raises:
+            TransferError / WireError: with a reason; also counted in `rejected`.
+        """
+        deadline = trio.current_time() + self.config.fetch_timeout_s
+        try:
+            with trio.fail_at(deadline):
+                await self._downloads.acquire()
+        except trio.TooSlowError as exc:
+            error = TransferError("timeout", "no free download slot within the fetch timeout")
+            self.rejected[error.reason] += 1
+            raise error from exc
+        self.downloads_in_flight += 1
+        self.downloads_peak = max(self.downloads_peak, self.downloads_in_flight)
+        try:
+            fetched = await self._fetch(announcement, deadline - trio.current_time())
+        except (TransferError, WireError) as exc:
+            self.rejected[exc.reason] += 1
+            raise
+        finally:
+            self.downloads_in_flight -= 1
+            self._downloads.release()
+        self.bytes_in += len(fetched.data)
+        return fetched
+
+    async def _fetch(self, announcement: Announcement, timeout_s: float) -> Fetched:
+        peer = ID.from_base58(announcement.peer)
+
+        async def open_stream() -> Any:
+            return await self.host.new_stream(peer, [_TRANSFER])
+
+        fetched = await fetch_adapter(
+            open_stream,
+            announcement.peer,
+            self.swarm,
+            max_bytes=self.config.max_adapter_bytes,
+            timeout_s=max(timeout_s, 1e-3),
+            expected=(announcement.version, announcement.digest),
+        )
+        # The digest is already bound to the signed announcement; the sample count rides in the
+        # unsigned header, so a peer must not contradict what it signed for the same version.
+        if fetched.version == announcement.version and fetched.samples != announcement.samples:
+            raise TransferError(
+                "header_mismatch", f"{announcement.peer} signed {announcement.samples} samples "
+                f"for version {announcement.version} but its header says {fetched.samples}"
+            )
+        return fetched
+
+    async def receive(
+        self, announcement: Announcement, expected: Shapes, *, allow_rank_change: bool = False
+    ) -> Received:
+        """Fetch a neighbour's adapter and decode it against our own names, shapes and dtypes.
+
+        Every rejection is logged once with its reason and counted in `rejected`.
+
+        Raises:
+            TransferError / WireError: with the reason.
+        """
+        try:
+            fetched = await self.fetch(announcement)
+        except (TransferError, WireError) as exc:  # counted by `fetch`
+            logger.info("no adapter from %s: %s", announcement.peer, exc)
+            raise
+        try:
+            state = decode_adapter(fetched.data, max_bytes=self.config.max_adapter_bytes,
+                                   expected=expected, allow_rank_change=allow_rank_change)
+        except WireError as exc:
+            self._reject(exc.reason, "adapter from %s: %s", announcement.peer, exc)
+            raise
+        return Received(peer=fetched.peer, version=fetched.version, samples=fetched.samples,
+                        state=state, nbytes=len(fetched.data))

@@ -1,0 +1,39 @@
+"""GossipSub with flood publishing of our own messages.
+
+py-libp2p 0.8.1 sends a message we publish on a subscribed topic only to our mesh peers for
+that topic. A peer whose mesh is empty therefore publishes into the void: measured in a 32-peer
+swarm joined through one bootstrap peer, 2 to 3 joiners ended with a single connection (the
+bootstrap peer, which had pruned them from its full mesh and held them in backoff) and an empty
+mesh; none of their announcements ever reached anyone, so nobody could dial them either.
+
+go-libp2p avoids this with `floodPublish` (on by default): a peer's own messages go to every
+connected peer subscribed to the topic, while forwarded messages still follow the mesh. This
+router does the same. Announcements are small and published once per round (plus a periodic
+re-announcement), so the extra copies cost little.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+from libp2p.peer.id import ID
+from libp2p.pubsub.gossipsub import GossipSub
+
+
+class FloodPublishGossipSub(GossipSub):
+    """GossipSub whose own publishes reach every topic peer, mesh or not."""
+
+    def _get_peers_to_send(
+        self,
+        topic_ids: Iterable[str],
+        msg_forwarder: ID,
+        origin: ID,
+        msg_id: bytes | None = None,
+    ) -> Iterable[ID]:
+        topics = list(topic_ids)
+        chosen = set(super()._get_peers_to_send(topics, msg_forwarder, origin, msg_id))
+        if self.pubsub is not None and origin == self.pubsub.my_id:
+            for topic in topics:
+                chosen.update(self.pubsub.peer_topics.get(topic, ()))
+            chosen.discard(origin)
+        return chosen

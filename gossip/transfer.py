@@ -1,0 +1,268 @@
+"""The adapter transfer protocol: a peer pulls a neighbour's adapter over a direct libp2p stream.
+
+Gossipsub frames cap near 1 MiB and py-libp2p's request_response breaks above ~6.5 MiB, so
+adapters travel over a raw stream of our own protocol (`TRANSFER_PROTOCOL`):
+
+1. client -> server: `frame(FetchRequest)`;
+2. server -> client: `frame(FetchHeader)`; when its status is "ok", exactly `nbytes` bytes of
+   safetensors follow, written in 1 MiB chunks;
+3. the client checks the byte count and the sha256 digest, then closes.
+
+Every read is bounded (frame size, byte count) and every exchange runs under a cancel scope, so a
+slow or silent peer costs at most `timeout_s`. The server bounds concurrent uploads and serves each
+remote peer at most once per `min_interval_s`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from gossip.errors import TransferError, WireError
+from gossip.wire import FetchHeader, FetchRequest, digest, frame, frame_length
+
+logger = logging.getLogger(__name__)
+
+CHUNK_BYTES = 1 << 20
+MAX_CONTROL_FRAME = 4096
+
+
+@dataclass(frozen=True)
+class Offer:
+    """The adapter a peer currently serves: immutable bytes, swapped whole at round boundaries."""
+
+    version: int
+    samples: int
+    data: bytes
+    digest: bytes
+
+
+@dataclass(frozen=True)
+class Fetched:
+    """An adapter received from a neighbour, its bytes already checked against the digest."""
+
+    peer: str
+    version: int
+    samples: int
+    data: bytes
+
+
+async def read_exactly(stream: Any, n: int) -> bytes:
+    """Read exactly `n` bytes or raise TransferError("truncated")."""
+    parts: list[bytes] = []
+    remaining = n
+    while remaining:
+        try:
+            chunk = await stream.read(min(remaining, CHUNK_BYTES))
+        except EOFError:
+            chunk = b""
+        if not chunk:
+            raise TransferError("truncated", f"stream ended {remaining} bytes short of {n}")
+        parts.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(parts)
+
+
+async def read_frame(stream: Any, *, max_len: int) -> bytes:
+    """Read one length-prefixed frame, refusing lengths above `max_len` before reading them."""
+    length = frame_length(await read_exactly(stream, 4), max_len=max_len)
+    return await read_exactly(stream, length)
+
+
+async def write_all(stream: Any, data: bytes) -> None:
+    view = memoryview(data)
+    for start in range(0, len(data), CHUNK_BYTES):
+        await stream.write(bytes(view[start : start + CHUNK_BYTES]))
+
+
+class AdapterServer:
+    """Serves this peer's current `Offer` to neighbours that ask for it.
+
+    Args:
+        swarm: the swarm id; requests of another swarm are refused.
+        max_concurrent: uploads in flight at once; more get a "busy" header.
+        min_interval_s: per remote peer, the least time between two served uploads.
+        timeout_s: the most time one exchange may take.
+        clock: monotonic clock (trio.current_time in the daemon; injectable for tests).
+    """
+
+    def __init__(
+        self,
+        swarm: bytes,
+        *,
+        max_concurrent: int = 4,
+        min_interval_s: float = 0.5,
+        timeout_s: float = 30.0,
+        clock: Callable[[], float] = trio.current_time,
+    ) -> None:
+        self._swarm = swarm
+        self._slots = trio.Semaphore(max_concurrent)
+        self._min_interval_s = min_interval_s
+        self._timeout_s = timeout_s
+        self._clock = clock
+        self._last_served: dict[str, float] = {}
+        self._offer: Offer | None = None
+        self.served = 0
+        self.bytes_out = 0
+        self.refused: dict[str, int] = {}
+
+    def publish(self, offer: Offer) -> None:
+        """Make `offer` the adapter handed to every later request."""
+        self._offer = offer
+
+    @property
+    def current(self) -> Offer | None:
+        """The adapter served now, or None before the first `publish`."""
+        return self._offer
+
+    async def handle(self, stream: Any) -> None:
+        """Stream handler for `TRANSFER_PROTOCOL`; never raises into libp2p."""
+        remote = str(stream.muxed_conn.peer_id)
+        try:
+            with trio.fail_after(self._timeout_s):
+                await self._serve(stream, remote)
+        except (WireError, TransferError) as exc:
+            self._count(exc.reason)
+            logger.info("refused adapter request from %s: %s", remote, exc)
+        except trio.TooSlowError:
+            self._count("timeout")
+            logger.info("adapter upload to %s timed out after %.0f s", remote, self._timeout_s)
+        except (OSError, EOFError, trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            self._count("stream_error")
+            logger.info("adapter upload to %s broke: %s", remote, exc)
+        except Exception as exc:  # libp2p stream errors have no common base we can import cheaply
+            self._count("stream_error")
+            logger.info("adapter upload to %s failed: %s: %s", remote, type(exc).__name__, exc)
+        finally:
+            with trio.CancelScope(shield=True), trio.move_on_after(2):
+                await _close_quietly(stream)
+
+    async def _serve(self, stream: Any, remote: str) -> None:
+        request = FetchRequest.from_wire(
+            await read_frame(stream, max_len=MAX_CONTROL_FRAME), swarm=self._swarm
+        )
+        status = self._admit(remote)
+        offer = self._offer
+        if status == "ok" and offer is None:
+            status = "none"
+        if status != "ok" or offer is None:
+            await stream.write(frame(self._header(status, None)))
+            self._count(status)
+            return
+        del request  # the newest adapter is always served; `version` is advisory for now
+        try:
+            self._slots.acquire_nowait()
+        except trio.WouldBlock:
+            await stream.write(frame(self._header("busy", None)))
+            self._count("busy")
+            return
+        try:
+            await stream.write(frame(self._header("ok", offer)))
+            await write_all(stream, offer.data)
+            self.served += 1
+            self.bytes_out += len(offer.data)
+        finally:
+            self._slots.release()
+
+    def _admit(self, remote: str) -> str:
+        now = self._clock()
+        last = self._last_served.get(remote)
+        if last is not None and now - last < self._min_interval_s:
+            return "rate_limited"
+        self._last_served[remote] = now
+        if len(self._last_served) > 4096:  # bounded memory: forget the oldest requesters
+            for key in sorted(self._last_served, key=self._last_served.__getitem__)[:1024]:
+                del self._last_served[key]
+        return "ok"
+
+    def _header(self, status: str, offer: Offer | None) -> bytes:
+        return FetchHeader(
+            swarm=self._swarm,
+            status=status,
+            version=offer.version if offer else -1,
+            samples=offer.samples if offer else 0,
+            nbytes=len(offer.data) if offer else 0,
+            digest=offer.digest if offer else b"\0" * 32,
+        ).to_wire()
+
+    def _count(self, reason: str) -> None:
+        self.refused[reason] = self.refused.get(reason, 0) + 1
+
+
+async def _close_quietly(stream: Any) -> None:
+    try:
+        await stream.close()
+    except Exception as exc:  # closing a broken stream may raise anything; nothing to do about it
+        logger.debug("closing a transfer stream: %s", exc)
+
+
+async def fetch_adapter(
+    open_stream: Callable[[], Any],
+    peer: str,
+    swarm: bytes,
+    *,
+    max_bytes: int,
+    timeout_s: float,
+    expected: tuple[int, bytes] | None = None,
+) -> Fetched:
+    """Pull a neighbour's adapter bytes.
+
+    Args:
+        open_stream: coroutine function that opens a stream to the neighbour on
+            `TRANSFER_PROTOCOL` (dialling it if needed).
+        peer: the neighbour's peer id, for the result and for messages.
+        max_bytes: refuse adapters larger than this before reading them.
+        timeout_s: the whole exchange, dial included, must finish within this.
+        expected: (version, digest) from the neighbour's signed announcement; when it serves
+            that version, the bytes must match that digest or they are dropped.
+
+    Raises:
+        TransferError: with reason "timeout", "unreachable", "refused", "oversized",
+            "truncated" or "digest_mismatch".
+        WireError: the neighbour's header was malformed.
+    """
+    try:
+        with trio.fail_after(timeout_s):
+            return await _fetch(open_stream, peer, swarm, max_bytes, expected)
+    except trio.TooSlowError as exc:
+        raise TransferError("timeout", f"{peer} did not deliver within {timeout_s:.0f} s") from exc
+
+
+async def _fetch(
+    open_stream: Callable[[], Any],
+    peer: str,
+    swarm: bytes,
+    max_bytes: int,
+    expected: tuple[int, bytes] | None,
+) -> Fetched:
+    try:
+        stream = await open_stream()
+    except (OSError, trio.BrokenResourceError) as exc:
+        raise TransferError("unreachable", f"cannot open a stream to {peer}: {exc}") from exc
+    except Exception as exc:  # libp2p raises StreamFailure, SwarmException and others
+        raise TransferError("unreachable", f"cannot open a stream to {peer}: {exc}") from exc
+    try:
+        await stream.write(frame(FetchRequest(swarm=swarm, version=-1).to_wire()))
+        header = FetchHeader.from_wire(
+            await read_frame(stream, max_len=MAX_CONTROL_FRAME), swarm=swarm, max_nbytes=max_bytes
+        )
+        if header.status != "ok":
+            raise TransferError("refused", f"{peer} answered {header.status}")
+        data = await read_exactly(stream, header.nbytes)
+    except (TransferError, WireError):
+        raise
+    except Exception as exc:  # a reset or closed libp2p stream
+        raise TransferError("truncated", f"stream from {peer} broke: {exc}") from exc
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await _close_quietly(stream)
+    actual = digest(data)
+    signed = expected is not None and header.version == expected[0]
+    signed_mismatch = signed and expected is not None and actual != expected[1]
+    if actual != header.digest or signed_mismatch:
+        raise TransferError("digest_mismatch", f"adapter bytes from {peer} do not match its digest")
+    return Fetched(peer=peer, version=header.version, samples=header.samples, data=data)

@@ -1,0 +1,197 @@
+"""GossipNode on real libp2p hosts (127.0.0.1, port 0): announcements and adapter transfers."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+import pytest
+import torch
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from gossip.errors import GossipError, TransferError, WireError
+from gossip.node import GossipNode, NodeConfig
+from gossip.swarm import TRANSFER_PROTOCOL, swarm_id
+from gossip.wire import Announcement, digest, encode_adapter
+
+SWARM = swarm_id("model-fingerprint", {"r": 4}, 0)
+
+
+@contextlib.asynccontextmanager
+async def running(*configs: NodeConfig) -> AsyncIterator[list[GossipNode]]:
+    async with trio.open_nursery() as nursery:
+        nodes = [GossipNode(config, SWARM, identity_dir=None) for config in configs]
+        for node in nodes:
+            await nursery.start(node.run)
+        for node in nodes[1:]:
+            with trio.fail_after(10):
+                await node.connect(nodes[0].listen_addrs[0])
+        yield nodes
+        nursery.cancel_scope.cancel()
+
+
+def announce(node: GossipNode, data: bytes, version: int = 1, **changes) -> Announcement:
+    fields: dict[str, Any] = dict(swarm=SWARM, peer=node.peer_id, version=version, samples=16,
+                  digest=digest(data), nbytes=len(data), train_loss=1.5,
+                  addrs=tuple(node.listen_addrs))
+    fields.update(changes)
+    return Announcement(**fields)
+
+
+def adapter_bytes(scale: float = 1.0) -> bytes:
+    return encode_adapter({"m.lora_A.weight": torch.full((4, 64), scale),
+                           "m.lora_B.weight": torch.zeros(64, 4)})
+
+
+async def test_fetch_moves_the_exact_bytes() -> None:
+    async with running(NodeConfig(), NodeConfig()) as (server, client):
+        data = adapter_bytes()
+        server.offer(1, 16, data)
+        with trio.fail_after(20):
+            fetched = await client.fetch(announce(server, data))
+        assert fetched.data == data and fetched.version == 1 and fetched.samples == 16
+        assert client.bytes_in == len(data) and server.server.bytes_out == len(data)
+
+
+async def test_large_adapter_crosses_the_stream() -> None:
+    # 12 MiB: above gossipsub's 1 MiB frame and request_response's ~6.5 MiB failure point.
+    async with running(NodeConfig(), NodeConfig()) as (server, client):
+        data = encode_adapter({"big.lora_A.weight": torch.randn(8, 393216)})
+        server.offer(3, 1, data)
+        with trio.fail_after(60):
+            fetched = await client.fetch(announce(server, data, version=3, samples=1))
+        assert fetched.data == data
+
+
+async def test_digest_mismatch_is_rejected_and_counted() -> None:
+    async with running(NodeConfig(), NodeConfig()) as (server, client):
+        data = adapter_bytes()
+        server.offer(1, 16, data)
+        forged = announce(server, data, digest=digest(adapter_bytes(2.0)))
+        with trio.fail_after(20), pytest.raises(TransferError, match="digest_mismatch"):
+            await client.fetch(forged)
+        assert client.rejected["digest_mismatch"] == 1
+
+
+async def test_oversized_adapter_is_refused_before_reading() -> None:
+    async with running(NodeConfig(), NodeConfig(max_adapter_bytes=2048)) as (server, client):
+        data = encode_adapter({"m.lora_A.weight": torch.zeros(64, 64)})
+        server.offer(1, 16, data)
+        with trio.fail_after(20), pytest.raises(WireError, match="oversized"):
+            await client.fetch(announce(server, data, nbytes=1024))
+        assert client.bytes_in == 0
+
+
+async def test_per_peer_rate_limit() -> None:
+    async with running(NodeConfig(min_upload_interval_s=30), NodeConfig()) as (server, client):
+        data = adapter_bytes()
+        server.offer(1, 16, data)
+        with trio.fail_after(20):
+            await client.fetch(announce(server, data))
+            with pytest.raises(TransferError, match="rate_limited"):
+                await client.fetch(announce(server, data))
+        assert server.server.refused["rate_limited"] == 1
+
+
+async def test_silent_peer_costs_at_most_the_timeout() -> None:
+    async with running(NodeConfig(), NodeConfig(fetch_timeout_s=1.0)) as (server, client):
+
+        async def silent(stream) -> None:
+            await trio.sleep_forever()
+
+        server.host.set_stream_handler(TProtocol(TRANSFER_PROTOCOL), silent)
+        data = adapter_bytes()
+        started = trio.current_time()
+        with trio.fail_after(10), pytest.raises(TransferError, match="timeout"):
+            await client.fetch(announce(server, data))
+        assert trio.current_time() - started < 5
+
+
+async def test_announcements_arrive_signed_and_forgeries_are_dropped() -> None:
+    async with running(NodeConfig(), NodeConfig()) as (a, b):
+        with trio.fail_after(10):
+            await a.pubsub.wait_for_subscription(ID.from_base58(b.peer_id), a.topic)
+            await b.pubsub.wait_for_subscription(ID.from_base58(a.peer_id), b.topic)
+        data = adapter_bytes()
+        await a.publish(announce(a, data, version=5))
+        with trio.fail_after(10):
+            received = (await b.announcements.receive()).announcement
+        assert received.peer == a.peer_id and received.version == 5
+        # A forged envelope: signed by a but claiming to be b. a's own validator would stop it,
+        # so remove it to see that b's validator rejects and counts it.
+        a.pubsub.remove_topic_validator(a.topic)
+        await a.pubsub.publish(a.topic, announce(a, data, version=6, peer=b.peer_id).to_wire())
+        await a.publish(announce(a, data, version=7))
+        with trio.fail_after(10):
+            received = (await b.announcements.receive()).announcement
+        assert received.version == 7, "the forgery must never be delivered"
+        assert b.rejected["signer_mismatch"] == 1
+
+
+async def test_garbage_on_the_topic_is_rejected_and_the_node_keeps_running() -> None:
+    async with running(NodeConfig(), NodeConfig()) as (a, b):
+        with trio.fail_after(10):
+            await a.pubsub.wait_for_subscription(ID.from_base58(b.peer_id), a.topic)
+        a.pubsub.remove_topic_validator(a.topic)
+        other_swarm = b"LSW1" + b"\x01" * 16 + b"\xc1"
+        for junk in (b"", b"\x00" * 40, other_swarm, b"LSW1" + SWARM + b"\x81"):
+            await a.pubsub.publish(a.topic, junk)
+            await trio.sleep(0.02)  # paced: gossipsub drops bursts (PY-LIBP2P.md pitfall 4)
+        await a.publish(announce(a, adapter_bytes(), version=1))
+        with trio.fail_after(10):
+            received = (await b.announcements.receive()).announcement
+        assert received.version == 1
+        assert sum(b.rejected.values()) >= 3
+        assert b.rejected["wrong_swarm"] >= 1
+
+
+async def test_outgoing_fetches_are_bounded() -> None:
+    # A slow server that counts the requests it holds at once; 5 fetches, 2 download slots.
+    async with running(NodeConfig(min_upload_interval_s=0, max_uploads=8),
+                       NodeConfig(max_downloads=2)) as (server, client):
+        data = adapter_bytes()
+        server.offer(1, 16, data)
+        held = {"now": 0, "peak": 0}
+
+        async def slow(stream) -> None:
+            held["now"] += 1
+            held["peak"] = max(held["peak"], held["now"])
+            try:
+                await trio.sleep(0.2)
+                await server.server.handle(stream)
+            finally:
+                held["now"] -= 1
+
+        server.host.set_stream_handler(TProtocol(TRANSFER_PROTOCOL), slow)
+        fetched = []
+
+        async def fetch_one() -> None:
+            fetched.append(await client.fetch(announce(server, data)))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                for _ in range(5):
+                    nursery.start_soon(fetch_one)
+        assert len(fetched) == 5 and all(f.data == data for f in fetched)
+        assert held["peak"] == 2 and client.downloads_peak == 2
+        assert client.downloads_in_flight == 0
+
+
+async def test_dial_by_id_uses_only_addresses_the_peer_gave_for_itself() -> None:
+    async with trio.open_nursery() as nursery:
+        server, client = (GossipNode(NodeConfig(), SWARM, identity_dir=None) for _ in range(2))
+        for node in (server, client):
+            await nursery.start(node.run)
+        with pytest.raises(GossipError, match="no address known"):
+            await client.dial(server.peer_id)
+        # An address naming a third peer would aim our dials at it: dropped and counted.
+        victim = f"/ip4/127.0.0.1/tcp/9/p2p/{client.peer_id}"
+        client.remember(server.peer_id, [victim, *server.listen_addrs])
+        assert client.rejected["bad_addr"] == 1
+        with trio.fail_after(10):
+            await client.dial(server.peer_id)
+        assert client.connected_peers() == [server.peer_id]
+        nursery.cancel_scope.cancel()
