@@ -1,0 +1,1 @@
+"""The loraswarm peer daemon: config, CLI, model and data loading, training, persistence."""

