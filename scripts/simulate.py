@@ -1,0 +1,275 @@
+"""Run a swarm of real `loraswarm peer` daemons on this machine and report what collaboration gave.
+
+Each peer is its own OS process talking real libp2p on 127.0.0.1, with its own non-IID slice of
+the built-in data (a group of chatterbot-corpus categories) and the shared held-out eval set.
+
+    python scripts/simulate.py                          # 4 peers gossiping, the default demo
+    python scripts/simulate.py --mode local --out OUT   # same peers, no exchange (baseline)
+    python scripts/simulate.py --mode central --out OUT # one peer with all the data (baseline)
+
+Writes OUT/result.json, OUT/eval_loss.png and, per peer, OUT/peers/pN/ (the peer's data folder:
+metrics.jsonl, status.json, checkpoint, export/) and OUT/logs/pN.log.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from rich.console import Console  # noqa: E402
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
+
+from scripts.simreport import peer_summaries, plot_eval_loss, print_table  # noqa: E402
+
+console = Console()
+MODES = ("gossip", "local", "central")
+
+
+@dataclass
+class Launched:
+    name: str
+    folder: Path
+    process: subprocess.Popen[bytes]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        description="Simulate a loraswarm swarm: N real peer daemons over libp2p on 127.0.0.1.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    parser.add_argument("--peers", type=int, default=4, help="number of peers (gossip/local)")
+    parser.add_argument("--mode", choices=MODES, default="gossip",
+                        help="gossip: exchange adapters; local: no exchange; "
+                        "central: one peer trains on all the data")
+    parser.add_argument("--compare", action="store_true",
+                        help="run gossip, local and central one after another into OUT/<mode> "
+                        "and write one combined OUT/result.json")
+    parser.add_argument("--out", type=Path, default=Path("sim-out"), help="output folder")
+    parser.add_argument("--model", default="builtin",
+                        help="builtin, builtin-small, or a local HF model folder")
+    parser.add_argument("--rounds", type=int, default=10, help="rounds per peer")
+    parser.add_argument("--steps-per-round", type=int, default=4, help="optimizer steps per round")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=6e-3)
+    parser.add_argument("--fanout", type=int, default=2, help="neighbours fetched per round")
+    parser.add_argument("--eval-every", type=int, default=5,
+                        help="evaluate every N rounds (and always after the last)")
+    parser.add_argument("--eval-per-category", type=int, default=2,
+                        help="held-out examples per category in the shared eval set")
+    parser.add_argument("--split", choices=("domain", "iid"), default="domain",
+                        help="domain: each peer gets different categories (non-IID)")
+    parser.add_argument("--seed", type=int, default=0, help="data split and LoRA init seed")
+    parser.add_argument("--merge-rule", default="average",
+                        help="average, product, trimmed-mean, median or clipped")
+    parser.add_argument("--byzantine", type=int, default=0, metavar="N",
+                        help="the last N peers train honestly but serve poisoned adapters")
+    parser.add_argument("--attack", choices=("scale", "noise", "signflip"), default="scale",
+                        help="what the Byzantine peers serve")
+    parser.add_argument("--attack-scale", type=float, default=50.0, help="strength of --attack")
+    parser.add_argument("--timeout", type=float, default=1800, help="give up after this many s")
+    parser.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
+                        help="extra argument passed to every peer (repeatable), e.g. "
+                        "--peer-arg=--merge-rule=product")
+    args = parser.parse_args(argv)
+    if args.peers < 1 or args.rounds < 1:
+        parser.error("--peers and --rounds must be at least 1")
+    if not 0 <= args.byzantine < args.peers or (args.byzantine and args.mode != "gossip"
+                                                 and not args.compare):
+        parser.error("--byzantine N needs --mode gossip and 0 <= N < --peers")
+    return args
+
+
+def write_data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
+    """Split the built-in data into per-peer shard files and the shared eval file."""
+    from peer.data import split_builtin, write_jsonl
+
+    shards = 1 if args.mode == "central" else args.peers
+    split = split_builtin(shards, seed=args.seed, eval_per_category=args.eval_per_category,
+                          mode=args.split)
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for index, shard in enumerate(split.shards):
+        path = data / f"shard-{index}.jsonl"
+        write_jsonl(path, shard)
+        paths.append(path)
+    eval_path = data / "eval.jsonl"
+    write_jsonl(eval_path, split.eval)
+    (data / "categories.json").write_text(json.dumps(split.shard_categories, indent=1))
+    return paths, eval_path
+
+
+def is_byzantine(args: argparse.Namespace, index: int) -> bool:
+    """The last `--byzantine` peers attack; peer 0, the bootstrap, is always honest."""
+    return args.mode == "gossip" and index >= args.peers - args.byzantine
+
+
+def peer_command(args: argparse.Namespace, model_dir: Path, folder: Path, train: Path,
+                 eval_path: Path, bootstrap: str | None) -> list[str]:
+    command = [
+        sys.executable, "-m", "peer.cli", "-v", "peer",
+        "--data-dir", str(folder), "--train", str(train), "--eval", str(eval_path),
+        "--model", str(model_dir), "--rounds", str(args.rounds),
+        "--steps-per-round", str(args.steps_per_round), "--batch-size", str(args.batch_size),
+        "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--eval-every", str(args.eval_every),
+        "--init-seed", str(args.seed), "--threads", "1",
+        "--fanout", str(args.fanout if args.mode == "gossip" else 0),
+        "--data-seed", str(args.seed * 1000 + int(folder.name[1:])),
+        "--merge-rule", args.merge_rule,
+    ]
+    if is_byzantine(args, int(folder.name[1:])):
+        command += ["--attack", args.attack, "--attack-scale", str(args.attack_scale)]
+    if bootstrap:
+        command += ["--bootstrap", bootstrap]
+    if args.mode == "gossip" and args.peers > 1:
+        # Start together, or the first peer's early rounds find no neighbours: the bootstrap
+        # peer waits until everyone has joined it, the others until they have joined.
+        command += ["--wait-peers", "1" if bootstrap else str(args.peers - 1)]
+    return command + list(args.peer_arg)
+
+
+def launch(args: argparse.Namespace, model_dir: Path, shards: list[Path], eval_path: Path,
+           out: Path) -> list[Launched]:
+    """Start peer 0, wait for its address, then start the others bootstrapping through it."""
+    launched: list[Launched] = []
+    bootstrap = None
+    logs = out / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    for index, shard in enumerate(shards):
+        name = f"p{index}"
+        folder = out / "peers" / name
+        command = peer_command(args, model_dir, folder, shard, eval_path, bootstrap)
+        with open(logs / f"{name}.log", "wb") as log:
+            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+        launched.append(Launched(name, folder, process))
+        if index == 0 and args.mode == "gossip" and len(shards) > 1:
+            bootstrap = wait_for_address(launched[0], timeout=args.timeout)
+    return launched
+
+
+def wait_for_address(peer: Launched, *, timeout: float) -> str:
+    """The first peer writes status.json once it listens; its address is the bootstrap."""
+    deadline = time.monotonic() + timeout
+    status = peer.folder / "status.json"
+    while time.monotonic() < deadline:
+        if peer.process.poll() is not None:
+            raise SystemExit(f"peer {peer.name} exited early; see its log in logs/{peer.name}.log")
+        if status.is_file():
+            addrs = json.loads(status.read_text())["listen_addrs"]
+            if addrs:
+                return str(addrs[0])
+        time.sleep(0.2)
+    raise SystemExit(f"peer {peer.name} did not come up within {timeout:.0f} s")
+
+
+def rounds_done(folder: Path) -> int:
+    path = folder / "metrics.jsonl"
+    if not path.is_file():
+        return 0
+    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return max((int(line["round"]) for line in lines), default=0)
+
+
+def watch(peers: list[Launched], rounds: int, timeout: float) -> None:
+    """Show a progress bar per peer until every daemon has exited."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
+               "{task.total} rounds"), TimeElapsedColumn())
+    deadline = time.monotonic() + timeout
+    with Progress(*columns, console=console, transient=False) as progress:
+        tasks = {p.name: progress.add_task(f"peer {p.name}", total=rounds) for p in peers}
+        while any(p.process.poll() is None for p in peers):
+            if time.monotonic() > deadline:
+                for p in peers:
+                    p.process.kill()
+                raise SystemExit(f"the simulation did not finish within {timeout:.0f} s")
+            for p in peers:
+                progress.update(tasks[p.name], completed=rounds_done(p.folder))
+            time.sleep(0.5)
+        for p in peers:
+            progress.update(tasks[p.name], completed=rounds_done(p.folder))
+    failed = [p.name for p in peers if p.process.returncode != 0]
+    if failed:
+        raise SystemExit(f"peers {failed} failed; see their logs under logs/")
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    """Run one simulation and return its result document (also written to OUT/result.json)."""
+    from peer.model import resolve_model
+
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    with console.status("preparing the model (converted once, then cached) and the data"):
+        model_dir = resolve_model(args.model)
+        shards, eval_path = write_data(args, out)
+    peers = launch(args, model_dir, shards, eval_path, out)
+    try:
+        watch(peers, args.rounds, args.timeout)
+    finally:
+        for p in peers:
+            if p.process.poll() is None:
+                p.process.kill()
+    summaries = peer_summaries([p.folder for p in peers])
+    for index, summary in enumerate(summaries):
+        summary["byzantine"] = is_byzantine(args, index)
+    honest = [s for s in summaries if not s["byzantine"]]
+    result = {
+        "mode": args.mode,
+        "merge_rule": args.merge_rule,
+        "mean_eval_loss": _mean([s["eval_loss"] for s in summaries]),
+        "honest_mean_eval_loss": _mean([s["eval_loss"] for s in honest]),
+        "mean_eval_loss_before": _mean([s["eval_loss_before"] for s in summaries]),
+        "wall_s": round(time.monotonic() - started, 1),
+        "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "peers": summaries,
+    }
+    (out / "result.json").write_text(json.dumps(result, indent=2))
+    plot_eval_loss(summaries, out / "eval_loss.png", title=f"{args.mode}: eval loss per peer")
+    print_table(console, result)
+    console.print(f"wrote {out / 'result.json'} and {out / 'eval_loss.png'}")
+    return result
+
+
+def _mean(values: list[float | None]) -> float | None:
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the three modes on the same data and seed; one combined report and plot."""
+    results = {}
+    for mode in MODES:
+        console.rule(f"mode {mode}")
+        results[mode] = run(argparse.Namespace(**{**vars(args), "mode": mode,
+                                                  "out": args.out / mode}))
+    (args.out / "result.json").write_text(json.dumps(results, indent=2))
+    baselines = {f"{mode} (mean)": results[mode]["mean_eval_loss"] for mode in ("local", "central")}
+    plot_eval_loss(results["gossip"]["peers"], args.out / "eval_loss.png",
+                   title="gossip peers vs local and central baselines", baselines=baselines)
+    for mode in MODES:
+        console.print(f"{mode:>8}: mean eval loss {results[mode]['mean_eval_loss']:.3f}")
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    if args.compare:
+        compare(args)
+    else:
+        run(args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,51 @@
+"""scripts/simulate.py end to end: real peer processes, result.json, the plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = pytest.mark.slow
+
+
+def _simulate(out: Path, mode: str, peers: int, small_model_dir: Path) -> dict:
+    command = [
+        sys.executable, str(ROOT / "scripts" / "simulate.py"), "--mode", mode,
+        "--peers", str(peers), "--out", str(out), "--model", str(small_model_dir),
+        "--rounds", "3", "--steps-per-round", "1", "--batch-size", "2", "--seq-len", "32",
+        "--eval-every", "1", "--eval-per-category", "1", "--timeout", "300",
+        "--peer-arg=--round-pause=0.5",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    return json.loads((out / "result.json").read_text())
+
+
+def test_gossip_simulation_writes_result_and_plot(tmp_path: Path, small_model_dir: Path) -> None:
+    result = _simulate(tmp_path, "gossip", 3, small_model_dir)
+    assert result["mode"] == "gossip"
+    assert math.isfinite(result["mean_eval_loss"]) and result["wall_s"] > 0
+    assert len(result["peers"]) == 3
+    assert len({p["peer_id"] for p in result["peers"]}) == 3
+    for peer in result["peers"]:
+        assert {"peer_id", "eval_loss", "merges", "adapters_received",
+                "bytes_received"} <= set(peer)
+        assert math.isfinite(peer["eval_loss"]) and math.isfinite(peer["eval_loss_before"])
+        assert len(peer["series"]) == 4, "eval before training and after each of 3 rounds"
+    assert sum(p["merges"] for p in result["peers"]) >= 1
+    png = tmp_path / "eval_loss.png"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    shards = json.loads((tmp_path / "data" / "categories.json").read_text())
+    assert len(shards) == 3 and not set(shards[0]) & set(shards[1]), "domain split: disjoint"
+
+
+def test_central_simulation_is_one_peer(tmp_path: Path, small_model_dir: Path) -> None:
+    result = _simulate(tmp_path, "central", 3, small_model_dir)
+    assert result["mode"] == "central" and len(result["peers"]) == 1
+    assert result["peers"][0]["merges"] == 0
