@@ -68,6 +68,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="held-out examples per category in the shared eval set")
     parser.add_argument("--split", choices=("domain", "iid"), default="domain",
                         help="domain: each peer gets different categories (non-IID)")
+    parser.add_argument("--corpus", choices=("chat", "plays"), default="chat",
+                        help="chat: chatterbot-corpus Q/A pairs by topic; plays: Shakespeare "
+                        "passages by genre (plain text)")
     parser.add_argument("--seed", type=int, default=0, help="data split and LoRA init seed")
     parser.add_argument("--merge-rule", default="average",
                         help="average, product, trimmed-mean, median or clipped")
@@ -95,7 +98,7 @@ def write_data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
 
     shards = 1 if args.mode == "central" else args.peers
     split = split_builtin(shards, seed=args.seed, eval_per_category=args.eval_per_category,
-                          mode=args.split)
+                          mode=args.split, corpus=args.corpus)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     paths = []
