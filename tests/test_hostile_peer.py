@@ -182,7 +182,7 @@ async def test_hostile_adapters_are_rejected_and_never_adopted(
                 )
                 started = trio.current_time()
                 assert await receiver.pull_round(1) == 0, reason
-                assert trio.current_time() - started < NETWORK.fetch_timeout_s + 1
+                assert trio.current_time() - started < NETWORK.fetch_timeout_s + 3  # loaded CI
                 expected[reason] += 1
                 assert receiver.node.rejected == expected, reason
                 assert any(reason in r.getMessage() for r in caplog.records), reason

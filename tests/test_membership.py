@@ -99,8 +99,8 @@ async def test_replayed_announcement_is_counted_and_ignored() -> None:
 async def test_abrupt_stop_leaves_every_view_within_the_timeout_and_never_stalls_a_round() -> None:
     timeout_s = 3.0
     topology = TopologyConfig(fanout=4, target_connections=4, peer_timeout_s=timeout_s)
-    async with loopback_swarm(5, topology=topology, network=NodeConfig(min_upload_interval_s=0)
-                              ) as swarm:
+    network = NodeConfig(min_upload_interval_s=0, fetch_timeout_s=20)
+    async with loopback_swarm(5, topology=topology, network=network) as swarm:
         victim, others = swarm.peers[4], swarm.peers[:4]
         with trio.fail_after(30):
             await swarm.announce_all()
@@ -115,15 +115,18 @@ async def test_abrupt_stop_leaves_every_view_within_the_timeout_and_never_stalls
             assert victim.peer_id in peer.membership.live_peers()
             started = trio.current_time()
             assert await peer.pull_round(4) == 3
-            assert trio.current_time() - started < 3.0, "a dead neighbour stalled a round"
-        with trio.fail_after(timeout_s + 5):
+            # Waiting on the dead peer would cost the whole fetch timeout (20 s); the bound is
+            # loose because these machines are shared and a loaded one runs everything slower.
+            elapsed = trio.current_time() - started
+            assert elapsed < network.fetch_timeout_s / 2, f"a dead neighbour stalled: {elapsed:.1f}"
+        with trio.fail_after(timeout_s + 10):
             for peer in others:
                 await peer.membership.wait_until(partial(_forgot, peer, victim))
         gone_after = trio.current_time() - stopped
         print(f"victim left every view {gone_after:.2f} s after its host closed")
         # Last heard at most one refresh tick (1 s) before its sockets closed; expiry is checked
-        # once per tick: so timeout + 2 ticks at worst.
-        assert gone_after <= timeout_s + 2.0, f"left the views after {gone_after:.1f} s"
+        # once per tick: so timeout + 2 ticks at worst, plus slack for a loaded machine.
+        assert gone_after <= timeout_s + 5.0, f"left the views after {gone_after:.1f} s"
         for peer in others:
             assert victim.peer_id not in {a.peer for a in peer.membership.sample(4)}
             assert peer.membership.latest(victim.peer_id) is None

@@ -32,7 +32,8 @@ def _heard(peer: SyntheticPeer, source: SyntheticPeer, version: int) -> bool:
 async def test_sixteen_peers_find_neighbours_and_outlive_their_bootstrap() -> None:
     topology = TopologyConfig(fanout=FANOUT, target_connections=4, peer_timeout_s=60)
     network = NodeConfig(min_upload_interval_s=0)
-    with trio.fail_after(90):
+    # A bound, not a speed goal: 16 hosts in one process share a core with whatever else runs.
+    with trio.fail_after(240):
         async with loopback_swarm(PEERS, network=network, topology=topology, seed=7) as swarm:
             boot, rest = swarm.peers[0], swarm.peers[1:]
             # 1. Everyone knew only the bootstrap address; announcements spread the others.
