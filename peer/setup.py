@@ -17,6 +17,7 @@ from peer.config import PeerConfig
 from peer.data import TokenBatches, eval_batches, load_examples
 from peer.errors import DataError
 from peer.model import attach_lora, fingerprint, load_base, resolve_model
+from peer.shared import SharedModel
 from peer.store import Checkpoint, PeerStore
 from peer.trainer import LocalTrainer
 
@@ -40,27 +41,38 @@ class Runtime:
         return swarm_hex(self.swarm)
 
 
-def build_runtime(config: PeerConfig) -> Runtime:
+def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runtime:
     """Load the model and data, derive the swarm id, and resume from the last checkpoint.
+
+    Args:
+        shared: a base model shared with other peers of this process; this peer then gets its
+            own adapter inside it (named after its data folder) instead of loading a model.
 
     Raises:
         DataError / ModelError / PeerError: one-line problems with the inputs.
     """
-    if config.train.threads:
+    if config.train.threads and shared is None:
         torch.set_num_threads(config.train.threads)
     examples = load_examples(config.train_path)
     held_out = load_examples(config.eval_path) if config.eval_path else []
-    model_dir = resolve_model(config.model)
-    base, tokenizer = load_base(model_dir)
+    if shared is None:
+        model_dir = resolve_model(config.model)
+        base, tokenizer = load_base(model_dir)
+        model = attach_lora(base, config.lora, config.init_seed, frozen_a=config.train.frozen_a)
+        adapter, lock, model_print = "default", None, fingerprint(model_dir)
+    else:
+        model, tokenizer, lock = shared.model, shared.tokenizer, shared.lock
+        model_dir, model_print = shared.model_dir, shared.fingerprint
+        adapter = shared.add_adapter(config.data_dir.name, config.lora, config.init_seed,
+                                     config.train.frozen_a)
     lora_identity = {**config.lora.to_dict(), "frozen_a": config.train.frozen_a}
-    swarm = swarm_id(fingerprint(model_dir), lora_identity, config.init_seed)
-    model = attach_lora(base, config.lora, config.init_seed, frozen_a=config.train.frozen_a)
+    swarm = swarm_id(model_print, lora_identity, config.init_seed)
     batches = TokenBatches(examples, tokenizer, seq_len=config.train.seq_len,
                            batch_size=config.train.batch_size, seed=config.train.data_seed)
     store = PeerStore(config.data_dir)
     resumed = store.load_checkpoint(swarm_hex(swarm))
     trainer = LocalTrainer(model, batches, config.train,
-                           samples=resumed.samples if resumed else 0)
+                           samples=resumed.samples if resumed else 0, adapter=adapter, lock=lock)
     if resumed is not None:
         trainer.load_state(resumed.state)
         logger.info("resumed from %s: version %d, %d samples",

@@ -114,11 +114,21 @@ class PeerStore:
         text = json.dumps(status, indent=2, sort_keys=True) + "\n"
         atomic_write(self.status_path, text.encode())
 
-    def export(self, peft_model: Any) -> Path:
-        """Save a standard PEFT adapter folder, replacing the previous export whole."""
+    def export(self, peft_model: Any, adapter: str = "default") -> Path:
+        """Save a standard PEFT adapter folder, replacing the previous export whole.
+
+        Args:
+            adapter: which of the model's adapters to export (in-process simulations share a
+                model between peers); it is saved as the folder's default adapter.
+        """
         tmp = self.root / ".export.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        peft_model.save_pretrained(tmp, safe_serialization=True)
+        peft_model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter])
+        if adapter != "default":  # peft puts other adapters in a subfolder named after them
+            nested = tmp / adapter
+            for item in nested.iterdir():
+                os.replace(item, tmp / item.name)
+            nested.rmdir()
         old = self.root / ".export.old"
         shutil.rmtree(old, ignore_errors=True)
         if self.export_dir.exists():

@@ -3,10 +3,16 @@
 `LocalTrainer` is driven from a worker thread (`trio.to_thread.run_sync`) one round at a time;
 between rounds the daemon reads and replaces the adapter state on the event-loop thread, so the
 swap always happens at a step boundary and no lock is needed.
+
+In-process simulations share one peft model between many trainers, each with its own named
+adapter (see `peer.shared`): a shared lock then serialises the forward/backward passes, which
+need their adapter to be the active one. Reading and replacing an adapter's values does not
+depend on the active adapter, so the event loop never waits for that lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections.abc import Mapping, Sequence
@@ -28,18 +34,33 @@ class LocalTrainer:
         batches: the private training stream.
         config: steps per round, learning rate.
         samples: training samples already embodied (when resuming from a checkpoint).
+        adapter: the name of this trainer's adapter inside `model`.
+        lock: held around forward passes when several trainers share `model`.
     """
 
     def __init__(self, model: Any, batches: TokenBatches, config: TrainConfig,
-                 samples: int = 0) -> None:
+                 samples: int = 0, *, adapter: str = "default",
+                 lock: threading.Lock | None = None) -> None:
         self.model = model
         self.batches = batches
         self.config = config
         self.samples = samples
-        self._params = [p for p in model.parameters() if p.requires_grad]
+        self.adapter = adapter
+        self._lock: contextlib.AbstractContextManager[Any] = lock or contextlib.nullcontext()
+        own = [(n, p) for n, p in model.named_parameters()
+               if "lora_" in n and f".{adapter}." in n]
+        self._params = [p for n, p in own if not (config.frozen_a and "lora_A" in n)]
+        self._frozen = [p for n, p in own if config.frozen_a and "lora_A" in n]
         self.optimizer = torch.optim.AdamW(
             self._params, lr=config.lr, weight_decay=config.weight_decay
         )
+
+    def _activate(self) -> None:
+        """Make our adapter the one forward passes use (a no-op with a single adapter)."""
+        if self.model.active_adapter != self.adapter:
+            self.model.set_adapter(self.adapter)
+            for param in self._frozen:  # set_adapter marks every factor trainable
+                param.requires_grad_(False)
 
     def train_round(self, stop: threading.Event | None = None) -> float:
         """Run `steps_per_round` optimizer steps; return their mean training loss.
@@ -47,6 +68,11 @@ class LocalTrainer:
         Args:
             stop: when set (by a signal handler), return after the current step.
         """
+        with self._lock:
+            self._activate()
+            return self._train_steps(stop)
+
+    def _train_steps(self, stop: threading.Event | None) -> float:
         self.model.train()
         losses: list[float] = []
         for _ in range(self.config.steps_per_round):
@@ -71,17 +97,19 @@ class LocalTrainer:
         swarm-seeded one, so exchanging B alone is complete, averaging it is exact
         (mean(B)·A = mean(B·A)), and the bytes on the wire shrink by A's share.
         """
-        return {k: v.detach().to("cpu", copy=True).contiguous()
-                for k, v in get_peft_model_state_dict(self.model).items()
+        own = get_peft_model_state_dict(self.model, adapter_name=self.adapter)
+        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in own.items()
                 if not (self.config.frozen_a and "lora_A" in k)}
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace the adapter's values in place (the optimizer keeps its moments)."""
-        result = set_peft_model_state_dict(self.model, dict(state))
+        result = set_peft_model_state_dict(self.model, dict(state), adapter_name=self.adapter)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
             raise KeyError(f"adapter state has keys the model lacks: {unexpected[:3]}")
 
     def eval_loss(self, batches: Sequence[dict[str, torch.Tensor]]) -> float:
         """Token-weighted mean loss on held-out batches."""
-        return mean_loss(self.model, batches)
+        with self._lock:
+            self._activate()
+            return mean_loss(self.model, batches)

@@ -1,0 +1,75 @@
+"""One frozen base model shared by many peers of one process (in-process simulations).
+
+Each peer gets its own named LoRA adapter inside a single peft model: the base weights are in
+memory once, and a peer costs only its adapter, its optimizer moments and its token batches.
+All adapters start from the same swarm-seeded values, exactly as separate processes would.
+Forward passes need their adapter active, so trainers take turns under `lock` (see
+`peer.trainer.LocalTrainer`).
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
+
+from merge.types import AdapterState
+from peer.errors import ConfigError
+from peer.model import LoraSettings, attach_lora, fingerprint, load_base, resolve_model
+
+
+@dataclass
+class SharedModel:
+    """A peft model with one adapter per in-process peer, and the lock they take turns with."""
+
+    model: Any
+    tokenizer: Any
+    model_dir: Path
+    fingerprint: str
+    lora: LoraSettings
+    init_seed: int
+    frozen_a: bool
+    initial: AdapterState
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    _names: set[str] = field(default_factory=set)
+
+    @classmethod
+    def load(cls, model: str | None, lora: LoraSettings, init_seed: int, *,
+             frozen_a: bool = False) -> SharedModel:
+        """Load the base once and attach the seeded initial adapter (kept as "default").
+
+        Raises:
+            ModelError: the model cannot be resolved or loaded.
+        """
+        model_dir = resolve_model(model)
+        base, tokenizer = load_base(model_dir)
+        peft_model = attach_lora(base, lora, init_seed, frozen_a=frozen_a)
+        initial = {k: v.detach().clone()
+                   for k, v in get_peft_model_state_dict(peft_model).items()}
+        return cls(peft_model, tokenizer, model_dir, fingerprint(model_dir), lora, init_seed,
+                   frozen_a, initial)
+
+    def add_adapter(self, name: str, lora: LoraSettings, init_seed: int,
+                    frozen_a: bool) -> str:
+        """Add a peer's adapter, equal to the swarm's initial one; returns its name.
+
+        Raises:
+            ConfigError: the peer's LoRA settings differ from the shared model's, or the name
+                is taken.
+        """
+        if (lora, init_seed, frozen_a) != (self.lora, self.init_seed, self.frozen_a):
+            raise ConfigError("in-process peers must share the LoRA settings, init seed and "
+                              "frozen-A mode of the shared model")
+        if name in self._names or name == "default":
+            raise ConfigError(f"adapter name {name!r} is taken")
+        config = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0,
+                            target_modules=list(lora.target_modules), bias="none",
+                            task_type="CAUSAL_LM")
+        with self.lock:  # injecting modules must not race a forward pass
+            self.model.add_adapter(name, config)
+            set_peft_model_state_dict(self.model, self.initial, adapter_name=name)
+        self._names.add(name)
+        return name

@@ -1,0 +1,88 @@
+"""One base model shared by in-process peers: separate adapters, same start, exact exports."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import PeftModel, get_peft_model_state_dict
+from transformers import AutoModelForCausalLM
+
+from peer.config import TrainConfig
+from peer.data import TokenBatches
+from peer.errors import ConfigError
+from peer.model import LoraSettings
+from peer.shared import SharedModel
+from peer.store import PeerStore
+from peer.trainer import LocalTrainer
+
+TEXTS = [f"### Instruction:\nSay {n}.\n\n### Response:\n{n} is a number." for n in range(16)]
+TRAIN = TrainConfig(steps_per_round=2, batch_size=2, seq_len=32, lr=1e-2)
+
+
+def _trainer(shared: SharedModel, name: str, seed: int, train: TrainConfig = TRAIN
+             ) -> LocalTrainer:
+    adapter = shared.add_adapter(name, shared.lora, shared.init_seed, shared.frozen_a)
+    batches = TokenBatches(TEXTS, shared.tokenizer, seq_len=32, batch_size=2, seed=seed)
+    return LocalTrainer(shared.model, batches, train, adapter=adapter, lock=shared.lock)
+
+
+def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_peers_start_equal_and_train_only_their_own_adapter(
+    small_model_dir: Path, tmp_path: Path
+) -> None:
+    shared = SharedModel.load(str(small_model_dir), LoraSettings(), init_seed=5)
+    first, second = _trainer(shared, "p0", seed=0), _trainer(shared, "p1", seed=1)
+    assert _equal(first.state(), shared.initial) and _equal(second.state(), shared.initial)
+    assert any(v.abs().sum() > 0 for k, v in shared.initial.items() if "lora_A" in k)
+
+    first.train_round()
+    assert not _equal(first.state(), shared.initial), "training moved p0's adapter"
+    assert _equal(second.state(), shared.initial), "p1's adapter is untouched"
+    default = get_peft_model_state_dict(shared.model)
+    assert _equal(default, shared.initial), "the shared initial adapter never trains"
+
+    second.train_round()
+    second_state = second.state()
+    assert not _equal(second_state, first.state())
+    assert first.eval_loss([first.batches.next_batch()]) > 0
+    # Loading a merged state into p1 leaves p0 alone.
+    merged = {k: (v + second_state[k]) / 2 for k, v in first.state().items()}
+    before = first.state()
+    second.load_state(merged)
+    assert _equal(second.state(), merged) and _equal(first.state(), before)
+
+    # The export of a named adapter is a standard PEFT folder holding exactly its values.
+    export = PeerStore(tmp_path).export(shared.model, second.adapter)
+    assert (export / "adapter_model.safetensors").is_file()
+    base = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32)
+    loaded = PeftModel.from_pretrained(base, export)
+    assert _equal({k: v.detach() for k, v in get_peft_model_state_dict(loaded).items()}, merged)
+
+
+def test_frozen_a_stays_frozen_in_a_shared_model(small_model_dir: Path) -> None:
+    shared = SharedModel.load(str(small_model_dir), LoraSettings(), init_seed=5, frozen_a=True)
+    frozen = TrainConfig(steps_per_round=2, batch_size=2, seq_len=32, lr=1e-2, frozen_a=True)
+    first, second = _trainer(shared, "p0", 0, frozen), _trainer(shared, "p1", 1, frozen)
+    first.train_round()
+    second.train_round()  # switching the active adapter must not unfreeze A
+    first.train_round()
+    for trainer in (first, second):
+        state = get_peft_model_state_dict(shared.model, adapter_name=trainer.adapter)
+        for key, value in state.items():
+            if "lora_A" in key:
+                assert torch.equal(value, shared.initial[key]), f"{key} moved"
+        assert all("lora_B" in key for key in trainer.state())
+
+
+def test_mismatched_settings_and_taken_names_are_refused(small_model_dir: Path) -> None:
+    shared = SharedModel.load(str(small_model_dir), LoraSettings(), init_seed=5)
+    shared.add_adapter("p0", LoraSettings(), 5, False)
+    with pytest.raises(ConfigError, match="taken"):
+        shared.add_adapter("p0", LoraSettings(), 5, False)
+    with pytest.raises(ConfigError, match="init seed"):
+        shared.add_adapter("p1", LoraSettings(rank=4), 5, False)
