@@ -221,14 +221,17 @@ def _distinct_categories(corpus: str) -> tuple[tuple[str, tuple[str, ...]], ...]
 
 
 def split_builtin(n_shards: int, *, seed: int = 0, eval_per_category: int = 4,
-                  mode: str = "domain", corpus: str = "chat") -> BuiltinSplit:
+                  mode: str = "domain", alpha: float = 0.5,
+                  corpus: str = "chat") -> BuiltinSplit:
     """Split a built-in corpus into per-peer training shards and a shared eval set.
 
     Args:
         n_shards: number of peers (1: all training data in one shard).
         seed: the same seed gives the same split.
         eval_per_category: examples of every category held out for the shared eval set.
-        mode: "domain" (each shard gets different categories: non-IID) or "iid".
+        mode: "domain" (each shard gets different categories: non-IID), "iid", or
+            "dirichlet" (category proportions per shard drawn from Dirichlet(alpha)).
+        alpha: the Dirichlet concentration: small is skewed, large is near-IID.
         corpus: "chat" or "plays" (see `builtin_categories`).
 
     Raises:
@@ -237,7 +240,8 @@ def split_builtin(n_shards: int, *, seed: int = 0, eval_per_category: int = 4,
     """
     prompt_of = _prompt_of if corpus == "chat" else None
     return split_categories(builtin_categories(corpus), n_shards, seed=seed,
-                            eval_per_category=eval_per_category, mode=mode, prompt_of=prompt_of)
+                            eval_per_category=eval_per_category, mode=mode, alpha=alpha,
+                            prompt_of=prompt_of)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,13 +1,18 @@
-"""Reading peers' metrics into a result document, and showing it: a rich table and a PNG plot."""
+"""Reading peers' metrics into a result document, and showing it: a rich table and PNG plots."""
 
 from __future__ import annotations
 
 import json
+import math
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from rich.console import Console
 from rich.table import Table
+
+_ROUND_KEYS = ("round", "t", "train_loss", "merged", "bytes_in", "bytes_out")
+CONSENSUS_THRESHOLD = 0.01  # rounds_to_consensus: the first round below 1 %
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
@@ -18,7 +23,11 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
 
 
 def peer_summaries(folders: list[Path]) -> list[dict[str, Any]]:
-    """One entry per peer: ids, eval loss before/after, exchange counters, the eval series."""
+    """One entry per peer: ids, eval loss before/after, exchange counters and two series.
+
+    `series` holds the evaluations ({t, round, eval_loss}); `round_series` holds one
+    {round, t, train_loss, merged, bytes_in, bytes_out} per metrics line.
+    """
     summaries = []
     for folder in folders:
         metrics = read_metrics(folder)
@@ -38,8 +47,59 @@ def peer_summaries(folders: list[Path]) -> list[dict[str, Any]]:
             "rejected": status.get("rejected", {}),
             "series": [{"t": m["t"], "round": m["round"], "eval_loss": m["eval_loss"]}
                        for m in evals],
+            "round_series": [{key: m.get(key) for key in _ROUND_KEYS} for m in metrics],
         })
     return summaries
+
+
+
+def swarm_consensus(folders: list[Path]) -> dict[str, Any]:
+    """`consensus` (distance per round) and `rounds_to_consensus` from the peers' sketches."""
+    series = consensus_series([read_metrics(folder) for folder in folders])
+    return {"consensus": series, "rounds_to_consensus": rounds_to_consensus(series)}
+
+
+def consensus_series(metrics: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:
+    """Consensus distance per round: mean over peers of ‖sᵢ − s̄‖ / ‖s̄‖ over adapter sketches.
+
+    sᵢ is peer i's adapter sketch (`peer.sketch`) in its metrics line of that round and s̄ their
+    mean; by Johnson–Lindenstrauss this approximates the same ratio over whole adapters. A round
+    is reported when at least two peers logged a sketch for it (a peer that logged a round
+    twice, after a restart, counts with its last line). The distance is None when s̄ = 0 and the
+    sketches differ.
+
+    Args:
+        metrics: per peer, its metrics lines.
+    """
+    by_round: dict[int, list[list[float]]] = {}
+    for lines in metrics:
+        latest = {int(m["round"]): m["sketch"] for m in lines if m.get("sketch")}
+        for number, sketched in latest.items():
+            by_round.setdefault(number, []).append(sketched)
+    return [{"round": number, "distance": consensus_distance(by_round[number])}
+            for number in sorted(by_round) if len(by_round[number]) >= 2]
+
+
+def consensus_distance(sketches: Sequence[Sequence[float]]) -> float | None:
+    """Mean of ‖sᵢ − s̄‖ / ‖s̄‖, to 6 significant digits (0 for identical sketches)."""
+    if all(s == sketches[0] for s in sketches):
+        return 0.0  # exactly: the mean of equal floats can be an ulp off each of them
+    mean = [sum(column) / len(sketches) for column in zip(*sketches, strict=True)]
+    spread = sum(math.dist(s, mean) for s in sketches) / len(sketches)
+    scale = math.hypot(*mean)
+    if scale == 0:
+        return 0.0 if spread == 0 else None
+    return float(f"{spread / scale:.6g}")
+
+
+def rounds_to_consensus(series: Sequence[Mapping[str, Any]],
+                        threshold: float = CONSENSUS_THRESHOLD) -> int | None:
+    """The first trained round (>= 1) whose consensus distance is below threshold, else None.
+
+    Round 0 is left out: every peer starts from the same seeded adapter, so it is trivially 0.
+    """
+    return next((e["round"] for e in series if e["round"] >= 1 and e["distance"] is not None
+                 and e["distance"] < threshold), None)
 
 
 def print_table(console: Console, result: dict[str, Any]) -> None:
@@ -50,6 +110,7 @@ def print_table(console: Console, result: dict[str, Any]) -> None:
         table.add_column(column, justify="right")
     for peer in result["peers"]:
         marker = " (byzantine)" if peer.get("byzantine") else ""
+        marker += " (churned)" if peer.get("churn") else ""
         table.add_row(
             f"{peer['name']}{marker} {peer['peer_id'][-8:]}", _fmt(peer["eval_loss_before"]),
             _fmt(peer["eval_loss"]), str(peer["adapters_received"]), str(peer["merges"]),
@@ -82,6 +143,70 @@ def plot_eval_loss(peers: list[dict[str, Any]], path: Path, *, title: str,
     axes.set_ylabel("eval loss (shared held-out set)")
     axes.set_title(title)
     axes.legend(fontsize=8)
+    figure.tight_layout()
+    figure.savefig(path, dpi=110)
+    plt.close(figure)
+
+
+def plot_swarm(result: Mapping[str, Any], out: Path, *, title: str) -> list[Path]:
+    """Write OUT/consensus.png and OUT/bytes.png for a result document; returns their paths."""
+    paths = [out / "consensus.png", out / "bytes.png"]
+    plot_consensus(result.get("consensus", []), paths[0], title=f"{title}: consensus distance")
+    plot_bytes(result["peers"], paths[1], title=f"{title}: bytes sent per peer")
+    return paths
+
+
+def plot_consensus(series: Sequence[Mapping[str, Any]], path: Path, *, title: str,
+                   threshold: float = CONSENSUS_THRESHOLD) -> None:
+    """Consensus distance against round (log scale), with the `rounds_to_consensus` threshold."""
+    plt, figure, axes = _figure()
+    # A log scale shows the approach to consensus; it cannot show 0 (round 0: one seeded start).
+    points = [(e["round"], e["distance"]) for e in series if e["distance"]]
+    if points:
+        axes.plot(*zip(*points, strict=True), marker="o", markersize=3, label="mean over peers")
+        axes.axhline(threshold, linestyle="--", linewidth=1, color="grey",
+                     label=f"{threshold:.0%} (rounds_to_consensus)")
+        axes.set_yscale("log")
+        axes.legend(fontsize=8)
+    else:
+        note = ("the peers' adapters are identical" if series
+                else "no consensus distance: fewer than two peers logged sketches")
+        axes.text(0.5, 0.5, note, ha="center", va="center", transform=axes.transAxes)
+    axes.set_xlabel("round")
+    axes.set_ylabel(r"mean $\Vert\theta_i - \bar\theta\Vert \,/\, \Vert\bar\theta\Vert$"
+                    " (64-d sketches)")
+    _save(plt, figure, axes, path, title)
+
+
+def plot_bytes(peers: Sequence[Mapping[str, Any]], path: Path, *, title: str) -> None:
+    """Cumulative adapter bytes each peer served, against round."""
+    plt, figure, axes = _figure()
+    for peer in peers:
+        rows = [r for r in peer.get("round_series", []) if r.get("bytes_out") is not None]
+        axes.plot([r["round"] for r in rows], [r["bytes_out"] / 1e6 for r in rows], marker="o",
+                  markersize=3, label=peer["name"] + (" (byzantine)" if peer.get("byzantine")
+                                                      else ""))
+    axes.set_xlabel("round")
+    axes.set_ylabel("MB sent (cumulative)")
+    if peers:
+        axes.legend(fontsize=8)
+    _save(plt, figure, axes, path, title)
+
+
+def _figure() -> tuple[Any, Any, Any]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = plt.subplots(figsize=(7, 4.2))
+    axes.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds
+    return plt, figure, axes
+
+
+def _save(plt: Any, figure: Any, axes: Any, path: Path, title: str) -> None:
+    axes.set_title(title)
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 from collections import Counter
@@ -301,8 +302,10 @@ def check_split_invariants(categories: dict[str, list[str]], split: Any, per_cat
     for name, examples in categories.items():
         held = [x for x in split.eval if home[x] == name]
         assert len(held) == min(per_category, len(examples) - 1)
-    for shard, names in zip(split.shards, split.shard_categories, strict=True):
+    for shard, names, counts in zip(split.shards, split.shard_categories, split.shard_counts,
+                                    strict=True):
         assert names == sorted({home[x] for x in shard})
+        assert counts == dict(Counter(home[x] for x in shard)) and list(counts) == names
 
 
 @pytest.mark.parametrize("mode", ["domain", "iid"])
@@ -357,7 +360,7 @@ def test_more_domain_shards_than_categories() -> None:
 @settings(max_examples=60, deadline=None)
 @given(sizes=st.lists(st.integers(1, 30), min_size=1, max_size=8), n_shards=st.integers(1, 12),
        per_category=st.integers(0, 5), seed=st.integers(0, 2**32),
-       mode=st.sampled_from(["domain", "iid"]))
+       mode=st.sampled_from(["domain", "iid", "dirichlet"]))
 def test_split_invariants_hold_for_any_corpus(sizes: list[int], n_shards: int,
                                               per_category: int, seed: int, mode: str) -> None:
     categories = {f"c{c}": [f"c{c}-{i}" for i in range(size)] for c, size in enumerate(sizes)}
@@ -377,7 +380,9 @@ def test_split_invariants_hold_for_any_corpus(sizes: list[int], n_shards: int,
 
 @pytest.mark.parametrize("kwargs, match", [
     ({"n_shards": 0}, "at least 1"), ({"eval_per_category": -1}, "eval_per_category"),
-    ({"mode": "dirichlet"}, "split mode"),
+    ({"mode": "shuffled"}, "split mode"), ({"mode": "dirichlet", "alpha": 0.0}, "alpha"),
+    ({"mode": "dirichlet", "alpha": -1.0}, "alpha"),
+    ({"mode": "dirichlet", "alpha": float("nan")}, "alpha"),
 ])
 def test_split_rejects_bad_arguments(kwargs: dict[str, Any], match: str) -> None:
     arguments: dict[str, Any] = {"n_shards": 2, **kwargs}
@@ -385,9 +390,71 @@ def test_split_rejects_bad_arguments(kwargs: dict[str, Any], match: str) -> None
         split_categories({"a": ["x", "y"], "b": ["z", "w"]}, **arguments)
 
 
-def test_split_too_many_shards() -> None:
-    with pytest.raises(DataError, match="would be empty"):
-        split_categories({"a": ["x", "y", "z"]}, 5, eval_per_category=1, mode="iid")
+@pytest.mark.parametrize("mode", ["iid", "dirichlet"])
+def test_split_too_many_shards(mode: str) -> None:
+    with pytest.raises(DataError, match="2 training examples cannot fill 5 shards"):
+        split_categories({"a": ["x", "y", "z"]}, 5, eval_per_category=1, mode=mode)
+
+
+def test_builtin_dirichlet_split_is_seeded() -> None:
+    categories = builtin_categories()
+    split = split_builtin(6, seed=3, eval_per_category=2, mode="dirichlet", alpha=0.3)
+    check_split_invariants(categories, split, 2, 6)
+    assert split_builtin(6, seed=3, eval_per_category=2, mode="dirichlet", alpha=0.3) == split
+    assert split_builtin(6, seed=4, eval_per_category=2, mode="dirichlet", alpha=0.3) != split
+    # Categories are shared out, not dealt whole: some category reaches several shards.
+    holders = Counter(name for counts in split.shard_counts for name in counts)
+    assert max(holders.values()) > 1
+
+
+def mean_top_share(split: Any) -> float:
+    """Mean over shards of the share of the shard's most common category (1.0: one category)."""
+    shares = [max(counts.values()) / sum(counts.values()) for counts in split.shard_counts]
+    return sum(shares) / len(shares)
+
+
+def test_dirichlet_alpha_controls_skew() -> None:
+    categories = {f"c{c}": [f"c{c}-{i}" for i in range(100)] for c in range(10)}
+    skew = {alpha: [mean_top_share(split_categories(categories, 5, seed=seed, alpha=alpha,
+                                                    mode="dirichlet", eval_per_category=1))
+                    for seed in range(5)]
+            for alpha in (0.05, 1.0, 100.0)}
+    mean = {alpha: sum(values) / len(values) for alpha, values in skew.items()}
+    assert mean[0.05] > mean[1.0] > mean[100.0]
+    assert mean[0.05] > 0.5  # a few categories dominate each shard
+    assert max(skew[100.0]) < 0.2  # close to the iid share of 1/10
+    iid = split_categories(categories, 5, seed=0, mode="iid", eval_per_category=1)
+    assert abs(mean_top_share(iid) - mean[100.0]) < 0.05
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_dirichlet_fills_every_shard_even_when_alpha_is_tiny(seed: int) -> None:
+    categories = {"a": [f"a{i}" for i in range(4)], "b": [f"b{i}" for i in range(3)]}
+    split = split_categories(categories, 5, seed=seed, eval_per_category=0, mode="dirichlet",
+                             alpha=0.001)
+    check_split_invariants(categories, split, 0, 5)
+    assert sorted(map(len, split.shards))[:3] == [1, 1, 1]
+
+
+def test_same_seed_gives_the_same_initial_adapter() -> None:
+    from peer.model import LoraSettings, attach_lora
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, vocab_size=64,
+    ))
+
+    def initial(seed: int) -> dict[str, torch.Tensor]:
+        model = attach_lora(copy.deepcopy(base), LoraSettings(rank=4), seed=seed)
+        return {k: v for k, v in model.state_dict().items() if "lora_" in k}
+
+    first, again, other = initial(7), initial(7), initial(8)
+    assert first and first.keys() == again.keys() == other.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    a_keys = [k for k in first if "lora_A" in k]
+    assert a_keys and all(not torch.equal(first[k], other[k]) for k in a_keys)
+    assert all(not other[k].any() for k in first if "lora_B" in k)  # B starts at zero
 
 
 # -- batching ----------------------------------------------------------------------------------
