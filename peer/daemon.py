@@ -33,6 +33,8 @@ from merge.validate import validate_update
 from peer.attacks import poison
 from peer.config import PeerConfig
 from peer.setup import Runtime, build_runtime
+from peer.shared import SharedModel
+from peer.sketch import adapter_norm, sketch
 from peer.store import Checkpoint
 from topology.view import MembershipView
 
@@ -45,8 +47,9 @@ _BUFFERED_RULES = frozenset({"trimmed-mean", "median"})
 class Peer:
     """A loraswarm peer. `run` returns after `config.rounds` rounds, or when cancelled."""
 
-    def __init__(self, config: PeerConfig) -> None:
+    def __init__(self, config: PeerConfig, shared: SharedModel | None = None) -> None:
         self.config = config
+        self.shared = shared  # a base model shared with other peers of this process
         self.runtime: Runtime | None = None
         self.node: GossipNode | None = None
         self.view: MembershipView | None = None
@@ -62,9 +65,9 @@ class Peer:
         self._stop = threading.Event()
         self._started = time.monotonic()
         self._round_done = trio.Event()
-        self._buffer = NeighbourBuffer.for_tolerance(
-            max(config.merge.trim, 2), max_age=config.merge.max_age
-        )
+        tolerance = max(config.merge.trim, 2)  # bad neighbours a buffered merge must outvote
+        self._buffer = NeighbourBuffer.for_tolerance(tolerance, max_age=config.merge.max_age)
+        self._min_buffered = 2 * tolerance  # with self: 2f + 1 inputs, an honest majority
         self._rank_free = accepts_rank_change(config.merge.rule)
 
     async def wait_rounds(self, rounds: int) -> None:
@@ -78,7 +81,7 @@ class Peer:
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Load, join the swarm, signal readiness with the node, and run rounds."""
-        runtime = await trio.to_thread.run_sync(build_runtime, self.config)
+        runtime = await trio.to_thread.run_sync(build_runtime, self.config, self.shared)
         self.runtime = runtime
         if runtime.resumed is not None:
             self.version, self.round = runtime.resumed.version, runtime.resumed.round
@@ -159,7 +162,14 @@ class Peer:
             return accepted
         for contribution in accepted:
             self._buffer.put(contribution, now=self.version)
-        return self._buffer.contributions(now=self.version) if accepted else []
+        buffered = self._buffer.contributions(now=self.version)
+        if not accepted or len(buffered) < self._min_buffered:
+            # A median of self and two neighbours is decided by the neighbours when both are
+            # bad: measured with 2 attackers among 8 peers, honest loss 7.4 against 3.06 clean.
+            logger.info("%s waits for %d buffered neighbours before merging (has %d)",
+                        self.config.merge.rule, self._min_buffered, len(buffered))
+            return []
+        return buffered
 
     def _train(self) -> float:
         return self._runtime().trainer.train_round(self._stop)
@@ -223,7 +233,8 @@ class Peer:
         if self.runtime is None:
             return
         self._save_checkpoint()
-        self.runtime.store.export(self.runtime.trainer.model)
+        trainer = self.runtime.trainer
+        self.runtime.store.export(trainer.model, trainer.adapter)
         self._write_status()
         logger.info("final checkpoint and export written to %s", self.runtime.store.root)
 
@@ -236,6 +247,8 @@ class Peer:
 
     def _metrics(self, loss: float | None, merged: int, *, evaluated: bool) -> dict[str, Any]:
         node = self._node()
+        # A 64-number sketch instead of the adapter: enough to measure consensus distance.
+        state = self._runtime().trainer.state()
         return {
             "round": self.round, "version": self.version,
             "samples": self._runtime().trainer.samples,
@@ -244,6 +257,8 @@ class Peer:
             "bytes_in": node.bytes_in, "bytes_out": node.server.bytes_out,
             "peers_live": len(self._view().live(trio.current_time())),
             "t": round(time.monotonic() - self._started, 3), "ts": time.time(),
+            "sketch": [float(f"{x:.6g}") for x in sketch(state)],
+            "norm": float(f"{adapter_norm(state):.6g}"),
         }
 
     def status(self) -> dict[str, Any]:

@@ -6,15 +6,19 @@ the built-in data (a group of chatterbot-corpus categories) and the shared held-
     python scripts/simulate.py                          # 4 peers gossiping, the default demo
     python scripts/simulate.py --mode local --out OUT   # same peers, no exchange (baseline)
     python scripts/simulate.py --mode central --out OUT # one peer with all the data (baseline)
+    python scripts/simulate.py --split dirichlet --alpha 0.1 --out OUT  # skewed topic mixes
 
-Writes OUT/result.json, OUT/eval_loss.png and, per peer, OUT/peers/pN/ (the peer's data folder:
-metrics.jsonl, status.json, checkpoint, export/) and OUT/logs/pN.log.
+Writes OUT/result.json, the plots OUT/eval_loss.png, OUT/consensus.png (how far apart the
+peers' adapters are, per round) and OUT/bytes.png (bytes each peer sent), and, per peer,
+OUT/peers/pN/ (the peer's data folder: metrics.jsonl, status.json, checkpoint, export/) and
+OUT/logs/pN.log.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -28,7 +32,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-from scripts.simreport import peer_summaries, plot_eval_loss, print_table  # noqa: E402
+from scripts.churn import Churn, ChurnPlan, plan_churn  # noqa: E402
+from scripts.simreport import (  # noqa: E402
+    peer_summaries,
+    plot_eval_loss,
+    plot_swarm,
+    print_table,
+    swarm_consensus,
+)
 
 console = Console()
 MODES = ("gossip", "local", "central")
@@ -39,6 +50,9 @@ class Launched:
     name: str
     folder: Path
     process: subprocess.Popen[bytes]
+    command: list[str]  # what started it, kept so that churn can restart it the same way
+    log: Path
+    env: dict[str, str]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,8 +80,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="evaluate every N rounds (and always after the last)")
     parser.add_argument("--eval-per-category", type=int, default=2,
                         help="held-out examples per category in the shared eval set")
-    parser.add_argument("--split", choices=("domain", "iid"), default="domain",
-                        help="domain: each peer gets different categories (non-IID)")
+    parser.add_argument("--split", choices=("domain", "iid", "dirichlet"), default="domain",
+                        help="domain: each peer gets different categories (non-IID); "
+                        "dirichlet: each category is divided among peers in proportions drawn "
+                        "from Dirichlet(--alpha)")
+    parser.add_argument("--alpha", type=float, default=0.5,
+                        help="Dirichlet concentration for --split dirichlet: small (0.1) is "
+                        "strongly skewed, large (100) is close to iid")
     parser.add_argument("--corpus", choices=("chat", "plays"), default="chat",
                         help="chat: chatterbot-corpus Q/A pairs by topic; plays: Shakespeare "
                         "passages by genre (plain text)")
@@ -79,16 +98,31 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--attack", choices=("scale", "noise", "signflip"), default="scale",
                         help="what the Byzantine peers serve")
     parser.add_argument("--attack-scale", type=float, default=50.0, help="strength of --attack")
+    parser.add_argument("--churn", type=float, default=0.0, metavar="FRACTION",
+                        help="kill this fraction of the peers (never peer 0) with SIGKILL after "
+                        "a random round and restart them from their checkpoint")
+    parser.add_argument("--churn-downtime", type=float, default=5.0, metavar="SECONDS",
+                        help="how long a churned peer stays down before its restart")
     parser.add_argument("--timeout", type=float, default=1800, help="give up after this many s")
+    parser.add_argument("--in-process", action="store_true",
+                        help="run every peer in this one process, sharing one frozen base model "
+                        "(for many peers: each costs only its adapter, optimizer and batches)")
     parser.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
                         help="extra argument passed to every peer (repeatable), e.g. "
                         "--peer-arg=--merge-rule=product")
     args = parser.parse_args(argv)
     if args.peers < 1 or args.rounds < 1:
         parser.error("--peers and --rounds must be at least 1")
+    if not (math.isfinite(args.alpha) and args.alpha > 0):
+        parser.error(f"--alpha must be a positive number, got {args.alpha}")
     if not 0 <= args.byzantine < args.peers or (args.byzantine and args.mode != "gossip"
                                                  and not args.compare):
         parser.error("--byzantine N needs --mode gossip and 0 <= N < --peers")
+    if not 0 <= args.churn < 1 or args.churn_downtime < 0:
+        parser.error("--churn must be in [0, 1) and --churn-downtime >= 0")
+    if args.churn and (args.rounds < 3 or args.in_process):
+        parser.error("--churn needs peer processes (no --in-process) and --rounds >= 3 "
+                     "(a peer is killed after 1..rounds-2 rounds)")
     return args
 
 
@@ -98,7 +132,7 @@ def write_data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
 
     shards = 1 if args.mode == "central" else args.peers
     split = split_builtin(shards, seed=args.seed, eval_per_category=args.eval_per_category,
-                          mode=args.split, corpus=args.corpus)
+                          mode=args.split, alpha=args.alpha, corpus=args.corpus)
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -108,7 +142,9 @@ def write_data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
         paths.append(path)
     eval_path = data / "eval.jsonl"
     write_jsonl(eval_path, split.eval)
-    (data / "categories.json").write_text(json.dumps(split.shard_categories, indent=1))
+    # domain/iid: the categories of each shard; dirichlet: {category: examples} per shard.
+    categories = split.shard_counts if args.split == "dirichlet" else split.shard_categories
+    (data / "categories.json").write_text(json.dumps(categories, indent=1))
     return paths, eval_path
 
 
@@ -153,9 +189,10 @@ def launch(args: argparse.Namespace, model_dir: Path, shards: list[Path], eval_p
         name = f"p{index}"
         folder = out / "peers" / name
         command = peer_command(args, model_dir, folder, shard, eval_path, bootstrap)
-        with open(logs / f"{name}.log", "wb") as log:
+        log_path = logs / f"{name}.log"
+        with open(log_path, "wb") as log:
             process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        launched.append(Launched(name, folder, process))
+        launched.append(Launched(name, folder, process, command, log_path, env))
         if index == 0 and args.mode == "gossip" and len(shards) > 1:
             bootstrap = wait_for_address(launched[0], timeout=args.timeout)
     return launched
@@ -184,14 +221,16 @@ def rounds_done(folder: Path) -> int:
     return max((int(line["round"]) for line in lines), default=0)
 
 
-def watch(peers: list[Launched], rounds: int, timeout: float) -> None:
-    """Show a progress bar per peer until every daemon has exited."""
+def watch(peers: list[Launched], rounds: int, timeout: float, churn: Churn | None = None) -> None:
+    """Show a progress bar per peer until every daemon has exited (churned ones: restarted)."""
+    churn = churn or Churn(ChurnPlan())
     columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
                "{task.total} rounds"), TimeElapsedColumn())
     deadline = time.monotonic() + timeout
     with Progress(*columns, console=console, transient=False) as progress:
         tasks = {p.name: progress.add_task(f"peer {p.name}", total=rounds) for p in peers}
-        while any(p.process.poll() is None for p in peers):
+        while any(p.process.poll() is None for p in peers) or churn.pending():
+            churn.poll(peers)
             if time.monotonic() > deadline:
                 for p in peers:
                     p.process.kill()
@@ -206,6 +245,36 @@ def watch(peers: list[Launched], rounds: int, timeout: float) -> None:
         raise SystemExit(f"peers {failed} failed; see their logs under logs/")
 
 
+def run_peer_processes(args: argparse.Namespace, model_dir: Path, shards: list[Path],
+                       eval_path: Path, out: Path, churn: Churn | None = None) -> list[Path]:
+    """One `loraswarm peer` process per peer; returns their data folders once all exited."""
+    peers = launch(args, model_dir, shards, eval_path, out)
+    try:
+        watch(peers, args.rounds, args.timeout, churn)
+    finally:
+        for p in peers:
+            if p.process.poll() is None:
+                p.process.kill()
+    return [p.folder for p in peers]
+
+
+def run_peers_in_process(args: argparse.Namespace, model_dir: Path, shards: list[Path],
+                         eval_path: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
+    """Every peer in this process over one shared base model; folders and memory figures."""
+    from scripts.inprocess import run_in_process
+
+    folders = [out / "peers" / f"p{index}" for index in range(len(shards))]
+
+    def command_for(index: int, bootstrap: str | None) -> list[str]:
+        command = peer_command(args, model_dir, folders[index], shards[index], eval_path,
+                               bootstrap)
+        return command + ["--threads", "0"]  # one torch thread pool for the whole process
+
+    memory = run_in_process(command_for, len(shards), args.rounds, out=out,
+                            timeout=args.timeout, console=console)
+    return folders, memory
+
+
 def run(args: argparse.Namespace) -> dict[str, Any]:
     """Run one simulation and return its result document (also written to OUT/result.json)."""
     from peer.model import resolve_model
@@ -216,20 +285,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with console.status("preparing the model (converted once, then cached) and the data"):
         model_dir = resolve_model(args.model)
         shards, eval_path = write_data(args, out)
-    peers = launch(args, model_dir, shards, eval_path, out)
-    try:
-        watch(peers, args.rounds, args.timeout)
-    finally:
-        for p in peers:
-            if p.process.poll() is None:
-                p.process.kill()
-    summaries = peer_summaries([p.folder for p in peers])
+    churn = Churn(plan_churn(len(shards), args.churn, rounds=args.rounds, seed=args.seed,
+                             downtime_s=args.churn_downtime))
+    if args.in_process:
+        folders, memory = run_peers_in_process(args, model_dir, shards, eval_path, out)
+    else:
+        folders, memory = run_peer_processes(args, model_dir, shards, eval_path, out, churn), None
+    summaries = peer_summaries(folders)
+    for name in churn.annotate(summaries):
+        console.print(f"[yellow]churn: {name} finished before its planned kill round[/yellow]")
     for index, summary in enumerate(summaries):
         summary["byzantine"] = is_byzantine(args, index)
     honest = [s for s in summaries if not s["byzantine"]]
     result = {
         "mode": args.mode,
         "merge_rule": args.merge_rule,
+        "churn": args.churn,
         "mean_eval_loss": _mean([s["eval_loss"] for s in summaries]),
         "honest_mean_eval_loss": _mean([s["eval_loss"] for s in honest]),
         "mean_eval_loss_before": _mean([s["eval_loss_before"] for s in summaries]),
@@ -237,10 +308,14 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "peers": summaries,
     }
+    if memory is not None:
+        result["memory"] = memory
+    result.update(swarm_consensus(folders))
     (out / "result.json").write_text(json.dumps(result, indent=2))
     plot_eval_loss(summaries, out / "eval_loss.png", title=f"{args.mode}: eval loss per peer")
+    plot_swarm(result, out, title=args.mode)
     print_table(console, result)
-    console.print(f"wrote {out / 'result.json'} and {out / 'eval_loss.png'}")
+    console.print(f"wrote {out / 'result.json'} and eval_loss.png, consensus.png, bytes.png")
     return result
 
 
@@ -266,11 +341,17 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from peer.errors import PeerError
+
     args = parse_args(argv)
-    if args.compare:
-        compare(args)
-    else:
-        run(args)
+    try:
+        if args.compare:
+            compare(args)
+        else:
+            run(args)
+    except PeerError as exc:  # bad model, data or settings: one line, no traceback
+        console.print(f"simulate.py: error: {exc}", style="red", highlight=False, soft_wrap=True)
+        return 2
     return 0
 
 

@@ -49,3 +49,27 @@ def test_central_simulation_is_one_peer(tmp_path: Path, small_model_dir: Path) -
     result = _simulate(tmp_path, "central", 3, small_model_dir)
     assert result["mode"] == "central" and len(result["peers"]) == 1
     assert result["peers"][0]["merges"] == 0
+
+
+def test_in_process_simulation_of_eight_peers(tmp_path: Path, small_model_dir: Path) -> None:
+    command = [
+        sys.executable, str(ROOT / "scripts" / "simulate.py"), "--in-process", "--peers", "8",
+        "--out", str(tmp_path), "--model", str(small_model_dir), "--rounds", "3",
+        "--steps-per-round", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
+        "--eval-per-category", "1", "--timeout", "400",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["mode"] == "gossip" and len(result["peers"]) == 8
+    assert math.isfinite(result["mean_eval_loss"]) and result["wall_s"] > 0
+    assert result["mean_eval_loss"] < result["mean_eval_loss_before"]
+    for peer in result["peers"]:
+        assert peer["rounds"] == 3 and peer["merges"] >= 1, peer
+        assert math.isfinite(peer["eval_loss"]) and peer["bytes_received"] > 0
+    memory = result["memory"]
+    assert 0 < memory["base_mib"] <= memory["loaded_mib"] <= memory["peak_mib"]
+    assert memory["per_peer_mib"] > 0
+    # One process, yet every peer kept its own data folder with an exported adapter.
+    for index in range(8):
+        assert (tmp_path / "peers" / f"p{index}" / "export" / "adapter_model.safetensors").is_file()
