@@ -137,8 +137,9 @@ def plot_eval_loss(peers: list[dict[str, Any]], path: Path, *, title: str,
         series = peer["series"]
         axes.plot([s["t"] for s in series], [s["eval_loss"] for s in series], marker="o",
                   markersize=3, label=peer["name"])
-    for name, value in (baselines or {}).items():
-        axes.axhline(value, linestyle="--", linewidth=1, label=name)
+    styles = [("black", "--"), ("dimgray", ":"), ("gray", "-.")]
+    for (name, value), (color, style) in zip((baselines or {}).items(), styles * 4, strict=False):
+        axes.axhline(value, color=color, linestyle=style, linewidth=1.2, label=name)
     axes.set_xlabel("seconds since the peer started")
     axes.set_ylabel("eval loss (shared held-out set)")
     axes.set_title(title)
