@@ -97,7 +97,7 @@ async def test_replayed_announcement_is_counted_and_ignored() -> None:
 
 
 async def test_abrupt_stop_leaves_every_view_within_the_timeout_and_never_stalls_a_round() -> None:
-    timeout_s = 3.0
+    timeout_s = 5.0
     topology = TopologyConfig(fanout=4, target_connections=4, peer_timeout_s=timeout_s)
     network = NodeConfig(min_upload_interval_s=0, fetch_timeout_s=20)
     async with loopback_swarm(5, topology=topology, network=network) as swarm:
@@ -110,15 +110,20 @@ async def test_abrupt_stop_leaves_every_view_within_the_timeout_and_never_stalls
         with trio.fail_after(10):
             await victim.stopped.wait()
         stopped = trio.current_time()
-        # Right away the victim is still live everywhere, so fanout 4 draws it: no round waits.
+        # Right away the victim is still live, so fanout 4 draws it: no round may wait on it.
+        # (On a loaded machine it may already have expired in some views; those prove nothing.)
+        drawn = 0
         for peer in others:
-            assert victim.peer_id in peer.membership.live_peers()
+            if victim.peer_id not in peer.membership.live_peers():
+                continue
+            drawn += 1
             started = trio.current_time()
             assert await peer.pull_round(4) == 3
             # Waiting on the dead peer would cost the whole fetch timeout (20 s); the bound is
             # loose because these machines are shared and a loaded one runs everything slower.
             elapsed = trio.current_time() - started
             assert elapsed < network.fetch_timeout_s / 2, f"a dead neighbour stalled: {elapsed:.1f}"
+        assert drawn, "the victim expired everywhere before a round could draw it"
         with trio.fail_after(timeout_s + 10):
             for peer in others:
                 await peer.membership.wait_until(partial(_forgot, peer, victim))
