@@ -268,10 +268,7 @@ def run_peers_in_process(args: argparse.Namespace, model_dir: Path, shards: list
     def command_for(index: int, bootstrap: str | None) -> list[str]:
         command = peer_command(args, model_dir, folders[index], shards[index], eval_path,
                                bootstrap)
-        # One torch thread pool for the whole process. Every peer waits for all the others:
-        # with 64 peers joining one by one, the first ones otherwise finished their rounds
-        # before the last had loaded, and the run then hung (an open problem, see README).
-        return command + ["--threads", "0", "--wait-peers", str(len(shards) - 1)]
+        return command + ["--threads", "0"]  # one torch thread pool for the whole process
 
     memory = run_in_process(command_for, len(shards), args.rounds, out=out,
                             timeout=args.timeout, console=console)
