@@ -124,8 +124,12 @@ class GossipNode:
 
         The last known addresses are kept after the host closes, for the final status.
         """
+        try:
+            addrs = self.host.get_addrs()
+        except OSError:  # the host is closing and its listener socket is gone (EBADF)
+            addrs = []
         current = [str(addr) if "/p2p/" in str(addr) else f"{addr}/p2p/{self.peer_id}"
-                   for addr in self.host.get_addrs()]
+                   for addr in addrs]
         if current:
             self._last_addrs = current
         return current or self._last_addrs

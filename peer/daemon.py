@@ -70,6 +70,15 @@ class Peer:
         self._min_buffered = 2 * tolerance  # with self: 2f + 1 inputs, an honest majority
         self._rank_free = accepts_rank_change(config.merge.rule)
 
+    async def load(self) -> Runtime:
+        """Load the model, data and last checkpoint without joining the network yet.
+
+        Many peers of one process load first and then join together, so that none finishes
+        its rounds before the last has joined.
+        """
+        self.runtime = await trio.to_thread.run_sync(build_runtime, self.config, self.shared)
+        return self.runtime
+
     async def wait_rounds(self, rounds: int) -> None:
         """Return once this peer has finished `rounds` rounds (for tests and embedders)."""
         while self.round < rounds:
@@ -80,9 +89,8 @@ class Peer:
         self._stop.set()
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-        """Load, join the swarm, signal readiness with the node, and run rounds."""
-        runtime = await trio.to_thread.run_sync(build_runtime, self.config, self.shared)
-        self.runtime = runtime
+        """Load (unless `load` ran), join the swarm, signal readiness with the node, run rounds."""
+        runtime = self.runtime or await self.load()
         if runtime.resumed is not None:
             self.version, self.round = runtime.resumed.version, runtime.resumed.round
         identity = self.config.data_dir

@@ -73,6 +73,9 @@ def run_in_process(command_for: CommandFor, count: int, rounds: int, *, out: Pat
     root.setLevel(logging.INFO)
     try:
         return trio.run(_swarm, command_for, count, rounds, timeout, console)
+    except trio.TooSlowError:
+        raise SystemExit(f"the simulation did not finish within {timeout:.0f} s; "
+                         "raise --timeout") from None
     finally:
         root.removeHandler(handler)
         handler.close()
@@ -86,21 +89,30 @@ async def _swarm(command_for: CommandFor, count: int, rounds: int, timeout: floa
         lambda: SharedModel.load(first.model, first.lora, first.init_seed,
                                  frozen_a=first.train.frozen_a))
     memory: dict[str, Any] = {"base_mib": round(rss_mib(), 1)}
-    peers: list[Peer] = []
     with trio.fail_after(timeout):
+        # Load every peer first (seconds each), then join them all at once: joined one by one,
+        # the first peers of a 64-peer run finished short runs before the last had loaded.
+        loaded = [await _loaded(Peer(first, shared))]
+        for index in range(1, count):
+            loaded.append(await _loaded(Peer(peer_config(command_for(index, None)), shared)))
+        memory["loaded_mib"] = round(rss_mib(), 1)
         async with trio.open_nursery() as nursery:
-            bootstrap = None
-            for index in range(count):
-                config = first if index == 0 else peer_config(command_for(index, bootstrap))
-                peer = Peer(config, shared)
-                node = await nursery.start(peer.run)
-                bootstrap = bootstrap or node.listen_addrs[0]
+            node = await nursery.start(loaded[0].run)
+            peers = [loaded[0]]
+            for index, early in enumerate(loaded[1:], 1):
+                peer = Peer(peer_config(command_for(index, node.listen_addrs[0])), shared)
+                peer.runtime = early.runtime  # the same data folder, loaded without a network
+                await nursery.start(peer.run)
                 peers.append(peer)
-            memory["loaded_mib"] = round(rss_mib(), 1)
             await _show_progress(peers, rounds, console)
     memory["per_peer_mib"] = round((memory["loaded_mib"] - memory["base_mib"]) / count, 2)
     memory["peak_mib"] = round(peak_rss_mib(), 1)
     return memory
+
+
+async def _loaded(peer: Peer) -> Peer:
+    await peer.load()
+    return peer
 
 
 async def _show_progress(peers: list[Peer], rounds: int, console: Console) -> None:
