@@ -54,6 +54,9 @@ class PeerConfig:
     )
     init_seed: int = field(default=0, metadata={"help": "swarm-wide LoRA init seed"})
     rounds: int = field(default=0, metadata={"help": "stop after this many rounds (0: never)"})
+    settle_rounds: int = field(default=0, metadata={
+        "help": "after --rounds, this many more rounds that exchange and merge without "
+        "training, so that the swarm ends close to one adapter (needs --rounds)"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds"})
     round_pause_s: float = field(default=0.0, metadata={"help": "idle time between rounds"})
     wait_peers: int = field(default=0, metadata={
@@ -71,9 +74,17 @@ class PeerConfig:
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
 
+    @property
+    def total_rounds(self) -> int:
+        """Training rounds plus settling rounds; 0 runs until stopped."""
+        return self.rounds + self.settle_rounds
+
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 runs until stopped)")
+        if self.settle_rounds < 0 or (self.settle_rounds and not self.rounds):
+            raise ValueError("settle_rounds must be >= 0 and needs rounds > 0 (settling "
+                             "follows the training rounds)")
         if self.eval_every < 1:
             raise ValueError("eval_every must be at least 1")
         if self.round_pause_s < 0:

@@ -8,6 +8,10 @@ One round, as in DESIGN.md:
   5. decode and validate each (keys, shapes, dtypes, finite, norm bound);
   6. merge self + accepted neighbours with the configured rule and swap the result in;
   7. evaluate, checkpoint atomically, append a metrics line, rewrite status.json.
+
+After `rounds` training rounds, `settle_rounds` more rounds skip step 1: they only exchange and
+merge, which pulls the peers' adapters together (gossip averaging), so the swarm ends close to
+one adapter instead of N slightly different ones.
 """
 
 from __future__ import annotations
@@ -45,7 +49,7 @@ _BUFFERED_RULES = frozenset({"trimmed-mean", "median"})
 
 
 class Peer:
-    """A loraswarm peer. `run` returns after `config.rounds` rounds, or when cancelled."""
+    """A loraswarm peer. `run` returns after `config.total_rounds` rounds, or when cancelled."""
 
     def __init__(self, config: PeerConfig, shared: SharedModel | None = None) -> None:
         self.config = config
@@ -61,10 +65,13 @@ class Peer:
         self.adapters_received = 0
         self.rejected: Counter[str] = Counter()
         self.last_eval: float | None = None
+        self.last_train_loss = 0.0  # announced in settling rounds, which do not train
         self._latest: dict[str, Announcement] = {}
         self._stop = threading.Event()
         self._started = time.monotonic()
         self._round_done = trio.Event()
+        self._scope = trio.CancelScope()  # `crash` cancels it
+        self._crashed = False
         tolerance = max(config.merge.trim, 2)  # bad neighbours a buffered merge must outvote
         self._buffer = NeighbourBuffer.for_tolerance(tolerance, max_age=config.merge.max_age)
         self._min_buffered = 2 * tolerance  # with self: 2f + 1 inputs, an honest majority
@@ -84,6 +91,15 @@ class Peer:
         while self.round < rounds:
             await self._round_done.wait()
 
+    def crash(self) -> None:
+        """Stop at once, as a killed process would: no final checkpoint, export or status.
+
+        `run` returns soon after (a training step in progress finishes first); on disk is what
+        the last completed round wrote. For churn among peers of one process.
+        """
+        self._crashed = True
+        self._scope.cancel()
+
     def request_stop(self) -> None:
         """Ask the training thread to return at its next step boundary (signal handlers)."""
         self._stop.set()
@@ -98,16 +114,18 @@ class Peer:
         self.node = node
         self.view = MembershipView(self.config.topology, node.peer_id)
         try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(node.run)
-                await nursery.start(self._listen)
-                self._write_status()
-                task_status.started(node)
-                await self._rounds()
-                nursery.cancel_scope.cancel()
+            with self._scope:
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(node.run)
+                    await nursery.start(self._listen)
+                    self._write_status()
+                    task_status.started(node)
+                    await self._rounds()
+                    nursery.cancel_scope.cancel()
         finally:
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self._persist_final)
+            if not self._crashed:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self._persist_final)
 
     async def _wait_for_peers(self) -> None:
         """Hold the first round until `wait_peers` others are live (a swarm starting together)."""
@@ -128,28 +146,27 @@ class Peer:
         await self._wait_for_peers()
         if self.round == 0 and runtime.eval_batches:
             await self._evaluate(record=True)
-        while not self.config.rounds or self.round < self.config.rounds:
+        total = self.config.total_rounds
+        while not total or self.round < total:
             await self._one_round()
             if self._stop.is_set():
                 return
             if self.config.round_pause_s:
                 await trio.sleep(self.config.round_pause_s)
 
+    def training(self) -> bool:
+        """Whether the next round trains: every round but the settling ones after `rounds`."""
+        return not self.config.rounds or self.round < self.config.rounds
+
     async def _one_round(self) -> None:
-        runtime, node = self._runtime(), self._node()
+        runtime = self._runtime()
         self._stop.clear()
-        loss = await trio.to_thread.run_sync(self._train)
+        loss: float | None = None
+        if self.training():
+            loss = self.last_train_loss = await trio.to_thread.run_sync(self._train)
         self.version += 1
         state = runtime.trainer.state()
-        served = state if not self.config.attack else poison(
-            state, self.config.attack, scale=self.config.attack_scale, seed=self.version)
-        data = encode_adapter(served)
-        offer = node.offer(self.version, runtime.trainer.samples, data)
-        await node.publish(Announcement(
-            swarm=runtime.swarm, peer=node.peer_id, version=self.version,
-            samples=runtime.trainer.samples, digest=offer.digest, nbytes=len(data),
-            train_loss=loss, addrs=tuple(node.listen_addrs),
-        ))
+        await self._announce(state)
         accepted = await self._gather(state)
         own = Contribution(state=state, samples=runtime.trainer.samples, age=0)
         others = self._merge_inputs(accepted)
@@ -157,13 +174,26 @@ class Peer:
             runtime.trainer.load_state(merge_states(own, others, self.config.merge))
             self.merges += len(accepted)
         self.round += 1
-        last = self.round == self.config.rounds  # the final adapter is always evaluated
+        last = self.round == self.config.total_rounds  # the final adapter is always evaluated
         evaluated = runtime.eval_batches and (self.round % self.config.eval_every == 0 or last)
         if evaluated:
             await self._evaluate(record=False)
         self._persist(loss, len(accepted), evaluated=bool(evaluated))
         self._round_done.set()
         self._round_done = trio.Event()
+
+    async def _announce(self, state: dict[str, Any]) -> None:
+        """Serve this round's adapter (poisoned, for an attacker) and announce it, signed."""
+        runtime, node = self._runtime(), self._node()
+        served = state if not self.config.attack else poison(
+            state, self.config.attack, scale=self.config.attack_scale, seed=self.version)
+        data = encode_adapter(served)
+        offer = node.offer(self.version, runtime.trainer.samples, data)
+        await node.publish(Announcement(
+            swarm=runtime.swarm, peer=node.peer_id, version=self.version,
+            samples=runtime.trainer.samples, digest=offer.digest, nbytes=len(data),
+            train_loss=self.last_train_loss, addrs=tuple(node.listen_addrs),
+        ))
 
     def _merge_inputs(self, accepted: list[Contribution]) -> list[Contribution]:
         if self.config.merge.rule not in _BUFFERED_RULES:
@@ -232,7 +262,7 @@ class Peer:
         if record:
             self._runtime().store.append_metrics(self._metrics(None, 0, evaluated=True))
 
-    def _persist(self, loss: float, merged: int, *, evaluated: bool) -> None:
+    def _persist(self, loss: float | None, merged: int, *, evaluated: bool) -> None:
         self._save_checkpoint()
         self._runtime().store.append_metrics(self._metrics(loss, merged, evaluated=evaluated))
         self._write_status()

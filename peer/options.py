@@ -96,6 +96,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("model", None, "model", str, "PATH"),
     Option("init_seed", None, "init_seed", int, "N"),
     Option("rounds", None, "rounds", int, "N"),
+    Option("settle_rounds", None, "settle_rounds", int, "N"),
     Option("eval_every", None, "eval_every", int, "N"),
     Option("round_pause", None, "round_pause_s", float, "SECONDS"),
     Option("wait_peers", None, "wait_peers", int, "N"),

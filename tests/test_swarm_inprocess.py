@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -80,3 +81,45 @@ async def test_a_loud_attacker_is_rejected_by_honest_peers(
     state = honest.runtime.trainer.state() if honest.runtime else {}
     assert state and all(bool(torch.isfinite(v).all()) for v in state.values())
     assert max(v.abs().max().item() for v in state.values()) < 10
+
+
+async def test_settling_rounds_merge_without_training(tmp_path: Path,
+                                                      small_model_dir: Path) -> None:
+    """After --rounds, --settle-rounds only exchange and merge: the peers move together."""
+    from scripts.simreport import consensus_distance, read_metrics
+
+    trains = [write_jsonl(tmp_path / f"train{i}.jsonl",
+                          [{"text": f"peer {i} writes about topic {i}, line {j}"}
+                           for j in range(8)])
+              for i in range(2)]
+    peers: list[Peer] = []
+    with trio.fail_after(240):
+        async with trio.open_nursery() as nursery:
+            node = None
+            for i in range(2):
+                config = _config(tmp_path, f"p{i}", small_model_dir, trains[i],
+                                 (node.listen_addrs[0],) if node else (), wait_peers=1)
+                config = replace(config, rounds=2, settle_rounds=4, eval_path=trains[0],
+                                 topology=TopologyConfig(fanout=1, peer_timeout_s=60))
+                peer = Peer(config)
+                started = await nursery.start(peer.run)
+                node = node or started
+                peers.append(peer)
+    lines = [read_metrics(peer.config.data_dir) for peer in peers]
+    for metrics in lines:
+        settling = [m for m in metrics if m["round"] > 2]
+        assert [m["round"] for m in settling] == [3, 4, 5, 6]
+        assert all(m["train_loss"] is None for m in settling), "settling rounds do not train"
+        trained = next(m for m in metrics if m["round"] == 2)
+        assert all(m["samples"] == trained["samples"] for m in settling)
+        assert metrics[-1]["eval_loss"] is not None, "the final adapter is evaluated"
+    assert sum(m["merged"] for metrics in lines for m in metrics if m["round"] > 2) >= 2
+
+    def distance(number: int) -> float:
+        sketches = [next(m["sketch"] for m in metrics if m["round"] == number)
+                    for metrics in lines]
+        value = consensus_distance(sketches)
+        assert value is not None
+        return value
+
+    assert distance(6) < distance(2) / 2, "merging without training pulls the adapters together"
