@@ -17,8 +17,8 @@ from pathlib import Path
 from typing import Any
 
 COLUMNS = ("run", "merge rule", "peers", "byzantine", "mean eval loss",
-           "honest mean eval loss", "mean eval loss before", "rounds to consensus", "wall s",
-           "bytes sent")
+           "honest mean eval loss", "mean eval loss before", "rounds to consensus",
+           "settle rounds to consensus", "wall s", "bytes sent")
 COMPARE_MODES = ("gossip", "local", "central")
 
 
@@ -76,7 +76,8 @@ def row(label: str, result: Mapping[str, Any]) -> list[str]:
         _number(result.get("mean_eval_loss")),
         _number(result.get("honest_mean_eval_loss")),
         _number(result.get("mean_eval_loss_before")),
-        "-" if result.get("rounds_to_consensus") is None else str(result["rounds_to_consensus"]),
+        _count(result.get("rounds_to_consensus")),
+        _count(result.get("settle_rounds_to_consensus")),
         _number(result.get("wall_s"), digits=1),
         _bytes(sum(sent) if sent else None),
     ]
@@ -89,6 +90,10 @@ def markdown_table(rows: Sequence[Sequence[str]]) -> str:
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |"
               for cells in rows]
     return "\n".join(lines) + "\n"
+
+
+def _count(value: Any) -> str:
+    return str(value) if isinstance(value, int) else "-"
 
 
 def _number(value: Any, digits: int = 3) -> str:

@@ -53,10 +53,19 @@ def peer_summaries(folders: list[Path]) -> list[dict[str, Any]]:
 
 
 
-def swarm_consensus(folders: list[Path]) -> dict[str, Any]:
-    """`consensus` (distance per round) and `rounds_to_consensus` from the peers' sketches."""
+def swarm_consensus(folders: list[Path], *, trained_rounds: int) -> dict[str, Any]:
+    """Consensus figures from the peers' sketches.
+
+    Returns:
+        `consensus` (distance per round), `rounds_to_consensus` (the first round below 1 %)
+        and `settle_rounds_to_consensus`: how many rounds after the last of `trained_rounds`
+        it took (None if never: training keeps peers apart, settling rounds pull them in).
+    """
     series = consensus_series([read_metrics(folder) for folder in folders])
-    return {"consensus": series, "rounds_to_consensus": rounds_to_consensus(series)}
+    first = rounds_to_consensus(series)
+    settled = rounds_to_consensus([e for e in series if e["round"] > trained_rounds])
+    return {"consensus": series, "rounds_to_consensus": first,
+            "settle_rounds_to_consensus": None if settled is None else settled - trained_rounds}
 
 
 def consensus_series(metrics: Sequence[Sequence[Mapping[str, Any]]]) -> list[dict[str, Any]]:

@@ -40,7 +40,8 @@ def result(mode: str, **extra: Any) -> dict[str, Any]:
              peer("p2", 9.0, 500_000, byzantine=True)]
     return {"mode": mode, "merge_rule": "median", "mean_eval_loss": 4.5,
             "honest_mean_eval_loss": 2.25, "mean_eval_loss_before": 3.0, "wall_s": 61.25,
-            "peers": peers, "consensus": [], "rounds_to_consensus": 4, **extra}
+            "peers": peers, "consensus": [], "rounds_to_consensus": 4,
+            "settle_rounds_to_consensus": 2, **extra}
 
 
 def write(folder: Path, document: Any) -> Path:
@@ -66,19 +67,20 @@ def test_one_row_per_run_and_per_compared_mode(tmp_path: Path,
     rows = table_rows(capsys.readouterr().out)
     assert [r[0] for r in rows] == [f"{single} (gossip)", f"{compared}/gossip",
                                     f"{compared}/local", f"{compared}/central"]
-    assert rows[0][1:] == ["median", "3", "1", "4.500", "2.250", "3.000", "4", "61.2",
+    assert rows[0][1:] == ["median", "3", "1", "4.500", "2.250", "3.000", "4", "2", "61.2",
                            "1.0 MB"]
 
 
 def test_older_results_show_missing_values_as_dashes(tmp_path: Path,
                                                      capsys: pytest.CaptureFixture[str]) -> None:
     old = result("local")
-    for key in ("merge_rule", "rounds_to_consensus", "consensus", "honest_mean_eval_loss"):
+    for key in ("merge_rule", "rounds_to_consensus", "settle_rounds_to_consensus", "consensus",
+                "honest_mean_eval_loss"):
         del old[key]
     old["peers"] = [{"name": "p0", "bytes_sent": 1234}]
     assert main([str(write(tmp_path / "old", old))]) == 0
     (cells,) = table_rows(capsys.readouterr().out)
-    assert cells[1:] == ["-", "1", "0", "4.500", "-", "3.000", "-", "61.2", "1234 B"]
+    assert cells[1:] == ["-", "1", "0", "4.500", "-", "3.000", "-", "-", "61.2", "1234 B"]
 
 
 def test_out_file_holds_the_printed_table(tmp_path: Path,
@@ -173,14 +175,17 @@ def test_summaries_keep_eval_series_and_add_round_series(tmp_path: Path) -> None
                                       {"t": 2.0, "round": 2, "eval_loss": 2.0}]
     assert summaries[0]["round_series"][1] == {"round": 1, "t": 1.0, "train_loss": 1.0,
                                                "merged": 1, "bytes_in": 10, "bytes_out": 100}
-    report = swarm_consensus(folders)
+    report = swarm_consensus(folders, trained_rounds=1)
     assert [e["round"] for e in report["consensus"]] == [0, 1, 2]
     assert report["rounds_to_consensus"] == 2
+    assert report["settle_rounds_to_consensus"] == 1  # round 2 is the first after training
+    assert swarm_consensus(folders, trained_rounds=2)["settle_rounds_to_consensus"] is None
     paths = plot_swarm({"peers": summaries, **report}, tmp_path, title="gossip")
     assert [p.name for p in paths] == ["consensus.png", "bytes.png"]
     assert all(p.read_bytes()[:8] == PNG for p in paths)
     # One peer (central mode): no distance at all, and the plot says so instead of failing.
-    assert swarm_consensus(folders[:1]) == {"consensus": [], "rounds_to_consensus": None}
+    assert swarm_consensus(folders[:1], trained_rounds=1) == {
+        "consensus": [], "rounds_to_consensus": None, "settle_rounds_to_consensus": None}
     plot_swarm({"peers": summaries[:1]}, tmp_path / "p0", title="central")
     assert (tmp_path / "p0" / "consensus.png").read_bytes()[:8] == PNG
 
