@@ -73,3 +73,15 @@ class SharedModel:
             set_peft_model_state_dict(self.model, self.initial, adapter_name=name)
         self._names.add(name)
         return name
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop a stopped peer's adapter, so that a restarted peer can add its own again.
+
+        Raises:
+            ConfigError: no adapter of that name was added.
+        """
+        if name not in self._names:
+            raise ConfigError(f"no in-process adapter named {name!r}")
+        with self.lock:
+            self.model.delete_adapter(name)
+        self._names.discard(name)

@@ -1,4 +1,4 @@
-"""Churn for the process-per-peer simulator: kill peers with SIGKILL, restart them, check resumes.
+"""Churn for the simulator: kill peers, restart them from their data folders, check resumes.
 
 A churned peer is killed once it has completed its planned round (a crash: no final checkpoint,
 no goodbye) and started again `downtime_s` later with the same command line, so with the same
@@ -6,7 +6,9 @@ data folder: the same identity key and its last checkpoint. The daemon resumes `
 `version` from that checkpoint, so the restarted peer still stops after `--rounds` rounds in
 total. Peer 0 is never churned: it is the bootstrap address the others (re)join through.
 
-`plan_churn` is pure; `Churn` is polled from the simulator's watch loop and owns no thread.
+`plan_churn` is pure; `Churn` (peer processes, SIGKILL) is polled from the simulator's watch
+loop and owns no thread. In-process peers are churned by `scripts.inprocess` with the same plan
+and the same records (`churn_record`), killed with `Peer.crash`.
 """
 
 from __future__ import annotations
@@ -104,10 +106,7 @@ class Churn:
             the names of planned peers that exited before their kill round was seen.
         """
         records = {k.peer.name: self._record(k, k.peer) for k in self._kills if k.peer}
-        for summary in summaries:
-            if summary["name"] in records:
-                summary["churn"] = records[summary["name"]]
-        return [f"p{k.index}" for k in self._kills if k.peer is None]
+        return annotate(summaries, records, planned=[f"p{k.index}" for k in self._kills])
 
     def _maybe_kill(self, kill: _Kill, peer: PeerProcess, now: float) -> None:
         if peer.process.poll() is not None:
@@ -119,9 +118,8 @@ class Churn:
         if peer.process.wait() == 0:
             return  # it finished its last round just before the signal landed
         # Read again after the kill: the peer may have finished another round meanwhile.
-        last = read_metrics(peer.folder)[-1]
-        kill.peer, kill.killed_at, kill.killed_at_round = peer, now, int(last["round"])
-        kill.version_before_kill = int(last["version"])
+        kill.peer, kill.killed_at = peer, now
+        kill.killed_at_round, kill.version_before_kill = last_metrics(peer.folder)
 
     def _restart(self, kill: _Kill, peer: PeerProcess) -> None:
         with open(peer.log, "ab") as log:
@@ -133,17 +131,44 @@ class Churn:
         kill.restarts += 1
 
     def _record(self, kill: _Kill, peer: PeerProcess) -> dict[str, Any]:
-        resumed = _resumed_version(peer.log)
-        final = _final_checkpoint_version(peer.folder)
-        loads = (final is not None and resumed is not None
-                 and resumed >= kill.version_before_kill - 1 and final >= resumed)
-        return {
-            "killed_at_round": kill.killed_at_round,
-            "version_before_kill": kill.version_before_kill,
-            "resumed_version": resumed,
-            "restarts": kill.restarts,
-            "checkpoint_loads": loads,
-        }
+        return churn_record(peer.folder, killed_at_round=kill.killed_at_round,
+                            version_before_kill=kill.version_before_kill,
+                            resumed_version=_resumed_version(peer.log), restarts=kill.restarts)
+
+
+def last_metrics(folder: Path) -> tuple[int, int]:
+    """(round, version) of the peer's last metrics line: what its checkpoint holds."""
+    last = read_metrics(folder)[-1]
+    return int(last["round"]), int(last["version"])
+
+
+def churn_record(folder: Path, *, killed_at_round: int, version_before_kill: int,
+                 resumed_version: int | None, restarts: int) -> dict[str, Any]:
+    """What a churned peer's summary reports under "churn".
+
+    `checkpoint_loads` holds when the restart resumed from the version it last wrote (or the
+    one before, if the kill landed while that checkpoint was being replaced) and the peer's
+    final checkpoint loads with its own store code at a version no older than that.
+    """
+    final = _final_checkpoint_version(folder)
+    loads = (final is not None and resumed_version is not None
+             and resumed_version >= version_before_kill - 1 and final >= resumed_version)
+    return {
+        "killed_at_round": killed_at_round,
+        "version_before_kill": version_before_kill,
+        "resumed_version": resumed_version,
+        "restarts": restarts,
+        "checkpoint_loads": loads,
+    }
+
+
+def annotate(summaries: list[dict[str, Any]], records: dict[str, dict[str, Any]], *,
+             planned: Sequence[str]) -> list[str]:
+    """Put each record into the summary of the same name; return planned names left without."""
+    for summary in summaries:
+        if summary["name"] in records:
+            summary["churn"] = records[summary["name"]]
+    return [name for name in planned if name not in records]
 
 
 def _resumed_version(log: Path) -> int | None:

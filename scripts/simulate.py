@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
-from scripts.churn import Churn, ChurnPlan, plan_churn  # noqa: E402
+from scripts.churn import Churn, ChurnPlan, annotate, plan_churn  # noqa: E402
 from scripts.simreport import (  # noqa: E402
     peer_summaries,
     plot_eval_loss,
@@ -71,6 +71,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--model", default="builtin",
                         help="builtin, builtin-small, or a local HF model folder")
     parser.add_argument("--rounds", type=int, default=10, help="rounds per peer")
+    parser.add_argument("--settle-rounds", type=int, default=0, metavar="N",
+                        help="gossip mode: after --rounds, N more rounds that only exchange and "
+                        "merge (no training); result.json then shows how fast the swarm "
+                        "reaches consensus")
     parser.add_argument("--steps-per-round", type=int, default=4, help="optimizer steps per round")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--seq-len", type=int, default=48)
@@ -99,8 +103,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="what the Byzantine peers serve")
     parser.add_argument("--attack-scale", type=float, default=50.0, help="strength of --attack")
     parser.add_argument("--churn", type=float, default=0.0, metavar="FRACTION",
-                        help="kill this fraction of the peers (never peer 0) with SIGKILL after "
-                        "a random round and restart them from their checkpoint")
+                        help="kill this fraction of the peers (never peer 0) after a random "
+                        "round (SIGKILL; with --in-process, an abrupt cancel) and restart them "
+                        "from their checkpoint")
     parser.add_argument("--churn-downtime", type=float, default=5.0, metavar="SECONDS",
                         help="how long a churned peer stays down before its restart")
     parser.add_argument("--timeout", type=float, default=1800, help="give up after this many s")
@@ -111,8 +116,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="extra argument passed to every peer (repeatable), e.g. "
                         "--peer-arg=--merge-rule=product")
     args = parser.parse_args(argv)
-    if args.peers < 1 or args.rounds < 1:
-        parser.error("--peers and --rounds must be at least 1")
+    if args.peers < 1 or args.rounds < 1 or args.settle_rounds < 0:
+        parser.error("--peers and --rounds must be at least 1, --settle-rounds at least 0")
     if not (math.isfinite(args.alpha) and args.alpha > 0):
         parser.error(f"--alpha must be a positive number, got {args.alpha}")
     if not 0 <= args.byzantine < args.peers or (args.byzantine and args.mode != "gossip"
@@ -120,9 +125,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--byzantine N needs --mode gossip and 0 <= N < --peers")
     if not 0 <= args.churn < 1 or args.churn_downtime < 0:
         parser.error("--churn must be in [0, 1) and --churn-downtime >= 0")
-    if args.churn and (args.rounds < 3 or args.in_process):
-        parser.error("--churn needs peer processes (no --in-process) and --rounds >= 3 "
-                     "(a peer is killed after 1..rounds-2 rounds)")
+    if args.churn and args.rounds < 3:
+        parser.error("--churn needs --rounds >= 3 (a peer is killed after 1..rounds-2 rounds)")
     return args
 
 
@@ -148,6 +152,11 @@ def write_data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
     return paths, eval_path
 
 
+def total_rounds(args: argparse.Namespace) -> int:
+    """Rounds each peer runs: training rounds, plus settling rounds in gossip mode."""
+    return args.rounds + (args.settle_rounds if args.mode == "gossip" else 0)
+
+
 def is_byzantine(args: argparse.Namespace, index: int) -> bool:
     """The last `--byzantine` peers attack; peer 0, the bootstrap, is always honest."""
     return args.mode == "gossip" and index >= args.peers - args.byzantine
@@ -168,6 +177,8 @@ def peer_command(args: argparse.Namespace, model_dir: Path, folder: Path, train:
     ]
     if is_byzantine(args, int(folder.name[1:])):
         command += ["--attack", args.attack, "--attack-scale", str(args.attack_scale)]
+    if args.mode == "gossip" and args.settle_rounds:
+        command += ["--settle-rounds", str(args.settle_rounds)]
     if bootstrap:
         command += ["--bootstrap", bootstrap]
     if args.mode == "gossip" and args.peers > 1:
@@ -250,7 +261,7 @@ def run_peer_processes(args: argparse.Namespace, model_dir: Path, shards: list[P
     """One `loraswarm peer` process per peer; returns their data folders once all exited."""
     peers = launch(args, model_dir, shards, eval_path, out)
     try:
-        watch(peers, args.rounds, args.timeout, churn)
+        watch(peers, total_rounds(args), args.timeout, churn)
     finally:
         for p in peers:
             if p.process.poll() is None:
@@ -258,9 +269,11 @@ def run_peer_processes(args: argparse.Namespace, model_dir: Path, shards: list[P
     return [p.folder for p in peers]
 
 
-def run_peers_in_process(args: argparse.Namespace, model_dir: Path, shards: list[Path],
-                         eval_path: Path, out: Path) -> tuple[list[Path], dict[str, Any]]:
-    """Every peer in this process over one shared base model; folders and memory figures."""
+def run_peers_in_process(
+    args: argparse.Namespace, model_dir: Path, shards: list[Path], eval_path: Path, out: Path,
+    churn: ChurnPlan,
+) -> tuple[list[Path], dict[str, Any], dict[str, Any]]:
+    """Every peer in this process over one shared base model: folders, memory, churn records."""
     from scripts.inprocess import run_in_process
 
     folders = [out / "peers" / f"p{index}" for index in range(len(shards))]
@@ -270,9 +283,9 @@ def run_peers_in_process(args: argparse.Namespace, model_dir: Path, shards: list
                                bootstrap)
         return command + ["--threads", "0"]  # one torch thread pool for the whole process
 
-    memory = run_in_process(command_for, len(shards), args.rounds, out=out,
-                            timeout=args.timeout, console=console)
-    return folders, memory
+    memory, records = run_in_process(command_for, len(shards), total_rounds(args), out=out,
+                                     timeout=args.timeout, console=console, churn=churn)
+    return folders, memory, records
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -285,14 +298,20 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with console.status("preparing the model (converted once, then cached) and the data"):
         model_dir = resolve_model(args.model)
         shards, eval_path = write_data(args, out)
-    churn = Churn(plan_churn(len(shards), args.churn, rounds=args.rounds, seed=args.seed,
-                             downtime_s=args.churn_downtime))
+    plan = plan_churn(len(shards), args.churn, rounds=args.rounds, seed=args.seed,
+                      downtime_s=args.churn_downtime)
+    summaries: list[dict[str, Any]]
     if args.in_process:
-        folders, memory = run_peers_in_process(args, model_dir, shards, eval_path, out)
+        folders, memory, records = run_peers_in_process(args, model_dir, shards, eval_path, out,
+                                                        plan)
+        summaries = peer_summaries(folders)
+        missed = annotate(summaries, records, planned=[f"p{i}" for i in plan.kill_after])
     else:
+        churn = Churn(plan)
         folders, memory = run_peer_processes(args, model_dir, shards, eval_path, out, churn), None
-    summaries = peer_summaries(folders)
-    for name in churn.annotate(summaries):
+        summaries = peer_summaries(folders)
+        missed = churn.annotate(summaries)
+    for name in missed:
         console.print(f"[yellow]churn: {name} finished before its planned kill round[/yellow]")
     for index, summary in enumerate(summaries):
         summary["byzantine"] = is_byzantine(args, index)
@@ -310,7 +329,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if memory is not None:
         result["memory"] = memory
-    result.update(swarm_consensus(folders))
+    result.update(swarm_consensus(folders, trained_rounds=args.rounds))
     (out / "result.json").write_text(json.dumps(result, indent=2))
     plot_eval_loss(summaries, out / "eval_loss.png", title=f"{args.mode}: eval loss per peer")
     plot_swarm(result, out, title=args.mode)

@@ -69,3 +69,32 @@ def test_a_killed_peer_restarts_from_its_checkpoint(tmp_path: Path,
     checkpoint = PeerStore(folder).load_checkpoint(swarm)
     assert checkpoint is not None and checkpoint.round == 4
     assert checkpoint.version >= record["resumed_version"] + 1
+
+
+@pytest.mark.slow
+def test_an_in_process_peer_crashes_and_resumes_from_its_checkpoint(
+    tmp_path: Path, small_model_dir: Path
+) -> None:
+    command = [
+        sys.executable, str(ROOT / "scripts" / "simulate.py"), "--in-process", "--peers", "3",
+        "--out", str(tmp_path), "--model", str(small_model_dir), "--rounds", "4",
+        "--settle-rounds", "1", "--steps-per-round", "1", "--batch-size", "2",
+        "--seq-len", "32", "--eval-per-category", "1", "--seed", "0", "--timeout", "300",
+        "--churn", "0.34", "--churn-downtime", "1", "--peer-arg=--round-pause=2",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert [p["rounds"] for p in result["peers"]] == [5, 5, 5], "4 trained + 1 settling"
+    churned = [p for p in result["peers"] if "churn" in p]
+    assert [p["name"] for p in churned] == ["p2"], "the same seeded plan as process mode"
+    record = churned[0]["churn"]
+    assert record["restarts"] == 1 and record["killed_at_round"] >= 2
+    assert record["resumed_version"] >= max(1, record["version_before_kill"] - 1)
+    assert record["checkpoint_loads"] is True
+    log = (tmp_path / "logs" / "inprocess.log").read_text()
+    assert "churn: crashed p2" in log and log.count("resumed from") == 1
+    rounds = [json.loads(line)["round"] for line in
+              (tmp_path / "peers" / "p2" / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == sorted(set(rounds)) and rounds[-1] == 5, "the round count never reset"
+    assert "settle_rounds_to_consensus" in result

@@ -86,3 +86,19 @@ def test_mismatched_settings_and_taken_names_are_refused(small_model_dir: Path) 
         shared.add_adapter("p0", LoraSettings(), 5, False)
     with pytest.raises(ConfigError, match="init seed"):
         shared.add_adapter("p1", LoraSettings(rank=4), 5, False)
+
+
+def test_a_removed_adapter_can_be_added_again_from_the_start(small_model_dir: Path) -> None:
+    shared = SharedModel.load(str(small_model_dir), LoraSettings(), init_seed=5)
+    first, other = _trainer(shared, "p0", seed=0), _trainer(shared, "p1", seed=1)
+    first.train_round()
+    other.train_round()
+    kept = other.state()
+    shared.remove_adapter("p0")  # a churned peer: its restart resumes from its checkpoint
+    with pytest.raises(ConfigError, match="no in-process adapter"):
+        shared.remove_adapter("p0")
+    again = _trainer(shared, "p0", seed=0)
+    assert _equal(again.state(), shared.initial), "a re-added adapter starts from the seed"
+    assert _equal(other.state(), kept), "other peers' adapters are untouched"
+    again.train_round()
+    assert _equal(other.state(), kept)
