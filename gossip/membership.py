@@ -6,7 +6,9 @@ One `Membership` per peer feeds a `topology.MembershipView` and keeps the peer i
    count and addresses; their addresses go to the peerstore, so that dials and fetches reach
    the peer. A message whose gossipsub sequence number is not above the last one seen from its
    signer, or that announces an older version than one already seen, is a replay: logged,
-   counted in `node.rejected["replay"]` and dropped. A fresh message repeating the current
+   counted in `node.rejected["replay"]` and dropped. One exception: a message numbered below
+   the last one but arriving within `late_s` of it took a slower path through the mesh (seen
+   in a 64-peer swarm) and is only counted as `late`. A fresh message repeating the current
    version is a re-announcement: it proves the peer alive.
 2. Re-announcing: after `reannounce_s` without a publish, we publish our latest announcement
    again. Peers that missed it (gossipsub loses messages while meshes form) learn of us, and
@@ -47,6 +49,7 @@ from topology.view import MembershipView, Observation
 logger = logging.getLogger(__name__)
 
 _TICK_S = 1.0
+_LATE_S = 30.0
 _REJOIN_BASE_S, _REJOIN_CAP_S = 0.5, 30.0
 _REDIAL_BASE_S, _REDIAL_CAP_S = 1.0, 60.0
 
@@ -60,6 +63,7 @@ class MembershipStatistics:
     neighbours: int  # live peers we hold a connection to
     connected: int  # every peer we hold a connection to
     replays: int
+    late: int  # older messages that arrived soon after a newer one: reordered, not replayed
     dials: int
     dial_failures: int
     bootstrap_failures: int
@@ -106,9 +110,11 @@ class Membership:
         self._tick_s = tick_s
         self._reannounce_s = reannounce_s
         self._seqnos: dict[str, int] = {}  # highest gossipsub seqno seen per signer
+        self._seqno_at: dict[str, float] = {}  # when that seqno arrived
         self._changed = trio.Event()
         self._redial: dict[str, tuple[int, float]] = {}  # peer -> (failures, not before)
         self._replays = 0
+        self._late = 0
         self._dials = 0
         self._dial_failures = 0
         self._bootstrap_failures = 0
@@ -138,7 +144,7 @@ class Membership:
         view = self.view.statistics(trio.current_time())
         return MembershipStatistics(
             live=view.live, announced=view.announced, neighbours=len(self.neighbours()),
-            connected=len(self.node.connected_peers()), replays=self._replays,
+            connected=len(self.node.connected_peers()), replays=self._replays, late=self._late,
             dials=self._dials, dial_failures=self._dial_failures,
             bootstrap_failures=self._bootstrap_failures,
         )
@@ -179,6 +185,11 @@ class Membership:
             logger.debug("duplicate delivery of %s's message %d ignored", peer, heard.seqno)
             return Observation.REPLAY
         if heard.seqno < last:
+            if now - self._seqno_at.get(peer, -_LATE_S) < _LATE_S:
+                self._late += 1
+                logger.debug("late delivery of %s's message %d (after %d)", peer, heard.seqno,
+                             last)
+                return Observation.REPLAY
             return self._replayed(announcement, f"sequence number {heard.seqno} < {last}")
         known = self.view.get(peer)
         if known is not None and known.version == announcement.version:
@@ -191,7 +202,7 @@ class Membership:
                 logger.warning("rejected equivocation: %s announced version %d twice with "
                                "different adapters", peer, announcement.version)
                 return Observation.REPLAY
-            self._seqnos[peer] = heard.seqno
+            self._advance(peer, heard.seqno, now)
             self.view.observe(peer, now, addrs=announcement.addrs)
             self._keep(announcement)
             return Observation.REFRESHED
@@ -199,10 +210,13 @@ class Membership:
                                  version=announcement.version, samples=announcement.samples)
         if seen is Observation.REPLAY:
             return self._replayed(announcement, "a newer version was seen")
-        self._seqnos[peer] = heard.seqno
+        self._advance(peer, heard.seqno, now)
         if self._keep(announcement):
             logger.info("new peer %s (version %d)", peer, announcement.version)
         return seen
+
+    def _advance(self, peer: str, seqno: int, now: float) -> None:
+        self._seqnos[peer], self._seqno_at[peer] = seqno, now
 
     def _keep(self, announcement: Announcement) -> bool:
         """Store the newest announcement of its peer; True if the peer was unknown."""
@@ -248,7 +262,7 @@ class Membership:
             self.view.expire(now)
             for peer in [p for p in self._latest if p not in self.view]:
                 del self._latest[peer]
-            for table in (self._redial, self._seqnos):
+            for table in (self._redial, self._seqnos, self._seqno_at):
                 for peer in [p for p in table if p not in self.view]:
                     del table[peer]
             self._notify()

@@ -174,3 +174,12 @@ async def test_sequence_numbers_tell_fresh_re_announcements_from_replays(
     latest = membership.latest(peer)
     assert latest is not None and latest.version == 2 and latest.digest == digest(b"adapter")
     assert membership.statistics().replays == 1
+    # An older message soon after a newer one took a slower path through the mesh: dropped,
+    # counted as late, not as a replay. The same message much later is a replay.
+    await trio.sleep(5)
+    assert membership.observe(_heard(peer, 1, seqno=101)) is Observation.REPLAY
+    assert membership.statistics().late == 1 and node.rejected["replay"] == 1
+    await trio.sleep(30)
+    assert membership.observe(_heard(peer, 1, seqno=101)) is Observation.REPLAY
+    assert membership.statistics().late == 1 and node.rejected["replay"] == 2
+    assert membership.latest(peer) == latest
