@@ -70,8 +70,9 @@ def run_in_process(command_for: CommandFor, count: int, rounds: int, *, out: Pat
         churn: which peers to crash after which round, and for how long.
 
     Returns:
-        memory figures in MiB: base (after loading the shared model), loaded (after every
-        peer joined), per_peer ((loaded - base) / count) and peak; and the churn record of
+        memory figures in MiB: base (after loading the shared model), loaded (every peer's
+        model and data loaded), running (once every peer finished a round), per_peer
+        ((running - base) / count) and peak; and the churn record of
         each churned peer, by name (`scripts.churn.churn_record`).
     """
     logs = out / "logs"
@@ -145,8 +146,8 @@ async def _swarm(command_for: CommandFor, count: int, rounds: int, timeout: floa
                 config = peer_config(command_for(index, bootstrap))
                 nursery.start_soon(_churn_one, nursery, slots, index, after, churn.downtime_s,
                                    config, shared, killed)
-            await _show_progress(slots, rounds, console)
-    memory["per_peer_mib"] = round((memory["loaded_mib"] - memory["base_mib"]) / count, 2)
+            memory["running_mib"] = await _show_progress(slots, rounds, console)
+    memory["per_peer_mib"] = round((memory["running_mib"] - memory["base_mib"]) / count, 2)
     memory["peak_mib"] = round(peak_rss_mib(), 1)
     records = {k.name: churn_record(k.folder, killed_at_round=k.round,
                                     version_before_kill=k.version, resumed_version=k.resumed,
@@ -183,14 +184,23 @@ async def _loaded(peer: Peer) -> Peer:
     return peer
 
 
-async def _show_progress(slots: list[_Slot], rounds: int, console: Console) -> None:
+async def _show_progress(slots: list[_Slot], rounds: int, console: Console) -> float:
+    """Show the slowest peer's round until every peer is done.
+
+    Returns:
+        the resident memory in MiB once every peer had finished its first round (hosts
+        connected, optimizer moments allocated, a neighbour's adapter fetched).
+    """
     columns = (TextColumn("{task.description}"), BarColumn(),
                TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn())
+    running = None
     with Progress(*columns, console=console) as progress:
         task = progress.add_task(f"{len(slots)} peers in one process", total=rounds)
         while True:
             slowest = min(slot.peer.round for slot in slots)
             progress.update(task, completed=slowest)
+            if slowest >= 1 and running is None:
+                running = round(rss_mib(), 1)
             if slowest >= rounds:
-                return
+                return running if running is not None else round(rss_mib(), 1)
             await trio.sleep(0.5)

@@ -69,6 +69,7 @@ def test_in_process_simulation_of_eight_peers(tmp_path: Path, small_model_dir: P
         assert math.isfinite(peer["eval_loss"]) and peer["bytes_received"] > 0
     memory = result["memory"]
     assert 0 < memory["base_mib"] <= memory["loaded_mib"] <= memory["peak_mib"]
+    assert memory["base_mib"] < memory["running_mib"] <= memory["peak_mib"]
     assert memory["per_peer_mib"] > 0
     # One process, yet every peer kept its own data folder with an exported adapter.
     for index in range(8):
