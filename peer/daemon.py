@@ -22,6 +22,7 @@ import random
 import threading
 import time
 from collections import Counter
+from collections.abc import Mapping
 from typing import Any
 
 import trio
@@ -71,6 +72,7 @@ class Peer:
         self._latest: dict[str, Announcement] = {}
         self._stop = threading.Event()
         self._started = time.monotonic()
+        self._before: dict[str, float] = {}  # totals of earlier runs, from the checkpoint
         self._round_done = trio.Event()
         self._scope = trio.CancelScope()  # `crash` cancels it
         self._crashed = False
@@ -111,6 +113,7 @@ class Peer:
         runtime = self.runtime or await self.load()
         if runtime.resumed is not None:
             self.version, self.round = runtime.resumed.version, runtime.resumed.round
+            self._resume_counters(runtime.resumed.counters)
         identity = self.config.data_dir
         node = GossipNode(self.config.network, runtime.swarm, identity)
         self.node = node
@@ -275,8 +278,10 @@ class Peer:
             self._runtime().store.append_metrics(self._metrics(None, 0, evaluated=True))
 
     def _persist(self, loss: float | None, merged: int, *, evaluated: bool) -> None:
-        self._save_checkpoint()
-        self._runtime().store.append_metrics(self._metrics(loss, merged, evaluated=evaluated))
+        state = self._runtime().trainer.state()  # one copy feeds the checkpoint and the sketch
+        self._save_checkpoint(state)
+        self._runtime().store.append_metrics(
+            self._metrics(loss, merged, evaluated=evaluated, state=state))
         self._write_status()
 
     def _persist_final(self) -> None:
@@ -288,25 +293,26 @@ class Peer:
         self._write_status()
         logger.info("final checkpoint and export written to %s", self.runtime.store.root)
 
-    def _save_checkpoint(self) -> None:
+    def _save_checkpoint(self, state: dict[str, Any] | None = None) -> None:
         runtime = self._runtime()
+        counters = self._totals() if self.node is not None else {}
         runtime.store.save_checkpoint(Checkpoint(
-            state=runtime.trainer.state(), version=self.version,
+            state=runtime.trainer.state() if state is None else state, version=self.version,
             samples=runtime.trainer.samples, round=self.round, swarm=runtime.swarm_hex,
+            counters=counters,
         ))
 
-    def _metrics(self, loss: float | None, merged: int, *, evaluated: bool) -> dict[str, Any]:
-        node = self._node()
+    def _metrics(self, loss: float | None, merged: int, *, evaluated: bool,
+                 state: dict[str, Any] | None = None) -> dict[str, Any]:
         # A 64-number sketch instead of the adapter: enough to measure consensus distance.
-        state = self._runtime().trainer.state()
+        state = self._runtime().trainer.state() if state is None else state
         return {
             "round": self.round, "version": self.version,
             "samples": self._runtime().trainer.samples,
             "train_loss": loss, "eval_loss": self.last_eval if evaluated else None,
-            "merged": merged, "merges": self.merges, "adapters_received": self.adapters_received,
-            "bytes_in": node.bytes_in, "bytes_out": node.server.bytes_out,
+            "merged": merged, **self._totals(),
             "peers_live": len(self._view().live(trio.current_time())),
-            "t": round(time.monotonic() - self._started, 3), "ts": time.time(),
+            "ts": time.time(),
             "sketch": [float(f"{x:.6g}") for x in sketch(state)],
             "norm": float(f"{adapter_norm(state):.6g}"),
         }
@@ -318,11 +324,26 @@ class Peer:
             "peer_id": node.peer_id, "listen_addrs": node.listen_addrs, "topic": node.topic,
             "swarm_id": runtime.swarm_hex, "model": str(runtime.model_dir),
             "round": self.round, "version": self.version, "samples": runtime.trainer.samples,
-            "merges": self.merges, "adapters_received": self.adapters_received,
+            **{k: v for k, v in self._totals().items() if k != "t"},
             "peers_known": len(self._view()), "peers_connected": len(node.connected_peers()),
             "rejected": dict(self.rejected + node.rejected + Counter(node.server.refused)),
-            "bytes_in": node.bytes_in, "bytes_out": node.server.bytes_out,
             "eval_loss": self.last_eval, "updated": time.time(),
+        }
+
+    def _resume_counters(self, counters: Mapping[str, float]) -> None:
+        """Continue the totals a restarted peer reports from those its checkpoint kept."""
+        self.merges = int(counters.get("merges", 0))
+        self.adapters_received = int(counters.get("adapters_received", 0))
+        self._before = {k: counters.get(k, 0.0) for k in ("bytes_in", "bytes_out", "t")}
+
+    def _totals(self) -> dict[str, Any]:
+        """Merges, adapters received, bytes each way and seconds run, over every restart."""
+        node, before = self._node(), self._before
+        return {
+            "merges": self.merges, "adapters_received": self.adapters_received,
+            "bytes_in": int(before.get("bytes_in", 0)) + node.bytes_in,
+            "bytes_out": int(before.get("bytes_out", 0)) + node.server.bytes_out,
+            "t": round(before.get("t", 0.0) + time.monotonic() - self._started, 3),
         }
 
     def _write_status(self) -> None:

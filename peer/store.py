@@ -18,7 +18,7 @@ import logging
 import os
 import shutil
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +43,9 @@ class Checkpoint:
     samples: int
     round: int
     swarm: str
+    # Running totals the daemon reports (merges, bytes, seconds), so that a restart continues
+    # them; a checkpoint written before they were kept loads with none.
+    counters: Mapping[str, float] = field(default_factory=dict)
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -76,7 +79,8 @@ class PeerStore:
 
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
         meta = {"version": str(ckpt.version), "samples": str(ckpt.samples),
-                "round": str(ckpt.round), "swarm": ckpt.swarm}
+                "round": str(ckpt.round), "swarm": ckpt.swarm,
+                "counters": json.dumps(dict(ckpt.counters), sort_keys=True)}
         atomic_write(self.root / CHECKPOINT, save_safetensors(dict(ckpt.state), metadata=meta))
 
     def load_checkpoint(self, swarm: str) -> Checkpoint | None:
@@ -94,8 +98,8 @@ class PeerStore:
             meta = _metadata(raw)
             ckpt = Checkpoint(state=state, version=int(meta["version"]),
                               samples=int(meta["samples"]), round=int(meta["round"]),
-                              swarm=meta["swarm"])
-        except (SafetensorError, KeyError, ValueError) as exc:
+                              swarm=meta["swarm"], counters=_counters(meta))
+        except (SafetensorError, KeyError, ValueError, TypeError) as exc:
             raise PeerError(
                 f"{path}: unreadable checkpoint ({exc}); move it away to start over"
             ) from exc
@@ -146,3 +150,10 @@ def _metadata(raw: bytes) -> dict[str, str]:
     if not isinstance(meta, dict):
         raise ValueError("metadata is not a map")
     return {str(k): str(v) for k, v in meta.items()}
+
+
+def _counters(meta: Mapping[str, str]) -> dict[str, float]:
+    counters = json.loads(meta.get("counters", "{}"))
+    if not isinstance(counters, dict):
+        raise ValueError("counters are not a JSON object")
+    return {str(name): float(value) for name, value in counters.items()}

@@ -88,3 +88,6 @@ def _check_restart_resumes(folder: Path, model_dir: Path, train: Path) -> None:
     after = _status(folder)
     assert after["peer_id"] == before["peer_id"], "the identity key must persist"
     assert after["version"] == before["version"] + 1, "the version continues from the checkpoint"
+    # Alone now, it merges nothing and receives nothing: its totals go on from the checkpoint.
+    for total in ("merges", "adapters_received", "bytes_in", "bytes_out"):
+        assert after[total] == before[total] > 0, total

@@ -26,6 +26,16 @@ def test_checkpoint_round_trip(tmp_path: Path) -> None:
     for key, value in state.items():
         assert torch.equal(loaded.state[key], value)
     assert not list(tmp_path.glob(".*.tmp")), "temporary files must be renamed away"
+    assert loaded.counters == {}
+
+
+def test_checkpoint_keeps_running_totals(tmp_path: Path) -> None:
+    store = PeerStore(tmp_path)
+    totals = {"merges": 12, "bytes_in": 1_234_567, "t": 42.5}
+    store.save_checkpoint(Checkpoint(state=_state(), version=3, samples=24, round=3,
+                                     swarm="ab12", counters=totals))
+    loaded = store.load_checkpoint("ab12")
+    assert loaded is not None and loaded.counters == totals
 
 
 def test_no_checkpoint_is_none(tmp_path: Path) -> None:
