@@ -34,37 +34,47 @@ def test_plan_never_churns_the_bootstrap_and_is_reproducible() -> None:
         plan_churn(4, 0.5, rounds=2, seed=1)
 
 
-@pytest.mark.slow
-def test_a_killed_peer_restarts_from_its_checkpoint(tmp_path: Path,
-                                                    small_model_dir: Path) -> None:
-    from peer.store import PeerStore
-
+def _churned_run(out: Path, model_dir: Path, *extra: str) -> dict:
+    """3 peers, 4 rounds, seed 0 (which plans p2 for churn), restarted after 1 s."""
     command = [
-        sys.executable, str(ROOT / "scripts" / "simulate.py"), "--mode", "gossip",
-        "--peers", "3", "--out", str(tmp_path), "--model", str(small_model_dir),
-        "--rounds", "4", "--steps-per-round", "1", "--batch-size", "2", "--seq-len", "32",
-        "--eval-per-category", "1", "--seed", "0", "--timeout", "300",
-        # Idle rounds keep the others running while p2 restarts, so it usually rejoins them.
-        "--churn", "0.34", "--churn-downtime", "1", "--peer-arg=--round-pause=3",
+        sys.executable, str(ROOT / "scripts" / "simulate.py"), "--peers", "3", "--out", str(out),
+        "--model", str(model_dir), "--rounds", "4", "--steps-per-round", "1",
+        "--batch-size", "2", "--seq-len", "32", "--eval-per-category", "1", "--seed", "0",
+        "--timeout", "300", "--churn", "0.34", "--churn-downtime", "1", *extra,
     ]
     done = subprocess.run(command, capture_output=True, text=True, timeout=400)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    result = json.loads((tmp_path / "result.json").read_text())
-    assert result["churn"] == 0.34 and math.isfinite(result["mean_eval_loss"])
-    assert [p["rounds"] for p in result["peers"]] == [4, 4, 4], "restarts keep --rounds total"
+    return json.loads((out / "result.json").read_text())
+
+
+def _churned_p2(result: dict, out: Path, *, last_round: int) -> dict:
+    """Only p2 was churned, once, and resumed from its checkpoint; returns its record."""
     churned = [p for p in result["peers"] if "churn" in p]
     assert [p["name"] for p in churned] == ["p2"], "seed 0 plans p2 (never p0)"
     record = churned[0]["churn"]
     assert record["restarts"] == 1 and record["killed_at_round"] >= 2
     assert record["resumed_version"] >= max(1, record["version_before_kill"] - 1)
     assert record["checkpoint_loads"] is True
+    rounds = [json.loads(line)["round"] for line in
+              (out / "peers" / "p2" / "metrics.jsonl").read_text().splitlines()]
+    assert rounds == sorted(set(rounds)) and rounds[-1] == last_round, "rounds never reset"
+    return record
 
+
+@pytest.mark.slow
+def test_a_killed_peer_restarts_from_its_checkpoint(tmp_path: Path,
+                                                    small_model_dir: Path) -> None:
+    from peer.store import PeerStore
+
+    # Idle rounds keep the others running while p2 restarts, so it usually rejoins them.
+    result = _churned_run(tmp_path, small_model_dir, "--mode", "gossip",
+                          "--peer-arg=--round-pause=3")
+    assert result["churn"] == 0.34 and math.isfinite(result["mean_eval_loss"])
+    assert [p["rounds"] for p in result["peers"]] == [4, 4, 4], "restarts keep --rounds total"
+    record = _churned_p2(result, tmp_path, last_round=4)
     folder = tmp_path / "peers" / "p2"
     log = (tmp_path / "logs" / "p2.log").read_text()
     assert log.count("resumed from") == 1 and "restarting ---" in log, "one log, appended"
-    rounds = [json.loads(line)["round"] for line in
-              (folder / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == sorted(set(rounds)) and rounds[-1] == 4, "the round count never reset"
     swarm = json.loads((folder / "status.json").read_text())["swarm_id"]
     checkpoint = PeerStore(folder).load_checkpoint(swarm)
     assert checkpoint is not None and checkpoint.round == 4
@@ -75,26 +85,10 @@ def test_a_killed_peer_restarts_from_its_checkpoint(tmp_path: Path,
 def test_an_in_process_peer_crashes_and_resumes_from_its_checkpoint(
     tmp_path: Path, small_model_dir: Path
 ) -> None:
-    command = [
-        sys.executable, str(ROOT / "scripts" / "simulate.py"), "--in-process", "--peers", "3",
-        "--out", str(tmp_path), "--model", str(small_model_dir), "--rounds", "4",
-        "--settle-rounds", "1", "--steps-per-round", "1", "--batch-size", "2",
-        "--seq-len", "32", "--eval-per-category", "1", "--seed", "0", "--timeout", "300",
-        "--churn", "0.34", "--churn-downtime", "1", "--peer-arg=--round-pause=2",
-    ]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=400)
-    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    result = json.loads((tmp_path / "result.json").read_text())
+    result = _churned_run(tmp_path, small_model_dir, "--in-process", "--settle-rounds", "1",
+                          "--peer-arg=--round-pause=2")
     assert [p["rounds"] for p in result["peers"]] == [5, 5, 5], "4 trained + 1 settling"
-    churned = [p for p in result["peers"] if "churn" in p]
-    assert [p["name"] for p in churned] == ["p2"], "the same seeded plan as process mode"
-    record = churned[0]["churn"]
-    assert record["restarts"] == 1 and record["killed_at_round"] >= 2
-    assert record["resumed_version"] >= max(1, record["version_before_kill"] - 1)
-    assert record["checkpoint_loads"] is True
+    _churned_p2(result, tmp_path, last_round=5)  # the same seeded plan as process mode
     log = (tmp_path / "logs" / "inprocess.log").read_text()
     assert "churn: crashed p2" in log and log.count("resumed from") == 1
-    rounds = [json.loads(line)["round"] for line in
-              (tmp_path / "peers" / "p2" / "metrics.jsonl").read_text().splitlines()]
-    assert rounds == sorted(set(rounds)) and rounds[-1] == 5, "the round count never reset"
     assert "settle_rounds_to_consensus" in result
