@@ -7,8 +7,9 @@ One `Membership` per peer feeds a `topology.MembershipView` and keeps the peer i
    the peer. A message whose gossipsub sequence number is not above the last one seen from its
    signer, or that announces an older version than one already seen, is a replay: logged,
    counted in `node.rejected["replay"]` and dropped. One exception: a message numbered below
-   the last one but arriving within `late_s` of it took a slower path through the mesh (seen
-   in a 64-peer swarm) and is only counted as `late`. A fresh message repeating the current
+   the last one but arriving within `peer_timeout_s` of it took a slower path through the mesh
+   (gossipsub's lazy IHAVE/IWANT repair; seen 30 s and more late in a loaded 32-peer swarm)
+   and is only counted as `late`. A fresh message repeating the current
    version is a re-announcement: it proves the peer alive.
 2. Re-announcing: after `reannounce_s` without a publish, we publish our latest announcement
    again. Peers that missed it (gossipsub loses messages while meshes form) learn of us, and
@@ -32,6 +33,7 @@ addresses at no extra cost.
 from __future__ import annotations
 
 import logging
+import math
 import random
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
@@ -49,7 +51,6 @@ from topology.view import MembershipView, Observation
 logger = logging.getLogger(__name__)
 
 _TICK_S = 1.0
-_LATE_S = 30.0
 _REJOIN_BASE_S, _REJOIN_CAP_S = 0.5, 30.0
 _REDIAL_BASE_S, _REDIAL_CAP_S = 1.0, 60.0
 
@@ -185,7 +186,7 @@ class Membership:
             logger.debug("duplicate delivery of %s's message %d ignored", peer, heard.seqno)
             return Observation.REPLAY
         if heard.seqno < last:
-            if now - self._seqno_at.get(peer, -_LATE_S) < _LATE_S:
+            if now - self._seqno_at.get(peer, -math.inf) < self.config.peer_timeout_s:
                 self._late += 1
                 logger.debug("late delivery of %s's message %d (after %d)", peer, heard.seqno,
                              last)
