@@ -244,7 +244,10 @@ async def _fetch(
     except (OSError, trio.BrokenResourceError) as exc:
         raise TransferError("unreachable", f"cannot open a stream to {peer}: {exc}") from exc
     except Exception as exc:  # libp2p raises StreamFailure, SwarmException and others
-        raise TransferError("unreachable", f"cannot open a stream to {peer}: {exc}") from exc
+        # py-libp2p's message is generic ("failed to open a stream"); the cause says why.
+        cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
+        raise TransferError("unreachable",
+                            f"cannot open a stream to {peer}: {exc}{cause}") from exc
     try:
         await stream.write(frame(FetchRequest(swarm=swarm, version=-1).to_wire()))
         header = FetchHeader.from_wire(
