@@ -119,6 +119,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("swarm_key", "network", "psk", _swarm_key, "FILE"),
     Option("max_adapter_bytes", "network", "max_adapter_bytes", int, "N"),
     Option("fetch_timeout", "network", "fetch_timeout_s", float, "SECONDS"),
+    Option("health_check", "network", "health_check_s", float, "SECONDS"),
+    Option("ping_timeout", "network", "ping_timeout_s", float, "SECONDS"),
     Option("fanout", "topology", "fanout", int, "K"),
     Option("view_size", "topology", "view_size", int, "N"),
     Option("peer_timeout", "topology", "peer_timeout_s", float, "SECONDS"),

@@ -28,6 +28,13 @@ def test_flags_build_every_section(tmp_path: Path) -> None:
     assert config.network.bootstrap[0].startswith("/ip4/127.0.0.1/tcp/4001")
 
 
+def test_network_and_settling_flags(tmp_path: Path) -> None:
+    config = _config(["--data-dir", str(tmp_path), "--train", "t.jsonl", "--rounds", "5",
+                      "--settle-rounds", "3", "--health-check", "0", "--ping-timeout", "20"])
+    assert (config.rounds, config.settle_rounds, config.total_rounds) == (5, 3, 8)
+    assert config.network.health_check_s == 0 and config.network.ping_timeout_s == 20
+
+
 def test_toml_is_read_and_flags_win(tmp_path: Path) -> None:
     toml = tmp_path / "peer.toml"
     toml.write_text(f'data_dir = "{tmp_path}"\ntrain = "a.jsonl"\nlr = 0.005\nrounds = 3\n'
@@ -54,6 +61,9 @@ def test_every_option_has_help() -> None:
         (["--bootstrap", "nonsense"], "not a multiaddr"),
         (["--fanout", "-1"], "fanout"),
         (["--merge-rule", "nope"], "nope"),
+        (["--ping-timeout", "0"], "timeout"),
+        (["--health-check", "-1"], "health_check"),
+        (["--settle-rounds", "2"], "settle_rounds"),  # without --rounds there is nothing to settle
     ],
 )
 def test_bad_values_are_one_line_errors(tmp_path: Path, argv: list[str], message: str) -> None:
