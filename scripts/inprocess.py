@@ -72,8 +72,8 @@ def run_in_process(command_for: CommandFor, count: int, rounds: int, *, out: Pat
     Returns:
         memory figures in MiB: base (after loading the shared model), loaded (every peer's
         model and data loaded), running (once every peer finished a round), per_peer
-        ((running - base) / count) and peak; and the churn record of
-        each churned peer, by name (`scripts.churn.churn_record`).
+        ((running - base) / count) and peak; and the churn record of each churned peer, by
+        name (`scripts.churn.churn_record`).
     """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
