@@ -30,7 +30,7 @@ _RESUMED = re.compile(r"resumed from .*: version (\d+), \d+ samples")
 
 
 class PeerProcess(Protocol):
-    """What the simulator knows about one launched peer (scripts/simulate.py `Launched`)."""
+    """What the simulator knows about one launched peer (`scripts.processes.Launched`)."""
 
     name: str
     folder: Path

@@ -19,18 +19,14 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from rich.console import Console  # noqa: E402
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 
 from scripts.churn import Churn, ChurnPlan, annotate, plan_churn  # noqa: E402
 from scripts.simreport import (  # noqa: E402
@@ -43,16 +39,6 @@ from scripts.simreport import (  # noqa: E402
 
 console = Console()
 MODES = ("gossip", "local", "central")
-
-
-@dataclass
-class Launched:
-    name: str
-    folder: Path
-    process: subprocess.Popen[bytes]
-    command: list[str]  # what started it, kept so that churn can restart it the same way
-    log: Path
-    env: dict[str, str]
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -188,85 +174,19 @@ def peer_command(args: argparse.Namespace, model_dir: Path, folder: Path, train:
     return command + list(args.peer_arg)
 
 
-def launch(args: argparse.Namespace, model_dir: Path, shards: list[Path], eval_path: Path,
-           out: Path) -> list[Launched]:
-    """Start peer 0, wait for its address, then start the others bootstrapping through it."""
-    launched: list[Launched] = []
-    bootstrap = None
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
-    for index, shard in enumerate(shards):
-        name = f"p{index}"
-        folder = out / "peers" / name
-        command = peer_command(args, model_dir, folder, shard, eval_path, bootstrap)
-        log_path = logs / f"{name}.log"
-        with open(log_path, "wb") as log:
-            process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
-        launched.append(Launched(name, folder, process, command, log_path, env))
-        if index == 0 and args.mode == "gossip" and len(shards) > 1:
-            bootstrap = wait_for_address(launched[0], timeout=args.timeout)
-    return launched
-
-
-def wait_for_address(peer: Launched, *, timeout: float) -> str:
-    """The first peer writes status.json once it listens; its address is the bootstrap."""
-    deadline = time.monotonic() + timeout
-    status = peer.folder / "status.json"
-    while time.monotonic() < deadline:
-        if peer.process.poll() is not None:
-            raise SystemExit(f"peer {peer.name} exited early; see its log in logs/{peer.name}.log")
-        if status.is_file():
-            addrs = json.loads(status.read_text())["listen_addrs"]
-            if addrs:
-                return str(addrs[0])
-        time.sleep(0.2)
-    raise SystemExit(f"peer {peer.name} did not come up within {timeout:.0f} s")
-
-
-def rounds_done(folder: Path) -> int:
-    path = folder / "metrics.jsonl"
-    if not path.is_file():
-        return 0
-    lines = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return max((int(line["round"]) for line in lines), default=0)
-
-
-def watch(peers: list[Launched], rounds: int, timeout: float, churn: Churn | None = None) -> None:
-    """Show a progress bar per peer until every daemon has exited (churned ones: restarted)."""
-    churn = churn or Churn(ChurnPlan())
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-               "{task.total} rounds"), TimeElapsedColumn())
-    deadline = time.monotonic() + timeout
-    with Progress(*columns, console=console, transient=False) as progress:
-        tasks = {p.name: progress.add_task(f"peer {p.name}", total=rounds) for p in peers}
-        while any(p.process.poll() is None for p in peers) or churn.pending():
-            churn.poll(peers)
-            if time.monotonic() > deadline:
-                for p in peers:
-                    p.process.kill()
-                raise SystemExit(f"the simulation did not finish within {timeout:.0f} s")
-            for p in peers:
-                progress.update(tasks[p.name], completed=rounds_done(p.folder))
-            time.sleep(0.5)
-        for p in peers:
-            progress.update(tasks[p.name], completed=rounds_done(p.folder))
-    failed = [p.name for p in peers if p.process.returncode != 0]
-    if failed:
-        raise SystemExit(f"peers {failed} failed; see their logs under logs/")
-
-
 def run_peer_processes(args: argparse.Namespace, model_dir: Path, shards: list[Path],
                        eval_path: Path, out: Path, churn: Churn | None = None) -> list[Path]:
     """One `loraswarm peer` process per peer; returns their data folders once all exited."""
-    peers = launch(args, model_dir, shards, eval_path, out)
-    try:
-        watch(peers, total_rounds(args), args.timeout, churn)
-    finally:
-        for p in peers:
-            if p.process.poll() is None:
-                p.process.kill()
-    return [p.folder for p in peers]
+    from scripts.processes import run_processes
+
+    folders = [out / "peers" / f"p{index}" for index in range(len(shards))]
+
+    def command_for(index: int, bootstrap: str | None) -> list[str]:
+        return peer_command(args, model_dir, folders[index], shards[index], eval_path, bootstrap)
+
+    return run_processes(command_for, folders, total_rounds(args), out=out,
+                         timeout=args.timeout, console=console, churn=churn,
+                         bootstrap_first=args.mode == "gossip" and len(shards) > 1)
 
 
 def run_peers_in_process(
