@@ -229,11 +229,12 @@ def decode_adapter(
     if not isinstance(data, bytes | bytearray):
         raise WireError("malformed", f"expected bytes, got {type(data).__name__}")
     check_cap("adapter size", len(data), max_bytes)
-    entries = _parse_entries(bytes(data))
+    raw = bytes(data)  # one copy for both parsers (a bytearray would be copied twice)
+    entries = _parse_entries(raw)
     if expected is not None:
         _check_expected(entries, expected, allow_rank_change)
     try:
-        state = safetensors.torch.load(bytes(data))
+        state = safetensors.torch.load(raw)
     except (safetensors.SafetensorError, ValueError, RuntimeError, TypeError) as exc:
         raise WireError("bad_tensor", f"safetensors refused the bytes: {exc}") from exc
     for name in sorted(state):

@@ -110,8 +110,8 @@ class Membership:
         self._latest = announcements if announcements is not None else {}
         self._tick_s = tick_s
         self._reannounce_s = reannounce_s
-        self._seqnos: dict[str, int] = {}  # highest gossipsub seqno seen per signer
-        self._seqno_at: dict[str, float] = {}  # when that seqno arrived
+        # Per signer: the highest gossipsub seqno seen, and when it arrived.
+        self._seqnos: dict[str, tuple[int, float]] = {}
         self._changed = trio.Event()
         self._redial: dict[str, tuple[int, float]] = {}  # peer -> (failures, not before)
         self._replays = 0
@@ -178,7 +178,7 @@ class Membership:
         """Feed one validated announcement into the view; replays are counted and dropped."""
         announcement, peer = heard.announcement, heard.announcement.peer
         now = trio.current_time()
-        last = self._seqnos.get(peer, -1)
+        last, last_at = self._seqnos.get(peer, (-1, -math.inf))
         if heard.seqno == last:
             # py-libp2p can deliver one message twice when two copies race through validation,
             # so a repeat is not counted as hostile; it proves nothing either (an old copy
@@ -186,7 +186,7 @@ class Membership:
             logger.debug("duplicate delivery of %s's message %d ignored", peer, heard.seqno)
             return Observation.REPLAY
         if heard.seqno < last:
-            if now - self._seqno_at.get(peer, -math.inf) < self.config.peer_timeout_s:
+            if now - last_at < self.config.peer_timeout_s:
                 self._late += 1
                 logger.debug("late delivery of %s's message %d (after %d)", peer, heard.seqno,
                              last)
@@ -203,7 +203,7 @@ class Membership:
                 logger.warning("rejected equivocation: %s announced version %d twice with "
                                "different adapters", peer, announcement.version)
                 return Observation.REPLAY
-            self._advance(peer, heard.seqno, now)
+            self._seqnos[peer] = (heard.seqno, now)
             self.view.observe(peer, now, addrs=announcement.addrs)
             self._keep(announcement)
             return Observation.REFRESHED
@@ -211,13 +211,10 @@ class Membership:
                                  version=announcement.version, samples=announcement.samples)
         if seen is Observation.REPLAY:
             return self._replayed(announcement, "a newer version was seen")
-        self._advance(peer, heard.seqno, now)
+        self._seqnos[peer] = (heard.seqno, now)
         if self._keep(announcement):
             logger.info("new peer %s (version %d)", peer, announcement.version)
         return seen
-
-    def _advance(self, peer: str, seqno: int, now: float) -> None:
-        self._seqnos[peer], self._seqno_at[peer] = seqno, now
 
     def _keep(self, announcement: Announcement) -> bool:
         """Store the newest announcement of its peer; True if the peer was unknown."""
@@ -263,7 +260,7 @@ class Membership:
             self.view.expire(now)
             for peer in [p for p in self._latest if p not in self.view]:
                 del self._latest[peer]
-            for table in (self._redial, self._seqnos, self._seqno_at):
+            for table in (self._redial, self._seqnos):
                 for peer in [p for p in table if p not in self.view]:
                     del table[peer]
             self._notify()
