@@ -295,11 +295,10 @@ class Peer:
 
     def _save_checkpoint(self, state: dict[str, Any] | None = None) -> None:
         runtime = self._runtime()
-        counters = self._totals() if self.node is not None else {}
         runtime.store.save_checkpoint(Checkpoint(
             state=runtime.trainer.state() if state is None else state, version=self.version,
             samples=runtime.trainer.samples, round=self.round, swarm=runtime.swarm_hex,
-            counters=counters,
+            counters=self._totals(),
         ))
 
     def _metrics(self, loss: float | None, merged: int, *, evaluated: bool,
