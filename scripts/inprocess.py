@@ -26,13 +26,14 @@ from typing import Any
 import torch
 import trio
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from peer.config import PeerConfig
 from peer.daemon import Peer
 from peer.options import add_peer_arguments, config_from_args
 from peer.shared import SharedModel
 from scripts.churn import ChurnPlan, churn_record, last_metrics
+from scripts.simreport import progress_columns
 
 CommandFor = Callable[[int, str | None], list[str]]
 _PEER_ARGV_START = 5  # python -m peer.cli -v peer ...
@@ -191,10 +192,8 @@ async def _show_progress(slots: list[_Slot], rounds: int, console: Console) -> f
         the resident memory in MiB once every peer had finished its first round (hosts
         connected, optimizer moments allocated, a neighbour's adapter fetched).
     """
-    columns = (TextColumn("{task.description}"), BarColumn(),
-               TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn())
     running = None
-    with Progress(*columns, console=console) as progress:
+    with Progress(*progress_columns(), console=console) as progress:
         task = progress.add_task(f"{len(slots)} peers in one process", total=rounds)
         while True:
             slowest = min(slot.peer.round for slot in slots)

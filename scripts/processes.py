@@ -16,9 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import Progress
 
 from scripts.churn import Churn, ChurnPlan
+from scripts.simreport import progress_columns
 
 CommandFor = Callable[[int, str | None], list[str]]
 
@@ -102,10 +103,8 @@ def watch(peers: list[Launched], rounds: int, timeout: float, console: Console,
           churn: Churn | None = None) -> None:
     """Show a progress bar per peer until every daemon has exited (churned ones: restarted)."""
     churn = churn or Churn(ChurnPlan())
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/"
-               "{task.total} rounds"), TimeElapsedColumn())
     deadline = time.monotonic() + timeout
-    with Progress(*columns, console=console, transient=False) as progress:
+    with Progress(*progress_columns(), console=console, transient=False) as progress:
         tasks = {p.name: progress.add_task(f"peer {p.name}", total=rounds) for p in peers}
         while any(p.process.poll() is None for p in peers) or churn.pending():
             churn.poll(peers)

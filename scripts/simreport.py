@@ -9,10 +9,17 @@ from pathlib import Path
 from typing import Any
 
 from rich.console import Console
+from rich.progress import BarColumn, ProgressColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 _ROUND_KEYS = ("round", "t", "train_loss", "merged", "bytes_in", "bytes_out")
 CONSENSUS_THRESHOLD = 0.01  # rounds_to_consensus: the first round below 1 %
+
+
+def progress_columns() -> tuple[ProgressColumn, ...]:
+    """The columns of the simulator's live progress: name, bar, rounds done, time elapsed."""
+    return (TextColumn("{task.description}"), BarColumn(),
+            TextColumn("{task.completed}/{task.total} rounds"), TimeElapsedColumn())
 
 
 def read_metrics(folder: Path) -> list[dict[str, Any]]:
