@@ -238,3 +238,14 @@ def test_invariants_under_any_event_sequence(
     gone = view.expire(now)
     assert all(view.get(peer) is None for peer in gone)
     assert len(view) == len(view.live(now))
+
+
+def test_a_fresh_message_may_repeat_the_version_of_a_departed_peer() -> None:
+    view = _view(timeout=10.0)
+    view.observe("a", 0.0, version=5)
+    assert view.expire(11.0) == ["a"]
+    assert view.observe("a", 12.0, version=4, fresh=True) is Observation.REPLAY
+    assert view.observe("a", 12.0, version=5, fresh=True) is Observation.NEW
+    assert view.get("a") == PeerInfo("a", (), 12.0, 5, 0)
+    # Only a departed peer: a live one repeating its version is no news, fresh or not.
+    assert view.observe("a", 13.0, version=5, fresh=True) is Observation.REPLAY

@@ -101,6 +101,7 @@ class MembershipView:
         addrs: Sequence[str] = (),
         version: int | None = None,
         samples: int = 0,
+        fresh: bool = False,
     ) -> Observation:
         """Record that `peer_id` was heard from at time `now`.
 
@@ -111,6 +112,9 @@ class MembershipView:
             version: the adapter version announced, or None for a connection event (liveness
                 only: it refreshes the last-heard time and is never a replay).
             samples: training samples embodied in `version`; ignored when `version` is None.
+            fresh: the caller has proven the message newer than any before from this peer (a
+                higher signed sequence number). Then a peer that expired or was forgotten may
+                come back with the version it had: a re-announcement, not a replay.
 
         Returns:
             What the event meant. A REPLAY leaves the view untouched. Observing `self_id`
@@ -127,7 +131,7 @@ class MembershipView:
         if peer_id == self._self_id:
             return Observation.REFRESHED
         known = self._peers.get(peer_id)
-        if version is not None and version <= self._version_floor(peer_id, known):
+        if version is not None and self._is_replay(peer_id, known, version, fresh):
             self._replays += 1
             logger.debug("replayed version %d from %s ignored", version, peer_id)
             return Observation.REPLAY
@@ -229,10 +233,16 @@ class MembershipView:
     def _is_live(self, info: PeerInfo, now: float) -> bool:
         return now - info.last_heard <= self._config.peer_timeout_s
 
-    def _version_floor(self, peer_id: str, known: PeerInfo | None) -> int:
-        """The highest version seen from `peer_id`, whether it is still in the view or not."""
+    def _is_replay(self, peer_id: str, known: PeerInfo | None, version: int, fresh: bool) -> bool:
+        """Whether `version` is not above the highest seen from `peer_id`, in the view or not.
+
+        A fresh message may repeat the version a departed peer had: it re-announces itself.
+        """
         current = known.version if known is not None else NO_VERSION
-        return max(current, self._departed.get(peer_id, NO_VERSION))
+        departed = self._departed.get(peer_id, NO_VERSION)
+        if fresh and version == departed and version > current:
+            return False
+        return version <= max(current, departed)
 
     def _admit(
         self, peer_id: str, now: float, addrs: tuple[str, ...], version: int | None, samples: int
