@@ -11,10 +11,10 @@ One `Membership` per peer feeds a `topology.MembershipView` and keeps the peer i
    (gossipsub's lazy IHAVE/IWANT repair; seen 30 s and more late in a loaded 32-peer swarm)
    and is only counted as `late`. A fresh message repeating the current
    version is a re-announcement: it proves the peer alive.
-2. Re-announcing: after `reannounce_s` without a publish, we publish our latest announcement
-   again. Peers that missed it (gossipsub loses messages while meshes form) learn of us, and
-   peers we are not connected to keep us live even when rounds take longer than
-   `peer_timeout_s`.
+2. Re-announcing: after `reannounce_s` without a publish, we publish our current announcement
+   (`GossipNode.current`: the daemon updates it every round without publishing). Peers that
+   missed the last one (gossipsub loses messages while meshes form) learn of us, and peers we
+   are not connected to keep us live even when rounds take longer than `peer_timeout_s`.
 3. Connections: every tick, each connected peer subscribed to the swarm topic is observed
    alive. Health pings (`NodeConfig.health_check_s`) close the connection of a peer that died
    without a goodbye; nothing refreshes it any more and it expires after `peer_timeout_s`.
@@ -53,6 +53,7 @@ logger = logging.getLogger(__name__)
 _TICK_S = 1.0
 _REJOIN_BASE_S, _REJOIN_CAP_S = 0.5, 30.0
 _REDIAL_BASE_S, _REDIAL_CAP_S = 1.0, 60.0
+_SEQNOS_PER_VIEW_SLOT = 4  # signers whose last seqno is kept: 4 x view size
 
 
 @dataclass(frozen=True)
@@ -207,8 +208,12 @@ class Membership:
             self.view.observe(peer, now, addrs=announcement.addrs)
             self._keep(announcement)
             return Observation.REFRESHED
+        # A higher signed seqno than one we kept proves the message fresh, so a peer that
+        # expired here (our loop was late, or its re-announcements were lost) comes back even
+        # when it re-announces the version it had: rounds do not publish, versions may not move.
         seen = self.view.observe(peer, now, addrs=announcement.addrs,
-                                 version=announcement.version, samples=announcement.samples)
+                                 version=announcement.version, samples=announcement.samples,
+                                 fresh=peer in self._seqnos)
         if seen is Observation.REPLAY:
             return self._replayed(announcement, "a newer version was seen")
         self._seqnos[peer] = (heard.seqno, now)
@@ -236,8 +241,8 @@ class Membership:
     async def _reannounce(self) -> None:
         """Publish our latest announcement again after `reannounce_s` of silence, until cancelled.
 
-        A round's own announcement resets the clock: with rounds shorter than the interval no
-        re-announcement is sent at all. Every announcement reaches every member, so swarm-wide
+        Any publish resets the clock (the daemon publishes only when it joins). Every
+        announcement reaches every member, so swarm-wide
         they cost O(N²) deliveries per interval; measured with 32 peers in one process, 10 s
         re-announcements alone took the event loop from 42 % to 100 % of a core.
         """
@@ -246,8 +251,8 @@ class Membership:
             wait = self._reannounce_s * self.rng.uniform(0.75, 1.25) - quiet
             if wait > 0:
                 await trio.sleep(wait)
-            elif self.node.published is not None:
-                await self.node.publish(self.node.published)
+            elif self.node.current is not None:
+                await self.node.publish(self.node.current)
             else:
                 await trio.sleep(self._reannounce_s)
 
@@ -260,11 +265,19 @@ class Membership:
             self.view.expire(now)
             for peer in [p for p in self._latest if p not in self.view]:
                 del self._latest[peer]
-            for table in (self._redial, self._seqnos):
-                for peer in [p for p in table if p not in self.view]:
-                    del table[peer]
+            for peer in [p for p in self._redial if p not in self.view]:
+                del self._redial[peer]
+            self._forget_oldest_seqnos()
             self._notify()
             await trio.sleep(self._tick_s)
+
+    def _forget_oldest_seqnos(self) -> None:
+        """Keep the seqnos of departed peers too (they prove a later message fresh), bounded."""
+        excess = len(self._seqnos) - _SEQNOS_PER_VIEW_SLOT * self.config.view_size
+        if excess > 0:
+            oldest = sorted(self._seqnos, key=lambda peer: self._seqnos[peer][1])[:excess]
+            for peer in oldest:
+                del self._seqnos[peer]
 
     async def _maintain(self) -> None:
         """Top up connections every tick; when cut off, rejoin through the bootstrap peers."""

@@ -117,7 +117,7 @@ class GossipNode:
         self.downloads_in_flight = 0
         self.downloads_peak = 0
         self._downloads = trio.Semaphore(config.max_downloads)
-        self.published: Announcement | None = None
+        self.current: Announcement | None = None  # what a re-announcement publishes
         self.published_at = -float("inf")  # trio time of the last publish
         self._send, self.announcements = trio.open_memory_channel[Heard](_ANNOUNCEMENT_QUEUE)
         self._last_addrs: list[str] = []
@@ -317,10 +317,14 @@ class GossipNode:
         return sorted(str(p) for p in self.pubsub.peer_topics.get(self.topic, ()) if p in connected)
 
     async def publish(self, announcement: Announcement) -> None:
-        """Sign and publish an announcement on the swarm topic; it becomes `published`."""
+        """Sign and publish an announcement on the swarm topic; it becomes `current`."""
         await self.pubsub.publish(self.topic, announcement.to_wire())
-        self.published = announcement
+        self.current = announcement
         self.published_at = trio.current_time()
+
+    def update(self, announcement: Announcement) -> None:
+        """Make `announcement` the one the next re-announcement publishes; send nothing now."""
+        self.current = announcement
 
     def offer(self, version: int, samples: int, data: bytes) -> Offer:
         """Serve `data` (safetensors bytes of our adapter) to neighbours from now on."""

@@ -183,3 +183,28 @@ async def test_sequence_numbers_tell_fresh_re_announcements_from_replays(
     assert membership.observe(_heard(peer, 1, seqno=101)) is Observation.REPLAY
     assert membership.statistics().late == 1 and node.rejected["replay"] == 2
     assert membership.latest(peer) == latest
+
+
+async def test_an_expired_peer_comes_back_with_a_fresh_re_announcement_of_its_version(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Rounds do not publish, so a re-announcement may repeat the version a peer had.
+
+    Once a peer expired here, its next freshly signed message must bring it back; a replay of
+    its last message must not.
+    """
+    node = GossipNode(NodeConfig(), LOOPBACK_SWARM, identity_dir=None)
+    membership = Membership(node, TopologyConfig(peer_timeout_s=30), random.Random(0))
+    peer = str(ID.from_pubkey(create_new_key_pair().public_key))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(membership.run)  # its refresh loop expires the silent peer
+        assert membership.observe(_heard(peer, 3, seqno=200)) is Observation.NEW
+        await trio.sleep(35)
+        assert peer not in membership.view
+        assert membership.observe(_heard(peer, 3, seqno=200)) is Observation.REPLAY
+        assert peer not in membership.view
+        assert membership.observe(_heard(peer, 2, seqno=201)) is Observation.REPLAY
+        assert membership.observe(_heard(peer, 3, seqno=202)) is Observation.NEW
+        back = membership.view.get(peer)
+        assert back is not None and back.version == 3 and membership.latest(peer) is not None
+        nursery.cancel_scope.cancel()
