@@ -8,8 +8,8 @@ mesh; none of their announcements ever reached anyone, so nobody could dial them
 
 go-libp2p avoids this with `floodPublish` (on by default): a peer's own messages go to every
 connected peer subscribed to the topic, while forwarded messages still follow the mesh. This
-router does the same. Announcements are small and published once per round (plus a periodic
-re-announcement), so the extra copies cost little.
+router does the same. Announcements are small and published once when a peer joins and then
+at each periodic re-announcement, so the extra copies cost little.
 """
 
 from __future__ import annotations

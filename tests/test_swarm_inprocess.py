@@ -123,3 +123,42 @@ async def test_settling_rounds_merge_without_training(tmp_path: Path,
         return value
 
     assert distance(6) < distance(2) / 2, "merging without training pulls the adapters together"
+
+
+async def test_a_failed_neighbour_is_replaced_and_rounds_announce_nothing(
+    tmp_path: Path, small_model_dir: Path
+) -> None:
+    """With fanout 1, drawing the attacker costs no merge: another neighbour is fetched instead.
+
+    And only the join announcement is published (the re-announce interval, a third of the peer
+    timeout, is longer than the test): fetches still get each neighbour's newest adapter.
+    """
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [{"text": f"an ordinary training line number {j}"} for j in range(6)])
+    slow_reannounce = TopologyConfig(fanout=1, peer_timeout_s=900)
+    # Paced: a neighbour serves one peer at most every 0.5 s.
+    paced = {"topology": slow_reannounce, "round_pause_s": 0.6}
+    peers: list[Peer] = []
+    async with trio.open_nursery() as nursery:
+        honest = Peer(replace(_config(tmp_path, "honest", small_model_dir, train, (),
+                                      wait_peers=2), **paced))
+        node = await nursery.start(honest.run)
+        bootstrap = (node.listen_addrs[0],)
+        for name, extra in (("attacker", {"attack": "scale", "attack_scale": 1000.0}),
+                            ("other", {})):
+            peer = Peer(replace(_config(tmp_path, name, small_model_dir, train, bootstrap,
+                                        **extra), **paced))
+            await nursery.start(peer.run)
+            peers.append(peer)
+        with trio.fail_after(240):
+            while honest.rejected["norm_bound"] < 2 or honest.round < 4:
+                await honest.wait_rounds(honest.round + 1)
+        heard = peers[1].membership.latest(node.peer_id) if peers[1].membership else None
+        nursery.cancel_scope.cancel()
+    from scripts.simreport import read_metrics
+
+    merged = [m["merged"] for m in read_metrics(honest.config.data_dir) if m["round"] >= 2]
+    assert merged and all(count == 1 for count in merged), merged
+    assert honest.merges >= len(merged)
+    assert heard is not None and heard.version == 0, "rounds were not announced one by one"
+    assert honest.version >= 4
