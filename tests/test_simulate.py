@@ -74,3 +74,20 @@ def test_in_process_simulation_of_eight_peers(tmp_path: Path, small_model_dir: P
     # One process, yet every peer kept its own data folder with an exported adapter.
     for index in range(8):
         assert (tmp_path / "peers" / f"p{index}" / "export" / "adapter_model.safetensors").is_file()
+
+
+def test_in_process_timeouts_grow_with_the_swarm_unless_given(tmp_path: Path) -> None:
+    from scripts.inprocess import peer_config
+    from scripts.simulate import in_process_defaults, parse_args, peer_command
+
+    def config(*extra: str):  # type: ignore[no-untyped-def]
+        args = parse_args(["--in-process", "--peers", "64", "--out", str(tmp_path), *extra])
+        command = peer_command(args, tmp_path, tmp_path / "p1", tmp_path / "train.jsonl",
+                               tmp_path / "eval.jsonl", None, defaults=in_process_defaults(64))
+        return peer_config(command)
+
+    grown = config()
+    assert grown.topology.peer_timeout_s == 640 and grown.network.fetch_timeout_s == 64
+    given = config("--peer-arg=--peer-timeout=90")
+    assert given.topology.peer_timeout_s == 90, "a --peer-arg wins over the default"
+    assert in_process_defaults(2) == ["--peer-timeout", "30", "--fetch-timeout", "30"]
