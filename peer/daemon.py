@@ -264,15 +264,16 @@ class Peer:
         tried: set[str] = set()
         for _ in range(_GATHER_WAVES):
             missing = wanted - len(accepted)
-            chosen = [info.peer_id for info in
-                      view.sample(missing, self.rng, trio.current_time(), exclude=tried)
-                      if info.peer_id in self._latest] if missing > 0 else []
+            if missing <= 0:
+                break
+            drawn = view.sample(missing, self.rng, trio.current_time(), exclude=tried)
+            chosen = [self._latest[info.peer_id] for info in drawn if info.peer_id in self._latest]
             if not chosen:
                 break
-            tried.update(chosen)
+            tried.update(announcement.peer for announcement in chosen)
             async with trio.open_nursery() as nursery:
-                for peer in chosen:
-                    nursery.start_soon(self._fetch_one, self._latest[peer], own, accepted)
+                for announcement in chosen:
+                    nursery.start_soon(self._fetch_one, announcement, own, accepted)
         return accepted
 
     async def _fetch_one(self, announcement: Announcement, own: dict[str, Any],
