@@ -55,6 +55,14 @@ def test_peers_start_equal_and_train_only_their_own_adapter(
     before = first.state()
     second.load_state(merged)
     assert _equal(second.state(), merged) and _equal(first.state(), before)
+    # The trainer reads its own factors directly; peft's reading of the same adapter agrees.
+    assert _equal(get_peft_model_state_dict(shared.model, adapter_name=second.adapter), merged)
+    key = next(iter(merged))
+    with pytest.raises(KeyError):
+        second.load_state({**merged, "not.a.lora_A.weight": merged[key]})
+    with pytest.raises(ValueError):
+        second.load_state({**merged, key: torch.zeros(1, 1)})
+    assert _equal(second.state(), merged), "a refused state changes nothing"
 
     # The export of a named adapter is a standard PEFT folder holding exactly its values.
     export = PeerStore(tmp_path).export(shared.model, second.adapter)
