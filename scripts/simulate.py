@@ -178,14 +178,18 @@ def peer_command(args: argparse.Namespace, model_dir: Path, folder: Path, train:
 
 
 def in_process_defaults(peers: int) -> list[str]:
-    """Timeouts that grow with the swarm when one process runs every peer.
+    """Settings for peers that share one process: timeouts grow with the swarm, no pings.
 
     Every re-announcement (one per peer every third of `--peer-timeout`) reaches every peer,
     and one process pays for all of them: measured with 64 loopback peers, one wave of 64
     announcements cost 30 s of CPU. 10 s of peer timeout per peer keeps those waves under a
     fifth of a core; 1 s of fetch timeout per peer covers transfers queued behind them.
+    Health pings find frozen peers, which one process cannot have (a crashed peer closes its
+    sockets), and under load they failed by the thousand at 64 peers, each aborting a healthy
+    connection that was then dialled again: new connections took a fifth of the loop (py-spy).
     """
-    return ["--peer-timeout", f"{max(30, 10 * peers)}", "--fetch-timeout", f"{max(30, peers)}"]
+    return ["--peer-timeout", f"{max(30, 10 * peers)}", "--fetch-timeout", f"{max(30, peers)}",
+            "--health-check", "0"]
 
 
 def run_peer_processes(args: argparse.Namespace, model_dir: Path, shards: list[Path],

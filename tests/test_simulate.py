@@ -90,4 +90,5 @@ def test_in_process_timeouts_grow_with_the_swarm_unless_given(tmp_path: Path) ->
     assert grown.topology.peer_timeout_s == 640 and grown.network.fetch_timeout_s == 64
     given = config("--peer-arg=--peer-timeout=90")
     assert given.topology.peer_timeout_s == 90, "a --peer-arg wins over the default"
-    assert in_process_defaults(2) == ["--peer-timeout", "30", "--fetch-timeout", "30"]
+    assert grown.network.health_check_s == 0
+    assert in_process_defaults(2)[:4] == ["--peer-timeout", "30", "--fetch-timeout", "30"]
