@@ -35,6 +35,20 @@ def test_network_and_settling_flags(tmp_path: Path) -> None:
     assert config.network.health_check_s == 0 and config.network.ping_timeout_s == 20
 
 
+def test_libp2p_settings_follow_the_network_flags() -> None:
+    from gossip.config import NodeConfig, connection_config
+
+    pinged = connection_config(NodeConfig(fetch_timeout_s=64, health_check_s=15))
+    assert pinged.enable_health_monitoring and pinged.health_check_interval == 15
+    unpinged = connection_config(NodeConfig(fetch_timeout_s=64, health_check_s=0))
+    assert not unpinged.enable_health_monitoring
+    for settings in (pinged, unpinged):  # a stream may negotiate as long as a fetch may take
+        assert settings.outbound_stream_protocol_negotiation_timeout == 64
+        assert settings.inbound_stream_protocol_negotiation_timeout == 64
+    short = connection_config(NodeConfig(fetch_timeout_s=3))
+    assert short.outbound_stream_protocol_negotiation_timeout == 10, "never below libp2p's"
+
+
 def test_toml_is_read_and_flags_win(tmp_path: Path) -> None:
     toml = tmp_path / "peer.toml"
     toml.write_text(f'data_dir = "{tmp_path}"\ntrain = "a.jsonl"\nlr = 0.005\nrounds = 3\n'
