@@ -54,6 +54,10 @@ _TICK_S = 1.0
 _REJOIN_BASE_S, _REJOIN_CAP_S = 0.5, 30.0
 _REDIAL_BASE_S, _REDIAL_CAP_S = 1.0, 60.0
 _SEQNOS_PER_VIEW_SLOT = 4  # signers whose last seqno is kept: 4 x view size
+# Re-announce after this share of the interval, drawn uniformly. Peers that joined together
+# re-announce together; the wider the draw, the sooner their waves spread out (with 0.75-1.25,
+# 64 in-process peers re-announced within 100 s of each other, and fetches failed in bursts).
+_REANNOUNCE_SPREAD = (0.5, 1.5)
 
 
 @dataclass(frozen=True)
@@ -248,7 +252,7 @@ class Membership:
         """
         while True:
             quiet = trio.current_time() - self.node.published_at
-            wait = self._reannounce_s * self.rng.uniform(0.75, 1.25) - quiet
+            wait = self._reannounce_s * self.rng.uniform(*_REANNOUNCE_SPREAD) - quiet
             if wait > 0:
                 await trio.sleep(wait)
             elif self.node.current is not None:
