@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import multiaddr
 from libp2p.network.config import ConnectionConfig
@@ -79,17 +79,16 @@ def connection_config(config: NodeConfig) -> ConnectionConfig:
     only failed fetches that would have finished: with 64 peers in one process, 1,311 of 1,446
     failed fetches were negotiations cut off at 10 s while the event loop was busy.
     """
-    negotiation = {
-        "outbound_stream_protocol_negotiation_timeout": float(max(10, config.fetch_timeout_s)),
-        "inbound_stream_protocol_negotiation_timeout": float(max(10, config.fetch_timeout_s)),
-    }
+    negotiation = float(max(10, config.fetch_timeout_s))
+    settings = ConnectionConfig(outbound_stream_protocol_negotiation_timeout=negotiation,
+                                inbound_stream_protocol_negotiation_timeout=negotiation)
     if config.health_check_s == 0:
-        return ConnectionConfig(**negotiation)
-    return ConnectionConfig(
+        return settings
+    return replace(
+        settings,
         enable_health_monitoring=True,
         health_initial_delay=config.health_check_s,
         health_check_interval=config.health_check_s,
         ping_timeout=config.ping_timeout_s,
         abort_connection_on_ping_failure=True,
-        **negotiation,
     )
