@@ -197,14 +197,16 @@ class Peer:
         own = Contribution(state=state, samples=runtime.trainer.samples, age=0)
         others = self._merge_inputs(accepted)
         if others:
-            runtime.trainer.load_state(merge_states(own, others, self.config.merge))
+            # merge_states returns a fresh copy, so it also feeds the checkpoint and the sketch.
+            state = merge_states(own, others, self.config.merge)
+            runtime.trainer.load_state(state)
             self.merges += len(accepted)
         self.round += 1
         last = self.round == self.config.total_rounds  # the final adapter is always evaluated
         evaluated = runtime.eval_batches and (self.round % self.config.eval_every == 0 or last)
         if evaluated:
             await self._evaluate(record=False)
-        self._persist(loss, len(accepted), evaluated=bool(evaluated))
+        self._persist(state, loss, len(accepted), evaluated=bool(evaluated))
         self._round_done.set()
         self._round_done = trio.Event()
 
@@ -253,9 +255,9 @@ class Peer:
     async def _gather(self, own: dict[str, Any]) -> list[Contribution]:
         """Fetch from `fanout` random live neighbours; keep the adapters that validate.
 
-        A neighbour that fails (unreachable, busy, timed out, rejected) is replaced by another
-        live one drawn at random, in up to `_GATHER_WAVES` waves, so that a round merges
-        `fanout` adapters whenever enough neighbours answer. Each wave is bounded by
+        A neighbour that fails (unreachable, busy, timed out, rejected, untrained) is replaced
+        by another live one drawn at random, in up to `_GATHER_WAVES` waves, so that a round
+        merges `fanout` adapters whenever enough neighbours answer. Each wave is bounded by
         `--fetch-timeout`.
         """
         view, wanted = self._view(), self.config.topology.fanout
@@ -283,6 +285,11 @@ class Peer:
             fetched = await node.fetch(announcement)
             self.adapters_received += 1
             self._view().observe(announcement.peer, trio.current_time())  # it answered: alive
+            if fetched.samples == 0 and runtime.trainer.samples > 0:
+                # A neighbour that has not finished its first round serves the seeded adapter,
+                # which would merge with weight 0: try another one instead.
+                logger.debug("%s has not trained yet; not merged", announcement.peer)
+                return
             state = decode_adapter(fetched.data, max_bytes=self.config.network.max_adapter_bytes,
                                    expected=runtime.shapes, allow_rank_change=self._rank_free)
             validate_update(own, state, self.config.merge, allow_rank_change=self._rank_free)
@@ -294,11 +301,6 @@ class Peer:
         except RejectedUpdate as exc:
             self.rejected[exc.reason] += 1
             logger.warning("rejected adapter from %s: %s", announcement.peer, exc)
-            return
-        if fetched.samples == 0 and runtime.trainer.samples > 0:
-            # A neighbour that has not finished its first round serves the seeded adapter,
-            # which would merge with weight 0: try another one instead.
-            logger.debug("%s has not trained yet; not merged", announcement.peer)
             return
         age = max(0, self.version - fetched.version)
         accepted.append(Contribution(state=state, samples=fetched.samples, age=age,
@@ -319,8 +321,9 @@ class Peer:
         if record:
             self._runtime().store.append_metrics(self._metrics(None, 0, evaluated=True))
 
-    def _persist(self, loss: float | None, merged: int, *, evaluated: bool) -> None:
-        state = self._runtime().trainer.state()  # one copy feeds the checkpoint and the sketch
+    def _persist(self, state: dict[str, Any], loss: float | None, merged: int, *,
+                 evaluated: bool) -> None:
+        """Checkpoint and log the round; `state` is a copy of the adapter as it is now."""
         self._save_checkpoint(state)
         self._runtime().store.append_metrics(
             self._metrics(loss, merged, evaluated=evaluated, state=state))
