@@ -167,3 +167,48 @@ async def test_a_failed_neighbour_is_replaced_and_rounds_announce_nothing(
     assert honest.merges >= len(merged)
     assert heard is not None and heard.version == 0, "rounds were not announced one by one"
     assert honest.version >= 4
+
+
+async def test_a_neighbour_that_has_not_trained_yet_is_waited_for(
+    tmp_path: Path, small_model_dir: Path, monkeypatch
+) -> None:
+    """The first peer to finish round 1 fetches its only neighbour again once that one trained.
+
+    The neighbour's training is held until the first peer has fetched its untrained adapter,
+    so round 1 of the first peer can merge only if it waits and fetches again.
+    """
+    import threading
+
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [{"text": f"an ordinary training line number {j}"} for j in range(6)])
+    release = threading.Event()
+    async with trio.open_nursery() as nursery:
+        first = Peer(replace(_config(tmp_path, "first", small_model_dir, train, (), wait_peers=1),
+                             topology=TopologyConfig(fanout=1, peer_timeout_s=60)))
+        node = await nursery.start(first.run)
+        late = Peer(_config(tmp_path, "late", small_model_dir, train, (node.listen_addrs[0],)))
+        train_late = late._train
+
+        def held() -> float:
+            release.wait(timeout=60)
+            return train_late()
+
+        monkeypatch.setattr(late, "_train", held)
+        await nursery.start(late.run)
+        try:
+            with trio.fail_after(120):
+                while first.adapters_received < 1:
+                    await trio.sleep(0.05)
+                waiting = first.round == 0
+                release.set()
+                await first.wait_rounds(1)
+        finally:
+            release.set()
+            nursery.cancel_scope.cancel()
+    assert waiting, "round 1 ended without waiting for the neighbour to train"
+    from scripts.simreport import read_metrics
+
+    round_one = next(m for m in read_metrics(first.config.data_dir) if m["round"] == 1)
+    assert round_one["merged"] == 1
+    assert first.adapters_received >= 2
+
