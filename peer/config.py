@@ -59,6 +59,10 @@ class PeerConfig:
         "training, so that the swarm ends close to one adapter (needs --rounds)"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds"})
     round_pause_s: float = field(default=0.0, metadata={"help": "idle time between rounds"})
+    linger_s: float = field(default=0.0, metadata={
+        "help": "after the last of --rounds (and --settle-rounds), keep serving the final "
+        "adapter this long, so that slower neighbours' last rounds can still fetch it; "
+        "SIGINT or SIGTERM ends it early"})
     wait_peers: int = field(default=0, metadata={
         "help": "before the first round, wait until this many other peers are live "
         "(0: start at once)"})
@@ -87,8 +91,8 @@ class PeerConfig:
                              "follows the training rounds)")
         if self.eval_every < 1:
             raise ValueError("eval_every must be at least 1")
-        if self.round_pause_s < 0:
-            raise ValueError("round_pause_s must be >= 0")
+        if self.round_pause_s < 0 or self.linger_s < 0:
+            raise ValueError("round_pause_s and linger_s must be >= 0")
         if self.wait_peers < 0 or self.wait_timeout_s < 0:
             raise ValueError("wait_peers and wait_timeout must be >= 0")
         if self.attack and self.attack not in ATTACKS:

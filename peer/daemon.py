@@ -132,6 +132,7 @@ class Peer:
                     self._write_status()
                     task_status.started(node)
                     await self._rounds()
+                    await self._linger()
                     nursery.cancel_scope.cancel()
         finally:
             if not self._crashed:
@@ -181,6 +182,18 @@ class Peer:
                 self._training_round_s = took
             if pause > 0:
                 await trio.sleep(pause)
+
+    async def _linger(self) -> None:
+        """Keep serving the final adapter for `--linger` seconds after the last round.
+
+        Peers of one swarm finish at different times; measured with 64 peers in one process,
+        68 of 384 settling rounds merged nothing because the neighbours drawn had finished and
+        left. A peer stopped by a signal does not linger.
+        """
+        if self.config.linger_s and not self._stop.is_set():
+            logger.info("all %d rounds done; serving the final adapter for %.0f s",
+                        self.round, self.config.linger_s)
+            await trio.sleep(self.config.linger_s)
 
     def training(self) -> bool:
         """Whether the next round trains: every round but the settling ones after `rounds`."""

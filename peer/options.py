@@ -99,6 +99,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("settle_rounds", None, "settle_rounds", int, "N"),
     Option("eval_every", None, "eval_every", int, "N"),
     Option("round_pause", None, "round_pause_s", float, "SECONDS"),
+    Option("linger", None, "linger_s", float, "SECONDS"),
     Option("wait_peers", None, "wait_peers", int, "N"),
     Option("wait_timeout", None, "wait_timeout_s", float, "SECONDS"),
     Option("attack", None, "attack", str, "NAME"),

@@ -148,6 +148,7 @@ async def _swarm(command_for: CommandFor, count: int, rounds: int, timeout: floa
                 nursery.start_soon(_churn_one, nursery, slots, index, after, churn.downtime_s,
                                    config, shared, killed)
             memory["running_mib"] = await _show_progress(slots, rounds, console)
+            nursery.cancel_scope.cancel()  # every peer is done and lingering: stop them all
     memory["per_peer_mib"] = round((memory["running_mib"] - memory["base_mib"]) / count, 2)
     memory["peak_mib"] = round(peak_rss_mib(), 1)
     records = {k.name: churn_record(k.folder, killed_at_round=k.round,

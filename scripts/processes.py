@@ -99,21 +99,34 @@ def rounds_done(folder: Path) -> int:
     return max((int(line["round"]) for line in lines), default=0)
 
 
+def stop_lingering(peers: list[Launched]) -> None:
+    """SIGTERM every peer still running: all have done their rounds (`--linger` keeps them up
+    serving their final adapter to slower ones until then); each writes its final checkpoint."""
+    for p in peers:
+        if p.process.poll() is None:
+            p.process.terminate()
+
+
 def watch(peers: list[Launched], rounds: int, timeout: float, console: Console,
           churn: Churn | None = None) -> None:
     """Show a progress bar per peer until every daemon has exited (churned ones: restarted)."""
     churn = churn or Churn(ChurnPlan())
-    deadline = time.monotonic() + timeout
+    deadline, stopped = time.monotonic() + timeout, False
     with Progress(*progress_columns(), console=console, transient=False) as progress:
         tasks = {p.name: progress.add_task(f"peer {p.name}", total=rounds) for p in peers}
         while any(p.process.poll() is None for p in peers) or churn.pending():
-            churn.poll(peers)
+            if not stopped:
+                churn.poll(peers)
             if time.monotonic() > deadline:
                 for p in peers:
                     p.process.kill()
                 raise SystemExit(f"the simulation did not finish within {timeout:.0f} s")
+            done = {p.name: rounds_done(p.folder) for p in peers}
             for p in peers:
-                progress.update(tasks[p.name], completed=rounds_done(p.folder))
+                progress.update(tasks[p.name], completed=done[p.name])
+            if not stopped and all(n >= rounds for n in done.values()) and not churn.pending():
+                stop_lingering(peers)  # once: a second SIGTERM would kill a peer mid-export
+                stopped = True
             time.sleep(0.5)
         for p in peers:
             progress.update(tasks[p.name], completed=rounds_done(p.folder))

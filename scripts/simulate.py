@@ -168,6 +168,10 @@ def peer_command(args: argparse.Namespace, model_dir: Path, folder: Path, train:
         command += ["--attack", args.attack, "--attack-scale", str(args.attack_scale)]
     if args.mode == "gossip" and args.settle_rounds:
         command += ["--settle-rounds", str(args.settle_rounds)]
+    if args.mode == "gossip":
+        # Serve the final adapter until every peer is done (the simulator then stops them
+        # all): peers finish at different times, and slower ones still fetch from faster ones.
+        command += ["--linger", f"{args.timeout:g}"]
     if bootstrap:
         command += ["--bootstrap", bootstrap]
     if args.mode == "gossip" and args.peers > 1:

@@ -77,6 +77,7 @@ def test_every_option_has_help() -> None:
         (["--merge-rule", "nope"], "nope"),
         (["--ping-timeout", "0"], "timeout"),
         (["--health-check", "-1"], "health_check"),
+        (["--linger", "-5"], "linger_s"),
         (["--settle-rounds", "2"], "settle_rounds"),  # without --rounds there is nothing to settle
     ],
 )

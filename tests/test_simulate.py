@@ -43,6 +43,12 @@ def test_gossip_simulation_writes_result_and_plot(tmp_path: Path, small_model_di
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     shards = json.loads((tmp_path / "data" / "categories.json").read_text())
     assert len(shards) == 3 and not set(shards[0]) & set(shards[1]), "domain split: disjoint"
+    # Peers that finished lingered (--linger), serving, until all were done; then one SIGTERM
+    # stopped each, and each still wrote its final checkpoint and export.
+    logs = [(tmp_path / "logs" / f"p{index}.log").read_text() for index in range(3)]
+    assert all(log.count("SIGTERM: stopping") == 1 for log in logs)
+    for index in range(3):
+        assert (tmp_path / "peers" / f"p{index}" / "export" / "adapter_model.safetensors").is_file()
 
 
 def test_central_simulation_is_one_peer(tmp_path: Path, small_model_dir: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import torch
 import trio
@@ -212,3 +213,37 @@ async def test_a_neighbour_that_has_not_trained_yet_is_waited_for(
     assert round_one["merged"] == 1
     assert first.adapters_received >= 2
 
+
+async def test_a_finished_peer_lingers_and_keeps_serving_its_final_adapter(
+    tmp_path: Path, small_model_dir: Path
+) -> None:
+    """After its last round, a peer with --linger still serves: a slower one merges from it."""
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [{"text": f"an ordinary training line number {j}"} for j in range(6)])
+    fanout_one = TopologyConfig(fanout=1, peer_timeout_s=60)
+    async with trio.open_nursery() as nursery:
+        done = trio.Event()
+        quick = Peer(replace(_config(tmp_path, "quick", small_model_dir, train, (),
+                                     wait_peers=1),
+                             rounds=1, linger_s=120, topology=fanout_one))
+
+        async def run_quick(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            await quick.run(task_status=task_status)
+            done.set()
+
+        node = await nursery.start(run_quick)
+        # Paced: a neighbour serves one peer at most every 0.5 s.
+        slow = Peer(replace(_config(tmp_path, "slow", small_model_dir, train,
+                                    (node.listen_addrs[0],)),
+                            topology=fanout_one, round_pause_s=0.6))
+        await nursery.start(slow.run)
+        with trio.fail_after(120):
+            await quick.wait_rounds(1)
+            merges, rounds = slow.merges, slow.round
+            while slow.round < rounds + 3:
+                await slow.wait_rounds(slow.round + 1)
+        lingering = not done.is_set()
+        nursery.cancel_scope.cancel()
+    assert lingering, "the finished peer left before the test ended"
+    assert quick.round == 1
+    assert slow.merges >= merges + 3, "every later round merged the finished peer's adapter"
