@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ from peer.daemon import Peer
 from peer.options import add_peer_arguments, config_from_args
 from peer.shared import SharedModel
 from scripts.churn import ChurnPlan, churn_record, last_metrics
+from scripts.processes import rounds_done
 from scripts.simreport import progress_columns
 
 CommandFor = Callable[[int, str | None], list[str]]
@@ -61,31 +62,53 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_in_process(command_for: CommandFor, count: int, rounds: int, *, out: Path,
+@dataclass(frozen=True)
+class Share:
+    """The peers one process runs, and how it meets and waits for the rest of the swarm.
+
+    Attributes:
+        indices: the peers (by index) this process runs; the first one loads the shared model.
+        bootstrap: the address to join through; None: the first peer here is the bootstrap
+            (index 0) and every other peer joins through it.
+        others: data folders of peers run by other processes; this one keeps its peers up
+            (lingering) until those have finished their rounds too.
+        log: file name under OUT/logs for the peers' log lines.
+    """
+
+    indices: Sequence[int]
+    bootstrap: str | None = None
+    others: Sequence[Path] = ()
+    log: str = "inprocess.log"
+
+
+def run_in_process(command_for: CommandFor, share: Share, rounds: int, *, out: Path,
                    timeout: float, console: Console,
                    churn: ChurnPlan | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run `count` peers in this process until each has done `rounds` rounds.
+    """Run the peers of `share` in this process until every peer has done `rounds` rounds.
 
     Args:
         command_for: (peer index, bootstrap address or None) -> the peer's command line.
-        churn: which peers to crash after which round, and for how long.
+        churn: which peers to crash after which round, and for how long (only those of
+            `share.indices` are churned here).
 
     Returns:
         memory figures in MiB: base (after loading the shared model), loaded (every peer's
         model and data loaded), running (once every peer finished a round), per_peer
-        ((running - base) / count) and peak; and the churn record of each churned peer, by
+        ((running - base) / peers) and peak; and the churn record of each churned peer, by
         name (`scripts.churn.churn_record`).
     """
     logs = out / "logs"
     logs.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(logs / "inprocess.log")
+    handler = logging.FileHandler(logs / share.log)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
+    mine = {i: after for i, after in (churn or ChurnPlan()).kill_after.items()
+            if i in share.indices}
+    plan = ChurnPlan(mine, (churn or ChurnPlan()).downtime_s)
     try:
-        return trio.run(_swarm, command_for, count, rounds, timeout, console,
-                        churn or ChurnPlan())
+        return trio.run(_swarm, command_for, share, rounds, timeout, console, plan)
     except trio.TooSlowError:
         raise SystemExit(f"the simulation did not finish within {timeout:.0f} s; "
                          "raise --timeout") from None
@@ -118,9 +141,10 @@ async def _run(slot: _Slot, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> N
         slot.done.set()
 
 
-async def _swarm(command_for: CommandFor, count: int, rounds: int, timeout: float,
+async def _swarm(command_for: CommandFor, share: Share, rounds: int, timeout: float,
                  console: Console, churn: ChurnPlan) -> tuple[dict[str, Any], dict[str, Any]]:
-    first = peer_config(command_for(0, None))
+    indices = list(share.indices)
+    first = peer_config(command_for(indices[0], None))
     torch.set_num_threads(first.train.threads or torch.get_num_threads())
     shared = await trio.to_thread.run_sync(
         lambda: SharedModel.load(first.model, first.lora, first.init_seed,
@@ -131,25 +155,31 @@ async def _swarm(command_for: CommandFor, count: int, rounds: int, timeout: floa
         # Load every peer first (seconds each), then join them all at once: joined one by one,
         # the first peers of a 64-peer run finished short runs before the last had loaded.
         loaded = [await _loaded(Peer(first, shared))]
-        for index in range(1, count):
+        for index in indices[1:]:
             loaded.append(await _loaded(Peer(peer_config(command_for(index, None)), shared)))
         memory["loaded_mib"] = round(rss_mib(), 1)
         async with trio.open_nursery() as nursery:
-            slots = [_Slot(loaded[0])]
-            node = await nursery.start(_run, slots[0])
-            bootstrap = node.listen_addrs[0]
-            for index, early in enumerate(loaded[1:], 1):
+            slots: dict[int, _Slot] = {}
+            bootstrap = share.bootstrap
+            for index, early in zip(indices, loaded, strict=True):
+                if bootstrap is None:  # the swarm's first peer: it needs no address
+                    slots[index] = _Slot(early)
+                    node = await nursery.start(_run, slots[index])
+                    bootstrap = node.listen_addrs[0]
+                    continue
                 peer = Peer(peer_config(command_for(index, bootstrap)), shared)
                 peer.runtime = early.runtime  # the same data folder, loaded without a network
-                slots.append(_Slot(peer))
-                await nursery.start(_run, slots[-1])
+                slots[index] = _Slot(peer)
+                await nursery.start(_run, slots[index])
             for index, after in churn.kill_after.items():
                 config = peer_config(command_for(index, bootstrap))
                 nursery.start_soon(_churn_one, nursery, slots, index, after, churn.downtime_s,
                                    config, shared, killed)
             memory["running_mib"] = await _show_progress(slots, rounds, console)
+            await _wait_for_others(share.others, rounds)
             nursery.cancel_scope.cancel()  # every peer is done and lingering: stop them all
-    memory["per_peer_mib"] = round((memory["running_mib"] - memory["base_mib"]) / count, 2)
+    memory["per_peer_mib"] = round((memory["running_mib"] - memory["base_mib"]) / len(indices),
+                                   2)
     memory["peak_mib"] = round(peak_rss_mib(), 1)
     records = {k.name: churn_record(k.folder, killed_at_round=k.round,
                                     version_before_kill=k.version, resumed_version=k.resumed,
@@ -158,7 +188,13 @@ async def _swarm(command_for: CommandFor, count: int, rounds: int, timeout: floa
     return memory, records
 
 
-async def _churn_one(nursery: trio.Nursery, slots: list[_Slot], index: int, after: int,
+async def _wait_for_others(folders: Sequence[Path], rounds: int) -> None:
+    """Wait until the peers of the other processes have logged `rounds` rounds each."""
+    while any(rounds_done(folder) < rounds for folder in folders):
+        await trio.sleep(0.5)
+
+
+async def _churn_one(nursery: trio.Nursery, slots: dict[int, _Slot], index: int, after: int,
                      downtime_s: float, config: PeerConfig, shared: SharedModel,
                      killed: list[_Killed]) -> None:
     """Crash the peer of `slots[index]` after round `after`; restart it after the downtime."""
@@ -186,7 +222,7 @@ async def _loaded(peer: Peer) -> Peer:
     return peer
 
 
-async def _show_progress(slots: list[_Slot], rounds: int, console: Console) -> float:
+async def _show_progress(slots: dict[int, _Slot], rounds: int, console: Console) -> float:
     """Show the slowest peer's round until every peer is done.
 
     Returns:
@@ -197,7 +233,7 @@ async def _show_progress(slots: list[_Slot], rounds: int, console: Console) -> f
     with Progress(*progress_columns(), console=console) as progress:
         task = progress.add_task(f"{len(slots)} peers in one process", total=rounds)
         while True:
-            slowest = min(slot.peer.round for slot in slots)
+            slowest = min(slot.peer.round for slot in slots.values())
             progress.update(task, completed=slowest)
             if slowest >= 1 and running is None:
                 running = round(rss_mib(), 1)

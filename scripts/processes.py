@@ -79,16 +79,23 @@ def launch(command_for: CommandFor, folders: list[Path], *, out: Path, timeout: 
 def wait_for_address(peer: Launched, *, timeout: float) -> str:
     """The first peer writes status.json once it listens; its address is the bootstrap."""
     deadline = time.monotonic() + timeout
-    status = peer.folder / "status.json"
     while time.monotonic() < deadline:
         if peer.process.poll() is not None:
             raise SystemExit(f"peer {peer.name} exited early; see its log in logs/{peer.name}.log")
-        if status.is_file():
-            addrs = json.loads(status.read_text())["listen_addrs"]
-            if addrs:
-                return str(addrs[0])
+        address = read_address(peer.folder)
+        if address:
+            return address
         time.sleep(0.2)
     raise SystemExit(f"peer {peer.name} did not come up within {timeout:.0f} s")
+
+
+def read_address(folder: Path) -> str | None:
+    """The first listen address in a peer's status.json; None before the peer has written it."""
+    status = folder / "status.json"
+    if not status.is_file():
+        return None
+    addrs = json.loads(status.read_text())["listen_addrs"]
+    return str(addrs[0]) if addrs else None
 
 
 def rounds_done(folder: Path) -> int:

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 from collections.abc import Sequence
@@ -99,6 +100,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--in-process", action="store_true",
                         help="run every peer in this one process, sharing one frozen base model "
                         "(for many peers: each costs only its adapter, optimizer and batches)")
+    parser.add_argument("--workers", type=int, default=1, metavar="K",
+                        help="with --in-process: spread the peers over K processes, each with "
+                        "its own copy of the base model and its own event loop (use up to one "
+                        "per core for 32 peers and more)")
     parser.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
                         help="extra argument passed to every peer (repeatable), e.g. "
                         "--peer-arg=--merge-rule=product")
@@ -112,6 +117,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--byzantine N needs --mode gossip and 0 <= N < --peers")
     if not 0 <= args.churn < 1 or args.churn_downtime < 0:
         parser.error("--churn must be in [0, 1) and --churn-downtime >= 0")
+    if args.workers < 1 or (args.workers > 1 and not args.in_process):
+        parser.error("--workers K needs --in-process and K >= 1")
     if args.churn and args.rounds < 3:
         parser.error("--churn needs --rounds >= 3 (a peer is killed after 1..rounds-2 rounds)")
     return args
@@ -216,17 +223,27 @@ def run_peers_in_process(
     churn: ChurnPlan,
 ) -> tuple[list[Path], dict[str, Any], dict[str, Any]]:
     """Every peer in this process over one shared base model: folders, memory, churn records."""
-    from scripts.inprocess import run_in_process
+    from scripts.inprocess import Share, run_in_process
+    from scripts.workers import run_workers
 
     folders = [out / "peers" / f"p{index}" for index in range(len(shards))]
+    workers = min(args.workers, len(shards))
+    # One torch thread pool per process: all the cores, shared out among the workers.
+    threads = "0" if workers == 1 else str(max(1, (os.cpu_count() or 1) // workers))
 
     def command_for(index: int, bootstrap: str | None) -> list[str]:
         command = peer_command(args, model_dir, folders[index], shards[index], eval_path,
                                bootstrap, defaults=in_process_defaults(len(shards)))
-        return command + ["--threads", "0"]  # one torch thread pool for the whole process
+        return command + ["--threads", threads]
 
-    memory, records = run_in_process(command_for, len(shards), total_rounds(args), out=out,
-                                     timeout=args.timeout, console=console, churn=churn)
+    if workers > 1:
+        memory, records = run_workers(command_for, len(shards), total_rounds(args), workers,
+                                      out=out, timeout=args.timeout, console=console,
+                                      churn=churn)
+    else:
+        memory, records = run_in_process(command_for, Share(range(len(shards))),
+                                         total_rounds(args), out=out, timeout=args.timeout,
+                                         console=console, churn=churn)
     return folders, memory, records
 
 

@@ -98,3 +98,37 @@ def test_in_process_timeouts_grow_with_the_swarm_unless_given(tmp_path: Path) ->
     assert given.topology.peer_timeout_s == 90, "a --peer-arg wins over the default"
     assert grown.network.health_check_s == 0
     assert in_process_defaults(2)[:4] == ["--peer-timeout", "30", "--fetch-timeout", "30"]
+
+
+def test_in_process_peers_spread_over_two_workers(tmp_path: Path, small_model_dir: Path) -> None:
+    """--workers 2: two processes of shared-model peers form one swarm and merge across."""
+    command = [
+        sys.executable, str(ROOT / "scripts" / "simulate.py"), "--in-process", "--workers", "2",
+        "--peers", "4", "--out", str(tmp_path), "--model", str(small_model_dir), "--rounds", "2",
+        "--steps-per-round", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "2",
+        "--eval-per-category", "1", "--timeout", "400", "--fanout", "3",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert len({p["peer_id"] for p in result["peers"]}) == 4
+    for peer in result["peers"]:
+        assert peer["rounds"] == 2 and peer["merges"] >= 1, peer
+    memory = result["memory"]
+    assert memory["workers"] == 2 and memory["per_peer_mib"] > 0
+    assert memory["base_mib"] < memory["running_mib"] <= memory["peak_mib"]
+    # Each worker ran every other peer. In 2 rounds a peer fetched at most 2 adapters from its
+    # one neighbour in the same worker, so 3 or more means the other worker's peers served it.
+    for worker in (0, 1):
+        assert "peer.daemon" in (tmp_path / "logs" / f"inprocess-w{worker}.log").read_text()
+    for peer in result["peers"]:
+        assert peer["adapters_received"] >= 3, peer
+
+
+@pytest.mark.parametrize("argv", [["--workers", "2"], ["--in-process", "--workers", "0"]])
+def test_workers_need_in_process(argv: list[str], capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.simulate import parse_args
+
+    with pytest.raises(SystemExit):
+        parse_args(argv)
+    assert "--workers K needs --in-process and K >= 1" in capsys.readouterr().err
