@@ -75,6 +75,7 @@ class Peer:
         self.last_eval: float | None = None
         self.last_train_loss = 0.0  # announced in settling rounds, which do not train
         self._training_round_s = 0.0  # how long the last training round took (paces settling)
+        self._train_s = 0.0  # how long the last training took (bounds waiting for neighbours)
         self._latest: dict[str, Announcement] = {}
         self._stop = threading.Event()
         self._started = time.monotonic()
@@ -204,7 +205,9 @@ class Peer:
         self._stop.clear()
         loss: float | None = None
         if self.training():
+            started = trio.current_time()
             loss = self.last_train_loss = await trio.to_thread.run_sync(self._train)
+            self._train_s = trio.current_time() - started
         self.version += 1
         state = runtime.trainer.state()
         await self._announce(state)
@@ -296,14 +299,16 @@ class Peer:
 
     async def _await_training(self, untrained: list[Announcement], own: dict[str, Any],
                               accepted: list[Contribution]) -> None:
-        """Fetch neighbours that had not trained yet again, backing off, for `--fetch-timeout`.
+        """Fetch neighbours that had not trained yet again, backing off, for `--fetch-timeout`
+        or as long as our own training took, whichever is longer.
 
         Peers that start together finish their first round at different times, on a shared CPU
-        up to a whole round apart, and the first to finish found only untrained neighbours:
-        measured with 64 peers in one process, 19 of them merged nothing in round 1.
+        up to a whole training round apart, and the first to finish found only untrained
+        neighbours: measured with 64 peers in one process, 19 of them merged nothing in round 1.
         """
         wanted = self.config.topology.fanout
-        deadline = trio.current_time() + self.config.network.fetch_timeout_s
+        patience = max(self.config.network.fetch_timeout_s, self._train_s)
+        deadline = trio.current_time() + patience
         delay, started = _PATIENCE_FIRST_S, trio.current_time()
         while untrained and len(accepted) < wanted and trio.current_time() + delay < deadline:
             await trio.sleep(delay)
