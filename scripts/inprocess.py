@@ -104,9 +104,9 @@ def run_in_process(command_for: CommandFor, share: Share, rounds: int, *, out: P
     root = logging.getLogger()
     root.addHandler(handler)
     root.setLevel(logging.INFO)
-    mine = {i: after for i, after in (churn or ChurnPlan()).kill_after.items()
-            if i in share.indices}
-    plan = ChurnPlan(mine, (churn or ChurnPlan()).downtime_s)
+    churn = churn or ChurnPlan()
+    plan = ChurnPlan({i: after for i, after in churn.kill_after.items() if i in share.indices},
+                     churn.downtime_s)
     try:
         return trio.run(_swarm, command_for, share, rounds, timeout, console, plan)
     except trio.TooSlowError:
