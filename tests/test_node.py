@@ -195,3 +195,24 @@ async def test_dial_by_id_uses_only_addresses_the_peer_gave_for_itself() -> None
             await client.dial(server.peer_id)
         assert client.connected_peers() == [server.peer_id]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_opened_for_a_fetch_is_closed_after_it() -> None:
+    """Fetches reach peers we were not connected to, without keeping those connections."""
+    async with trio.open_nursery() as nursery:
+        server, client = (GossipNode(NodeConfig(), SWARM, identity_dir=None) for _ in range(2))
+        for node in (server, client):
+            await nursery.start(node.run)
+        data = adapter_bytes()
+        server.offer(1, 16, data)
+        client.remember(server.peer_id, server.listen_addrs)
+        with trio.fail_after(20):
+            assert (await client.fetch(announce(server, data))).data == data
+        assert client.connected_peers() == [], "the fetch's own connection was kept"
+        # A connection that was there before the fetch stays.
+        with trio.fail_after(10):
+            await client.dial(server.peer_id)
+            await trio.sleep(0.6)  # the server serves a peer at most every 0.5 s
+            assert (await client.fetch(announce(server, data))).data == data
+        assert client.connected_peers() == [server.peer_id]
+        nursery.cancel_scope.cancel()
