@@ -140,6 +140,22 @@ class Peer:
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self._persist_final)
 
+    async def _wait_for_topic_peer(self) -> None:
+        """Hold the join announcement until a connected peer has subscribed to the swarm topic.
+
+        Published before that, it goes nowhere, and the swarm learns of us only at our first
+        re-announcement: measured with 64 peers over two worker processes, the median peer knew
+        3 others after three training rounds. Bounded by `--wait-timeout`; a peer without
+        `--bootstrap` starts the swarm and does not wait.
+        """
+        membership, node = self._membership(), self._node()
+        if not self.config.network.bootstrap:
+            return
+        with trio.move_on_after(self.config.wait_timeout_s):
+            await membership.wait_until(lambda: bool(node.topic_peers()))
+            return
+        logger.warning("no swarm peer after %.0f s; announcing anyway", self.config.wait_timeout_s)
+
     async def _wait_for_peers(self) -> None:
         """Hold the first round until `wait_peers` others are live (a swarm starting together)."""
         wanted = self.config.wait_peers
@@ -156,14 +172,15 @@ class Peer:
 
     async def _rounds(self) -> None:
         runtime = self._runtime()
+        await self._wait_for_peers()
         if self.version == 0:
-            # Tell the swarm at once that we are here (serving the seeded adapter): sent only
-            # after round 1's training, a first announcement reached the neighbours too late
-            # for their round 1; with 32 peers in one process, 23 of them merged nothing in it.
+            # Tell the swarm before round 1 that we are here (serving the seeded adapter): sent
+            # only after round 1's training, a first announcement reached the neighbours too
+            # late for their round 1; with 32 peers in one process, 23 merged nothing in it.
             # A restarted peer announces after its next round, as before its crash: its
             # checkpoint holds the merged adapter of a version whose pre-merge bytes it served.
+            await self._wait_for_topic_peer()
             await self._announce(runtime.trainer.state())
-        await self._wait_for_peers()
         if self.round == 0 and runtime.eval_batches:
             await self._evaluate(record=True)
         total = self.config.total_rounds
