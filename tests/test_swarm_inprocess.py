@@ -247,3 +247,32 @@ async def test_a_finished_peer_lingers_and_keeps_serving_its_final_adapter(
     assert lingering, "the finished peer left before the test ended"
     assert quick.round == 1
     assert slow.merges >= merges + 3, "every later round merged the finished peer's adapter"
+
+
+async def test_the_join_announcement_leaves_once_a_swarm_peer_can_receive_it(
+    tmp_path: Path, small_model_dir: Path, monkeypatch
+) -> None:
+    """Published before the bootstrap peer's subscription arrived, it would reach nobody."""
+    from gossip.node import GossipNode
+
+    publish = GossipNode.publish
+    receivers: dict[str, int] = {}
+
+    async def recording(node: GossipNode, announcement: Any) -> None:
+        receivers.setdefault(node.peer_id, len(node.topic_peers()))
+        await publish(node, announcement)
+
+    monkeypatch.setattr(GossipNode, "publish", recording)
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [{"text": f"an ordinary training line number {j}"} for j in range(6)])
+    async with trio.open_nursery() as nursery:
+        first = Peer(_config(tmp_path, "first", small_model_dir, train, ()))
+        node = await nursery.start(first.run)
+        joiner = Peer(_config(tmp_path, "joiner", small_model_dir, train, (node.listen_addrs[0],)))
+        joined = await nursery.start(joiner.run)
+        with trio.fail_after(120):
+            await joiner.wait_rounds(1)
+            while first.membership is None or first.membership.latest(joined.peer_id) is None:
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
+    assert receivers[joined.peer_id] >= 1, "the joiner announced before anyone could hear it"
