@@ -1,4 +1,4 @@
-"""GossipSub that floods the swarm topic: every message goes to every connected topic peer.
+"""GossipSub with flood publishing of our own messages.
 
 py-libp2p 0.8.1 sends a message we publish on a subscribed topic only to our mesh peers for
 that topic. A peer whose mesh is empty therefore publishes into the void: measured in a 32-peer
@@ -6,16 +6,12 @@ swarm joined through one bootstrap peer, 2 to 3 joiners ended with a single conn
 bootstrap peer, which had pruned them from its full mesh and held them in backoff) and an empty
 mesh; none of their announcements ever reached anyone, so nobody could dial them either.
 
-go-libp2p avoids that case with `floodPublish`: a peer's own messages go to every connected
-topic peer. Forwarded messages need the same. A swarm that joins through one bootstrap peer
-starts as a star, and the hub forwards only to its mesh (at most 12 peers); the others, pruned
-and penalised for grafting again, got nothing: measured with 64 peers, 19 of them still knew
-only the bootstrap peer after three training rounds, and could fetch from nobody else. Flooded,
-each announcement crosses every connection once each way at most. Connections are few: a peer
-keeps `--target-connections` and closes those it opened for a fetch, so this costs about what
-mesh forwarding does, and announcements are rare (one when a peer joins, then one per
-re-announcement interval).
+go-libp2p avoids this with `floodPublish` (on by default): a peer's own messages go to every
+connected peer subscribed to the topic, while forwarded messages still follow the mesh. This
+router does the same. Announcements are small and published once when a peer joins and then
+at each periodic re-announcement, so the extra copies cost little.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -25,7 +21,7 @@ from libp2p.pubsub.gossipsub import GossipSub
 
 
 class FloodPublishGossipSub(GossipSub):
-    """GossipSub whose messages, published or forwarded, reach every topic peer, mesh or not."""
+    """GossipSub whose own publishes reach every topic peer, mesh or not."""
 
     def _get_peers_to_send(
         self,
@@ -36,8 +32,8 @@ class FloodPublishGossipSub(GossipSub):
     ) -> Iterable[ID]:
         topics = list(topic_ids)
         chosen = set(super()._get_peers_to_send(topics, msg_forwarder, origin, msg_id))
-        if self.pubsub is not None:
+        if self.pubsub is not None and origin == self.pubsub.my_id:
             for topic in topics:
                 chosen.update(self.pubsub.peer_topics.get(topic, ()))
-        chosen.difference_update((msg_forwarder, origin))
+            chosen.discard(origin)
         return chosen
