@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import logging
 import resource
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,10 +33,9 @@ from peer.daemon import Peer
 from peer.options import add_peer_arguments, config_from_args
 from peer.shared import SharedModel
 from scripts.churn import ChurnPlan, churn_record, last_metrics
-from scripts.processes import rounds_done
+from scripts.processes import CommandFor, rounds_done
 from scripts.simreport import progress_columns
 
-CommandFor = Callable[[int, str | None], list[str]]
 _PEER_ARGV_START = 5  # python -m peer.cli -v peer ...
 
 

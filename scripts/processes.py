@@ -78,15 +78,26 @@ def launch(command_for: CommandFor, folders: list[Path], *, out: Path, timeout: 
 
 def wait_for_address(peer: Launched, *, timeout: float) -> str:
     """The first peer writes status.json once it listens; its address is the bootstrap."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
+
+    def exited() -> None:
         if peer.process.poll() is not None:
             raise SystemExit(f"peer {peer.name} exited early; see its log in logs/{peer.name}.log")
-        address = read_address(peer.folder)
+
+    return wait_for_file_address(peer.folder, timeout=timeout, what=f"peer {peer.name}",
+                                 check=exited)
+
+
+def wait_for_file_address(folder: Path, *, timeout: float, what: str,
+                          check: Callable[[], None] = lambda: None) -> str:
+    """Poll `folder`'s status.json for a listen address; `check` may raise to give up early."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        check()
+        address = read_address(folder)
         if address:
             return address
         time.sleep(0.2)
-    raise SystemExit(f"peer {peer.name} did not come up within {timeout:.0f} s")
+    raise SystemExit(f"{what} did not come up within {timeout:.0f} s")
 
 
 def read_address(folder: Path) -> str | None:

@@ -19,7 +19,6 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,10 +30,9 @@ from rich.console import Console  # noqa: E402
 from rich.progress import Progress  # noqa: E402
 
 from scripts.churn import ChurnPlan  # noqa: E402
-from scripts.processes import read_address, rounds_done  # noqa: E402
+from scripts.processes import CommandFor, rounds_done, wait_for_file_address  # noqa: E402
 from scripts.simreport import progress_columns  # noqa: E402
 
-CommandFor = Callable[[int, str | None], list[str]]
 BOOTSTRAP = "{bootstrap}"  # stands for peer 0's address in the planned command lines
 
 
@@ -112,16 +110,18 @@ def _watch(processes: list[subprocess.Popen[bytes]], folders: list[Path], rounds
         task = progress.add_task(f"{len(folders)} peers in {len(processes)} processes",
                                  total=rounds)
         while any(process.poll() is None for process in processes):
-            failed = [w for w, process in enumerate(processes) if process.poll() not in (None, 0)]
-            if failed:
-                raise SystemExit(f"worker {failed[0]} failed; see logs/worker-{failed[0]}.log")
+            _raise_if_failed(processes)
             if time.monotonic() > deadline:
                 raise SystemExit(f"the simulation did not finish within {timeout:.0f} s; "
                                  "raise --timeout")
             progress.update(task, completed=min(rounds_done(folder) for folder in folders))
             time.sleep(0.5)
         progress.update(task, completed=min(rounds_done(folder) for folder in folders))
-    failed = [w for w, process in enumerate(processes) if process.returncode != 0]
+    _raise_if_failed(processes)
+
+
+def _raise_if_failed(processes: list[subprocess.Popen[bytes]]) -> None:
+    failed = [w for w, process in enumerate(processes) if process.poll() not in (None, 0)]
     if failed:
         raise SystemExit(f"worker {failed[0]} failed; see logs/worker-{failed[0]}.log")
 
@@ -141,23 +141,14 @@ def _worker(plan_path: Path, worker: int) -> None:
     plan, out = WorkerPlan.read(plan_path), plan_path.parent
     folders = [out / "peers" / f"p{index}" for index in range(len(plan.commands))]
     mine = plan.indices(worker)
-    bootstrap = None if worker == 0 else _wait_for_address(folders[0], plan.timeout)
+    bootstrap = None if worker == 0 else wait_for_file_address(
+        folders[0], timeout=plan.timeout, what="peer 0 (see logs/worker-0.log)")
     share = Share(mine, bootstrap, others=[f for i, f in enumerate(folders) if i not in mine],
                   log=f"inprocess-w{worker}.log")
     memory, records = run_in_process(
         plan.command_for, share, plan.rounds, out=out, timeout=plan.timeout,
         console=Console(quiet=True), churn=ChurnPlan(plan.kill_after, plan.downtime_s))
     (out / f"worker-{worker}.json").write_text(json.dumps({"memory": memory, "churn": records}))
-
-
-def _wait_for_address(folder: Path, timeout: float) -> str:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        address = read_address(folder)
-        if address:
-            return address
-        time.sleep(0.2)
-    raise SystemExit(f"peer 0 did not come up within {timeout:.0f} s; see logs/worker-0.log")
 
 
 if __name__ == "__main__":
