@@ -19,13 +19,17 @@ from typing import Any
 
 import torch
 import trio
+from libp2p import generate_new_ed25519_identity
+from libp2p.peer.id import ID
+from libp2p.pubsub.pb import rpc_pb2
+from libp2p.pubsub.validators import PUBSUB_SIGNING_PREFIX
 
 from gossip.config import NodeConfig
 from gossip.errors import TransferError, WireError
 from gossip.membership import Membership
 from gossip.node import GossipNode, Received
 from gossip.swarm import swarm_id
-from gossip.wire import Announcement, encode_adapter
+from gossip.wire import Announcement, digest, encode_adapter
 from topology.config import TopologyConfig
 
 logger = logging.getLogger(__name__)
@@ -184,3 +188,41 @@ async def loopback_swarm(
             peer.hold(0)
         yield swarm
         nursery.cancel_scope.cancel()
+
+
+class SybilPublisher:
+    """An attacker's host that publishes announcements signed by identities it mints at will.
+
+    Identities are free: each announcement here comes from a fresh Ed25519 key, correctly
+    signed (gossipsub strict signing verifies), so every honest peer's validator passes it and
+    forwards it. Its adapters are never served: the addresses point at the attacker's own host,
+    which does not answer for those ids.
+    """
+
+    def __init__(self, peer: SyntheticPeer) -> None:
+        self.peer = peer
+        self.minted: list[str] = []
+        # Our own validator would check nothing useful here and only costs time.
+        peer.node.pubsub.remove_topic_validator(peer.node.topic)
+
+    async def publish(self, count: int, *, gap_s: float = 0.01, version: int = 1) -> None:
+        """Publish `count` announcements, each from a new identity, `gap_s` apart."""
+        node = self.peer.node
+        data = encode_adapter(synthetic_state(version))
+        addr = node.listen_addrs[0].partition("/p2p/")[0]
+        for _ in range(count):
+            keys = generate_new_ed25519_identity()
+            sybil = ID.from_pubkey(keys.public_key)
+            announcement = Announcement(
+                swarm=node.swarm, peer=str(sybil), version=version, samples=16,
+                digest=digest(data), nbytes=len(data), train_loss=1.0,
+                addrs=(f"{addr}/p2p/{sybil}",),
+            )
+            msg = rpc_pb2.Message(data=announcement.to_wire(), topicIDs=[node.topic],
+                                  from_id=sybil.to_bytes(), seqno=(1).to_bytes(8, "big"))
+            msg.signature = keys.private_key.sign(
+                PUBSUB_SIGNING_PREFIX.encode() + msg.SerializeToString())
+            msg.key = keys.public_key.serialize()
+            await node.pubsub.push_msg(node.pubsub.my_id, msg)
+            self.minted.append(str(sybil))
+            await trio.sleep(gap_s)

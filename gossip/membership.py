@@ -223,6 +223,8 @@ class Membership:
         self._seqnos[peer] = (heard.seqno, now)
         if self._keep(announcement):
             logger.info("new peer %s (version %d)", peer, announcement.version)
+        if seen is Observation.NEW:
+            self._prune()  # its admission may have evicted another peer
         return seen
 
     def _keep(self, announcement: Announcement) -> bool:
@@ -256,7 +258,13 @@ class Membership:
             if wait > 0:
                 await trio.sleep(wait)
             elif self.node.current is not None:
-                await self.node.publish(self.node.current)
+                try:
+                    await self.node.publish(self.node.current)
+                except GossipError as exc:
+                    # Never fatal: the next interval tries again.
+                    logger.warning("re-announcement failed (%s); retrying in %.0f s", exc,
+                                   self._reannounce_s)
+                    await trio.sleep(self._reannounce_s)
             else:
                 await trio.sleep(self._reannounce_s)
 
@@ -267,13 +275,21 @@ class Membership:
             for peer in self.node.topic_peers():
                 self.view.observe(peer, now)
             self.view.expire(now)
-            for peer in [p for p in self._latest if p not in self.view]:
-                del self._latest[peer]
-            for peer in [p for p in self._redial if p not in self.view]:
-                del self._redial[peer]
+            self._prune()
             self._forget_oldest_seqnos()
             self._notify()
             await trio.sleep(self._tick_s)
+
+    def _prune(self) -> None:
+        """Drop every record of peers that left the view (expired or evicted), peerstore too.
+
+        Per-peer state is bounded by what the view admits: a flood of identities cannot grow it.
+        """
+        for peer in [p for p in self._latest if p not in self.view]:
+            del self._latest[peer]
+            self.node.forget(peer)
+        for peer in [p for p in self._redial if p not in self.view]:
+            del self._redial[peer]
 
     def _forget_oldest_seqnos(self) -> None:
         """Keep the seqnos of departed peers too (they prove a later message fresh), bounded."""

@@ -19,7 +19,6 @@ import multiaddr
 import torch
 import trio
 from libp2p import new_host
-from libp2p.crypto.keystore import FileSystemKeyStore
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
@@ -29,6 +28,7 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from gossip.config import NodeConfig, connection_config
 from gossip.errors import GossipError, TransferError, WireError
+from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
 from gossip.router import FloodPublishGossipSub
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
 from gossip.transfer import AdapterServer, Fetched, Offer, fetch_adapter
@@ -83,15 +83,18 @@ class GossipNode:
         self.config = config
         self.swarm = swarm
         self.topic = topic_name(swarm)
-        keystore = FileSystemKeyStore(identity_dir) if identity_dir is not None else None
+        key_pair = host_key_pair(identity_dir)
+        install_ping_fix()
         self.host = new_host(
-            keystore=keystore,
-            identity_name="node",
+            key_pair=key_pair,
+            sec_opt=noise_only(key_pair),
             listen_addrs=[multiaddr.Multiaddr(a) for a in config.listen],
             psk=config.psk,
             connection_config=connection_config(config),
         )
         self.peer_id = str(self.host.get_id())
+        guard_peerstore(self.host.get_peerstore(), self.host.get_id(),
+                        self.host.get_connected_peers)
         self.router = FloodPublishGossipSub(
             # Not v1.2: py-libp2p 0.8.1 answers every delivery with IDONTWANT to each mesh peer,
             # whatever the size (go-libp2p only past 1 KiB). For our ~300-byte announcements that
@@ -307,6 +310,19 @@ class GossipNode:
         if parsed:
             self.host.get_peerstore().add_addrs(ID.from_base58(peer), parsed, _PEERSTORE_TTL_S)
 
+    def forget(self, peer: str) -> None:
+        """Drop what the peerstore holds for `peer`, which left the membership view.
+
+        The peerstore then holds only what the view admits (plus connected peers, whose keys
+        the connection still needs), so a flood of identities cannot fill it.
+        """
+        pid = ID.from_base58(peer)
+        store = self.host.get_peerstore()
+        if pid in self.host.get_connected_peers():
+            store.clear_addrs(pid)
+        elif store.has_peer(pid):
+            store.clear_peerdata(pid)
+
     def connected_peers(self) -> list[str]:
         """Ids of every peer this host holds a connection to."""
         return [str(p) for p in self.host.get_connected_peers()]
@@ -317,9 +333,19 @@ class GossipNode:
         return sorted(str(p) for p in self.pubsub.peer_topics.get(self.topic, ()) if p in connected)
 
     async def publish(self, announcement: Announcement) -> None:
-        """Sign and publish an announcement on the swarm topic; it becomes `current`."""
-        await self.pubsub.publish(self.topic, announcement.to_wire())
+        """Sign and publish an announcement on the swarm topic; it becomes `current`.
+
+        It becomes `current` even when publishing fails, so that the next re-announcement
+        retries it.
+
+        Raises:
+            GossipError: libp2p could not sign or send it (logged by the caller, never fatal).
+        """
         self.current = announcement
+        try:
+            await self.pubsub.publish(self.topic, announcement.to_wire())
+        except Exception as exc:  # PeerStoreError, PeerDataError, stream errors: no common base
+            raise GossipError(f"publishing failed: {type(exc).__name__}: {exc}") from exc
         self.published_at = trio.current_time()
 
     def update(self, announcement: Announcement) -> None:

@@ -29,7 +29,7 @@ from typing import Any
 
 import trio
 
-from gossip.errors import TransferError, WireError
+from gossip.errors import GossipError, TransferError, WireError
 from gossip.membership import Membership
 from gossip.node import GossipNode
 from gossip.wire import Announcement, decode_adapter, encode_adapter
@@ -266,7 +266,11 @@ class Peer:
             train_loss=self.last_train_loss, addrs=tuple(node.listen_addrs),
         )
         if node.current is None:
-            await node.publish(announcement)
+            try:
+                await node.publish(announcement)
+            except GossipError as exc:  # it is `current`: the re-announcement retries it
+                logger.warning("first announcement failed (%s); the next re-announcement "
+                               "retries it", exc)
         else:
             node.update(announcement)
 

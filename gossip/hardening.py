@@ -1,0 +1,148 @@
+"""Where py-libp2p 0.8.1's defaults are unsafe for an open swarm, and what we use instead.
+
+Each function fixes one measured problem; `GossipNode` applies them to its host:
+
+1. `host_key_pair` + `noise_only`: `new_host`'s default security list also offers
+   `/plaintext/2.0.0` (and TLS and SECIO). A node that offered only plaintext joined a swarm,
+   heard every announcement and fetched adapters unencrypted, and our host dialled such a node in
+   plaintext too. We offer Noise alone, so both directions refuse a plaintext-only peer.
+2. `guard_peerstore`: the peerstore holds at most 1000 peers and evicts entries without
+   addresses first, which includes our own entry with our key pair; the next publish then fails
+   with `PeerStoreError`. A flood of ~1000 fresh signed identities crashed every daemon that way.
+   The guard never evicts our own entry nor a connected peer's; `GossipNode.forget` keeps the
+   rest to what the membership view admits.
+3. `install_ping_fix`: the health monitor counts "protocol not supported" as a failed ping (the
+   library's `select_one_of` wraps `ProtocolNotSupportedError` into its base class, which the
+   probe does not recognise) and aborts the connection. A js-libp2p node, which leaves ping out by
+   default, was cut off 6-17 s after joining. A peer without ping is one we cannot ping, not a
+   dead one.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Collection
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p import generate_new_ed25519_identity
+from libp2p.crypto.keys import KeyPair
+from libp2p.crypto.keystore import FileSystemKeyStore
+from libp2p.crypto.x25519 import create_new_key_pair as new_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.host.ping import ID as PING_PROTOCOL
+from libp2p.host.ping import perform_ping_roundtrip
+from libp2p.network.health import monitor as health_monitor
+from libp2p.network.health.ping_probe import ConnectionPingResult
+from libp2p.peer.id import ID
+from libp2p.protocol_muxer.exceptions import ProtocolNotSupportedError
+from libp2p.protocol_muxer.multiselect_client import MultiselectClient
+from libp2p.protocol_muxer.multiselect_communicator import MultiselectCommunicator
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+
+__all__ = ["guard_peerstore", "host_key_pair", "install_ping_fix", "noise_only"]
+
+logger = logging.getLogger(__name__)
+
+IDENTITY_NAME = "node"
+
+
+def host_key_pair(identity_dir: Path | None) -> KeyPair:
+    """The persistent Ed25519 identity in `identity_dir/node.key`, created on first use.
+
+    None gives an ephemeral identity (tests). Same file layout as `new_host(keystore=...)`, so
+    data folders of earlier versions keep their peer id.
+    """
+    if identity_dir is None:
+        return generate_new_ed25519_identity()
+    keystore = FileSystemKeyStore(identity_dir)
+    if keystore.has(IDENTITY_NAME):
+        return keystore.get(IDENTITY_NAME)
+    key_pair = generate_new_ed25519_identity()
+    keystore.put(IDENTITY_NAME, key_pair)
+    return key_pair
+
+
+def noise_only(key_pair: KeyPair) -> dict[TProtocol, Any]:
+    """Security options that offer Noise alone (no plaintext, SECIO or TLS).
+
+    TLS is left out until measured to interoperate: py-libp2p's own notes say Python's ssl module
+    cannot do libp2p's mutual authentication reliably.
+    """
+    return {NOISE_PROTOCOL_ID: NoiseTransport(key_pair,
+                                              noise_privkey=new_x25519_key_pair().private_key)}
+
+
+def guard_peerstore(store: Any, own: ID, keep: Callable[[], Collection[ID]]) -> None:
+    """Make `store` evict only entries that are neither ours nor in `keep()` when over its cap.
+
+    Entries without addresses go first, then expired ones, then the oldest, as py-libp2p does;
+    only the protected set differs.
+    """
+    def enforce_limit() -> None:
+        excess = len(store.peer_data_map) - store.max_peers
+        if excess <= 0:
+            return
+        protected = {own, *keep()}
+
+        def priority(item: tuple[ID, Any]) -> tuple[bool, bool]:
+            data = item[1]
+            return (not data.get_addrs(), data.is_expired())
+
+        candidates = [item for item in store.peer_data_map.items() if item[0] not in protected]
+        candidates.sort(key=priority, reverse=True)
+        for peer_id, _ in candidates[:excess]:
+            store.peer_record_map.pop(peer_id, None)
+            del store.peer_data_map[peer_id]
+        logger.warning("peerstore over its cap of %d: evicted %d entries", store.max_peers,
+                       min(excess, len(candidates)))
+
+    store._enforce_peer_limit = enforce_limit
+
+
+async def _probe(conn: Any, *, ping_timeout: float, negotiate_timeout: int | None = None,
+                 skip_when_streams_open: bool = False) -> ConnectionPingResult:
+    """py-libp2p's `ping_connection`, with "protocol not supported" counted as alive."""
+    if skip_when_streams_open and conn.get_streams():
+        return ConnectionPingResult(success=True, skipped=True)
+    with trio.move_on_after(ping_timeout):
+        stream = None
+        try:
+            stream = await conn.new_stream()
+            started = trio.current_time()
+            communicator = MultiselectCommunicator(stream)
+            client = MultiselectClient()
+            await client.handshake(communicator)
+            try:
+                await client.try_select(communicator, PING_PROTOCOL)
+            except ProtocolNotSupportedError:
+                # It answered the negotiation: the connection is alive, it just has no ping.
+                return ConnectionPingResult(success=True, protocol_supported=False,
+                                            rtt_ms=(trio.current_time() - started) * 1000)
+            rtt_ms = float(await perform_ping_roundtrip(stream))
+            return ConnectionPingResult(success=True, rtt_ms=rtt_ms, protocol_supported=True)
+        except Exception as exc:  # a reset, closed or broken connection: a failed ping
+            logger.debug("health ping failed: %s: %s", type(exc).__name__, exc)
+            return ConnectionPingResult(success=False)
+        finally:
+            if stream is not None:
+                with trio.CancelScope(shield=True), trio.move_on_after(1):
+                    await _close_stream(stream)
+    return ConnectionPingResult(success=False)
+
+
+async def _close_stream(stream: Any) -> None:
+    try:
+        await stream.close()
+    except Exception:  # a broken stream may refuse to close; reset it instead
+        try:
+            await stream.reset()
+        except Exception as exc:  # nothing more to do with it
+            logger.debug("resetting a ping stream: %s", exc)
+
+
+def install_ping_fix() -> None:
+    """Make py-libp2p's health monitor use `_probe` (process-wide; idempotent)."""
+    health_monitor.ping_connection = _probe
