@@ -15,10 +15,10 @@ from gossip.swarm import swarm_hex, swarm_id
 from gossip.wire import encode_adapter
 from peer.config import PeerConfig
 from peer.data import TokenBatches, eval_batches, load_examples
-from peer.errors import DataError
+from peer.errors import DataError, PeerError
 from peer.model import attach_lora, fingerprint, load_base, resolve_model
 from peer.shared import SharedModel
-from peer.store import Checkpoint, PeerStore
+from peer.store import CHECKPOINT, Checkpoint, PeerStore
 from peer.trainer import LocalTrainer
 
 logger = logging.getLogger(__name__)
@@ -74,9 +74,10 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
     trainer = LocalTrainer(model, batches, config.train,
                            samples=resumed.samples if resumed else 0, adapter=adapter, lock=lock)
     if resumed is not None:
+        _check_fits(store.root / CHECKPOINT, resumed.state, trainer.state())
         trainer.load_state(resumed.state)
         logger.info("resumed from %s: version %d, %d samples",
-                    store.root / "checkpoint.safetensors", resumed.version, resumed.samples)
+                    store.root / CHECKPOINT, resumed.version, resumed.samples)
     state = trainer.state()
     _check_encodable(state)
     return Runtime(
@@ -89,6 +90,24 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
         shapes={k: (tuple(v.shape), v.dtype) for k, v in state.items()},
         resumed=resumed,
     )
+
+
+def _check_fits(path: Path, saved: dict[str, torch.Tensor],
+                own: dict[str, torch.Tensor]) -> None:
+    """Refuse a checkpoint whose tensors are not this adapter's.
+
+    The swarm id covers model and LoRA settings, so this only trips on a checkpoint written
+    by another version of loraswarm or edited by hand; resuming part of it would be silent.
+    """
+    missing = sorted(own.keys() - saved.keys())
+    extra = sorted(saved.keys() - own.keys())
+    shapes = sorted(k for k in saved.keys() & own.keys()
+                    if tuple(saved[k].shape) != tuple(own[k].shape))
+    for problem, keys in (("lacks tensors", missing), ("has tensors the model lacks", extra),
+                          ("has tensors of other shapes", shapes)):
+        if keys:
+            raise PeerError(f"{path}: does not fit this model's adapter ({problem}: "
+                            f"{', '.join(keys[:3])}); move it away to start over")
 
 
 def _check_encodable(state: dict[str, torch.Tensor]) -> None:

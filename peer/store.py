@@ -5,7 +5,9 @@ Layout of DIR:
     checkpoint.safetensors  latest adapter + {version, samples, round} in its metadata
     metrics.jsonl         one JSON line per round
     status.json           what the peer is doing now (rewritten every round)
-    export/               standard PEFT adapter folder: PeftModel.from_pretrained(base, DIR/export)
+    export/               standard PEFT adapter folder: PeftModel.from_pretrained(base, DIR/export);
+                          a symlink to the newest `.export-<n>/`, swapped atomically
+    seqno                 the highest gossipsub sequence number reserved (gossip/seqno.py)
 
 Every file that a crash could leave half-written is written to a temporary name, fsynced and
 renamed over the old one, so a reader (or a restart) sees either the old or the new file.
@@ -13,8 +15,10 @@ renamed over the old one, so a reader (or a restart) sees either the old or the 
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Mapping
@@ -32,6 +36,7 @@ from peer.errors import PeerError
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
+_EXPORT_PREFIX = ".export-"  # versioned export folders; `export` links to the newest
 
 
 @dataclass(frozen=True)
@@ -49,22 +54,49 @@ class Checkpoint:
 
 
 def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that readers never see a partial file."""
+    """Write `data` to `path` so that readers never see a partial file.
+
+    Raises:
+        PeerError: the file cannot be written (disk full, read-only folder); the old file is
+            left as it was and no temporary file is left behind.
+    """
     tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as handle:
-        handle.write(data)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise _write_error(path, exc) from exc
     _fsync_dir(path.parent)
 
 
+def _write_error(path: Path, exc: OSError) -> PeerError:
+    """One line that says what failed and what to do; the previous `path` is still there."""
+    return PeerError(f"cannot write {path}: {exc.strerror or exc}; {_fix(path, exc)}; "
+                     f"the previous {path.name} is intact")
+
+
+def _fix(path: Path, exc: OSError) -> str:
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return "free disk space"
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return f"make {path.parent} writable"
+    return "check the disk"
+
+
 def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
+    """Make a rename in `folder` durable (a crash right after could otherwise undo it)."""
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        fd = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        raise PeerError(f"cannot sync {folder}: {exc.strerror or exc}; check the disk") from exc
 
 
 class PeerStore:
@@ -78,6 +110,11 @@ class PeerStore:
         self.export_dir = root / "export"
 
     def save_checkpoint(self, ckpt: Checkpoint) -> None:
+        """Replace the checkpoint atomically.
+
+        Raises:
+            PeerError: it cannot be written (disk full); the previous checkpoint is intact.
+        """
         meta = {"version": str(ckpt.version), "samples": str(ckpt.samples),
                 "round": str(ckpt.round), "swarm": ckpt.swarm,
                 "counters": json.dumps(dict(ckpt.counters), sort_keys=True)}
@@ -86,23 +123,24 @@ class PeerStore:
     def load_checkpoint(self, swarm: str) -> Checkpoint | None:
         """The last checkpoint, or None when there is none.
 
+        A checkpoint that is cut short, holds NaN/Inf or negative counts is refused rather
+        than resumed from: it would poison every neighbour at the first merge. The file is
+        left as it is, for the user to inspect or move away.
+
         Raises:
-            PeerError: the checkpoint is unreadable or belongs to another swarm.
+            PeerError: the checkpoint is unreadable, damaged or belongs to another swarm.
         """
         path = self.root / CHECKPOINT
         if not path.is_file():
             return None
-        raw = path.read_bytes()
         try:
-            state = load_safetensors(raw)
-            meta = _metadata(raw)
-            ckpt = Checkpoint(state=state, version=int(meta["version"]),
-                              samples=int(meta["samples"]), round=int(meta["round"]),
-                              swarm=meta["swarm"], counters=_counters(meta))
-        except (SafetensorError, KeyError, ValueError, TypeError) as exc:
-            raise PeerError(
-                f"{path}: unreadable checkpoint ({exc}); move it away to start over"
-            ) from exc
+            raw = path.read_bytes()
+        except OSError as exc:
+            raise PeerError(f"cannot read {path}: {exc.strerror}; check its permissions") from exc
+        try:
+            ckpt = _parse_checkpoint(raw)
+        except ValueError as exc:
+            raise PeerError(f"{path}: {exc}; move it away to start over") from exc
         if ckpt.swarm != swarm:
             raise PeerError(
                 f"{path}: belongs to swarm {ckpt.swarm[:12]}, not {swarm[:12]} (another model, "
@@ -111,35 +149,135 @@ class PeerStore:
         return ckpt
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
-        with open(self.metrics_path, "a") as handle:
-            handle.write(json.dumps(record, sort_keys=True) + "\n")
+        """Append one JSON line.
+
+        Raises:
+            PeerError: the line cannot be written (disk full).
+        """
+        try:
+            with open(self.metrics_path, "a") as handle:
+                handle.write(json.dumps(record, sort_keys=True) + "\n")
+        except OSError as exc:
+            path = self.metrics_path
+            raise PeerError(f"cannot append to {path}: {exc.strerror or exc}; "
+                            f"{_fix(path, exc)}") from exc
 
     def write_status(self, status: Mapping[str, Any]) -> None:
+        """Replace status.json atomically.
+
+        Raises:
+            PeerError: it cannot be written (disk full); the previous status is intact.
+        """
         text = json.dumps(status, indent=2, sort_keys=True) + "\n"
         atomic_write(self.status_path, text.encode())
 
     def export(self, peft_model: Any, adapter: str = "default") -> Path:
         """Save a standard PEFT adapter folder, replacing the previous export whole.
 
+        `export` is a symlink to a versioned folder `.export-<n>`: the new folder is written
+        and fsynced first, then a new link is renamed over the old one, so a reader sees the
+        old adapter or the new one, never a missing or half-written folder. (A folder cannot
+        be renamed over a non-empty one, so swapping folders left a moment without any.)
+
         Args:
             adapter: which of the model's adapters to export (in-process simulations share a
                 model between peers); it is saved as the folder's default adapter.
+
+        Raises:
+            PeerError: the adapter cannot be written (disk full); the previous export stays.
         """
-        tmp = self.root / ".export.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        peft_model.save_pretrained(tmp, safe_serialization=True, selected_adapters=[adapter])
-        if adapter != "default":  # peft puts other adapters in a subfolder named after them
-            nested = tmp / adapter
-            for item in nested.iterdir():
-                os.replace(item, tmp / item.name)
-            nested.rmdir()
-        old = self.root / ".export.old"
-        shutil.rmtree(old, ignore_errors=True)
-        if self.export_dir.exists():
-            os.replace(self.export_dir, old)
-        os.replace(tmp, self.export_dir)
-        shutil.rmtree(old, ignore_errors=True)
+        folder = self.root / f"{_EXPORT_PREFIX}{self._next_export_number()}"
+        try:
+            _save_adapter(peft_model, adapter, folder)
+            self._point_export_at(folder)
+        except (OSError, SafetensorError) as exc:  # safetensors reports a full disk as its own
+            shutil.rmtree(folder, ignore_errors=True)
+            reason = getattr(exc, "strerror", None) or exc
+            raise PeerError(f"cannot write {folder}: {reason}; free disk space; "
+                            f"the previous {self.export_dir} is intact") from exc
+        self._remove_old_exports(keep=folder.name)
         return self.export_dir
+
+    def _next_export_number(self) -> int:
+        numbers = [int(p.name[len(_EXPORT_PREFIX):]) for p in self.root.glob(f"{_EXPORT_PREFIX}*")
+                   if p.name[len(_EXPORT_PREFIX):].isdigit()]
+        return max(numbers, default=0) + 1
+
+    def _point_export_at(self, folder: Path) -> None:
+        """Swap the `export` link to `folder` in one rename."""
+        link = self.root / ".export.link"
+        link.unlink(missing_ok=True)
+        os.symlink(folder.name, link)  # relative, so that the data folder can be moved
+        if self.export_dir.is_dir() and not self.export_dir.is_symlink():
+            # A folder written by an older version: a link cannot replace a folder, so it
+            # moves aside first (the one moment, once, without an export).
+            os.replace(self.export_dir, self.root / f"{_EXPORT_PREFIX}legacy")
+        os.replace(link, self.export_dir)
+        _fsync_dir(self.root)
+
+    def _remove_old_exports(self, keep: str) -> None:
+        """Delete every export folder but the current one (and older versions' temporaries)."""
+        stale = [p for p in self.root.glob(f"{_EXPORT_PREFIX}*") if p.name != keep]
+        for path in (*stale, self.root / ".export.tmp", self.root / ".export.old"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _save_adapter(peft_model: Any, adapter: str, folder: Path) -> None:
+    """Save `adapter` as the default adapter of a PEFT folder, its files fsynced."""
+    shutil.rmtree(folder, ignore_errors=True)  # a crash may have left a partial one
+    peft_model.save_pretrained(folder, safe_serialization=True, selected_adapters=[adapter])
+    if adapter != "default":  # peft puts other adapters in a subfolder named after them
+        nested = folder / adapter
+        for item in nested.iterdir():
+            os.replace(item, folder / item.name)
+        nested.rmdir()
+    for item in folder.iterdir():
+        if item.is_file():
+            with open(item, "rb") as handle:
+                os.fsync(handle.fileno())
+    _fsync_dir(folder)
+
+
+def _parse_checkpoint(raw: bytes) -> Checkpoint:
+    """Decode and check a checkpoint.
+
+    Raises:
+        ValueError: what is wrong with it, in a few words.
+    """
+    expected = _promised_size(raw)
+    if len(raw) < expected:
+        raise ValueError(f"truncated checkpoint ({len(raw)} of {expected} bytes; a crash or "
+                         "a full disk cut it short)")
+    try:
+        state = load_safetensors(raw)
+        meta = _metadata(raw)
+        ckpt = Checkpoint(state=state, version=int(meta["version"]),
+                          samples=int(meta["samples"]), round=int(meta["round"]),
+                          swarm=meta["swarm"], counters=_counters(meta))
+    except (SafetensorError, KeyError, ValueError, TypeError) as exc:
+        raise ValueError(f"unreadable checkpoint ({exc})") from exc
+    for name, count in (("version", ckpt.version), ("samples", ckpt.samples),
+                        ("round", ckpt.round)):
+        if count < 0:
+            raise ValueError(f"damaged checkpoint: negative {name} ({count}) in its metadata")
+    for key, tensor in state.items():
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            raise ValueError(f"damaged checkpoint: NaN or Inf in tensor {key}")
+    return ckpt
+
+
+def _promised_size(raw: bytes) -> int:
+    """The byte count a safetensors blob's own header promises (at least its header's)."""
+    if len(raw) < 8:
+        return 8
+    length = int.from_bytes(raw[:8], "little")
+    try:
+        header = json.loads(raw[8 : 8 + length])
+        ends = [int(entry["data_offsets"][1]) for name, entry in header.items()
+                if name != "__metadata__"]
+    except (ValueError, TypeError, KeyError, IndexError, AttributeError):
+        return 8 + length  # an unreadable header: the parser says what is wrong with it
+    return 8 + length + max(ends, default=0)
 
 
 def _metadata(raw: bytes) -> dict[str, str]:
@@ -156,4 +294,7 @@ def _counters(meta: Mapping[str, str]) -> dict[str, float]:
     counters = json.loads(meta.get("counters", "{}"))
     if not isinstance(counters, dict):
         raise ValueError("counters are not a JSON object")
-    return {str(name): float(value) for name, value in counters.items()}
+    totals = {str(name): float(value) for name, value in counters.items()}
+    if any(not math.isfinite(value) or value < 0 for value in totals.values()):
+        raise ValueError("counters must be finite and non-negative")
+    return totals
