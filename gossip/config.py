@@ -18,7 +18,9 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = field(
         default=(), metadata={"help": "multiaddrs (with /p2p/<id>) of peers to join through"}
     )
-    psk: str | None = field(default=None, metadata={"help": "64 hex chars: private swarm key"})
+    psk: str | None = field(  # a secret: kept out of repr, and so out of logs and tracebacks
+        default=None, repr=False, metadata={"help": "64 hex chars: private swarm key"}
+    )
     max_adapter_bytes: int = field(default=256 << 20, metadata={"help": "largest adapter taken"})
     fetch_timeout_s: float = field(default=30.0, metadata={"help": "limit for one transfer"})
     dial_timeout_s: float = field(default=10.0, metadata={"help": "limit for one dial"})

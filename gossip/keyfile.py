@@ -4,13 +4,16 @@
     /base16/
     <64 hex characters>
 
-A file holding only the 64 hex characters is accepted too.
+A file holding only the 64 hex characters is accepted too. Like ssh with its private keys, a
+key file that its group or others may read or write is refused: whoever can read it can join
+the swarm.
 """
 
 from __future__ import annotations
 
 import os
 import secrets
+import stat
 from pathlib import Path
 
 from gossip.errors import GossipError
@@ -43,12 +46,18 @@ def read_swarm_key(path: Path) -> str:
     """Read a swarm key file and return its 64 hex characters.
 
     Raises:
-        ValueError: the file is missing or not a swarm key (one line, with the fix).
+        ValueError: the file is missing, open to group or others, or not a swarm key (one
+            line, with the fix).
     """
     try:
-        lines = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+        mode = stat.S_IMODE(path.stat().st_mode)
+        text = path.read_text()
     except OSError as exc:
         raise ValueError(f"cannot read swarm key {path}: {exc.strerror}") from exc
+    if mode & 0o077:
+        raise ValueError(f"swarm key {path} is open to group or others (mode {mode:04o}); "
+                         f"run `chmod 600 {path}`")
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
     if lines[:2] == list(_HEADER):
         lines = lines[2:]
     key = lines[0].lower() if len(lines) == 1 else ""

@@ -127,5 +127,18 @@ def test_swarm_key_flag_reads_the_file(tmp_path: Path) -> None:
 def test_bad_swarm_key_file(tmp_path: Path) -> None:
     bad = tmp_path / "k"
     bad.write_text("not a key\n")
+    bad.chmod(0o600)
     with pytest.raises(ConfigError, match="not a swarm key file"):
         _config(["--data-dir", str(tmp_path), "--train", "t", "--swarm-key", str(bad)])
+
+
+def test_swarm_key_file_open_to_others_is_refused(tmp_path: Path, capsys) -> None:
+    key = tmp_path / "swarm.key"
+    write_swarm_key(key)
+    key.chmod(0o644)
+    code = main(["peer", "--data-dir", str(tmp_path), "--train", "t", "--swarm-key", str(key)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"swarm key {key} is open to group or others (mode 0644)" in err
+    assert f"chmod 600 {key}" in err
+    assert "Traceback" not in err and err.count("\n") == 1

@@ -73,3 +73,10 @@ async def test_only_peers_holding_the_swarm_key_can_connect(
     assert "private swarm" in failures["keyless"], failures["keyless"]
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("cannot reach the swarm" in w and "swarm-key" in w for w in warnings)
+
+
+def test_the_swarm_key_stays_out_of_repr() -> None:
+    key = "ab" * 32
+    config = NodeConfig(psk=key)
+    assert key not in repr(config) and "psk" not in repr(config)
+    assert config.psk == key
