@@ -29,10 +29,18 @@ class MergeConfig:
     )
     max_norm_ratio: float = field(
         default=20.0,
-        metadata={"help": "reject an adapter whose norm exceeds this x our own (floored) norm"},
+        metadata={"help": "reject an adapter whose norm, or distance from ours, exceeds this x "
+                          "the lower median of the norms accepted lately (our own floored "
+                          "norm before any)"},
     )
     trim: int = field(
-        default=1, metadata={"help": "values cut from each end of every coordinate (trimmed-mean)"}
+        default=1,
+        metadata={"help": "values cut at least from each end of every coordinate (trimmed-mean)"},
+    )
+    trim_fraction: float = field(
+        default=0.25,
+        metadata={"help": "fraction of buffered neighbours a buffered rule tolerates as bad "
+                          "(trimmed-mean cuts this share from each end)"},
     )
     clip_tau: float = field(
         default=1.0,
@@ -62,5 +70,8 @@ class MergeConfig:
             )
         if self.trim < 0:
             raise MergeConfigError(f"trim must be >= 0, got {self.trim}")
+        # Half or more bad is a majority no rule can outvote.
+        if not 0 <= self.trim_fraction < 0.5:
+            raise MergeConfigError(f"trim_fraction must be in [0, 0.5), got {self.trim_fraction}")
         if not (math.isfinite(self.clip_tau) and self.clip_tau > 0):
             raise MergeConfigError(f"clip_tau must be a positive number, got {self.clip_tau}")

@@ -11,8 +11,8 @@ REJECT_REASONS = frozenset({
     "shape_mismatch",  # a tensor of another shape (other than a LoRA rank change)
     "dtype_mismatch",  # another dtype, or not a floating-point tensor
     "non_finite",  # NaN or Inf anywhere
-    "norm_bound",  # Frobenius norm above max_norm_ratio x our own (floored) norm
-    "rank_mismatch",  # LoRA factors of another rank, for a rule that cannot merge them
+    "norm_bound",  # norm, or distance from ours, above max_norm_ratio x the reference scale
+    "rank_mismatch",  # LoRA factors of another rank for a rule that cannot merge them, or too high
 })
 
 

@@ -8,6 +8,7 @@ adapter of each recently heard neighbour) rather than one round's fetches.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
@@ -27,21 +28,29 @@ def trimmed_mean(own: Contribution, others: Sequence[Contribution],
                  config: MergeConfig) -> AdapterState:
     """Coordinate-wise trimmed mean over self and the neighbours, unweighted.
 
-    Math: for each coordinate, sort the n = 1 + len(others) values, drop the `trim` smallest and
-    `trim` largest and average the n - 2 trim left. Sample counts and ages are ignored: a weight
+    Math: for each coordinate, sort the n = 1 + len(others) values, drop the k smallest and k
+    largest and average the n - 2k left, where k = `trim_count(n, config)`: the larger of
+    `trim` and floor(`trim_fraction` x n), so that the cut grows with the buffer and keeps
+    pace with the share of bad neighbours in it. Sample counts and ages are ignored: a weight
     would be a lever for the very inputs this rule distrusts.
 
-    Robustness: tolerates up to `trim` arbitrary inputs per coordinate (so per merge), since
-    every surviving value lies between two honest ones. It needs n >= 2 trim + 1; with fewer
-    inputs it trims (n - 1) // 2 from each end, which for n <= 2 is the plain mean and tolerates
-    nothing.
+    Robustness: tolerates up to k arbitrary inputs per coordinate (so per merge), since every
+    surviving value lies between two honest ones. With fewer than 2k + 1 inputs it trims
+    (n - 1) // 2 from each end, which for n <= 2 is the plain mean and tolerates nothing.
     """
     states = [own.state, *(other.state for other in others)]
-    cut = min(config.trim, (len(states) - 1) // 2)
-    if cut < config.trim:
-        logger.debug("trimmed-mean over %d inputs can trim only %d of %d per end",
-                     len(states), cut, config.trim)
-    return _sorted_slice_mean(states, own.state, cut)
+    return _sorted_slice_mean(states, own.state, trim_count(len(states), config))
+
+
+def trim_count(n: int, config: MergeConfig) -> int:
+    """Values `trimmed-mean` cuts from each end of n: max(trim, floor(trim_fraction n)), but at
+    most (n - 1) // 2, so that at least one value is left."""
+    # The epsilon keeps a product such as 0.29 * 100 = 28.999... from flooring one short.
+    wanted = max(config.trim, math.floor(config.trim_fraction * n + 1e-9))
+    cut = min(wanted, max(n - 1, 0) // 2)
+    if cut < wanted:
+        logger.debug("trimmed-mean over %d inputs can trim only %d of %d per end", n, cut, wanted)
+    return cut
 
 
 def median(own: Contribution, others: Sequence[Contribution],

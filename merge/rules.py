@@ -5,7 +5,7 @@ math and how many bad neighbours per merge it tolerates:
 
   average       weighted average of the factors (cheap; B_bar A_bar != average of B A)
   product       exact weighted average of B A, re-factorised to rank r (any neighbour rank)
-  trimmed-mean  coordinate-wise, unweighted, drops `trim` values per end
+  trimmed-mean  coordinate-wise, unweighted, drops max(trim, trim_fraction n) values per end
   median        coordinate-wise, unweighted
   clipped       self-centered clipping of each neighbour's difference at radius tau
 """
@@ -13,6 +13,7 @@ math and how many bad neighbours per merge it tolerates:
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, TypeAlias
 
 from merge.average import average
@@ -27,32 +28,53 @@ if TYPE_CHECKING:
     from merge.config import MergeConfig
 
 __all__ = [
+    "REGISTRY",
     "RULES",
     "MergeRule",
+    "RuleEntry",
     "accepts_rank_change",
     "lora_pairs",
     "merge_states",
     "merge_weights",
+    "needs_buffer",
     "validate_update",
 ]
 
 MergeRule: TypeAlias = "Callable[[Contribution, Sequence[Contribution], MergeConfig], AdapterState]"
 
-RULES: dict[str, MergeRule] = {
-    "average": average,
-    "product": product,
-    "trimmed-mean": trimmed_mean,
-    "median": median,
-    "clipped": clipped,
+
+@dataclass(frozen=True)
+class RuleEntry:
+    """A merge rule and what it needs from the daemon."""
+
+    merge: MergeRule
+    # Merges in weight space, where the LoRA rank of a neighbour does not matter.
+    rank_free: bool = False
+    # Coordinate-wise over many inputs: fed a `NeighbourBuffer`, not one round's fetches.
+    buffered: bool = False
+
+
+REGISTRY: dict[str, RuleEntry] = {
+    "average": RuleEntry(average),
+    "product": RuleEntry(product, rank_free=True),
+    "trimmed-mean": RuleEntry(trimmed_mean, buffered=True),
+    "median": RuleEntry(median, buffered=True),
+    "clipped": RuleEntry(clipped),
 }
 
-# Rules that merge in weight space, where the LoRA rank of a neighbour does not matter.
-_RANK_FREE = frozenset({"product"})
+# The functions alone, for callers that only merge.
+RULES: dict[str, MergeRule] = {name: entry.merge for name, entry in REGISTRY.items()}
 
 
 def accepts_rank_change(rule: str) -> bool:
     """Whether `rule` can merge neighbours of another LoRA rank (pass it to `validate_update`)."""
-    return rule in _RANK_FREE
+    return REGISTRY[rule].rank_free
+
+
+def needs_buffer(rule: str) -> bool:
+    """Whether `rule` merges over a `NeighbourBuffer` sized by `buffer_plan`, not one round's
+    fetches."""
+    return REGISTRY[rule].buffered
 
 
 def merge_states(own: Contribution, others: Sequence[Contribution],

@@ -17,8 +17,9 @@ _PAIR_SUFFIXES = (
     (".lora_embedding_A", ".lora_embedding_B"),
 )
 
-# Norm bounds are relative to our own norm, floored at this RMS per entry: a state that is all
-# zeros (or nearly) must still accept neighbours of a sensible size.
+# Norm bounds are relative to a norm (ours, or a reference of our neighbours'), floored at this
+# RMS per entry: a state that is all zeros (or nearly) must still accept neighbours of a sensible
+# size.
 NORM_RMS_FLOOR = 1e-3
 
 
@@ -84,8 +85,13 @@ def state_norm(state: Mapping[str, torch.Tensor]) -> float:
 
 def floored_norm(state: Mapping[str, torch.Tensor]) -> float:
     """`state_norm`, but at least `NORM_RMS_FLOOR` per entry (so never zero for a real state)."""
+    return max(state_norm(state), norm_floor(state))
+
+
+def norm_floor(state: Mapping[str, torch.Tensor]) -> float:
+    """`NORM_RMS_FLOOR` per entry of `state`: the smallest scale a norm bound is relative to."""
     numel = sum(t.numel() for t in state.values())
-    return max(state_norm(state), NORM_RMS_FLOOR * math.sqrt(max(numel, 1)))
+    return NORM_RMS_FLOOR * math.sqrt(max(numel, 1))
 
 
 def state_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
@@ -95,6 +101,38 @@ def state_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor])
         diff = as_work(a[key], ref) - as_work(ref, ref)
         squares += float(torch.linalg.vector_norm(diff)) ** 2
     return math.sqrt(squares)
+
+
+def padded_distance(a: Mapping[str, torch.Tensor], b: Mapping[str, torch.Tensor]) -> float:
+    """Frobenius norm of `a - b` over all keys of `b`, where a LoRA factor of another rank counts
+    as zero-padded to the larger rank.
+
+    A rank-r adapter is a rank-r' adapter (r' > r) whose extra factor rows and columns are zero,
+    so padding is the one reading under which `product`'s neighbours of another rank have a
+    distance at all; tensors of equal shape are compared as `state_distance` does.
+    """
+    squares = 0.0
+    for key, ref in b.items():
+        first, second = as_work(a[key], ref), as_work(ref, ref)
+        if first.shape != second.shape:
+            first, second = _pad_to_match(first, second)
+        squares += float(torch.linalg.vector_norm(first - second)) ** 2
+    return math.sqrt(squares)
+
+
+def _pad_to_match(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    # Callers checked that only the rank differs, so exactly one dimension does.
+    dim = next(i for i, (x, y) in enumerate(zip(a.shape, b.shape, strict=True)) if x != y)
+    size = max(a.shape[dim], b.shape[dim])
+    return _zero_pad(a, dim, size), _zero_pad(b, dim, size)
+
+
+def _zero_pad(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    if tensor.shape[dim] == size:
+        return tensor
+    shape = list(tensor.shape)
+    shape[dim] = size - tensor.shape[dim]
+    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
 
 
 def finish(values: Mapping[str, torch.Tensor], own: Mapping[str, torch.Tensor]) -> AdapterState:

@@ -10,8 +10,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merge.buffer import NeighbourBuffer
+from merge.buffer import NeighbourBuffer, buffer_plan
 from merge.config import MergeConfig
+from merge.robust import trim_count
 from merge.rules import merge_states, merge_weights
 from merge.tensors import state_distance, state_norm
 from merge.types import AdapterState, Contribution
@@ -124,18 +125,89 @@ def test_trimmed_mean_over_too_few_inputs_trims_what_it_can() -> None:
 
 @settings(max_examples=40, deadline=None)
 @given(values=st.lists(st.lists(st.integers(-3, 3), min_size=4, max_size=4), min_size=1,
-                       max_size=12), trim=st.integers(0, 6))
-def test_coordinate_rules_match_a_sorting_reference(values: list[list[int]], trim: int) -> None:
+                       max_size=12), trim=st.integers(0, 6),
+       fraction=st.sampled_from([0.0, 0.1, 0.25, 0.3, 0.49]))
+def test_coordinate_rules_match_a_sorting_reference(values: list[list[int]], trim: int,
+                                                    fraction: float) -> None:
     # Small integers make ties frequent, the case a selection network most easily gets wrong.
     stacked = torch.tensor(values, dtype=torch.float32)
     contributions = [Contribution({"x": row}, samples=1, peer=str(i))
                      for i, row in enumerate(stacked)]
     n = len(values)
     ordered = stacked.sort(dim=0).values
-    for rule, cut in (("trimmed-mean", min(trim, (n - 1) // 2)), ("median", (n - 1) // 2)):
+    trimmed = min(max(trim, math.floor(fraction * n + 1e-9)), (n - 1) // 2)
+    for rule, cut in (("trimmed-mean", trimmed), ("median", (n - 1) // 2)):
         merged = merge_states(contributions[0], contributions[1:],
-                              MergeConfig(rule=rule, trim=trim))
+                              MergeConfig(rule=rule, trim=trim, trim_fraction=fraction))
         torch.testing.assert_close(merged["x"], ordered[cut:n - cut].mean(dim=0))
+
+
+@pytest.mark.parametrize(("n", "trim", "fraction", "cut"), [
+    (16, 1, 0.25, 4), (15, 1, 0.25, 3), (7, 1, 0.25, 1), (16, 5, 0.25, 5), (16, 0, 0.0, 0),
+    (100, 0, 0.29, 29), (3, 4, 0.25, 1), (2, 1, 0.49, 0), (1, 3, 0.25, 0),
+])
+def test_trim_count_is_the_larger_of_trim_and_the_fraction_but_leaves_one(
+    n: int, trim: int, fraction: float, cut: int
+) -> None:
+    assert trim_count(n, MergeConfig(trim=trim, trim_fraction=fraction)) == cut
+
+
+@pytest.mark.parametrize("fraction", [-0.1, 0.5, 0.7, math.nan])
+def test_trim_fraction_must_leave_an_honest_majority(fraction: float) -> None:
+    with pytest.raises(ValueError, match="trim_fraction"):
+        MergeConfig(trim_fraction=fraction)
+
+
+@settings(max_examples=20, deadline=None)
+@given(seed=st.integers(0, 2**31), kind=st.sampled_from(["scaled", "flipped", "random"]),
+       rule=st.sampled_from(["trimmed-mean", "median"]))
+def test_a_full_buffer_with_a_quarter_bad_lands_near_the_honest_mean(seed: int, kind: str,
+                                                                    rule: str) -> None:
+    # What the daemon merges with the defaults: self and a full buffer, a quarter of it bad.
+    config = MergeConfig(rule=rule)
+    plan = buffer_plan(config)
+    inputs = plan.capacity + 1
+    bad = inputs // 4
+    honest, contributions = swarm(seed, honest=inputs - bad, bad=bad, kind=kind)
+    merged = merge_states(contributions[0], contributions[1:], config)
+    assert within_honest_range(merged, honest)
+    mean = {key: torch.stack([state[key] for state in honest]).mean(dim=0) for key in SHAPES}
+    spread = max(state_distance(state, mean) for state in honest)
+    assert state_distance(merged, mean) <= spread
+    # The old fixed trim of 1 lets 3 of the 4 through.
+    if rule == "trimmed-mean":
+        fixed = merge_states(contributions[0], contributions[1:],
+                             MergeConfig(rule=rule, trim_fraction=0.0))
+        assert not within_honest_range(fixed, honest)
+
+
+def test_buffer_plan_with_the_defaults() -> None:
+    plan = buffer_plan(MergeConfig(rule="median"))
+    assert (plan.capacity, plan.min_buffered, plan.tolerance) == (15, 7, 4)
+    # At the threshold, a trimmed mean over self and 7 neighbours cuts 2 per end.
+    assert trim_count(plan.min_buffered + 1, MergeConfig()) == 2
+
+
+@settings(max_examples=60, deadline=None)
+@given(trim=st.integers(0, 12), fraction=st.floats(0.0, 0.49))
+def test_buffer_plan_is_consistent(trim: int, fraction: float) -> None:
+    config = MergeConfig(rule="trimmed-mean", trim=trim, trim_fraction=fraction)
+    plan = buffer_plan(config)
+    least = max(trim, 2)
+    NeighbourBuffer(plan.capacity)  # a valid buffer
+    assert plan.capacity >= max(15, 2 * trim + 3)
+    assert 2 * least <= plan.min_buffered <= plan.capacity
+    # Once it merges, a median has an honest majority against `least` bad inputs...
+    assert plan.min_buffered // 2 >= least
+    # ...and a full buffer's trimmed mean cuts what it promises, leaving a middle.
+    assert plan.tolerance == trim_count(plan.capacity + 1, config) >= trim
+    assert plan.capacity + 1 - 2 * plan.tolerance >= 1
+    if trim_count(plan.min_buffered + 1, config) < least:  # the fraction is too small to help
+        assert plan.min_buffered == 2 * least
+
+
+def test_for_tolerance_still_sizes_a_buffer_for_f_bad() -> None:
+    assert NeighbourBuffer.for_tolerance(2).capacity == 7
 
 
 def test_median_of_an_even_count_is_the_mean_of_the_middle_two() -> None:

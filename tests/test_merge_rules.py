@@ -13,7 +13,15 @@ from hypothesis import strategies as st
 
 from merge.config import MergeConfig
 from merge.errors import RejectedUpdate
-from merge.rules import RULES, accepts_rank_change, lora_pairs, merge_states, merge_weights
+from merge.rules import (
+    REGISTRY,
+    RULES,
+    accepts_rank_change,
+    lora_pairs,
+    merge_states,
+    merge_weights,
+    needs_buffer,
+)
 from merge.types import Contribution
 
 RULE_NAMES = sorted(RULES)
@@ -126,6 +134,12 @@ def test_merge_states_rechecks_structure() -> None:
     assert accepts_rank_change("product") and not accepts_rank_change("median")
 
 
+def test_the_registry_says_what_each_rule_needs() -> None:
+    assert {name: entry.merge for name, entry in REGISTRY.items()} == RULES
+    assert [name for name in RULE_NAMES if needs_buffer(name)] == ["median", "trimmed-mean"]
+    assert [name for name in RULE_NAMES if accepts_rank_change(name)] == ["product"]
+
+
 def test_average_is_the_weighted_mean_of_every_tensor() -> None:
     contributions = neighbours(seed=6, k=3)
     config = MergeConfig(rule="average")
@@ -186,7 +200,7 @@ def test_untrained_swarm_weights_fall_back_to_staleness() -> None:
     {"rule": "mean"}, {"staleness_discount": 0.0}, {"staleness_discount": 1.5},
     {"staleness_discount": math.nan}, {"max_age": -1}, {"max_samples_ratio": 0.0},
     {"max_samples_ratio": math.inf}, {"max_norm_ratio": 0.5}, {"trim": -1},
-    {"clip_tau": 0.0}, {"clip_tau": math.nan},
+    {"clip_tau": 0.0}, {"clip_tau": math.nan}, {"trim_fraction": 0.5},
 ])
 def test_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError):

@@ -9,8 +9,10 @@ import torch
 
 from merge.config import MergeConfig
 from merge.errors import REJECT_REASONS, RejectedUpdate
-from merge.tensors import NORM_RMS_FLOOR
-from merge.validate import validate_update
+from merge.rules import merge_states
+from merge.tensors import NORM_RMS_FLOOR, padded_distance, state_norm
+from merge.types import Contribution
+from merge.validate import MAX_RANK_FACTOR, validate_update
 
 CONFIG = MergeConfig(max_norm_ratio=20.0)
 
@@ -77,6 +79,34 @@ def test_rank_change_passes_only_when_allowed() -> None:
     assert reason_of(wider, allow_rank_change=True) == "shape_mismatch"
 
 
+def of_rank(rank: int) -> dict[str, torch.Tensor]:
+    return modified(m__q__lora_A__weight=torch.ones(rank, 6) / rank,
+                    m__q__lora_B__weight=torch.ones(8, rank) / rank)
+
+
+def test_product_takes_ranks_up_to_four_times_ours_only() -> None:
+    own = own_state()  # rank 4
+    largest = MAX_RANK_FACTOR * 4
+    validate_update(own, of_rank(largest), CONFIG, allow_rank_change=True)
+    assert reason_of(of_rank(largest + 1), allow_rank_change=True) == "rank_mismatch"
+    # merge_states re-checks structure, so the cap holds there too.
+    with pytest.raises(RejectedUpdate, match="rank_mismatch"):
+        merge_states(Contribution(own, 1), [Contribution(of_rank(largest + 1), 1, peer="x")],
+                     MergeConfig(rule="product"))
+
+
+def test_distance_to_an_adapter_of_another_rank_pads_it_with_zeros() -> None:
+    own, gen = own_state(), torch.Generator().manual_seed(1)
+    other = modified(m__q__lora_A__weight=torch.randn(2, 6, generator=gen),
+                     m__q__lora_B__weight=torch.randn(8, 2, generator=gen))
+    padded = dict(other)
+    padded["m.q.lora_A.weight"] = torch.cat([other["m.q.lora_A.weight"], torch.zeros(2, 6)])
+    padded["m.q.lora_B.weight"] = torch.cat([other["m.q.lora_B.weight"], torch.zeros(8, 2)], 1)
+    expected = float(torch.cat([(padded[k] - own[k]).flatten() for k in own]).norm())
+    assert padded_distance(other, own) == pytest.approx(expected, rel=1e-6)
+    assert padded_distance(own, other) == pytest.approx(expected, rel=1e-6)
+
+
 def test_integer_tensors_are_refused() -> None:
     own = {"x": torch.zeros(3, dtype=torch.int64)}
     with pytest.raises(RejectedUpdate) as info:
@@ -93,6 +123,36 @@ def test_norm_bound_is_relative_to_our_norm() -> None:
     assert norm > NORM_RMS_FLOOR
     with pytest.raises(RejectedUpdate, match="norm_bound"):
         validate_update(own, just_outside, CONFIG)
+
+
+def test_a_reference_replaces_our_norm_as_the_scale() -> None:
+    own = own_state()
+    norm = state_norm(own)
+    # Our own norm is 100 x the reference: the bound follows the reference, not us.
+    huge = {key: 100.0 * t for key, t in own.items()}
+    big = {key: 1.5 * t for key, t in huge.items()}  # within 20 x our norm, not of the reference
+    validate_update(huge, big, CONFIG)
+    with pytest.raises(RejectedUpdate, match="norm_bound"):
+        validate_update(huge, big, CONFIG, reference=norm)
+    assert validate_update(own, big, CONFIG, reference=10 * norm) == pytest.approx(
+        state_norm(big), rel=1e-6)
+
+
+def test_the_distance_is_bounded_as_well_as_the_norm() -> None:
+    own = own_state()
+    norm = state_norm(own)
+    reference = norm / 10  # bound: 2 x our norm
+    validate_update(own, {key: 1.5 * t for key, t in own.items()}, CONFIG, reference=reference)
+    # Of an ordinary norm, but flipped: 2.5 x our norm away.
+    flipped = {key: -1.5 * t for key, t in own.items()}
+    with pytest.raises(RejectedUpdate, match="norm_bound: distance"):
+        validate_update(own, flipped, CONFIG, reference=reference)
+
+
+@pytest.mark.parametrize("reference", [0.0, -1.0, float("nan"), float("inf")])
+def test_a_bad_reference_is_the_callers_bug(reference: float) -> None:
+    with pytest.raises(ValueError, match="reference"):
+        validate_update(own_state(), own_state(), CONFIG, reference=reference)
 
 
 def test_an_all_zero_state_still_accepts_small_updates() -> None:
