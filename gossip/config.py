@@ -29,6 +29,17 @@ class NodeConfig:
     min_upload_interval_s: float = field(
         default=0.5, metadata={"help": "least time between two uploads to one peer"}
     )
+    min_upload_rate: float = field(
+        default=64 * 1024,
+        metadata={"help": "bytes/s below which a neighbour reading our adapter is dropped, so "
+                          "that a client that asks and never reads frees its upload slot"},
+    )
+    allow_private_addrs: bool = field(
+        default=False,
+        metadata={"help": "dial loopback and private addresses announced by any peer (a LAN or "
+                          "test swarm); off, they are dialled only when the announcement came "
+                          "over a connection from the same kind of address"},
+    )
     heartbeat_s: int = field(default=1, metadata={"help": "gossipsub heartbeat interval"})
     health_check_s: float = field(
         default=15.0,
@@ -57,6 +68,8 @@ class NodeConfig:
             raise ValueError("timeouts must be positive")
         if self.max_uploads < 1 or self.max_downloads < 1:
             raise ValueError("max_uploads and max_downloads must be at least 1")
+        if not self.min_upload_rate > 0:
+            raise ValueError("min_upload_rate must be a positive number of bytes/s")
         if self.health_check_s < 0:
             raise ValueError("health_check_s must be >= 0 (0 turns health checks off)")
 

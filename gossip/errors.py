@@ -24,6 +24,10 @@ WIRE_REASONS = frozenset({
 TRANSFER_REASONS = frozenset({
     "timeout", "digest_mismatch", "oversized", "refused", "unreachable", "truncated",
     "header_mismatch",  # the transfer header contradicts the signed announcement
+    "bad_signature",  # the transfer header is not signed by the serving peer's key
+    "size_mismatch",  # the adapter is not the exact size our own shapes give
+    "equivocation",  # two different adapters signed for one version
+    "slow_reader",  # (server side) a client read slower than the minimum rate
 })
 
 

@@ -66,6 +66,8 @@ class MembershipStatistics:
 
     live: int  # peers heard from within the timeout
     announced: int  # live peers with an adapter: what `sample` draws from
+    trusted: int  # live peers that served us a valid adapter
+    refused: int  # new peers the full view turned away
     neighbours: int  # live peers we hold a connection to
     connected: int  # every peer we hold a connection to
     replays: int
@@ -149,7 +151,8 @@ class Membership:
         """Counts describing the membership now."""
         view = self.view.statistics(trio.current_time())
         return MembershipStatistics(
-            live=view.live, announced=view.announced, neighbours=len(self.neighbours()),
+            live=view.live, announced=view.announced, trusted=view.trusted,
+            refused=view.refused, neighbours=len(self.neighbours()),
             connected=len(self.node.connected_peers()), replays=self._replays, late=self._late,
             dials=self._dials, dial_failures=self._dial_failures,
             bootstrap_failures=self._bootstrap_failures,
@@ -209,17 +212,19 @@ class Membership:
                                "different adapters", peer, announcement.version)
                 return Observation.REPLAY
             self._seqnos[peer] = (heard.seqno, now)
-            self.view.observe(peer, now, addrs=announcement.addrs)
+            self.view.observe(peer, now, addrs=self._usable(heard))
             self._keep(announcement)
             return Observation.REFRESHED
         # A higher signed seqno than one we kept proves the message fresh, so a peer that
         # expired here (our loop was late, or its re-announcements were lost) comes back even
         # when it re-announces the version it had: rounds do not publish, versions may not move.
-        seen = self.view.observe(peer, now, addrs=announcement.addrs,
+        seen = self.view.observe(peer, now, addrs=self._usable(heard),
                                  version=announcement.version, samples=announcement.samples,
                                  fresh=peer in self._seqnos)
         if seen is Observation.REPLAY:
             return self._replayed(announcement, "a newer version was seen")
+        if seen is Observation.REFUSED:  # no room: nothing of it is kept (see MembershipView)
+            return seen
         self._seqnos[peer] = (heard.seqno, now)
         if self._keep(announcement):
             logger.info("new peer %s (version %d)", peer, announcement.version)
@@ -227,11 +232,30 @@ class Membership:
             self._prune()  # its admission may have evicted another peer
         return seen
 
+    def _usable(self, heard: Heard) -> list[str]:
+        """The announced addresses we may dial, stored in the peerstore (see `remember`)."""
+        announcement = heard.announcement
+        previous = self._latest.get(announcement.peer)
+        if previous is not None and previous.addrs == announcement.addrs:
+            known = self.view.get(announcement.peer)
+            return list(known.addrs) if known is not None else []
+        return self.node.remember(announcement.peer, announcement.addrs, via=heard.via)
+
+    def trust(self, peer: str) -> None:
+        """`peer` served an adapter that passed validation: it keeps its place in the view."""
+        self.view.trust(peer)
+
+    def distrust(self, peer: str) -> None:
+        """`peer` served something invalid, or is an untrusted peer we could not reach: drop it.
+
+        A re-announcement with a fresh sequence number may bring it back, as a newcomer.
+        """
+        self.view.distrust(peer)
+        self._prune()
+
     def _keep(self, announcement: Announcement) -> bool:
         """Store the newest announcement of its peer; True if the peer was unknown."""
         previous = self._latest.get(announcement.peer)
-        if previous is None or previous.addrs != announcement.addrs:
-            self.node.remember(announcement.peer, announcement.addrs)
         self._latest[announcement.peer] = announcement
         self._notify()
         return previous is None

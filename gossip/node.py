@@ -9,7 +9,7 @@ Who is in the swarm and whom to dial is `gossip.membership.Membership`'s busines
 from __future__ import annotations
 
 import logging
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +26,16 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
+from gossip.addresses import AddressBackoff, Scope, address_scope, usable_addrs
 from gossip.config import NodeConfig, connection_config
 from gossip.errors import GossipError, TransferError, WireError
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
 from gossip.router import FloodPublishGossipSub
+from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
 from gossip.transfer import AdapterServer, Fetched, Offer, fetch_adapter
-from gossip.wire import Announcement, decode_adapter, digest
+from gossip.wire import Announcement, FetchHeader, decode_adapter
+from gossip.wire import digest as sha256
 
 __all__ = ["GossipNode", "Heard", "NodeConfig", "Received"]
 
@@ -56,6 +59,7 @@ class Heard:
 
     announcement: Announcement
     seqno: int
+    via: str = Scope.PUBLIC  # scope of the connection it arrived on (`gossip.addresses`)
 
 
 @dataclass(frozen=True)
@@ -109,12 +113,24 @@ class GossipNode:
         self.pubsub = Pubsub(
             self.host, self.router, strict_signing=True, allowed_topics={self.topic}
         )
+        # py-libp2p numbers messages from the wall clock at start: after the clock stepped
+        # back, a restarted peer's messages looked like replays. A persisted counter never does.
+        install_seqno_counter(self.pubsub, identity_dir / "seqno" if identity_dir else None)
         self.server = AdapterServer(
             swarm,
+            key_pair.private_key.sign,
+            self.peer_id,
             max_concurrent=config.max_uploads,
             min_interval_s=config.min_upload_interval_s,
             timeout_s=config.fetch_timeout_s,
+            min_rate=config.min_upload_rate,
         )
+        # The sizes an adapter of our swarm may have, (least, most) bytes; None: any up to the
+        # cap. The daemon sets it from its own encoded adapter (the encoding is deterministic).
+        self.adapter_sizes: tuple[int, int] | None = None
+        # Per peer: the highest version it signed in a transfer header, and that adapter's
+        # digest. Bounded by the view: `forget` drops it.
+        self._signed: dict[str, tuple[int, bytes]] = {}
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
         self.downloads_in_flight = 0
@@ -124,6 +140,8 @@ class GossipNode:
         self.published_at = -float("inf")  # trio time of the last publish
         self._send, self.announcements = trio.open_memory_channel[Heard](_ANNOUNCEMENT_QUEUE)
         self._last_addrs: list[str] = []
+        self._via: OrderedDict[tuple[bytes, bytes], str] = OrderedDict()  # validated, undrained
+        self._backoff = AddressBackoff()
 
     @property
     def listen_addrs(self) -> list[str]:
@@ -213,7 +231,24 @@ class GossipNode:
             self._reject("signer_mismatch", "announcement via %s: signer_mismatch: it claims %s "
                          "but is signed by %s", forwarder, announcement.peer, signer)
             return False
+        # Which addresses of it we may dial depends on where it came from (see `remember`).
+        self._via[(msg.from_id, msg.seqno)] = self._scope_of(forwarder)
+        while len(self._via) > _ANNOUNCEMENT_QUEUE:
+            self._via.popitem(last=False)
         return True
+
+    def _scope_of(self, peer: ID) -> str:
+        """The scope of the address `peer` is connected from (public when unknown)."""
+        if peer == self.host.get_id():
+            return Scope.LOOPBACK
+        for conn in self.host.get_network().get_connections(peer):
+            secured: Any = getattr(conn.muxed_conn, "secured_conn", None)
+            try:
+                host, _ = secured.get_remote_address()
+                return address_scope(f"/{'ip6' if ':' in host else 'ip4'}/{host}")
+            except Exception:  # not a TCP connection, or already closing: keep looking
+                continue
+        return Scope.PUBLIC
 
     def _reject(self, reason: str, fmt: str, *args: object) -> None:
         self.rejected[reason] += 1
@@ -230,7 +265,8 @@ class GossipNode:
                     msg.data, swarm=self.swarm, max_nbytes=self.config.max_adapter_bytes
                 )
                 seqno = int.from_bytes(msg.seqno, "big")
-                self._send.send_nowait(Heard(announcement, seqno))
+                via = self._via.pop((msg.from_id, msg.seqno), Scope.PUBLIC)
+                self._send.send_nowait(Heard(announcement, seqno, via))
             except WireError as exc:  # validated already; kept for safety, never expected
                 self._reject(exc.reason, "announcement: %s", exc)
             except trio.WouldBlock:
@@ -258,12 +294,26 @@ class GossipNode:
         """
         pid = ID.from_base58(peer)
         try:
-            addrs = self.host.get_peerstore().addrs(pid)
+            addrs = [str(a) for a in self.host.get_peerstore().addrs(pid)]
         except Exception as exc:  # PeerStoreError when the peer is unknown
             raise GossipError(f"no address known for {peer}") from exc
         if not addrs:
             raise GossipError(f"no address known for {peer}")
-        await self._dial(PeerInfo(pid, addrs))
+        ready = self._backoff.ready(addrs, trio.current_time())
+        if not ready:
+            raise GossipError(f"every address of {peer} is backing off after failed dials")
+        error: GossipError | None = None
+        for addr in ready:  # one by one: each failure backs off that address alone
+            try:
+                await self._dial(PeerInfo(pid, [multiaddr.Multiaddr(addr)]))
+            except GossipError as exc:
+                self._backoff.failed(addr, trio.current_time())
+                error = exc
+                continue
+            self._backoff.succeeded(addr)
+            return
+        assert error is not None
+        raise error
 
     async def _dial(self, info: PeerInfo) -> None:
         # Retrying is our caller's decision, made with its own backoff; libp2p's 60 s negative
@@ -290,25 +340,32 @@ class GossipNode:
             return "; a wrong --swarm-key looks like this"
         return "; a private swarm (one run with --swarm-key) looks like this without its key"
 
-    def remember(self, peer: str, addrs: Sequence[str]) -> None:
-        """Record a peer's announced addresses so that later dials and fetches can reach it.
+    def remember(self, peer: str, addrs: Sequence[str], *, via: str = Scope.PUBLIC) -> list[str]:
+        """Record the announced addresses of `peer` that we may dial (see `gossip.addresses`).
 
-        An address naming another peer id (`/p2p/<other>`) is dropped and counted as
-        "bad_addr": a peer may only tell us where it itself lives, or it could point the whole
-        swarm's dials at a victim.
+        An address that does not name `peer` itself (`/p2p/<peer>`), a loopback or private one
+        that did not arrive over a connection of the same scope (unless `allow_private_addrs`),
+        or one no peer can live at, is dropped and counted as "bad_addr": a peer may only tell
+        us where it itself lives, or it could point the whole swarm's dials at a victim.
+
+        Returns:
+            The addresses kept, in the order given.
         """
+        kept, refused = usable_addrs(peer, addrs, via=via,
+                                     allow_private=self.config.allow_private_addrs)
+        if refused:
+            self.rejected["bad_addr"] += refused
+            logger.info("dropped %d address(es) announced by %s (not its own, or a private "
+                        "scope it did not reach us from)", refused, peer)
         parsed = []
-        for addr in addrs:
-            base, _, named = addr.partition("/p2p/")
-            if named and named != peer:
-                self.rejected["bad_addr"] += 1
-                continue
+        for addr in kept:
             try:
-                parsed.append(multiaddr.Multiaddr(base))
+                parsed.append(multiaddr.Multiaddr(addr.partition("/p2p/")[0]))
             except Exception:  # an unusable address from a peer: skip it, keep the others
                 self.rejected["bad_addr"] += 1
         if parsed:
             self.host.get_peerstore().add_addrs(ID.from_base58(peer), parsed, _PEERSTORE_TTL_S)
+        return kept
 
     def forget(self, peer: str) -> None:
         """Drop what the peerstore holds for `peer`, which left the membership view.
@@ -316,6 +373,7 @@ class GossipNode:
         The peerstore then holds only what the view admits (plus connected peers, whose keys
         the connection still needs), so a flood of identities cannot fill it.
         """
+        self._signed.pop(peer, None)
         pid = ID.from_base58(peer)
         store = self.host.get_peerstore()
         if pid in self.host.get_connected_peers():
@@ -352,9 +410,14 @@ class GossipNode:
         """Make `announcement` the one the next re-announcement publishes; send nothing now."""
         self.current = announcement
 
-    def offer(self, version: int, samples: int, data: bytes) -> Offer:
-        """Serve `data` (safetensors bytes of our adapter) to neighbours from now on."""
-        offer = Offer(version=version, samples=samples, data=data, digest=digest(data))
+    def offer(self, version: int, samples: int, data: bytes, *,
+              digest: bytes | None = None) -> Offer:
+        """Serve `data` (safetensors bytes of our adapter) to neighbours from now on.
+
+        `digest` is its sha256 when the caller already computed it (off the event loop).
+        """
+        offer = Offer(version=version, samples=samples, data=data,
+                      digest=digest if digest is not None else sha256(data))
         self.server.publish(offer)
         return offer
 
@@ -397,28 +460,57 @@ class GossipNode:
         transient = peer not in self.host.get_connected_peers()
 
         async def open_stream() -> Any:
+            if peer not in self.host.get_connected_peers():
+                await self.dial(announcement.peer)  # with per-address backoff
             return await self.host.new_stream(peer, [_TRANSFER])
 
         try:
-            fetched = await fetch_adapter(
+            return await fetch_adapter(
                 open_stream,
                 announcement.peer,
                 self.swarm,
                 max_bytes=self.config.max_adapter_bytes,
                 timeout_s=max(timeout_s, 1e-3),
-                expected=(announcement.version, announcement.digest),
+                check=lambda header: self._check_header(announcement, header),
             )
         finally:
             if transient:
                 await self._hang_up(peer)
-        # The digest is already bound to the signed announcement; the sample count rides in the
-        # unsigned header, so a peer must not contradict what it signed for the same version.
-        if fetched.version == announcement.version and fetched.samples != announcement.samples:
-            raise TransferError(
-                "header_mismatch", f"{announcement.peer} signed {announcement.samples} samples "
-                f"for version {announcement.version} but its header says {fetched.samples}"
-            )
-        return fetched
+
+    def _check_header(self, announcement: Announcement, header: FetchHeader) -> None:
+        """Bind what a fetch delivers to what its server signed, before reading the body.
+
+        1. The header is signed by the serving peer's own key: version (so the merge's age),
+           samples, size and digest are its signed word, not an unsigned field.
+        2. The size is one an adapter of our swarm can have (exactly ours, unless ranks vary).
+        3. It does not go back behind what the peer signed before (its announcement or an
+           earlier header), nor sign two different adapters for one version (equivocation:
+           showing each client another adapter).
+        """
+        peer = announcement.peer
+        key = _public_key(self.host, peer)
+        if key is None or not _verifies(key, header.signed_part(peer), header.signature):
+            raise TransferError("bad_signature", f"{peer}'s transfer header is not signed by it")
+        if self.adapter_sizes is not None:
+            low, high = self.adapter_sizes
+            if not low <= header.nbytes <= high:
+                wanted = f"{low}" if low == high else f"{low}..{high}"
+                raise TransferError("size_mismatch", f"{peer} offers {header.nbytes} bytes; an "
+                                    f"adapter of this swarm has {wanted}")
+        signed = [(announcement.version, announcement.digest, announcement.samples)]
+        if peer in self._signed:
+            signed.append((*self._signed[peer], -1))
+        for version, digest_, samples in signed:
+            if header.version < version:
+                raise TransferError("header_mismatch", f"{peer} serves version {header.version} "
+                                    f"after signing version {version}")
+            if header.version == version and header.digest != digest_:
+                raise TransferError("equivocation", f"{peer} signed two adapters for version "
+                                    f"{version}")
+            if header.version == version and samples >= 0 and header.samples != samples:
+                raise TransferError("header_mismatch", f"{peer} signed {samples} samples for "
+                                    f"version {version} but its header says {header.samples}")
+        self._signed[peer] = (header.version, header.digest)
 
     async def _hang_up(self, peer: ID) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -450,3 +542,22 @@ class GossipNode:
             raise
         return Received(peer=fetched.peer, version=fetched.version, samples=fetched.samples,
                         state=state, nbytes=len(fetched.data))
+
+
+def _public_key(host: Any, peer: str) -> Any:
+    """The key `peer`'s id embeds (Ed25519 ids do), else the one its connection proved."""
+    pid = ID.from_base58(peer)
+    key = pid.extract_public_key()
+    if key is not None:
+        return key
+    try:
+        return host.get_peerstore().pubkey(pid)
+    except Exception:  # PeerStoreError: no connection ever proved a key for it
+        return None
+
+
+def _verifies(key: Any, data: bytes, signature: bytes) -> bool:
+    try:
+        return bool(key.verify(data, signature))
+    except Exception:  # a malformed signature raises inside the crypto library
+        return False

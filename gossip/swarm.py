@@ -13,9 +13,9 @@ import json
 import math
 from collections.abc import Mapping
 
-PROTOCOL_VERSION: int = 1
+PROTOCOL_VERSION: int = 2
 SWARM_ID_BYTES = 16
-TRANSFER_PROTOCOL = "/loraswarm/adapter/1"
+TRANSFER_PROTOCOL = "/loraswarm/adapter/2"
 
 # Domain separation: a swarm id can never equal the hash of some other loraswarm structure.
 _DOMAIN = b"loraswarm/swarm-id\0"

@@ -6,11 +6,14 @@ adapters travel over a raw stream of our own protocol (`TRANSFER_PROTOCOL`):
 1. client -> server: `frame(FetchRequest)`;
 2. server -> client: `frame(FetchHeader)`; when its status is "ok", exactly `nbytes` bytes of
    safetensors follow, written in 1 MiB chunks;
-3. the client checks the byte count and the sha256 digest, then closes.
+3. the client checks the header (its signature, the exact size it expects) before reading a
+   byte of the body, then the byte count and the sha256 digest, then closes.
 
 Every read is bounded (frame size, byte count) and every exchange runs under a cancel scope, so a
-slow or silent peer costs at most `timeout_s`. The server bounds concurrent uploads and serves each
-remote peer at most once per `min_interval_s`.
+slow or silent peer costs at most `timeout_s`. The server bounds concurrent uploads, gives each
+remote peer at most one of them at a time and serves it at most once per `min_interval_s`, and
+drops a reader slower than `min_rate` bytes/s: a client that requests and never reads would
+otherwise hold an upload slot for the whole `timeout_s`.
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from typing import Any
 import trio
 
 from gossip.errors import TransferError, WireError
-from gossip.wire import FetchHeader, FetchRequest, digest, frame, frame_length
+from gossip.wire import FetchHeader, FetchRequest, digest, frame, frame_length, signed_offer
 
 logger = logging.getLogger(__name__)
 
@@ -73,10 +76,21 @@ async def read_frame(stream: Any, *, max_len: int) -> bytes:
     return await read_exactly(stream, length)
 
 
-async def write_all(stream: Any, data: bytes) -> None:
+async def write_all(stream: Any, data: bytes, *, min_rate: float | None = None) -> None:
+    """Write `data` in chunks; with `min_rate`, each chunk must leave within its share of time.
+
+    Raises:
+        TransferError("slow_reader"): a chunk took longer than len(chunk) / min_rate (and 1 s).
+    """
     view = memoryview(data)
     for start in range(0, len(data), CHUNK_BYTES):
-        await stream.write(bytes(view[start : start + CHUNK_BYTES]))
+        chunk = bytes(view[start : start + CHUNK_BYTES])
+        limit = max(1.0, len(chunk) / min_rate) if min_rate else float("inf")
+        with trio.move_on_after(limit) as scope:
+            await stream.write(chunk)
+        if scope.cancelled_caught:
+            raise TransferError("slow_reader", f"a chunk of {len(chunk)} bytes took over "
+                                f"{limit:.1f} s to leave")
 
 
 class AdapterServer:
@@ -84,34 +98,48 @@ class AdapterServer:
 
     Args:
         swarm: the swarm id; requests of another swarm are refused.
+        sign: signs `wire.signed_offer(...)` bytes with this peer's libp2p key.
+        peer: this peer's id (inside what is signed).
         max_concurrent: uploads in flight at once; more get a "busy" header.
         min_interval_s: per remote peer, the least time between two served uploads.
         timeout_s: the most time one exchange may take.
+        min_rate: bytes/s below which a reader is dropped and its slot freed.
         clock: monotonic clock (trio.current_time in the daemon; injectable for tests).
     """
 
     def __init__(
         self,
         swarm: bytes,
+        sign: Callable[[bytes], bytes],
+        peer: str,
         *,
         max_concurrent: int = 4,
         min_interval_s: float = 0.5,
         timeout_s: float = 30.0,
+        min_rate: float = 64 * 1024,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
         self._swarm = swarm
+        self._sign = sign
+        self._peer = peer
         self._slots = trio.Semaphore(max_concurrent)
         self._min_interval_s = min_interval_s
         self._timeout_s = timeout_s
+        self._min_rate = min_rate
         self._clock = clock
         self._last_served: dict[str, float] = {}
+        self._serving: set[str] = set()  # remote peers with an upload in flight
+        self._signatures: dict[bytes, bytes] = {}  # digest -> signature of the current offer
         self._offer: Offer | None = None
         self.served = 0
         self.bytes_out = 0
         self.refused: dict[str, int] = {}
 
     def publish(self, offer: Offer) -> None:
-        """Make `offer` the adapter handed to every later request."""
+        """Make `offer` the adapter handed to every later request (signed once, here)."""
+        self._signatures = {offer.digest: self._sign(signed_offer(
+            self._swarm, self._peer, offer.version, offer.samples, len(offer.data),
+            offer.digest))}
         self._offer = offer
 
     @property
@@ -154,18 +182,24 @@ class AdapterServer:
             self._count(status)
             return
         del request  # the newest adapter is always served; `version` is advisory for now
+        if remote in self._serving:  # one upload at a time per peer: one id cannot hold them all
+            await stream.write(frame(self._header("busy", None)))
+            self._count("busy")
+            return
         try:
             self._slots.acquire_nowait()
         except trio.WouldBlock:
             await stream.write(frame(self._header("busy", None)))
             self._count("busy")
             return
+        self._serving.add(remote)
         try:
             await stream.write(frame(self._header("ok", offer)))
-            await write_all(stream, offer.data)
+            await write_all(stream, offer.data, min_rate=self._min_rate)
             self.served += 1
             self.bytes_out += len(offer.data)
         finally:
+            self._serving.discard(remote)
             self._slots.release()
 
     def _admit(self, remote: str) -> str:
@@ -187,6 +221,7 @@ class AdapterServer:
             samples=offer.samples if offer else 0,
             nbytes=len(offer.data) if offer else 0,
             digest=offer.digest if offer else b"\0" * 32,
+            signature=self._signatures[offer.digest] if offer else b"",
         ).to_wire()
 
     def _count(self, reason: str) -> None:
@@ -207,7 +242,7 @@ async def fetch_adapter(
     *,
     max_bytes: int,
     timeout_s: float,
-    expected: tuple[int, bytes] | None = None,
+    check: Callable[[FetchHeader], None] | None = None,
 ) -> Fetched:
     """Pull a neighbour's adapter bytes.
 
@@ -217,17 +252,17 @@ async def fetch_adapter(
         peer: the neighbour's peer id, for the result and for messages.
         max_bytes: refuse adapters larger than this before reading them.
         timeout_s: the whole exchange, dial included, must finish within this.
-        expected: (version, digest) from the neighbour's signed announcement; when it serves
-            that version, the bytes must match that digest or they are dropped.
+        check: called with an "ok" header before a byte of the body is read; raises
+            TransferError to refuse it (signature, exact size, what was announced).
 
     Raises:
         TransferError: with reason "timeout", "unreachable", "refused", "oversized",
-            "truncated" or "digest_mismatch".
+            "truncated", "digest_mismatch" or whatever `check` raises.
         WireError: the neighbour's header was malformed.
     """
     try:
         with trio.fail_after(timeout_s):
-            return await _fetch(open_stream, peer, swarm, max_bytes, expected)
+            return await _fetch(open_stream, peer, swarm, max_bytes, check)
     except trio.TooSlowError as exc:
         raise TransferError("timeout", f"{peer} did not deliver within {timeout_s:.0f} s") from exc
 
@@ -237,7 +272,7 @@ async def _fetch(
     peer: str,
     swarm: bytes,
     max_bytes: int,
-    expected: tuple[int, bytes] | None,
+    check: Callable[[FetchHeader], None] | None,
 ) -> Fetched:
     try:
         stream = await open_stream()
@@ -255,6 +290,8 @@ async def _fetch(
         )
         if header.status != "ok":
             raise TransferError("refused", f"{peer} answered {header.status}")
+        if check is not None:
+            check(header)
         data = await read_exactly(stream, header.nbytes)
     except (TransferError, WireError):
         raise
@@ -263,9 +300,8 @@ async def _fetch(
     finally:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
             await _close_quietly(stream)
-    actual = digest(data)
-    signed = expected is not None and header.version == expected[0]
-    signed_mismatch = signed and expected is not None and actual != expected[1]
-    if actual != header.digest or signed_mismatch:
+    # Hashing megabytes would stall every other task of the event loop: a worker thread does it.
+    actual = await trio.to_thread.run_sync(digest, data)
+    if actual != header.digest:  # the header's digest is the signed one
         raise TransferError("digest_mismatch", f"adapter bytes from {peer} do not match its digest")
     return Fetched(peer=peer, version=header.version, samples=header.samples, data=data)

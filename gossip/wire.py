@@ -28,9 +28,11 @@ MAX_ADDR_LEN = 256
 MAX_PEER_ID_LEN = 128
 MAX_FRAME_LEN = 2**32 - 1
 DIGEST_BYTES = 32
+MAX_SIGNATURE_BYTES = 1024  # Ed25519 signs in 64; RSA-4096 keys in 512
 FETCH_STATUSES = frozenset({"ok", "busy", "none", "rate_limited"})
 
 _PREFIX_LEN = len(MAGIC) + SWARM_ID_BYTES
+_SIGNING_TAG = b"loraswarm-offer:"
 _BASE58 = frozenset("123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz")
 # Everything msgpack.unpackb raises on bad input: FormatError, StackError, ExtraData and
 # UnicodeDecodeError are ValueErrors; OutOfData is an UnpackException; unhashable keys TypeError.
@@ -231,7 +233,10 @@ class FetchRequest(_Envelope):
 class FetchHeader(_Envelope):
     """Server to client, before the adapter bytes (which follow only when `status` is "ok").
 
-    A refusal ("busy", "none", "rate_limited") carries version -1 and nbytes 0.
+    A refusal ("busy", "none", "rate_limited") carries version -1, nbytes 0 and no signature.
+    An "ok" header carries the server's libp2p signature over `signed_offer(...)`: the version
+    (and so the age a merge gives it), sample count, size and digest of what it serves are
+    bound to its key, whether or not an announcement of that version was heard.
     """
 
     swarm: bytes
@@ -240,11 +245,12 @@ class FetchHeader(_Envelope):
     samples: int
     nbytes: int
     digest: bytes
+    signature: bytes = b""
     protocol: int = PROTOCOL_VERSION
 
     KIND: ClassVar[str] = "fetch_header"
     FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"protocol", "status", "version", "samples", "nbytes", "digest"}
+        {"protocol", "status", "version", "samples", "nbytes", "digest", "signature"}
     )
 
     def __post_init__(self) -> None:
@@ -258,6 +264,16 @@ class FetchHeader(_Envelope):
         _check_int("nbytes", self.nbytes, 1 if ok else 0, MAX_FRAME_LEN if ok else 0)
         _check_int("samples", self.samples, 0, MAX_SAMPLES)
         _check_bytes("digest", self.digest, DIGEST_BYTES)
+        if type(self.signature) is not bytes:
+            raise _bad("signature", f"expected bytes, got {type(self.signature).__name__}")
+        low = 1 if ok else 0
+        if not low <= len(self.signature) <= (MAX_SIGNATURE_BYTES if ok else 0):
+            raise _bad("signature", f"{len(self.signature)} bytes")
+
+    def signed_part(self, peer: str) -> bytes:
+        """What the signature covers; see `signed_offer`."""
+        return signed_offer(self.swarm, peer, self.version, self.samples, self.nbytes,
+                            self.digest)
 
     @classmethod
     def from_wire(cls, data: bytes, *, swarm: bytes, max_nbytes: int) -> FetchHeader:
@@ -270,6 +286,17 @@ class FetchHeader(_Envelope):
         message = cls(swarm=swarm, **fields)
         check_cap("nbytes", message.nbytes, max_nbytes)
         return message
+
+
+def signed_offer(swarm: bytes, peer: str, version: int, samples: int, nbytes: int,
+                 digest: bytes) -> bytes:
+    """The bytes a server signs for an offer: a domain tag, then every field a merge relies on.
+
+    The peer id is inside, so a signature cannot be replayed by another peer; the swarm id is
+    inside, so it cannot be replayed into another swarm.
+    """
+    fields = [swarm, peer, version, samples, nbytes, digest]
+    return _SIGNING_TAG + msgpack.packb(fields, use_bin_type=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -298,5 +325,5 @@ def frame_length(prefix: bytes, *, max_len: int) -> int:
 
 __all__ = [
     "ADAPTER_DTYPES", "Announcement", "FetchHeader", "FetchRequest", "decode_adapter", "digest",
-    "encode_adapter", "frame", "frame_length",
+    "encode_adapter", "frame", "frame_length", "signed_offer",
 ]

@@ -24,14 +24,17 @@ _BACKOFF = 0.95  # the liar shrinks its scaling by this until the victim accepts
 
 
 def norm_growth_under_liar(rounds: int = 5, ratio: float = 19.9, *, robust: bool = True,
-                           max_norm_ratio: float = 20.0, seed: int = 0) -> float:
+                           max_norm_ratio: float = 20.0, seed: int = 0,
+                           adaptive: bool = True) -> float:
     """How many times larger a victim's norm ends up with a liar among its neighbours.
 
     Setup: the victim (norm 1) merges by `average` every round with one honest neighbour (norm
     about 1, `_SPREAD` away, which stays put) and, in the attacked run, one liar. The liar
     serves its own honest-looking adapter scaled to `ratio` x the scale the victim bounds by
     (shrunk until `validate_update` accepts it, so always just inside the bound) and claims
-    more samples than the cap, which gives it weight 2/3. With `robust` the victim bounds by
+    more samples than the cap, which gives it weight 2/3. With `adaptive` False it serves
+    `ratio` x the victim's own norm every round instead, as the review's liar did, and is
+    simply dropped when that is over the bound. With `robust` the victim bounds by
     a `NormReference` of the norms it accepted; without, by its own norm (the rule before
     `NormReference`), which compounds: x13.6 per round.
 
@@ -47,8 +50,9 @@ def norm_growth_under_liar(rounds: int = 5, ratio: float = 19.9, *, robust: bool
     """
     config = MergeConfig(rule="average", max_norm_ratio=max_norm_ratio)
     victim, honest, liar = _adapters(seed)
-    attacked = _run(rounds, victim, honest, liar, ratio, config, robust=robust)
-    clean = _run(rounds, victim, honest, None, ratio, config, robust=robust)
+    attacked = _run(rounds, victim, honest, liar, ratio, config, robust=robust,
+                    adaptive=adaptive)
+    clean = _run(rounds, victim, honest, None, ratio, config, robust=robust, adaptive=adaptive)
     return state_norm(attacked) / state_norm(clean)
 
 
@@ -65,7 +69,7 @@ def _adapters(seed: int) -> tuple[AdapterState, AdapterState, AdapterState]:
 
 
 def _run(rounds: int, victim: AdapterState, honest: AdapterState, liar: AdapterState | None,
-         ratio: float, config: MergeConfig, *, robust: bool) -> AdapterState:
+         ratio: float, config: MergeConfig, *, robust: bool, adaptive: bool) -> AdapterState:
     own = victim
     reference = NormReference()
     for _ in range(rounds):
@@ -77,7 +81,16 @@ def _run(rounds: int, victim: AdapterState, honest: AdapterState, liar: AdapterS
             others.append(Contribution(honest, samples=_SAMPLES, peer="honest"))
         except RejectedUpdate:
             pass  # a victim carried far enough away refuses its honest neighbour too
-        if liar is not None:
+        if liar is not None and not adaptive:
+            served: AdapterState | None = _scaled(liar, ratio * state_norm(own) / state_norm(liar))
+            try:
+                validate_update(own, served or {}, config, reference=scale)
+            except RejectedUpdate:
+                served = None
+            if served is not None:
+                norms.append(state_norm(served))
+                others.append(Contribution(served, samples=10**9, peer="liar"))
+        elif liar is not None:
             bound_scale = floored_norm(own) if scale is None else scale
             served = _edge_of_bound(own, liar, ratio * bound_scale, config, scale)
             if served is not None:

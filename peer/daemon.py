@@ -32,12 +32,14 @@ import trio
 from gossip.errors import GossipError, TransferError, WireError
 from gossip.membership import Membership
 from gossip.node import GossipNode
-from gossip.wire import Announcement, decode_adapter, encode_adapter
-from merge.buffer import NeighbourBuffer
+from gossip.wire import Announcement, decode_adapter, digest, encode_adapter
+from merge.buffer import NeighbourBuffer, buffer_plan
 from merge.errors import RejectedUpdate
-from merge.rules import accepts_rank_change, merge_states
+from merge.reference import NormReference
+from merge.rules import accepts_rank_change, merge_states, needs_buffer
+from merge.tensors import state_norm
 from merge.types import Contribution
-from merge.validate import validate_update
+from merge.validate import MAX_RANK_FACTOR, validate_update
 from peer.attacks import poison
 from peer.config import PeerConfig
 from peer.setup import Runtime, build_runtime
@@ -47,13 +49,16 @@ from peer.store import Checkpoint
 from topology.view import MembershipView
 
 logger = logging.getLogger(__name__)
-# Coordinate-wise rules need more inputs than one round's fetches: they merge over a buffer of
-# the latest adapter of each recently heard neighbour.
-_BUFFERED_RULES = frozenset({"trimmed-mean", "median"})
 # Waves of fetches per round: the first draws `fanout` neighbours, later ones replace failures.
 _GATHER_WAVES = 3
 # Then neighbours that had not trained yet are fetched again after 1, 2, 4... s.
 _PATIENCE_FIRST_S = 1.0
+# Fetch failures that say nothing about a neighbour's honesty: it was busy, or the network
+# failed it. `_judge` drops untrusted neighbours for the latter too, never for the former.
+_BUSY = frozenset({"refused"})
+_NETWORK = frozenset({"timeout", "unreachable", "truncated"})
+# Room for a safetensors header to grow with a neighbour's other rank (`product` only).
+_HEADER_SLACK = 64 * 1024
 
 
 class Peer:
@@ -68,6 +73,7 @@ class Peer:
         self.rng = random.Random()
         self.membership: Membership | None = None
         self.round = 0
+        self.completed = 0  # rounds whose checkpoint and metrics line are on disk
         self.version = 0
         self.merges = 0
         self.adapters_received = 0
@@ -83,10 +89,19 @@ class Peer:
         self._round_done = trio.Event()
         self._scope = trio.CancelScope()  # `crash` cancels it
         self._crashed = False
-        tolerance = max(config.merge.trim, 2)  # bad neighbours a buffered merge must outvote
-        self._buffer = NeighbourBuffer.for_tolerance(tolerance, max_age=config.merge.max_age)
-        self._min_buffered = 2 * tolerance  # with self: 2f + 1 inputs, an honest majority
+        # Coordinate-wise rules need more inputs than one round's fetches: they merge over a
+        # buffer of the latest adapter of each recently heard neighbour, sized so that the share
+        # of bad ones in it tracks the swarm's (`--trim-fraction`).
+        plan = buffer_plan(config.merge)
+        self._buffered = needs_buffer(config.merge.rule)
+        self._buffer = NeighbourBuffer(plan.capacity, max_age=config.merge.max_age)
+        self._min_buffered = plan.min_buffered
         self._rank_free = accepts_rank_change(config.merge.rule)
+        # The scale that bounds a neighbour's norm and distance: recent accepted neighbours'
+        # median norm, which one liar cannot inflate round after round as it could our own.
+        self._reference = NormReference()
+        self._scale = 0.0  # this round's, set before fetching
+        self._tried: list[str] = []  # neighbours this round fetched from (metrics)
 
     async def load(self) -> Runtime:
         """Load the model, data and last checkpoint without joining the network yet.
@@ -99,7 +114,7 @@ class Peer:
 
     async def wait_rounds(self, rounds: int) -> None:
         """Return once this peer has finished `rounds` rounds (for tests and embedders)."""
-        while self.round < rounds:
+        while self.completed < rounds:
             await self._round_done.wait()
 
     def crash(self) -> None:
@@ -120,6 +135,7 @@ class Peer:
         runtime = self.runtime or await self.load()
         if runtime.resumed is not None:
             self.version, self.round = runtime.resumed.version, runtime.resumed.round
+            self.completed = self.round
             self._resume_counters(runtime.resumed.counters)
         identity = self.config.data_dir
         node = GossipNode(self.config.network, runtime.swarm, identity)
@@ -138,7 +154,8 @@ class Peer:
         finally:
             if not self._crashed:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self._persist_final)
+                    status = self.status() if self._can_report() else None
+                    await trio.to_thread.run_sync(self._persist_final, status)
 
     async def _wait_for_topic_peer(self) -> None:
         """Hold the join announcement until a connected peer has subscribed to the swarm topic.
@@ -233,7 +250,7 @@ class Peer:
         others = self._merge_inputs(accepted)
         if others:
             # merge_states returns a fresh copy, so it also feeds the checkpoint and the sketch.
-            state = merge_states(own, others, self.config.merge)
+            state = await trio.to_thread.run_sync(merge_states, own, others, self.config.merge)
             runtime.trainer.load_state(state)
             self.merges += len(accepted)
         self.round += 1
@@ -241,7 +258,8 @@ class Peer:
         evaluated = runtime.eval_batches and (self.round % self.config.eval_every == 0 or last)
         if evaluated:
             await self._evaluate(record=False)
-        self._persist(state, loss, len(accepted), evaluated=bool(evaluated))
+        await self._persist(state, loss, len(accepted), evaluated=bool(evaluated))
+        self.completed = self.round
         self._round_done.set()
         self._round_done = trio.Event()
 
@@ -258,8 +276,13 @@ class Peer:
         runtime, node = self._runtime(), self._node()
         served = state if not self.config.attack else poison(
             state, self.config.attack, scale=self.config.attack_scale, seed=self.version)
-        data = encode_adapter(served)
-        offer = node.offer(self.version, runtime.trainer.samples, data)
+        data = await trio.to_thread.run_sync(encode_adapter, served)
+        offer = node.offer(self.version, runtime.trainer.samples, data,
+                           digest=await trio.to_thread.run_sync(digest, data))
+        # The encoding is deterministic: a neighbour's adapter has exactly our size, unless
+        # ranks may differ (`product`: up to MAX_RANK_FACTOR x ours, plus a header's slack).
+        node.adapter_sizes = (len(data), len(data)) if not self._rank_free else (
+            1, MAX_RANK_FACTOR * len(data) + _HEADER_SLACK)
         announcement = Announcement(
             swarm=runtime.swarm, peer=node.peer_id, version=self.version,
             samples=runtime.trainer.samples, digest=offer.digest, nbytes=len(data),
@@ -275,7 +298,7 @@ class Peer:
             node.update(announcement)
 
     def _merge_inputs(self, accepted: list[Contribution]) -> list[Contribution]:
-        if self.config.merge.rule not in _BUFFERED_RULES:
+        if not self._buffered:
             return accepted
         for contribution in accepted:
             self._buffer.put(contribution, now=self.version)
@@ -301,21 +324,27 @@ class Peer:
         """
         view, wanted = self._view(), self.config.topology.fanout
         view.expire(trio.current_time())
+        self._scale = await trio.to_thread.run_sync(self._reference.scale, own)
         accepted: list[Contribution] = []
         untrained: list[Announcement] = []
         tried: set[str] = set()
-        for _ in range(_GATHER_WAVES):
+        for wave in range(_GATHER_WAVES):
             missing = wanted - len(accepted)
             if missing <= 0:
                 break
-            drawn = view.sample(missing, self.rng, trio.current_time(), exclude=tried)
+            # Each wave draws twice as many as are missing: when most of the view is identities
+            # that never serve (a sybil flood), later waves still reach an honest neighbour.
+            drawn = view.sample(missing << wave, self.rng, trio.current_time(), exclude=tried)
             chosen = [self._latest[info.peer_id] for info in drawn if info.peer_id in self._latest]
             if not chosen:
                 break
             tried.update(announcement.peer for announcement in chosen)
             await self._fetch_all(chosen, own, accepted, untrained)
+        self._tried = sorted(tried)
         if untrained and len(accepted) < wanted:
             await self._await_training(untrained, own, accepted)
+        norms = await trio.to_thread.run_sync(lambda: [state_norm(c.state) for c in accepted])
+        self._reference.update(norms)
         return accepted
 
     async def _await_training(self, untrained: list[Announcement], own: dict[str, Any],
@@ -351,29 +380,51 @@ class Peer:
         runtime, node = self._runtime(), self._node()
         try:
             fetched = await node.fetch(announcement)
-            self.adapters_received += 1
-            self._view().observe(announcement.peer, trio.current_time())  # it answered: alive
-            if fetched.samples == 0 and runtime.trainer.samples > 0:
-                # A neighbour that has not finished its first round serves the seeded adapter,
-                # which would merge with weight 0: try another one, or it again later.
-                logger.debug("%s has not trained yet; not merged", announcement.peer)
-                untrained.append(announcement)
-                return
-            state = decode_adapter(fetched.data, max_bytes=self.config.network.max_adapter_bytes,
-                                   expected=runtime.shapes, allow_rank_change=self._rank_free)
-            validate_update(own, state, self.config.merge, allow_rank_change=self._rank_free)
-        except (TransferError, WireError) as exc:
+        except (TransferError, WireError) as exc:  # the node counted it: one owner per counter
             logger.info("no adapter from %s this round: %s", announcement.peer, exc)
-            if isinstance(exc, WireError):
-                self.rejected[exc.reason] += 1
+            self._judge(announcement.peer, exc.reason)
             return
-        except RejectedUpdate as exc:
+        self.adapters_received += 1
+        self._view().observe(announcement.peer, trio.current_time())  # it answered: alive
+        if fetched.samples == 0 and runtime.trainer.samples > 0:
+            # A neighbour that has not finished its first round serves the seeded adapter,
+            # which would merge with weight 0: try another one, or it again later.
+            logger.debug("%s has not trained yet; not merged", announcement.peer)
+            untrained.append(announcement)
+            return
+        try:
+            # Decoding and checking megabytes off the event loop, which keeps serving meanwhile.
+            state = await trio.to_thread.run_sync(self._decode, fetched.data, own)
+        except (WireError, RejectedUpdate) as exc:
             self.rejected[exc.reason] += 1
             logger.warning("rejected adapter from %s: %s", announcement.peer, exc)
+            self._judge(announcement.peer, exc.reason)
             return
+        self._membership().trust(announcement.peer)
         age = max(0, self.version - fetched.version)
         accepted.append(Contribution(state=state, samples=fetched.samples, age=age,
                                      peer=announcement.peer))
+
+    def _judge(self, peer: str, reason: str) -> None:
+        """Drop a neighbour that failed us from the view, unless it may just have been busy.
+
+        A trusted neighbour (it served a valid adapter before) keeps its place through network
+        trouble and loses it only for invalid bytes; an untrusted one loses it for anything but
+        a busy server. Identities are free: one that never serves must not be drawn again.
+        """
+        membership = self._membership()
+        if reason in _BUSY or (reason in _NETWORK and membership.view.is_trusted(peer)):
+            return
+        logger.info("%s dropped from the view (%s)", peer, reason)
+        membership.distrust(peer)
+
+    def _decode(self, data: bytes, own: dict[str, Any]) -> dict[str, Any]:
+        """Decode a fetched adapter against our shapes and validate it (in a worker thread)."""
+        state = decode_adapter(data, max_bytes=self.config.network.max_adapter_bytes,
+                               expected=self._runtime().shapes, allow_rank_change=self._rank_free)
+        validate_update(own, state, self.config.merge, allow_rank_change=self._rank_free,
+                        reference=self._scale)
+        return state
 
     async def _listen(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run `gossip.membership.Membership` on our view: announcements, liveness, dialling."""
@@ -388,47 +439,64 @@ class Peer:
             runtime.trainer.eval_loss, runtime.eval_batches
         )
         if record:
-            self._runtime().store.append_metrics(self._metrics(None, 0, evaluated=True))
+            state = self._runtime().trainer.state()
+            self._runtime().store.append_metrics(self._metrics(None, 0, evaluated=True,
+                                                               state=state))
 
-    def _persist(self, state: dict[str, Any], loss: float | None, merged: int, *,
-                 evaluated: bool) -> None:
-        """Checkpoint and log the round; `state` is a copy of the adapter as it is now."""
-        self._save_checkpoint(state)
-        self._runtime().store.append_metrics(
-            self._metrics(loss, merged, evaluated=evaluated, state=state))
-        self._write_status()
+    async def _persist(self, state: dict[str, Any], loss: float | None, merged: int, *,
+                       evaluated: bool) -> None:
+        """Checkpoint and log the round; `state` is a copy of the adapter as it is now.
 
-    def _persist_final(self) -> None:
+        The records are taken here, on the event loop; hashing them into a sketch, writing and
+        fsyncing run in a worker thread, so that serving neighbours never waits on the disk.
+        """
+        runtime = self._runtime()
+        checkpoint = self._checkpoint(state)
+        record = self._metrics(loss, merged, evaluated=evaluated, state=None)
+        status = self.status()
+
+        def write() -> None:
+            runtime.store.save_checkpoint(checkpoint)
+            runtime.store.append_metrics({**record, **_shape_of(state)})
+            runtime.store.write_status(status)
+
+        await trio.to_thread.run_sync(write)
+
+    def _persist_final(self, status: dict[str, Any] | None) -> None:
+        """Final checkpoint, export and status (taken on the event loop), in a worker thread."""
         if self.runtime is None:
             return
         self._save_checkpoint()
         trainer = self.runtime.trainer
         self.runtime.store.export(trainer.model, trainer.adapter)
-        self._write_status()
+        if status is not None:
+            self.runtime.store.write_status(status)
         logger.info("final checkpoint and export written to %s", self.runtime.store.root)
 
     def _save_checkpoint(self, state: dict[str, Any] | None = None) -> None:
+        self._runtime().store.save_checkpoint(self._checkpoint(state))
+
+    def _checkpoint(self, state: dict[str, Any] | None) -> Checkpoint:
         runtime = self._runtime()
-        runtime.store.save_checkpoint(Checkpoint(
+        return Checkpoint(
             state=runtime.trainer.state() if state is None else state, version=self.version,
             samples=runtime.trainer.samples, round=self.round, swarm=runtime.swarm_hex,
             counters=self._totals(),
-        ))
+        )
 
     def _metrics(self, loss: float | None, merged: int, *, evaluated: bool,
                  state: dict[str, Any] | None = None) -> dict[str, Any]:
-        # A 64-number sketch instead of the adapter: enough to measure consensus distance.
-        state = self._runtime().trainer.state() if state is None else state
-        return {
+        """One metrics line; with `state`, its sketch and norm too (see `_shape_of`)."""
+        record = {
             "round": self.round, "version": self.version,
             "samples": self._runtime().trainer.samples,
             "train_loss": loss, "eval_loss": self.last_eval if evaluated else None,
             "merged": merged, **self._totals(),
             "peers_live": len(self._view().live(trio.current_time())),
+            "tried": self._tried,
             "ts": time.time(),
-            "sketch": [float(f"{x:.6g}") for x in sketch(state)],
-            "norm": float(f"{adapter_norm(state):.6g}"),
         }
+        return record if state is None else {**record, **_shape_of(state)}
 
     def status(self) -> dict[str, Any]:
         """The status.json document: what this peer is and how it is doing."""
@@ -439,9 +507,16 @@ class Peer:
             "round": self.round, "version": self.version, "samples": runtime.trainer.samples,
             **{k: v for k, v in self._totals().items() if k != "t"},
             "peers_known": len(self._view()), "peers_connected": len(node.connected_peers()),
+            **self._view_status(),
             "rejected": dict(self.rejected + node.rejected + Counter(node.server.refused)),
             "eval_loss": self.last_eval, "updated": time.time(),
         }
+
+    def _view_status(self) -> dict[str, Any]:
+        """Who is in the view: live ids (at most `--view-size`), trusted and refused counts."""
+        stats = self._view().statistics(trio.current_time())
+        return {"live_peers": [info.peer_id for info in self._view().live(trio.current_time())],
+                "peers_trusted": stats.trusted, "peers_refused": stats.refused}
 
     def _resume_counters(self, counters: Mapping[str, float]) -> None:
         """Continue the totals a restarted peer reports from those its checkpoint kept."""
@@ -459,9 +534,12 @@ class Peer:
             "t": round(before.get("t", 0.0) + time.monotonic() - self._started, 3),
         }
 
+    def _can_report(self) -> bool:
+        return self.runtime is not None and self.node is not None and self.view is not None
+
     def _write_status(self) -> None:
-        if self.runtime is not None and self.node is not None and self.view is not None:
-            self.runtime.store.write_status(self.status())
+        if self._can_report():
+            self._runtime().store.write_status(self.status())
 
     def _runtime(self) -> Runtime:
         assert self.runtime is not None, "the peer is not loaded yet"
@@ -478,3 +556,9 @@ class Peer:
     def _view(self) -> MembershipView:
         assert self.view is not None, "the peer has no membership view yet"
         return self.view
+
+
+def _shape_of(state: dict[str, Any]) -> dict[str, Any]:
+    """A 64-number sketch and the norm instead of the adapter: enough to measure consensus."""
+    return {"sketch": [float(f"{x:.6g}") for x in sketch(state)],
+            "norm": float(f"{adapter_norm(state):.6g}")}

@@ -232,7 +232,9 @@ async def _show_progress(slots: dict[int, _Slot], rounds: int, console: Console)
     with Progress(*progress_columns(), console=console) as progress:
         task = progress.add_task(f"{len(slots)} peers in one process", total=rounds)
         while True:
-            slowest = min(slot.peer.round for slot in slots.values())
+            # Rounds on disk, not `round`: that moves before the round's metrics are written,
+            # and a peer cancelled in between would lose its last line.
+            slowest = min(slot.peer.completed for slot in slots.values())
             progress.update(task, completed=slowest)
             if slowest >= 1 and running is None:
                 running = round(rss_mib(), 1)

@@ -20,9 +20,9 @@ from libp2p.custom_types import TProtocol
 
 from gossip.config import NodeConfig
 from gossip.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm, synthetic_state
-from gossip.swarm import TRANSFER_PROTOCOL
+from gossip.swarm import PROTOCOL_VERSION, TRANSFER_PROTOCOL
 from gossip.transfer import MAX_CONTROL_FRAME, read_frame
-from gossip.wire import MAGIC, Announcement, digest, encode_adapter, frame
+from gossip.wire import MAGIC, Announcement, digest, encode_adapter, frame, signed_offer
 
 _TRANSFER = TProtocol(TRANSFER_PROTOCOL)
 MAX_BYTES = 64 * 1024
@@ -50,11 +50,23 @@ def _raw_announcement(sender: SyntheticPeer, **changes: Any) -> bytes:
     return _envelope("announce", **fields)
 
 
-def _header(version: int, data: bytes, **changes: Any) -> bytes:
-    fields: dict[str, Any] = dict(protocol=1, status="ok", version=version, samples=16,
-                                  nbytes=len(data), digest=digest(data))
+def _header(signer: SyntheticPeer | None, version: int, data: bytes, **changes: Any) -> bytes:
+    """A transfer header, signed by `signer`'s key over its final fields (None: not signed)."""
+    fields: dict[str, Any] = dict(protocol=PROTOCOL_VERSION, status="ok", version=version,
+                                  samples=16, nbytes=len(data), digest=digest(data))
     fields.update(changes)
+    if "signature" not in fields:
+        fields["signature"] = bytes(64) if signer is None else _sign(signer, fields)
     return _envelope("fetch_header", **fields)
+
+
+def _sign(signer: SyntheticPeer, fields: dict[str, Any]) -> bytes:
+    try:
+        signed = signed_offer(LOOPBACK_SWARM, signer.peer_id, fields["version"],
+                              fields["samples"], fields["nbytes"], fields["digest"])
+    except (TypeError, ValueError):  # a spoiled field cannot be packed: sign anything
+        return bytes(64)
+    return bytes(signer.node.host.get_private_key().sign(signed))
 
 
 def _serving(header: bytes, body: bytes) -> Callable[[Any], Awaitable[None]]:
@@ -88,7 +100,7 @@ def _pubsub_cases(hostile: SyntheticPeer, other: str) -> list[tuple[str, bytes]]
         ("malformed", MAGIC + LOOPBACK_SWARM + b"\xc1\x00"),
         ("bad_protocol", _raw_announcement(hostile, protocol=99)),
         ("bad_field", _raw_announcement(hostile, samples=10**15)),  # absurd sample count
-        ("wrong_swarm", _envelope("announce", swarm=other_swarm, protocol=1)),
+        ("wrong_swarm", _envelope("announce", swarm=other_swarm, protocol=PROTOCOL_VERSION)),
         ("oversized", MAGIC + LOOPBACK_SWARM + bytes(20_000)),
         ("signer_mismatch", _raw_announcement(hostile, peer=other)),
     ]
@@ -130,12 +142,14 @@ async def test_hostile_announcements_are_rejected_before_reaching_the_view(
 Served = bytes | Callable[[Any], Awaitable[None]]
 
 
-def _transfer_cases(oversized: bytes) -> list[tuple[str, Callable[[int], Served]]]:
+def _transfer_cases(hostile: SyntheticPeer,
+                    oversized: bytes) -> list[tuple[str, Callable[[int], Served]]]:
     """(reason, version -> what the hostile peer serves: adapter bytes or a stream handler).
 
     Served bytes are announced with their own digest; a handler is announced as serving GOOD.
     """
     short = GOOD[: len(GOOD) // 2]
+    h = hostile
     return [
         ("shape_mismatch", lambda v: _state(tensors={"layer.lora_A.weight": torch.zeros(4, 33)})),
         ("dtype_mismatch", lambda v: _state(dtype=torch.float16)),
@@ -144,14 +158,23 @@ def _transfer_cases(oversized: bytes) -> list[tuple[str, Callable[[int], Served]
         ("non_finite", lambda v: _state(fill=float("inf"))),
         ("truncated", lambda v: GOOD[:20]),  # a safetensors header cut short
         ("bad_tensor", lambda v: GOOD[:-8]),  # a body shorter than its header says
-        ("oversized", lambda v: _serving(_header(v, oversized), oversized)),
-        ("truncated", lambda v: _serving(_header(v, GOOD), short)),  # the stream ends early
-        ("bad_field", lambda v: _serving(_header(v, GOOD, samples=10**15), GOOD)),  # absurd
-        ("header_mismatch", lambda v: _serving(_header(v, GOOD, samples=10**9), GOOD)),
-        ("bad_protocol", lambda v: _serving(_header(v, GOOD, protocol=7), GOOD)),
+        ("oversized", lambda v: _serving(_header(h, v, oversized), oversized)),
+        ("truncated", lambda v: _serving(_header(h, v, GOOD), short)),  # the stream ends early
+        ("bad_field", lambda v: _serving(_header(h, v, GOOD, samples=10**15), GOOD)),  # absurd
+        ("header_mismatch", lambda v: _serving(_header(h, v, GOOD, samples=10**9), GOOD)),
+        ("bad_protocol", lambda v: _serving(_header(h, v, GOOD, protocol=7), GOOD)),
         ("malformed", lambda v: _serving(MAGIC + LOOPBACK_SWARM + b"\x92\xc1", GOOD)),
-        ("digest_mismatch", lambda v: _serving(_header(v, _state()), _state())),
+        ("digest_mismatch", lambda v: _serving(_header(h, v, GOOD), GOOD[:-1] + b"!")),
         ("timeout", lambda v: _silent),
+        # The header must carry the server's own signature over what it serves.
+        ("bad_signature", lambda v: _serving(_header(None, v, GOOD), GOOD)),
+        ("bad_signature", lambda v: _serving(_header(h, v, GOOD, signature=_sign(
+            h, {"version": v + 1, "samples": 16, "nbytes": len(GOOD), "digest": digest(GOOD)})),
+            GOOD)),  # signed for another version
+        # A version lie: signed, but behind what it announced (a rollback), or the announced
+        # version with other bytes (each client may be shown another adapter).
+        ("header_mismatch", lambda v: _serving(_header(h, v - 1, GOOD), GOOD)),
+        ("equivocation", lambda v: _serving(_header(h, v, _state()), _state())),
     ]
 
 
@@ -167,7 +190,7 @@ async def test_hostile_adapters_are_rejected_and_never_adopted(
         with trio.fail_after(60):
             await swarm.announce_all()
             expected: Counter[str] = Counter()
-            for version, (reason, make) in enumerate(_transfer_cases(oversized), 1):
+            for version, (reason, make) in enumerate(_transfer_cases(hostile, oversized), 1):
                 caplog.clear()
                 served = make(version)
                 announced = served if isinstance(served, bytes) else GOOD

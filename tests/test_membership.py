@@ -17,6 +17,7 @@ from libp2p.peer.id import ID
 
 from gossip.config import NodeConfig
 from gossip.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm
+from gossip.addresses import Scope
 from gossip.membership import Membership
 from gossip.node import GossipNode, Heard
 from gossip.wire import Announcement, digest
@@ -142,9 +143,9 @@ async def test_abrupt_stop_leaves_every_view_within_the_timeout_and_never_stalls
 def _heard(peer: str, version: int, seqno: int, data: bytes = b"adapter") -> Heard:
     announcement = Announcement(
         swarm=LOOPBACK_SWARM, peer=peer, version=version, samples=8, digest=digest(data),
-        nbytes=len(data), train_loss=0.5, addrs=("/ip4/127.0.0.1/tcp/4001",),
+        nbytes=len(data), train_loss=0.5, addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}",),
     )
-    return Heard(announcement, seqno)
+    return Heard(announcement, seqno, Scope.LOOPBACK)
 
 
 async def test_sequence_numbers_tell_fresh_re_announcements_from_replays(

@@ -107,3 +107,12 @@ def test_a_tight_bound_keeps_the_victim_within_twice_its_clean_norm() -> None:
     assert norm_growth_under_liar(5, ratio=1.99, max_norm_ratio=2.0) < 2.0
     assert norm_growth_under_liar(30, ratio=1.99, max_norm_ratio=2.0) < 2.0
     assert norm_growth_under_liar(5, ratio=1.99, max_norm_ratio=2.0, robust=False) > 5.0
+
+
+def test_the_reviews_liar_at_19_9x_our_norm_leaves_the_victim_within_2x() -> None:
+    # The review's attack: a liar serving 19.9 x the victim's own norm every round. Bounded by
+    # our own norm, the victim grew x13.6, x183, x2.5e3 and x4.4e5 after five rounds; bounded by
+    # the reference, the liar gets in once (nothing is known yet) and is refused after, and the
+    # honest neighbour pulls the victim back.
+    assert norm_growth_under_liar(5, adaptive=False, robust=False) > 1e5
+    assert norm_growth_under_liar(5, adaptive=False) < 2.0

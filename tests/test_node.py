@@ -12,10 +12,11 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
+from gossip.addresses import Scope
 from gossip.errors import GossipError, TransferError, WireError
 from gossip.node import GossipNode, NodeConfig
 from gossip.swarm import TRANSFER_PROTOCOL, swarm_id
-from gossip.wire import Announcement, digest, encode_adapter
+from gossip.wire import Announcement, FetchRequest, digest, encode_adapter, frame
 
 SWARM = swarm_id("model-fingerprint", {"r": 4}, 0)
 
@@ -66,14 +67,39 @@ async def test_large_adapter_crosses_the_stream() -> None:
         assert fetched.data == data
 
 
-async def test_digest_mismatch_is_rejected_and_counted() -> None:
+async def test_serving_other_bytes_than_announced_is_equivocation() -> None:
+    # Both the announcement and the transfer header are signed: two adapters for one version.
     async with running(NodeConfig(), NodeConfig()) as (server, client):
         data = adapter_bytes()
         server.offer(1, 16, data)
         forged = announce(server, data, digest=digest(adapter_bytes(2.0)))
-        with trio.fail_after(20), pytest.raises(TransferError, match="digest_mismatch"):
+        with trio.fail_after(20), pytest.raises(TransferError, match="equivocation"):
             await client.fetch(forged)
-        assert client.rejected["digest_mismatch"] == 1
+        assert client.rejected == {"equivocation": 1} and client.bytes_in == 0
+
+
+async def test_an_adapter_of_another_size_is_refused_before_reading() -> None:
+    async with running(NodeConfig(), NodeConfig()) as (server, client):
+        data = adapter_bytes()
+        server.offer(1, 16, data)
+        client.adapter_sizes = (len(data) + 8, len(data) + 8)
+        with trio.fail_after(20), pytest.raises(TransferError, match="size_mismatch"):
+            await client.fetch(announce(server, data))
+        assert client.rejected == {"size_mismatch": 1} and client.bytes_in == 0
+
+
+async def test_a_signed_newer_version_is_bound_and_cannot_roll_back() -> None:
+    # The header's version (and so a merge's age) is signed; once seen, it cannot go back.
+    async with running(NodeConfig(min_upload_interval_s=0), NodeConfig()) as (server, client):
+        old, new = adapter_bytes(), adapter_bytes(2.0)
+        server.offer(5, 16, new)
+        with trio.fail_after(20):
+            fetched = await client.fetch(announce(server, old, version=1))
+        assert fetched.version == 5 and fetched.data == new
+        server.offer(3, 16, old)  # a peer that signs a lower version after a higher one
+        with trio.fail_after(20), pytest.raises(TransferError, match="header_mismatch"):
+            await client.fetch(announce(server, old, version=1))
+        assert client.rejected == {"header_mismatch": 1}
 
 
 async def test_oversized_adapter_is_refused_before_reading() -> None:
@@ -94,6 +120,29 @@ async def test_per_peer_rate_limit() -> None:
             with pytest.raises(TransferError, match="rate_limited"):
                 await client.fetch(announce(server, data))
         assert server.server.refused["rate_limited"] == 1
+
+
+async def test_one_peer_holds_one_upload_slot_and_a_reader_that_stalls_loses_it() -> None:
+    # A client that requests and never reads: 8 MiB do not fit yamux's window, so the upload
+    # blocks. It keeps one slot, not all four, and loses that one once below the minimum rate.
+    server_config = NodeConfig(min_upload_interval_s=0, min_upload_rate=1 << 20)
+    async with running(server_config, NodeConfig(), NodeConfig()) as (server, greedy, honest):
+        data = encode_adapter({"m.lora_A.weight": torch.ones(4, 512 << 10)})
+        server.offer(1, 16, data)
+        stalled = []
+        with trio.fail_after(30):
+            for _ in range(4):
+                stream = await greedy.host.new_stream(server.host.get_id(),
+                                                      [TProtocol(TRANSFER_PROTOCOL)])
+                await stream.write(frame(FetchRequest(swarm=SWARM, version=-1).to_wire()))
+                stalled.append(stream)
+            while server.server.refused.get("busy", 0) < 3:  # the other three, at once
+                await trio.sleep(0.05)
+            # Another peer still gets the adapter while the greedy one sits on its slot.
+            assert (await honest.fetch(announce(server, data))).data == data
+            while server.server.refused.get("slow_reader", 0) < 1:
+                await trio.sleep(0.05)
+        assert server.server.refused["busy"] == 3
 
 
 async def test_silent_peer_costs_at_most_the_timeout() -> None:
@@ -149,32 +198,36 @@ async def test_garbage_on_the_topic_is_rejected_and_the_node_keeps_running() -> 
 
 
 async def test_outgoing_fetches_are_bounded() -> None:
-    # A slow server that counts the requests it holds at once; 5 fetches, 2 download slots.
-    async with running(NodeConfig(min_upload_interval_s=0, max_uploads=8),
-                       NodeConfig(max_downloads=2)) as (server, client):
+    # Slow servers that count the requests held at once; 5 fetches, 2 download slots. One
+    # fetch per server: a server gives each remote peer one upload at a time.
+    servers = [NodeConfig(min_upload_interval_s=0) for _ in range(5)]
+    async with running(NodeConfig(max_downloads=2), *servers) as (client, *nodes):
         data = adapter_bytes()
-        server.offer(1, 16, data)
         held = {"now": 0, "peak": 0}
 
-        async def slow(stream) -> None:
-            held["now"] += 1
-            held["peak"] = max(held["peak"], held["now"])
-            try:
-                await trio.sleep(0.2)
-                await server.server.handle(stream)
-            finally:
-                held["now"] -= 1
+        def slow(server: GossipNode) -> Any:
+            async def handle(stream: Any) -> None:
+                held["now"] += 1
+                held["peak"] = max(held["peak"], held["now"])
+                try:
+                    await trio.sleep(0.2)
+                    await server.server.handle(stream)
+                finally:
+                    held["now"] -= 1
+            return handle
 
-        server.host.set_stream_handler(TProtocol(TRANSFER_PROTOCOL), slow)
+        for server in nodes:
+            server.offer(1, 16, data)
+            server.host.set_stream_handler(TProtocol(TRANSFER_PROTOCOL), slow(server))
         fetched = []
 
-        async def fetch_one() -> None:
+        async def fetch_one(server: GossipNode) -> None:
             fetched.append(await client.fetch(announce(server, data)))
 
         with trio.fail_after(20):
             async with trio.open_nursery() as nursery:
-                for _ in range(5):
-                    nursery.start_soon(fetch_one)
+                for server in nodes:
+                    nursery.start_soon(fetch_one, server)
         assert len(fetched) == 5 and all(f.data == data for f in fetched)
         assert held["peak"] == 2 and client.downloads_peak == 2
         assert client.downloads_in_flight == 0
@@ -189,7 +242,7 @@ async def test_dial_by_id_uses_only_addresses_the_peer_gave_for_itself() -> None
             await client.dial(server.peer_id)
         # An address naming a third peer would aim our dials at it: dropped and counted.
         victim = f"/ip4/127.0.0.1/tcp/9/p2p/{client.peer_id}"
-        client.remember(server.peer_id, [victim, *server.listen_addrs])
+        client.remember(server.peer_id, [victim, *server.listen_addrs], via=Scope.LOOPBACK)
         assert client.rejected["bad_addr"] == 1
         with trio.fail_after(10):
             await client.dial(server.peer_id)
@@ -205,7 +258,7 @@ async def test_a_connection_opened_for_a_fetch_is_closed_after_it() -> None:
             await nursery.start(node.run)
         data = adapter_bytes()
         server.offer(1, 16, data)
-        client.remember(server.peer_id, server.listen_addrs)
+        client.remember(server.peer_id, server.listen_addrs, via=Scope.LOOPBACK)
         with trio.fail_after(20):
             assert (await client.fetch(announce(server, data))).data == data
         assert client.connected_peers() == [], "the fetch's own connection was kept"

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from typing import Any
 
 import multiaddr
@@ -20,6 +21,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 
+from gossip.addresses import Scope
 from gossip.config import NodeConfig
 from gossip.errors import GossipError
 from gossip.loopback import SybilPublisher, loopback_swarm
@@ -124,3 +126,41 @@ async def test_a_peer_without_ping_stays_connected(monkeypatch: Any) -> None:
             await three.wait()
         assert mute.node.host.get_id() in pinger.node.host.get_connected_peers()
         assert all(result.success and not result.protocol_supported for result in probes)
+
+
+async def test_announced_addresses_cannot_aim_the_swarm_at_a_victim() -> None:
+    # Only the announcer's own addresses, and private ones only from a peer of that scope.
+    for allow_private, kept_private in ((False, False), (True, True)):
+        config = NodeConfig(allow_private_addrs=allow_private)
+        async with loopback_swarm(2, network=config) as swarm:
+            receiver, hostile = swarm.peers
+            own = hostile.node.listen_addrs[0]
+            private = f"/ip4/10.1.2.3/tcp/443/p2p/{hostile.peer_id}"
+            poisoned = ("/ip4/127.0.0.1/tcp/9",  # a bare victim address: no /p2p/ of its own
+                        f"/ip4/0.0.0.0/tcp/1/p2p/{hostile.peer_id}", private, own)
+            with trio.fail_after(30):
+                await swarm.announce_all()
+                await hostile.node.publish(replace(hostile.node.current, version=1,
+                                                   addrs=poisoned))
+                await receiver.membership.wait_until(lambda: getattr(
+                    receiver.membership.latest(hostile.peer_id), "version", 0) == 1)
+            info = receiver.membership.view.get(hostile.peer_id)
+            assert info is not None
+            assert set(info.addrs) == ({own, private} if kept_private else {own})
+            assert receiver.node.rejected["bad_addr"] == (2 if kept_private else 3)
+            stored = {str(a) for a in receiver.node.host.get_peerstore().addrs(
+                ID.from_base58(hostile.peer_id))}
+            assert "/ip4/0.0.0.0/tcp/1" not in stored and "/ip4/127.0.0.1/tcp/9" not in stored
+
+
+async def test_a_dead_address_backs_off_on_its_own() -> None:
+    async with loopback_swarm(1, network=NodeConfig(dial_timeout_s=2)) as swarm:
+        node = swarm.peers[0].node
+        stranger = str(ID.from_pubkey(generate_new_ed25519_identity().public_key))
+        dead = f"/ip4/127.0.0.1/tcp/9/p2p/{stranger}"  # discard port: nobody listens
+        node.remember(stranger, [dead], via=Scope.LOOPBACK)
+        with trio.fail_after(10):
+            with pytest.raises(GossipError, match="dial failed|timed out"):
+                await node.dial(stranger)
+            with pytest.raises(GossipError, match="backing off"):
+                await node.dial(stranger)  # refused at once: no second dial

@@ -75,7 +75,7 @@ async def test_a_loud_attacker_is_rejected_by_honest_peers(
                                 (node.listen_addrs[0],), attack="scale", attack_scale=1000.0))
         await nursery.start(attacker.run)
         with trio.fail_after(240):
-            while honest.rejected["norm_bound"] < 2:
+            while honest.rejected["norm_bound"] < 1 or honest.round < 3:
                 await honest.wait_rounds(honest.round + 1)
         nursery.cancel_scope.cancel()
     assert honest.merges == 0, "the only neighbour was poisoned: nothing may be merged"
@@ -134,7 +134,8 @@ async def test_settling_rounds_merge_without_training(tmp_path: Path,
 async def test_a_failed_neighbour_is_replaced_and_rounds_announce_nothing(
     tmp_path: Path, small_model_dir: Path
 ) -> None:
-    """With fanout 1, drawing the attacker costs no merge: another neighbour is fetched instead.
+    """With fanout 1, drawing the attacker costs no merge: another neighbour is fetched instead,
+    and the attacker, refused once, is dropped from the view.
 
     And only the join announcement is published (the re-announce interval, a third of the peer
     timeout, is longer than the test): fetches still get each neighbour's newest adapter.
@@ -157,7 +158,7 @@ async def test_a_failed_neighbour_is_replaced_and_rounds_announce_nothing(
             await nursery.start(peer.run)
             peers.append(peer)
         with trio.fail_after(240):
-            while honest.rejected["norm_bound"] < 2 or honest.round < 4:
+            while honest.rejected["norm_bound"] < 1 or honest.round < 4:
                 await honest.wait_rounds(honest.round + 1)
         heard = peers[1].membership.latest(node.peer_id) if peers[1].membership else None
         nursery.cancel_scope.cancel()
@@ -168,6 +169,8 @@ async def test_a_failed_neighbour_is_replaced_and_rounds_announce_nothing(
     assert honest.merges >= len(merged)
     assert heard is not None and heard.version == 0, "rounds were not announced one by one"
     assert honest.version >= 4
+    # Refused once, the attacker left the view: it is not drawn again until it re-announces.
+    assert honest.rejected["norm_bound"] == 1
 
 
 async def test_a_neighbour_that_has_not_trained_yet_is_waited_for(
@@ -276,3 +279,36 @@ async def test_the_join_announcement_leaves_once_a_swarm_peer_can_receive_it(
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     assert receivers[joined.peer_id] >= 1, "the joiner announced before anyone could hear it"
+
+
+async def test_a_malformed_transfer_header_is_counted_once(tmp_path: Path,
+                                                         small_model_dir: Path) -> None:
+    """Through the daemon's own fetch path: status.json shows each refusal once, by reason."""
+    from gossip.swarm import TRANSFER_PROTOCOL
+    from gossip.transfer import MAX_CONTROL_FRAME, read_frame
+    from gossip.wire import MAGIC, frame
+
+    train = write_jsonl(tmp_path / "train.jsonl",
+                        [{"text": f"an ordinary training line number {j}"} for j in range(6)])
+    served = 0
+
+    async def malformed(stream: Any) -> None:
+        nonlocal served
+        await read_frame(stream, max_len=MAX_CONTROL_FRAME)
+        served += 1
+        await stream.write(frame(MAGIC + stream_swarm + b"\x92\xc1"))  # undecodable msgpack
+        await stream.close()
+
+    async with trio.open_nursery() as nursery:
+        honest = Peer(_config(tmp_path, "honest", small_model_dir, train, (), wait_peers=1))
+        node = await nursery.start(honest.run)
+        stream_swarm = node.swarm
+        liar = Peer(_config(tmp_path, "liar", small_model_dir, train, (node.listen_addrs[0],)))
+        liar_node = await nursery.start(liar.run)
+        liar_node.host.set_stream_handler(TRANSFER_PROTOCOL, malformed)
+        with trio.fail_after(240):
+            while served < 2:
+                await honest.wait_rounds(honest.round + 1)
+        nursery.cancel_scope.cancel()
+    rejected = honest.status()["rejected"]
+    assert rejected.get("malformed") == served, rejected

@@ -42,15 +42,15 @@ def _snapshot(view: MembershipView) -> list[PeerInfo | None]:
 def test_new_then_refreshed_then_updated() -> None:
     view = _view()
     assert view.observe("a", 1.0, addrs=["/ip4/1.2.3.4/tcp/1"]) is Observation.NEW
-    assert view.get("a") == PeerInfo("a", ("/ip4/1.2.3.4/tcp/1",), 1.0, NO_VERSION, 0)
+    assert view.get("a") == PeerInfo("a", ("/ip4/1.2.3.4/tcp/1",), 1.0, NO_VERSION, 0, admitted=1.0)
     assert view.observe("a", 2.0) is Observation.REFRESHED
     assert view.observe("a", 3.0, version=0, samples=8) is Observation.UPDATED
     # Empty addrs keep the known ones; a newer announcement replaces version and samples.
-    assert view.get("a") == PeerInfo("a", ("/ip4/1.2.3.4/tcp/1",), 3.0, 0, 8)
+    assert view.get("a") == PeerInfo("a", ("/ip4/1.2.3.4/tcp/1",), 3.0, 0, 8, admitted=1.0)
     assert view.observe("a", 4.0, addrs=["/ip4/5.6.7.8/tcp/2"], version=3, samples=30) is (
         Observation.UPDATED
     )
-    assert view.get("a") == PeerInfo("a", ("/ip4/5.6.7.8/tcp/2",), 4.0, 3, 30)
+    assert view.get("a") == PeerInfo("a", ("/ip4/5.6.7.8/tcp/2",), 4.0, 3, 30, admitted=1.0)
     assert len(view) == 1 and "a" in view and "b" not in view
 
 
@@ -58,7 +58,7 @@ def test_connection_event_keeps_version_and_samples() -> None:
     view = _view()
     view.observe("a", 1.0, version=4, samples=12)
     assert view.observe("a", 2.0, samples=99) is Observation.REFRESHED
-    assert view.get("a") == PeerInfo("a", (), 2.0, 4, 12)
+    assert view.get("a") == PeerInfo("a", (), 2.0, 4, 12, admitted=1.0)
 
 
 def test_replay_changes_nothing_so_it_cannot_keep_a_peer_alive() -> None:
@@ -79,10 +79,10 @@ def test_replay_after_expiry_does_not_resurrect_the_peer() -> None:
     assert view.get("a") is None
     # A connection event brings it back without a version; old versions are still replays.
     assert view.observe("a", 13.0) is Observation.NEW
-    assert view.get("a") == PeerInfo("a", (), 13.0, NO_VERSION, 0)
+    assert view.get("a") == PeerInfo("a", (), 13.0, NO_VERSION, 0, admitted=13.0)
     assert view.observe("a", 14.0, version=2) is Observation.REPLAY
     assert view.observe("a", 15.0, version=6) is Observation.UPDATED
-    assert view.get("a") == PeerInfo("a", (), 15.0, 6, 0)
+    assert view.get("a") == PeerInfo("a", (), 15.0, 6, 0, admitted=13.0)
 
 
 def test_forget_remembers_the_version() -> None:
@@ -109,38 +109,87 @@ def test_self_is_never_stored() -> None:
     assert view.get(SELF) is None and len(view) == 0
 
 
-def test_eviction_drops_the_peer_heard_longest_ago() -> None:
+def test_a_full_view_evicts_a_silent_member_first() -> None:
+    view = _view(view_size=3, timeout=10.0)
+    view.observe("a", 1.0)
+    view.observe("b", 2.0)
+    view.observe("c", 3.0)
+    view.observe("a", 4.0)
+    assert view.observe("d", 12.5) is Observation.NEW  # b (heard at 2) is past the timeout
+    assert sorted(info.peer_id for info in view.live(12.5)) == ["a", "c", "d"]
+    assert view.statistics(12.5).evictions == 1
+
+
+def test_when_all_are_live_the_newest_untrusted_member_makes_room() -> None:
+    # Newcomers compete with each other, not with senior members: a flood churns one slot.
     view = _view(view_size=3)
     view.observe("a", 1.0)
     view.observe("b", 2.0)
     view.observe("c", 3.0)
-    view.observe("a", 4.0)  # refreshed: now b is the stalest
-    assert view.observe("d", 5.0) is Observation.NEW
-    assert [info.peer_id for info in view.live(5.0)] == ["a", "c", "d"]
-    assert view.statistics(5.0).evictions == 1
+    for t, sybil in enumerate(("s1", "s2", "s3"), 4):
+        assert view.observe(sybil, float(t)) is Observation.NEW
+    assert sorted(info.peer_id for info in view.live(7.0)) == ["a", "b", "s3"]
 
 
-def test_eviction_ties_go_to_the_smaller_id() -> None:
+def test_trusted_members_are_never_evicted_and_a_view_of_them_refuses_newcomers() -> None:
     view = _view(view_size=2)
-    view.observe("b", 1.0)
     view.observe("a", 1.0)
-    view.observe("c", 2.0)
-    assert view.get("a") is None and view.get("b") is not None
+    view.observe("b", 2.0)
+    view.trust("a")
+    view.trust("b")
+    assert view.observe("c", 3.0) is Observation.REFUSED
+    assert view.get("c") is None and view.statistics(3.0).refused == 1
+    view.distrust("b")  # it served something invalid: out
+    assert view.observe("c", 4.0) is Observation.NEW and view.is_trusted("a")
 
 
-@given(heard=st.lists(st.sampled_from(POOL[1:]), max_size=40), view_size=st.integers(1, 6))
+def test_one_public_prefix_holds_at_most_an_eighth_of_the_view() -> None:
+    view = _view(view_size=16)
+    for i in range(4):
+        view.observe(f"s{i}", 1.0, addrs=[f"/ip4/93.184.216.{i}/tcp/1/p2p/s{i}"])
+    assert len(view) == 2 and view.statistics(1.0).refused == 2
+    # Another prefix, loopback and private addresses are not limited.
+    assert view.observe("x", 1.0, addrs=["/ip4/151.101.1.1/tcp/1"]) is Observation.NEW
+    for i in range(4):
+        assert view.observe(f"l{i}", 1.0, addrs=[f"/ip4/127.0.0.1/tcp/{i}"]) is Observation.NEW
+
+
+@given(heard=st.lists(st.sampled_from(POOL[1:]), max_size=40), view_size=st.integers(1, 6),
+       trusted=st.sets(st.sampled_from(POOL[1:]), max_size=3))
 @settings(max_examples=80, deadline=None)
-def test_eviction_keeps_the_most_recently_heard(heard: list[str], view_size: int) -> None:
+def test_admission_keeps_senior_and_trusted_members(heard: list[str], view_size: int,
+                                                     trusted: set[str]) -> None:
     view = _view(view_size=view_size, timeout=1000.0)
-    recent: list[str] = []
-    evictions = 0
+    members: list[str] = []  # reference: in order of admission
     for t, peer in enumerate(heard):
-        view.observe(peer, float(t))
-        # Reference: distinct peers by their last event, newest first, cut to the view size.
-        evictions += peer not in recent and len(recent) == view_size
-        recent = ([peer] + [p for p in recent if p != peer])[:view_size]
-        assert sorted(info.peer_id for info in view.live(float(t))) == sorted(recent)
-    assert view.statistics(float(len(heard))).evictions == evictions
+        outcome = view.observe(peer, float(t))
+        if peer in trusted:
+            view.trust(peer)
+        if peer in members:
+            continue
+        if len(members) < view_size:
+            members.append(peer)
+            continue
+        newest = [p for p in members if not view.is_trusted(p)]
+        if not newest:
+            assert outcome is Observation.REFUSED
+            continue
+        members.remove(newest[-1])
+        members.append(peer)
+        assert outcome is Observation.NEW
+        assert sorted(info.peer_id for info in view.live(float(t))) == sorted(members)
+
+
+def test_half_the_draw_comes_from_trusted_peers() -> None:
+    view = _view(view_size=64)
+    for i in range(60):
+        view.observe(f"s{i:02d}", 1.0, version=1)
+    view.observe("honest", 1.0, version=1)
+    view.trust("honest")
+    rng = random.Random(0)
+    for _ in range(20):
+        assert "honest" in [info.peer_id for info in view.sample(2, rng, 1.0)]
+        assert "honest" in [info.peer_id for info in view.sample(1, rng, 1.0)]
 
 
 def test_expiry_boundary_is_inclusive() -> None:
@@ -246,6 +295,6 @@ def test_a_fresh_message_may_repeat_the_version_of_a_departed_peer() -> None:
     assert view.expire(11.0) == ["a"]
     assert view.observe("a", 12.0, version=4, fresh=True) is Observation.REPLAY
     assert view.observe("a", 12.0, version=5, fresh=True) is Observation.NEW
-    assert view.get("a") == PeerInfo("a", (), 12.0, 5, 0)
+    assert view.get("a") == PeerInfo("a", (), 12.0, 5, 0, admitted=12.0)
     # Only a departed peer: a live one repeating its version is no news, fresh or not.
     assert view.observe("a", 13.0, version=5, fresh=True) is Observation.REPLAY

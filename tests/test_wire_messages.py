@@ -45,7 +45,7 @@ def announcement(**overrides: Any) -> Announcement:
 
 def ok_header(**overrides: Any) -> FetchHeader:
     fields: dict[str, Any] = dict(swarm=SWARM, status="ok", version=7, samples=99, nbytes=512,
-                                  digest=digest(b"x"))
+                                  digest=digest(b"x"), signature=bytes(64))
     fields.update(overrides)
     return FetchHeader(**fields)
 
@@ -167,7 +167,7 @@ def test_malformed_payloads() -> None:
 
 
 def test_unknown_protocol_versions() -> None:
-    assert reason_of(envelope(announce_fields(protocol=2))) == "bad_protocol"
+    assert reason_of(envelope(announce_fields(protocol=PROTOCOL_VERSION + 1))) == "bad_protocol"
     assert reason_of(envelope(announce_fields(protocol=0))) == "bad_protocol"
     # A future version may change every field: the version is judged before the rest.
     assert reason_of(envelope({"kind": "v2", "protocol": 99})) == "bad_protocol"
@@ -202,13 +202,15 @@ def test_announced_size_above_our_cap_is_oversized() -> None:
 
 
 def test_fetch_request_and_header_rejections() -> None:
-    assert reason_of(envelope({"kind": "fetch_request", "protocol": 1, "version": -2}),
+    assert reason_of(envelope({"kind": "fetch_request", "protocol": PROTOCOL_VERSION,
+                               "version": -2}),
                      "request") == "bad_field"
-    header = {"kind": "fetch_header", "protocol": 1, "status": "ok", "version": 1, "samples": 0,
-              "nbytes": CAP + 1, "digest": b"\0" * 32}
+    header = {"kind": "fetch_header", "protocol": PROTOCOL_VERSION, "status": "ok", "version": 1,
+              "samples": 0, "nbytes": CAP + 1, "digest": b"\0" * 32, "signature": bytes(64)}
     assert reason_of(envelope(header), "header") == "oversized"
     for spoil in ({"status": "maybe"}, {"nbytes": 0}, {"version": -1},
-                  {"status": "busy"}):  # a refusal with a version and bytes promised
+                  {"status": "busy"},  # a refusal with a version and bytes promised
+                  {"signature": b""}, {"signature": bytes(2000)}, {"signature": "sig"}):
         assert reason_of(envelope({**header, "nbytes": 10, **spoil}), "header") == "bad_field"
 
 
@@ -219,7 +221,7 @@ def test_local_construction_is_validated_too() -> None:
     with pytest.raises(WireError, match="bad_field"):
         FetchRequest(swarm=SWARM[:15], version=0)
     with pytest.raises(WireError, match="bad_protocol"):
-        FetchRequest(swarm=SWARM, version=0, protocol=2)
+        FetchRequest(swarm=SWARM, version=0, protocol=PROTOCOL_VERSION + 1)
     with pytest.raises(ValueError):
         FetchRequest.from_wire(FetchRequest(swarm=SWARM, version=0).to_wire(), swarm=b"short")
 
@@ -300,7 +302,8 @@ def test_error_shape() -> None:
     again = copy.deepcopy(error)  # exceptions are copied through __reduce__
     assert isinstance(again, WireError) and str(again) == str(error)
     assert str(copy.copy(TransferError("timeout", "slow"))) == "timeout: slow"
-    assert {"timeout", "digest_mismatch", "oversized", "refused", "unreachable",
-            "truncated", "header_mismatch"} == TRANSFER_REASONS
+    assert {"timeout", "digest_mismatch", "oversized", "refused", "unreachable", "truncated",
+            "header_mismatch", "bad_signature", "size_mismatch", "equivocation",
+            "slow_reader"} == TRANSFER_REASONS
     with pytest.raises(ValueError):
         WireError("timeout", "a transfer reason is not a wire reason")

@@ -15,6 +15,7 @@ trick cannot resurrect a peer right after it expired either.
 from __future__ import annotations
 
 import enum
+import ipaddress
 import logging
 import math
 import random
@@ -26,6 +27,9 @@ from topology.config import TopologyConfig
 from topology.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
+
+# At most view_size / this many untrusted members may share one public address prefix.
+_PER_PREFIX_SHARE = 8
 
 NO_VERSION = -1
 """`PeerInfo.version` of a peer that has not announced an adapter yet."""
@@ -40,6 +44,8 @@ class PeerInfo:
     last_heard: float  # on the caller's clock, in seconds
     version: int  # latest adapter version announced, NO_VERSION if none yet
     samples: int  # training samples embodied in that version
+    admitted: float = 0.0  # when it entered the view: seniority
+    trusted: bool = False  # it served us an adapter that passed validation
 
 
 class Observation(enum.Enum):
@@ -49,6 +55,7 @@ class Observation(enum.Enum):
     UPDATED = "updated"  # a known peer announced a newer version
     REFRESHED = "refreshed"  # a known peer is alive; nothing else changed
     REPLAY = "replay"  # a version not newer than one already seen: ignored entirely
+    REFUSED = "refused"  # a new peer the full view has no room for (see `_admit`)
 
 
 @dataclass(frozen=True)
@@ -63,6 +70,8 @@ class ViewStatistics:
     replays: int
     evictions: int  # peers pushed out to make room for a new one
     expirations: int  # peers dropped by `expire` for silence
+    trusted: int = 0  # live peers that served a valid adapter
+    refused: int = 0  # new peers turned away: the view was full of senior or trusted ones
 
 
 class MembershipView:
@@ -82,6 +91,7 @@ class MembershipView:
         self._replays = 0
         self._evictions = 0
         self._expirations = 0
+        self._refused = 0
 
     def __len__(self) -> int:
         return len(self._peers)
@@ -136,8 +146,7 @@ class MembershipView:
             logger.debug("replayed version %d from %s ignored", version, peer_id)
             return Observation.REPLAY
         if known is None:
-            self._admit(peer_id, now, tuple(addrs), version, samples)
-            return Observation.NEW
+            return self._admit(peer_id, now, tuple(addrs), version, samples)
         # An event delivered late must not move the last-heard time backwards.
         heard = max(known.last_heard, now)
         new_addrs = tuple(addrs) or known.addrs
@@ -149,6 +158,25 @@ class MembershipView:
             known, last_heard=heard, addrs=new_addrs, version=version, samples=samples
         )
         return Observation.UPDATED
+
+    def trust(self, peer_id: str) -> None:
+        """Mark `peer_id` as having served an adapter that passed validation.
+
+        Trust is earned, never claimed: admission never evicts a trusted peer (only silence
+        does), and `sample` draws half its peers from the trusted ones.
+        """
+        info = self._peers.get(peer_id)
+        if info is not None and not info.trusted:
+            self._peers[peer_id] = replace(info, trusted=True)
+
+    def distrust(self, peer_id: str) -> None:
+        """Drop `peer_id`: it served something invalid, or an untrusted peer was unreachable."""
+        self.forget(peer_id)
+
+    def is_trusted(self, peer_id: str) -> bool:
+        """Whether `peer_id` is in the view and trusted."""
+        info = self._peers.get(peer_id)
+        return info is not None and info.trusted
 
     def forget(self, peer_id: str) -> None:
         """Drop `peer_id` from the view (nothing happens if it is not there).
@@ -213,13 +241,20 @@ class MembershipView:
             for info in self.live(now)
             if info.peer_id not in exclude and (info.version >= 0 or not require_version)
         ]
+        # Half the draw (rounded up) comes from trusted peers when there are any: a flood of
+        # identities can fill the untrusted part of the view, never the trusted one.
         # Candidates are in id order, so the draw depends only on the rng state and the view.
-        return rng.sample(candidates, min(k, len(candidates)))
+        trusted = [info for info in candidates if info.trusted]
+        first = rng.sample(trusted, min((k + 1) // 2, len(trusted)))
+        rest = [info for info in candidates if info not in first]
+        return first + rng.sample(rest, min(k - len(first), len(rest)))
 
     def statistics(self, now: float) -> ViewStatistics:
         """Counts and ages describing the view at time `now`."""
         live = self.live(now)
         return ViewStatistics(
+            trusted=sum(1 for info in live if info.trusted),
+            refused=self._refused,
             known=len(self._peers),
             live=len(live),
             announced=sum(1 for info in live if info.version >= 0),
@@ -244,17 +279,28 @@ class MembershipView:
             return False
         return version <= max(current, departed)
 
-    def _admit(
-        self, peer_id: str, now: float, addrs: tuple[str, ...], version: int | None, samples: int
-    ) -> None:
-        """Add a new peer, first evicting the one heard longest ago if the view is full."""
+    def _admit(self, peer_id: str, now: float, addrs: tuple[str, ...], version: int | None,
+               samples: int) -> Observation:
+        """Add a new peer if there is room for it; NEW, or REFUSED.
+
+        Admission under a flood of free identities (Brahms and SecureCyclon make the same
+        choices): when the view is full, a silent member goes first (the one heard longest ago);
+        otherwise the newest untrusted member makes room, so newcomers compete only with each
+        other and senior and trusted members stay. A full view of trusted members refuses the
+        newcomer. So does one more untrusted member from a public /24 (IPv6: /48) that already
+        holds `_PER_PREFIX` of them: one machine's identities cannot fill the view.
+        """
+        prefix = _public_prefix(addrs)
+        if prefix is not None and self._prefix_count(prefix) >= self._per_prefix():
+            return self._refuse(peer_id, f"its address prefix {prefix} holds enough peers")
         if len(self._peers) >= self._config.view_size:
-            # Ties go to the smaller id so that eviction does not depend on insertion order.
-            oldest = min(self._peers.values(), key=lambda info: (info.last_heard, info.peer_id))
-            del self._peers[oldest.peer_id]
-            self._remember_departure(oldest)
+            victim = self._eviction_candidate(now)
+            if victim is None:
+                return self._refuse(peer_id, "every member is trusted")
+            del self._peers[victim.peer_id]
+            self._remember_departure(victim)
             self._evictions += 1
-            logger.debug("view full: evicted %s for %s", oldest.peer_id, peer_id)
+            logger.debug("view full: evicted %s for %s", victim.peer_id, peer_id)
         if version is not None:
             self._departed.pop(peer_id, None)
         self._peers[peer_id] = PeerInfo(
@@ -263,7 +309,31 @@ class MembershipView:
             last_heard=now,
             version=NO_VERSION if version is None else version,
             samples=0 if version is None else samples,
+            admitted=now,
         )
+        return Observation.NEW
+
+    def _eviction_candidate(self, now: float) -> PeerInfo | None:
+        """The silent member heard longest ago, else the newest untrusted one (ties: smaller id)."""
+        silent = [info for info in self._peers.values() if not self._is_live(info, now)]
+        if silent:
+            return min(silent, key=lambda info: (info.last_heard, info.peer_id))
+        untrusted = [info for info in self._peers.values() if not info.trusted]
+        if not untrusted:
+            return None
+        return min(untrusted, key=lambda info: (-info.admitted, info.peer_id))
+
+    def _refuse(self, peer_id: str, why: str) -> Observation:
+        self._refused += 1
+        logger.debug("view refused %s: %s", peer_id, why)
+        return Observation.REFUSED
+
+    def _per_prefix(self) -> int:
+        return max(2, self._config.view_size // _PER_PREFIX_SHARE)
+
+    def _prefix_count(self, prefix: str) -> int:
+        return sum(1 for info in self._peers.values()
+                   if not info.trusted and _public_prefix(info.addrs) == prefix)
 
     def _remember_departure(self, info: PeerInfo) -> None:
         floor = max(info.version, self._departed.pop(info.peer_id, NO_VERSION))
@@ -273,6 +343,26 @@ class MembershipView:
         # Bounded memory: beyond it, the oldest departures are forgotten (and could be replayed).
         while len(self._departed) > self._config.view_size:
             self._departed.popitem(last=False)
+
+
+def _public_prefix(addrs: Sequence[str]) -> str | None:
+    """The /24 (IPv4) or /48 (IPv6) network of a peer's first public address, else None.
+
+    Loopback and private addresses are exempt: a LAN or a test swarm shares one prefix.
+    """
+    for addr in addrs:
+        parts = addr.split("/")
+        for proto, value in zip(parts[1::2], parts[2::2], strict=False):
+            if proto not in ("ip4", "ip6"):
+                continue
+            try:
+                ip = ipaddress.ip_address(value)
+            except ValueError:
+                continue
+            if ip.is_global:
+                bits = 24 if ip.version == 4 else 48
+                return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
+    return None
 
 
 def _check_time(now: float) -> None:
