@@ -15,9 +15,9 @@ import trio.testing
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
+from gossip.addresses import Scope
 from gossip.config import NodeConfig
 from gossip.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm
-from gossip.addresses import Scope
 from gossip.membership import Membership
 from gossip.node import GossipNode, Heard
 from gossip.wire import Announcement, digest

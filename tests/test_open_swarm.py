@@ -143,7 +143,7 @@ async def test_announced_addresses_cannot_aim_the_swarm_at_a_victim() -> None:
                 await hostile.node.publish(replace(hostile.node.current, version=1,
                                                    addrs=poisoned))
                 await receiver.membership.wait_until(lambda: getattr(
-                    receiver.membership.latest(hostile.peer_id), "version", 0) == 1)
+                    receiver.membership.latest(hostile.peer_id), "version", 0) == 1)  # noqa: B023
             info = receiver.membership.view.get(hostile.peer_id)
             assert info is not None
             assert set(info.addrs) == ({own, private} if kept_private else {own})
