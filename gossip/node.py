@@ -27,6 +27,7 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from gossip.addresses import AddressBackoff, Scope, address_scope, usable_addrs
+from gossip.binding import SignedOffers
 from gossip.config import NodeConfig, connection_config
 from gossip.errors import GossipError, TransferError, WireError
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
@@ -34,7 +35,7 @@ from gossip.router import FloodPublishGossipSub
 from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
 from gossip.transfer import AdapterServer, Fetched, Offer, fetch_adapter
-from gossip.wire import Announcement, FetchHeader, decode_adapter
+from gossip.wire import Announcement, decode_adapter
 from gossip.wire import digest as sha256
 
 __all__ = ["GossipNode", "Heard", "NodeConfig", "Received"]
@@ -128,9 +129,7 @@ class GossipNode:
         # The sizes an adapter of our swarm may have, (least, most) bytes; None: any up to the
         # cap. The daemon sets it from its own encoded adapter (the encoding is deterministic).
         self.adapter_sizes: tuple[int, int] | None = None
-        # Per peer: the highest version it signed in a transfer header, and that adapter's
-        # digest. Bounded by the view: `forget` drops it.
-        self._signed: dict[str, tuple[int, bytes]] = {}
+        self._signed = SignedOffers(self.host)  # what each peer signed: `forget` drops it
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
         self.downloads_in_flight = 0
@@ -373,7 +372,7 @@ class GossipNode:
         The peerstore then holds only what the view admits (plus connected peers, whose keys
         the connection still needs), so a flood of identities cannot fill it.
         """
-        self._signed.pop(peer, None)
+        self._signed.forget(peer)
         pid = ID.from_base58(peer)
         store = self.host.get_peerstore()
         if pid in self.host.get_connected_peers():
@@ -471,46 +470,12 @@ class GossipNode:
                 self.swarm,
                 max_bytes=self.config.max_adapter_bytes,
                 timeout_s=max(timeout_s, 1e-3),
-                check=lambda header: self._check_header(announcement, header),
+                check=lambda header: self._signed.check(announcement, header,
+                                                        self.adapter_sizes),
             )
         finally:
             if transient:
                 await self._hang_up(peer)
-
-    def _check_header(self, announcement: Announcement, header: FetchHeader) -> None:
-        """Bind what a fetch delivers to what its server signed, before reading the body.
-
-        1. The header is signed by the serving peer's own key: version (so the merge's age),
-           samples, size and digest are its signed word, not an unsigned field.
-        2. The size is one an adapter of our swarm can have (exactly ours, unless ranks vary).
-        3. It does not go back behind what the peer signed before (its announcement or an
-           earlier header), nor sign two different adapters for one version (equivocation:
-           showing each client another adapter).
-        """
-        peer = announcement.peer
-        key = _public_key(self.host, peer)
-        if key is None or not _verifies(key, header.signed_part(peer), header.signature):
-            raise TransferError("bad_signature", f"{peer}'s transfer header is not signed by it")
-        if self.adapter_sizes is not None:
-            low, high = self.adapter_sizes
-            if not low <= header.nbytes <= high:
-                wanted = f"{low}" if low == high else f"{low}..{high}"
-                raise TransferError("size_mismatch", f"{peer} offers {header.nbytes} bytes; an "
-                                    f"adapter of this swarm has {wanted}")
-        signed = [(announcement.version, announcement.digest, announcement.samples)]
-        if peer in self._signed:
-            signed.append((*self._signed[peer], -1))
-        for version, digest_, samples in signed:
-            if header.version < version:
-                raise TransferError("header_mismatch", f"{peer} serves version {header.version} "
-                                    f"after signing version {version}")
-            if header.version == version and header.digest != digest_:
-                raise TransferError("equivocation", f"{peer} signed two adapters for version "
-                                    f"{version}")
-            if header.version == version and samples >= 0 and header.samples != samples:
-                raise TransferError("header_mismatch", f"{peer} signed {samples} samples for "
-                                    f"version {version} but its header says {header.samples}")
-        self._signed[peer] = (header.version, header.digest)
 
     async def _hang_up(self, peer: ID) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(2):
@@ -543,21 +508,3 @@ class GossipNode:
         return Received(peer=fetched.peer, version=fetched.version, samples=fetched.samples,
                         state=state, nbytes=len(fetched.data))
 
-
-def _public_key(host: Any, peer: str) -> Any:
-    """The key `peer`'s id embeds (Ed25519 ids do), else the one its connection proved."""
-    pid = ID.from_base58(peer)
-    key = pid.extract_public_key()
-    if key is not None:
-        return key
-    try:
-        return host.get_peerstore().pubkey(pid)
-    except Exception:  # PeerStoreError: no connection ever proved a key for it
-        return None
-
-
-def _verifies(key: Any, data: bytes, signature: bytes) -> bool:
-    try:
-        return bool(key.verify(data, signature))
-    except Exception:  # a malformed signature raises inside the crypto library
-        return False

@@ -120,6 +120,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("swarm_key", "network", "psk", _swarm_key, "FILE"),
     Option("max_adapter_bytes", "network", "max_adapter_bytes", int, "N"),
     Option("fetch_timeout", "network", "fetch_timeout_s", float, "SECONDS"),
+    Option("min_upload_rate", "network", "min_upload_rate", float, "BYTES_PER_S"),
+    Option("allow_private_addrs", "network", "allow_private_addrs", _bool, "BOOL"),
     Option("health_check", "network", "health_check_s", float, "SECONDS"),
     Option("ping_timeout", "network", "ping_timeout_s", float, "SECONDS"),
     Option("fanout", "topology", "fanout", int, "K"),
@@ -130,6 +132,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("staleness_discount", "merge", "staleness_discount", float, "X"),
     Option("max_norm_ratio", "merge", "max_norm_ratio", float, "X"),
     Option("trim", "merge", "trim", int, "N"),
+    Option("trim_fraction", "merge", "trim_fraction", float, "X"),
     Option("clip_tau", "merge", "clip_tau", float, "X"),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}

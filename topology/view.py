@@ -241,11 +241,14 @@ class MembershipView:
             for info in self.live(now)
             if info.peer_id not in exclude and (info.version >= 0 or not require_version)
         ]
-        # Half the draw (rounded up) comes from trusted peers when there are any: a flood of
-        # identities can fill the untrusted part of the view, never the trusted one.
+        # Half the draw comes from trusted peers when there are any (an odd draw's last peer
+        # with even odds): a flood of identities can fill the untrusted part of the view, never
+        # the trusted one; and the other half keeps reaching peers not trusted yet, who earn
+        # trust only by being fetched from.
         # Candidates are in id order, so the draw depends only on the rng state and the view.
         trusted = [info for info in candidates if info.trusted]
-        first = rng.sample(trusted, min((k + 1) // 2, len(trusted)))
+        share = k // 2 + (k % 2 if rng.random() < 0.5 else 0)
+        first = rng.sample(trusted, min(share, len(trusted)))
         rest = [info for info in candidates if info not in first]
         return first + rng.sample(rest, min(k - len(first), len(rest)))
 
