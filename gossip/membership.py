@@ -245,8 +245,12 @@ class Membership:
         """`peer` served an adapter that passed validation: it keeps its place in the view."""
         self.view.trust(peer)
 
+    def failed(self, peer: str) -> None:
+        """A fetch from `peer` failed on the network: later draws try it after the others."""
+        self.view.failed(peer)
+
     def distrust(self, peer: str) -> None:
-        """`peer` served something invalid, or is an untrusted peer we could not reach: drop it.
+        """`peer` served something invalid: drop it from the view.
 
         A re-announcement with a fresh sequence number may bring it back, as a newcomer.
         """
@@ -298,6 +302,7 @@ class Membership:
             now = trio.current_time()
             for peer in self.node.topic_peers():
                 self.view.observe(peer, now)
+                self.view.reached(peer)
             self.view.expire(now)
             self._prune()
             self._forget_oldest_seqnos()
@@ -372,10 +377,12 @@ class Membership:
             failures = self._redial.get(peer, (0, 0.0))[0]
             delay = backoff_delay(failures, self.rng, base_s=_REDIAL_BASE_S, cap_s=_REDIAL_CAP_S)
             self._redial[peer] = (failures + 1, trio.current_time() + delay)
+            self.view.failed(peer)
             logger.debug("dial %s failed (%s); not before %.1f s", peer, exc, delay)
             return
         self._redial.pop(peer, None)
         self.view.observe(peer, trio.current_time())
+        self.view.reached(peer)
         logger.debug("connected to %s", peer)
         self._notify()
 

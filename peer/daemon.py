@@ -54,7 +54,7 @@ _GATHER_WAVES = 3
 # Then neighbours that had not trained yet are fetched again after 1, 2, 4... s.
 _PATIENCE_FIRST_S = 1.0
 # Fetch failures that say nothing about a neighbour's honesty: it was busy, or the network
-# failed it. `_judge` drops untrusted neighbours for the latter too, never for the former.
+# failed it (see `_judge`).
 _BUSY = frozenset({"refused"})
 _NETWORK = frozenset({"timeout", "unreachable", "truncated"})
 # Room for a safetensors header to grow with a neighbour's other rank (`product` only).
@@ -406,14 +406,17 @@ class Peer:
                                      peer=announcement.peer))
 
     def _judge(self, peer: str, reason: str) -> None:
-        """Drop a neighbour that failed us from the view, unless it may just have been busy.
+        """Drop a neighbour that served invalid bytes; draw one the network failed after others.
 
-        A trusted neighbour (it served a valid adapter before) keeps its place through network
-        trouble and loses it only for invalid bytes; an untrusted one loses it for anything but
-        a busy server. Identities are free: one that never serves must not be drawn again.
+        A busy answer costs nothing. Identities are free: one that never serves must sink to
+        the end of the draw, but an honest peer on a loaded machine times out too, so a
+        network failure keeps its place in the view.
         """
         membership = self._membership()
-        if reason in _BUSY or (reason in _NETWORK and membership.view.is_trusted(peer)):
+        if reason in _BUSY:
+            return
+        if reason in _NETWORK:
+            membership.failed(peer)
             return
         logger.info("%s dropped from the view (%s)", peer, reason)
         membership.distrust(peer)
@@ -508,7 +511,10 @@ class Peer:
             **{k: v for k, v in self._totals().items() if k != "t"},
             "peers_known": len(self._view()), "peers_connected": len(node.connected_peers()),
             **self._view_status(),
-            "rejected": dict(self.rejected + node.rejected + Counter(node.server.refused)),
+            # What we refused from others (the node counts transfers, we count decoding and
+            # validation: disjoint), and the uploads our server refused, by reason.
+            "rejected": dict(self.rejected + node.rejected),
+            "uploads_refused": dict(node.server.refused),
             "eval_loss": self.last_eval, "updated": time.time(),
         }
 

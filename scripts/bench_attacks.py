@@ -58,7 +58,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--sybils", type=int, default=1000,
                         help="identities the flood must reach (raise --sybil-rounds if not)")
     parser.add_argument("--sybil-rate", type=float, default=40.0, help="identities per second")
-    parser.add_argument("--sybil-rounds", type=int, default=20, help="rounds of the honest peers")
+    parser.add_argument("--sybil-rounds", type=int, default=10, help="rounds of the honest peers")
     parser.add_argument("--peers", type=int, default=64)
     parser.add_argument("--byzantine", type=int, default=16)
     parser.add_argument("--workers", type=int, default=2)

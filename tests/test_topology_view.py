@@ -300,3 +300,30 @@ def test_a_fresh_message_may_repeat_the_version_of_a_departed_peer() -> None:
     assert view.get("a") == PeerInfo("a", (), 12.0, 5, 0, admitted=12.0)
     # Only a departed peer: a live one repeating its version is no news, fresh or not.
     assert view.observe("a", 13.0, version=5, fresh=True) is Observation.REPLAY
+
+
+def test_peers_whose_fetches_failed_are_drawn_after_the_others() -> None:
+    view = _view(view_size=64)
+    for i in range(10):
+        view.observe(f"s{i}", 1.0, version=1)
+        view.failed(f"s{i}")  # identities that never served
+    view.observe("quiet", 1.0, version=1)
+    rng = random.Random(0)
+    for _ in range(20):
+        assert "quiet" in [info.peer_id for info in view.sample(1, rng, 1.0)]
+    assert len(view.sample(5, rng, 1.0)) == 5, "failed peers still fill a larger draw"
+    view.trust("s3")  # serving a valid adapter clears its failures
+    info = view.get("s3")
+    assert info is not None and info.failures == 0 and info.trusted
+
+
+def test_untrusted_peers_a_host_answered_for_are_drawn_first() -> None:
+    view = _view(view_size=64)
+    for i in range(20):
+        view.observe(f"minted{i}", 1.0, version=1)  # identities with no host behind them
+    view.observe("hosted", 1.0, version=1)
+    view.reached("hosted")
+    rng = random.Random(0)
+    assert all(view.sample(1, rng, 1.0)[0].peer_id == "hosted" for _ in range(20))
+    view.failed("hosted")  # failures weigh first: a reached peer that fails sinks too
+    assert all(view.sample(1, rng, 1.0)[0].peer_id != "hosted" for _ in range(20))

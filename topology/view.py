@@ -46,6 +46,8 @@ class PeerInfo:
     samples: int  # training samples embodied in that version
     admitted: float = 0.0  # when it entered the view: seniority
     trusted: bool = False  # it served us an adapter that passed validation
+    failures: int = 0  # fetches from it that failed since it last served a valid adapter
+    reached: bool = False  # we held a connection to it: a real host answers for this id
 
 
 class Observation(enum.Enum):
@@ -166,11 +168,31 @@ class MembershipView:
         does), and `sample` draws half its peers from the trusted ones.
         """
         info = self._peers.get(peer_id)
-        if info is not None and not info.trusted:
-            self._peers[peer_id] = replace(info, trusted=True)
+        if info is not None:
+            self._peers[peer_id] = replace(info, trusted=True, failures=0)
+
+    def reached(self, peer_id: str) -> None:
+        """We hold a connection to `peer_id`: Noise proved a host answers for its id.
+
+        Minting an identity is free; keeping a host up for it is not. Untrusted peers that
+        were reached are drawn before those never reached.
+        """
+        info = self._peers.get(peer_id)
+        if info is not None and not info.reached:
+            self._peers[peer_id] = replace(info, reached=True)
+
+    def failed(self, peer_id: str) -> None:
+        """A fetch from `peer_id` failed (unreachable, timed out): draw it after the others.
+
+        It keeps its place: an honest peer on a loaded machine times out too, and dropped, it
+        would come back as a newcomer, the first to be evicted under a flood.
+        """
+        info = self._peers.get(peer_id)
+        if info is not None:
+            self._peers[peer_id] = replace(info, failures=info.failures + 1)
 
     def distrust(self, peer_id: str) -> None:
-        """Drop `peer_id`: it served something invalid, or an untrusted peer was unreachable."""
+        """Drop `peer_id`: it served something invalid."""
         self.forget(peer_id)
 
     def is_trusted(self, peer_id: str) -> bool:
@@ -248,9 +270,16 @@ class MembershipView:
         # Candidates are in id order, so the draw depends only on the rng state and the view.
         trusted = [info for info in candidates if info.trusted]
         share = k // 2 + (k % 2 if rng.random() < 0.5 else 0)
-        first = rng.sample(trusted, min(share, len(trusted)))
-        rest = [info for info in candidates if info not in first]
-        return first + rng.sample(rest, min(k - len(first), len(rest)))
+        drawn = rng.sample(trusted, min(share, len(trusted)))
+        # The rest, level by level: peers whose fetches failed least first, and among those the
+        # ones a host answered for (identities that never serve sink to the end).
+        rest = [info for info in candidates if info not in drawn]
+        for level in sorted({_rank(info) for info in rest}):
+            if len(drawn) == k:
+                break
+            tier = [info for info in rest if _rank(info) == level]
+            drawn += rng.sample(tier, min(k - len(drawn), len(tier)))
+        return drawn
 
     def statistics(self, now: float) -> ViewStatistics:
         """Counts and ages describing the view at time `now`."""
@@ -346,6 +375,11 @@ class MembershipView:
         # Bounded memory: beyond it, the oldest departures are forgotten (and could be replayed).
         while len(self._departed) > self._config.view_size:
             self._departed.popitem(last=False)
+
+
+def _rank(info: PeerInfo) -> tuple[int, bool]:
+    """Draw order of untrusted peers: fewer failed fetches first, then reached ones first."""
+    return (info.failures, not info.reached)
 
 
 def _public_prefix(addrs: Sequence[str]) -> str | None:
