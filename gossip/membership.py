@@ -236,9 +236,9 @@ class Membership:
         """The announced addresses we may dial, stored in the peerstore (see `remember`)."""
         announcement = heard.announcement
         previous = self._latest.get(announcement.peer)
-        if previous is not None and previous.addrs == announcement.addrs:
-            known = self.view.get(announcement.peer)
-            return list(known.addrs) if known is not None else []
+        known = self.view.get(announcement.peer)
+        if previous is not None and previous.addrs == announcement.addrs and known is not None:
+            return list(known.addrs)
         return self.node.remember(announcement.peer, announcement.addrs, via=heard.via)
 
     def trust(self, peer: str) -> None:

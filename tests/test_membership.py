@@ -209,3 +209,19 @@ async def test_an_expired_peer_comes_back_with_a_fresh_re_announcement_of_its_ve
         back = membership.view.get(peer)
         assert back is not None and back.version == 3 and membership.latest(peer) is not None
         nursery.cancel_scope.cancel()
+
+
+async def test_a_peer_that_expired_comes_back_with_its_addresses(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The daemon expires the view before each round, between two `_refresh` ticks: the peer's
+    # last announcement is still kept, and its next one repeats the same addresses.
+    node = GossipNode(NodeConfig(), LOOPBACK_SWARM, identity_dir=None)
+    membership = Membership(node, TopologyConfig(peer_timeout_s=30), random.Random(0))
+    peer = str(ID.from_pubkey(create_new_key_pair().public_key))
+    assert membership.observe(_heard(peer, 1, seqno=100)) is Observation.NEW
+    await trio.sleep(31)
+    assert membership.view.expire(trio.current_time()) == [peer]
+    assert membership.observe(_heard(peer, 1, seqno=101)) is Observation.NEW
+    info = membership.view.get(peer)
+    assert info is not None and info.addrs == (f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}",)
