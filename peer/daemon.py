@@ -37,7 +37,6 @@ from merge.buffer import NeighbourBuffer, buffer_plan
 from merge.errors import RejectedUpdate
 from merge.reference import NormReference
 from merge.rules import accepts_rank_change, merge_states, needs_buffer
-from merge.tensors import state_norm
 from merge.types import Contribution
 from merge.validate import MAX_RANK_FACTOR, validate_update
 from peer.attacks import poison
@@ -102,6 +101,7 @@ class Peer:
         self._reference = NormReference()
         self._scale = 0.0  # this round's, set before fetching
         self._tried: list[str] = []  # neighbours this round fetched from (metrics)
+        self._accepted_norms: list[float] = []  # this round's, for the reference
 
     async def load(self) -> Runtime:
         """Load the model, data and last checkpoint without joining the network yet.
@@ -325,6 +325,7 @@ class Peer:
         view, wanted = self._view(), self.config.topology.fanout
         view.expire(trio.current_time())
         self._scale = await trio.to_thread.run_sync(self._reference.scale, own)
+        self._accepted_norms = []  # `validate_update` measures each as it accepts it
         accepted: list[Contribution] = []
         untrained: list[Announcement] = []
         tried: set[str] = set()
@@ -343,8 +344,7 @@ class Peer:
         self._tried = sorted(tried)
         if untrained and len(accepted) < wanted:
             await self._await_training(untrained, own, accepted)
-        norms = await trio.to_thread.run_sync(lambda: [state_norm(c.state) for c in accepted])
-        self._reference.update(norms)
+        self._reference.update(self._accepted_norms)
         return accepted
 
     async def _await_training(self, untrained: list[Announcement], own: dict[str, Any],
@@ -394,13 +394,14 @@ class Peer:
             return
         try:
             # Decoding and checking megabytes off the event loop, which keeps serving meanwhile.
-            state = await trio.to_thread.run_sync(self._decode, fetched.data, own)
+            state, norm = await trio.to_thread.run_sync(self._decode, fetched.data, own)
         except (WireError, RejectedUpdate) as exc:
             self.rejected[exc.reason] += 1
             logger.warning("rejected adapter from %s: %s", announcement.peer, exc)
             self._judge(announcement.peer, exc.reason)
             return
         self._membership().trust(announcement.peer)
+        self._accepted_norms.append(norm)
         age = max(0, self.version - fetched.version)
         accepted.append(Contribution(state=state, samples=fetched.samples, age=age,
                                      peer=announcement.peer))
@@ -421,13 +422,17 @@ class Peer:
         logger.info("%s dropped from the view (%s)", peer, reason)
         membership.distrust(peer)
 
-    def _decode(self, data: bytes, own: dict[str, Any]) -> dict[str, Any]:
-        """Decode a fetched adapter against our shapes and validate it (in a worker thread)."""
+    def _decode(self, data: bytes, own: dict[str, Any]) -> tuple[dict[str, Any], float]:
+        """Decode a fetched adapter against our shapes and validate it (in a worker thread).
+
+        Returns:
+            The state and its norm, which feeds the norm reference.
+        """
         state = decode_adapter(data, max_bytes=self.config.network.max_adapter_bytes,
                                expected=self._runtime().shapes, allow_rank_change=self._rank_free)
-        validate_update(own, state, self.config.merge, allow_rank_change=self._rank_free,
-                        reference=self._scale)
-        return state
+        norm = validate_update(own, state, self.config.merge, allow_rank_change=self._rank_free,
+                               reference=self._scale)
+        return state, norm
 
     async def _listen(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Run `gossip.membership.Membership` on our view: announcements, liveness, dialling."""

@@ -148,13 +148,20 @@ def _heard(peer: str, version: int, seqno: int, data: bytes = b"adapter") -> Hea
     return Heard(announcement, seqno, Scope.LOOPBACK)
 
 
-async def test_sequence_numbers_tell_fresh_re_announcements_from_replays(
-    autojump_clock: trio.testing.MockClock,
-) -> None:
+def _membership_that_heard_a_peer() -> tuple[Membership, str]:
+    """A membership (30 s timeout) whose view took one fresh peer's version 1, seqno 100."""
     node = GossipNode(NodeConfig(), LOOPBACK_SWARM, identity_dir=None)
     membership = Membership(node, TopologyConfig(peer_timeout_s=30), random.Random(0))
     peer = str(ID.from_pubkey(create_new_key_pair().public_key))
     assert membership.observe(_heard(peer, 1, seqno=100)) is Observation.NEW
+    return membership, peer
+
+
+async def test_sequence_numbers_tell_fresh_re_announcements_from_replays(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    membership, peer = _membership_that_heard_a_peer()
+    node = membership.node
     first_heard = membership.view.get(peer)
     assert first_heard is not None and membership.latest(peer) is not None
     # The same signed message again (a duplicate delivery or an old copy): it proves nothing,
@@ -216,10 +223,7 @@ async def test_a_peer_that_expired_comes_back_with_its_addresses(
 ) -> None:
     # The daemon expires the view before each round, between two `_refresh` ticks: the peer's
     # last announcement is still kept, and its next one repeats the same addresses.
-    node = GossipNode(NodeConfig(), LOOPBACK_SWARM, identity_dir=None)
-    membership = Membership(node, TopologyConfig(peer_timeout_s=30), random.Random(0))
-    peer = str(ID.from_pubkey(create_new_key_pair().public_key))
-    assert membership.observe(_heard(peer, 1, seqno=100)) is Observation.NEW
+    membership, peer = _membership_that_heard_a_peer()
     await trio.sleep(31)
     assert membership.view.expire(trio.current_time()) == [peer]
     assert membership.observe(_heard(peer, 1, seqno=101)) is Observation.NEW
