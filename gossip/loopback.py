@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,6 +31,8 @@ from gossip.membership import Membership
 from gossip.node import GossipNode, Received
 from gossip.swarm import swarm_id
 from gossip.wire import Announcement, digest, encode_adapter
+from merge.errors import RejectedUpdate
+from merge.validate import check_structure
 from topology.config import TopologyConfig
 
 logger = logging.getLogger(__name__)
@@ -44,11 +47,6 @@ def synthetic_state(version: int, *, scale: float = 1e-3) -> dict[str, torch.Ten
     return {name: torch.full(shape, version * scale) for name, shape in _SHAPES.items()}
 
 
-def synthetic_shapes() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The names, shapes and dtypes of `synthetic_state`, as `GossipNode.receive` expects."""
-    return {name: (shape, torch.float32) for name, shape in _SHAPES.items()}
-
-
 @dataclass
 class SyntheticPeer:
     """One loopback peer: node, membership, the adapter version it serves."""
@@ -59,6 +57,7 @@ class SyntheticPeer:
     samples: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     stopped: trio.Event = field(default_factory=trio.Event)
+    rejected: Counter[str] = field(default_factory=Counter)  # by validation, as a daemon counts
 
     @property
     def peer_id(self) -> str:
@@ -96,7 +95,14 @@ class SyntheticPeer:
         async def pull(announcement: Announcement) -> None:
             # A failed neighbour is skipped; the node has counted and logged why.
             with contextlib.suppress(TransferError, WireError):
-                received.append(await self.node.receive(announcement, synthetic_shapes()))
+                got = await self.node.receive(announcement)
+                try:  # the structure is validation's to check, as in a daemon's round
+                    check_structure(synthetic_state(0), got.state)
+                except RejectedUpdate as exc:
+                    self.rejected[exc.reason] += 1
+                    logger.warning("rejected adapter from %s: %s", announcement.peer, exc)
+                    return
+                received.append(got)
 
         async with trio.open_nursery() as nursery:
             for announcement in self.membership.sample(fanout):

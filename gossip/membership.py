@@ -241,6 +241,10 @@ class Membership:
             return list(known.addrs)
         return self.node.remember(announcement.peer, announcement.addrs, via=heard.via)
 
+    def answered(self, peer: str) -> None:
+        """`peer` answered a fetch: it is alive, whatever it served."""
+        self.view.observe(peer, trio.current_time())
+
     def trust(self, peer: str) -> None:
         """`peer` served an adapter that passed validation: it keeps its place in the view."""
         self.view.trust(peer)

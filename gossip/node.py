@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -46,8 +47,6 @@ _ANNOUNCEMENT_QUEUE = 256
 _TRANSFER = TProtocol(TRANSFER_PROTOCOL)
 _PEERSTORE_TTL_S = 3600
 
-Shapes = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-
 
 @dataclass(frozen=True)
 class Heard:
@@ -65,7 +64,7 @@ class Heard:
 
 @dataclass(frozen=True)
 class Received:
-    """A neighbour's adapter, fetched, digest-checked and decoded against our own shapes."""
+    """A neighbour's adapter, fetched, digest-checked and decoded; its format is sound."""
 
     peer: str
     version: int
@@ -484,24 +483,24 @@ class GossipNode:
             except Exception as exc:  # closing a broken connection may raise anything
                 logger.debug("closing the connection to %s: %s", peer, exc)
 
-    async def receive(
-        self, announcement: Announcement, expected: Shapes, *, allow_rank_change: bool = False
-    ) -> Received:
-        """Fetch a neighbour's adapter and decode it against our own names, shapes and dtypes.
+    async def receive(self, announcement: Announcement) -> Received:
+        """Fetch a neighbour's adapter and check its format, decoding it in a worker thread.
 
-        Every rejection is logged once with its reason and counted in `rejected`.
+        Only the format is checked here (header, sizes, dtypes, finite values): whether it fits
+        our adapter is `merge.validate`'s to say. Every rejection is logged once with its reason
+        and counted once, in `rejected`.
 
         Raises:
             TransferError / WireError: with the reason.
         """
         try:
-            fetched = await self.fetch(announcement)
-        except (TransferError, WireError) as exc:  # counted by `fetch`
+            fetched = await self.fetch(announcement)  # counted by `fetch`
+        except (TransferError, WireError) as exc:
             logger.info("no adapter from %s: %s", announcement.peer, exc)
             raise
+        decode = partial(decode_adapter, fetched.data, max_bytes=self.config.max_adapter_bytes)
         try:
-            state = decode_adapter(fetched.data, max_bytes=self.config.max_adapter_bytes,
-                                   expected=expected, allow_rank_change=allow_rank_change)
+            state = await trio.to_thread.run_sync(decode)
         except WireError as exc:
             self._reject(exc.reason, "adapter from %s: %s", announcement.peer, exc)
             raise

@@ -191,17 +191,18 @@ async def test_a_neighbour_that_has_not_trained_yet_is_waited_for(
                              topology=TopologyConfig(fanout=1, peer_timeout_s=60)))
         node = await nursery.start(first.run)
         late = Peer(_config(tmp_path, "late", small_model_dir, train, (node.listen_addrs[0],)))
-        train_late = late._train
+        trainer = (await late.load()).trainer
+        train_late = trainer.train_round
 
-        def held() -> float:
+        def held(stop: threading.Event) -> float:
             release.wait(timeout=60)
-            return train_late()
+            return train_late(stop)
 
-        monkeypatch.setattr(late, "_train", held)
+        monkeypatch.setattr(trainer, "train_round", held)
         await nursery.start(late.run)
         try:
             with trio.fail_after(120):
-                while first.adapters_received < 1:
+                while first.stats.adapters_received < 1:
                     await trio.sleep(0.05)
                 waiting = first.round == 0
                 release.set()
@@ -214,7 +215,7 @@ async def test_a_neighbour_that_has_not_trained_yet_is_waited_for(
 
     round_one = next(m for m in read_metrics(first.config.data_dir) if m["round"] == 1)
     assert round_one["merged"] == 1
-    assert first.adapters_received >= 2
+    assert first.stats.adapters_received >= 2
 
 
 async def test_a_finished_peer_lingers_and_keeps_serving_its_final_adapter(

@@ -1,0 +1,53 @@
+"""The pieces a loaded peer runs, wired together: its node, membership and what uses them."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from gossip.config import NodeConfig
+from gossip.membership import Membership
+from gossip.node import GossipNode
+from merge.rules import accepts_rank_change
+from peer.config import PeerConfig
+from peer.gather import Gatherer
+from peer.publish import Publisher
+from peer.records import Records
+from peer.setup import Runtime
+from peer.stats import PeerStatistics
+from topology.view import MembershipView
+
+# Makes the network node from its config, the swarm id and the identity folder. Tests pass a
+# fake one, to run the round logic without libp2p.
+NodeFactory = Callable[[NodeConfig, bytes, Path | None], GossipNode]
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What a `Peer` joins the swarm with, once its model and data are loaded."""
+
+    runtime: Runtime
+    node: GossipNode
+    membership: Membership
+    gatherer: Gatherer
+    publisher: Publisher
+    records: Records
+
+
+def assemble(config: PeerConfig, runtime: Runtime, stats: PeerStatistics, rng: random.Random,
+             node_factory: NodeFactory) -> Parts:
+    """Make the node and wire every part to it, each holding only the references it uses."""
+    rank_free = accepts_rank_change(config.merge.rule)
+    node = node_factory(config.network, runtime.swarm, config.data_dir)
+    view = MembershipView(config.topology, node.peer_id)
+    membership = Membership(node, config.topology, rng, view=view)
+    gatherer = Gatherer(node, membership, config.merge, fanout=config.topology.fanout,
+                        fetch_timeout_s=config.network.fetch_timeout_s, rank_free=rank_free,
+                        stats=stats)
+    return Parts(
+        runtime=runtime, node=node, membership=membership, gatherer=gatherer,
+        publisher=Publisher(node, membership, config, runtime.swarm, rank_free=rank_free),
+        records=Records(runtime, node, view, stats),
+    )

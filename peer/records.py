@@ -1,0 +1,102 @@
+"""The records a peer writes: its checkpoint, a metrics line per round, and status.json.
+
+They are taken on the event loop (a consistent picture of the peer); hashing the adapter into a
+sketch, writing and fsyncing run in a worker thread, so that serving neighbours never waits on
+the disk.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import trio
+
+from gossip.node import GossipNode
+from peer.setup import Runtime
+from peer.stats import PeerStatistics, shape_of
+from peer.store import Checkpoint
+from topology.view import MembershipView
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class Records:
+    """Builds a peer's records from its parts and writes them to its store."""
+
+    runtime: Runtime
+    node: GossipNode
+    view: MembershipView
+    stats: PeerStatistics
+
+    def checkpoint(self, state: Mapping[str, torch.Tensor] | None, *, round_: int,
+                   version: int) -> Checkpoint:
+        trainer = self.runtime.trainer
+        return Checkpoint(
+            state=trainer.state() if state is None else dict(state), version=version,
+            samples=trainer.samples, round=round_, swarm=self.runtime.swarm_hex,
+            counters=self.totals(),
+        )
+
+    def metrics(self, *, round_: int, version: int, loss: float | None, merged: int,
+                evaluated: bool, tried: list[str],
+                state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """One metrics line; with `state`, its sketch and norm too (see `shape_of`)."""
+        record = {
+            "round": round_, "version": version, "samples": self.runtime.trainer.samples,
+            "train_loss": loss, "eval_loss": self.stats.last_eval if evaluated else None,
+            "merged": merged, **self.totals(),
+            "peers_live": len(self.view.live(trio.current_time())),
+            "tried": tried, "ts": time.time(),
+        }
+        return record if state is None else {**record, **shape_of(state)}
+
+    def status(self, *, round_: int, version: int) -> dict[str, Any]:
+        """The status.json document: what this peer is and how it is doing."""
+        runtime, node, now = self.runtime, self.node, trio.current_time()
+        view_stats = self.view.statistics(now)
+        return {
+            "peer_id": node.peer_id, "listen_addrs": node.listen_addrs, "topic": node.topic,
+            "swarm_id": runtime.swarm_hex, "model": str(runtime.model_dir),
+            "round": round_, "version": version, "samples": runtime.trainer.samples,
+            **{k: v for k, v in self.totals().items() if k != "t"},
+            "peers_known": len(self.view), "peers_connected": len(node.connected_peers()),
+            "live_peers": [info.peer_id for info in self.view.live(now)],
+            "peers_trusted": view_stats.trusted, "peers_refused": view_stats.refused,
+            # What we refused from others (the node counts the wire, the gatherer validation:
+            # disjoint), and the uploads our server refused, by reason.
+            "rejected": dict(self.stats.rejected + node.rejected),
+            "uploads_refused": dict(node.server.refused),
+            "eval_loss": self.stats.last_eval, "updated": time.time(),
+        }
+
+    async def save_round(self, state: Mapping[str, torch.Tensor], record: dict[str, Any], *,
+                         round_: int, version: int) -> None:
+        """Checkpoint `state` (a copy of the adapter as it is now) and log the round."""
+        store = self.runtime.store
+        checkpoint = self.checkpoint(state, round_=round_, version=version)
+        status = self.status(round_=round_, version=version)
+
+        def write() -> None:
+            store.save_checkpoint(checkpoint)
+            store.append_metrics({**record, **shape_of(state)})
+            store.write_status(status)
+
+        await trio.to_thread.run_sync(write)
+
+    def save_final(self, status: dict[str, Any], *, round_: int, version: int) -> None:
+        """Final checkpoint, export and `status` (taken on the event loop); blocks."""
+        store, trainer = self.runtime.store, self.runtime.trainer
+        store.save_checkpoint(self.checkpoint(None, round_=round_, version=version))
+        store.export(trainer.model, trainer.adapter)
+        store.write_status(status)
+        logger.info("final checkpoint and export written to %s", store.root)
+
+    def totals(self) -> dict[str, Any]:
+        return self.stats.totals(bytes_in=self.node.bytes_in,
+                                 bytes_out=self.node.server.bytes_out)
