@@ -1,0 +1,170 @@
+"""An in-memory network and a model-free trainer, to run the round logic on trio's virtual clock.
+
+`FakeNetwork.node` is a `Peer(node_factory=...)`: every node hears every publish and can fetch
+every other node's offer, after `fetch_s` virtual seconds. `FakeTrainer` trains a 4-number
+adapter; each round takes `train_s` virtual seconds. No libp2p, no language model, no real sleep.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.peer.id import ID
+
+from gossip.config import NodeConfig
+from gossip.errors import TransferError
+from gossip.node import Heard, Received
+from gossip.transfer import Offer
+from gossip.wire import Announcement, decode_adapter
+from gossip.wire import digest as sha256
+from peer.setup import Runtime
+from peer.store import PeerStore
+
+NAMES = ("layer.lora_A.weight", "layer.lora_B.weight")
+
+
+def fake_peer_id() -> str:
+    return str(ID.from_pubkey(create_new_key_pair().public_key))
+
+
+@dataclass
+class _Server:
+    refused: Counter[str] = field(default_factory=Counter)
+    bytes_out: int = 0
+
+
+class FakeNode:
+    """What a `Peer` and its `Membership` use of a `GossipNode`, in memory."""
+
+    def __init__(self, network: FakeNetwork, config: NodeConfig, swarm: bytes) -> None:
+        self.network, self.config, self.swarm = network, config, swarm
+        self.peer_id = fake_peer_id()
+        self.topic = "fake"
+        self.listen_addrs = [f"/ip4/127.0.0.1/tcp/1/p2p/{self.peer_id}"]
+        self.current: Announcement | None = None
+        self.published_at = -math.inf
+        self.rejected: Counter[str] = Counter()
+        self.bytes_in = 0
+        self.server = _Server()
+        self.adapter_sizes = (0, 0)
+        self.offered: tuple[int, int, bytes] | None = None  # version, samples, data
+        self.up = True  # a node that is down refuses every fetch
+        self._seqno = 0
+        self._send, self.announcements = trio.open_memory_channel[Heard](256)
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.up = False
+
+    def offer(self, version: int, samples: int, data: bytes, *,
+              digest: bytes | None = None) -> Offer:
+        self.offered = (version, samples, data)
+        return Offer(version=version, samples=samples, data=data,
+                     digest=digest or sha256(data))
+
+    async def publish(self, announcement: Announcement) -> None:
+        self.update(announcement)
+        self.published_at = trio.current_time()
+        self._seqno += 1
+        for node in self.network.nodes.values():
+            if node is not self and node.up:
+                node._send.send_nowait(Heard(announcement=announcement, seqno=self._seqno))
+
+    def update(self, announcement: Announcement) -> None:
+        self.current = announcement
+
+    async def receive(self, announcement: Announcement) -> Received:
+        await trio.sleep(self.network.fetch_s)
+        other = self.network.nodes.get(announcement.peer)
+        if other is None or not other.up or other.offered is None:
+            self.rejected["unreachable"] += 1
+            raise TransferError("unreachable", "no such node")
+        version, samples, data = other.offered
+        self.bytes_in += len(data)
+        other.server.bytes_out += len(data)
+        state = decode_adapter(data, max_bytes=self.config.max_adapter_bytes)
+        return Received(peer=other.peer_id, version=version, samples=samples, state=state,
+                        nbytes=len(data))
+
+    def connected_peers(self) -> list[str]:
+        return [p for p, node in self.network.nodes.items() if node is not self and node.up]
+
+    def topic_peers(self) -> list[str]:
+        return self.connected_peers()
+
+    async def dial(self, peer: str) -> None:
+        return None
+
+    async def connect(self, addr: str) -> None:
+        return None
+
+    def remember(self, peer: str, addrs: Any, *, via: str = "") -> list[str]:
+        return list(addrs)
+
+    def forget(self, peer: str) -> None:
+        return None
+
+
+@dataclass
+class FakeNetwork:
+    """Fully connected fake nodes; fetches take `fetch_s` virtual seconds."""
+
+    fetch_s: float = 0.1
+    nodes: dict[str, FakeNode] = field(default_factory=dict)
+
+    def node(self, config: NodeConfig, swarm: bytes, identity: Path | None) -> FakeNode:
+        node = FakeNode(self, config, swarm)
+        self.nodes[node.peer_id] = node
+        return node
+
+
+class FakeTrainer:
+    """A 4-number LoRA pair that each round moves by one step; `train_s` virtual s a round."""
+
+    def __init__(self, train_s: float, *, seed: int) -> None:
+        self.train_s = train_s
+        generator = torch.Generator().manual_seed(seed)
+        self._state = {name: torch.rand(2, 2, generator=generator) for name in NAMES}
+        self.samples = 0
+        self.rounds = 0
+        self.model, self.adapter = _FakeModel(), "default"
+
+    def train_round(self, stop: threading.Event | None = None) -> float:
+        trio.from_thread.run(trio.sleep, self.train_s)  # virtual time passes as in training
+        self.rounds += 1
+        self.samples += 4
+        self._state = {name: tensor * 0.9 for name, tensor in self._state.items()}
+        return 1.0 / self.rounds
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {name: tensor.clone() for name, tensor in self._state.items()}
+
+    def load_state(self, state: Any) -> None:
+        self._state = {name: state[name].clone() for name in NAMES}
+
+    def eval_loss(self, batches: Any) -> float:
+        return float(sum(t.abs().sum() for t in self._state.values()))
+
+
+class _FakeModel:
+    def save_pretrained(self, folder: Path, **kwargs: Any) -> None:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        (Path(folder) / "adapter_model.safetensors").write_bytes(b"fake")
+
+
+def fake_runtime(folder: Path, *, train_s: float, seed: int) -> Runtime:
+    """A loaded peer without a model: a fake trainer and a real store in `folder`."""
+    trainer: Any = FakeTrainer(train_s, seed=seed)
+    return Runtime(trainer=trainer, eval_batches=[], swarm=sha256(b"fake swarm")[:16],
+                   model_dir=folder, store=PeerStore(folder), shapes={}, resumed=None)

@@ -1,0 +1,181 @@
+"""The round logic on trio's virtual clock: waves, patience and settling, without a model.
+
+The network is `tests.fakes.FakeNetwork` (in memory) and the trainer a 4-number adapter, so
+these tests exercise `peer.gather.Gatherer` and `peer.daemon.Peer` alone, with no real sleep.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, field
+from itertools import pairwise
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+import trio.testing
+
+from gossip.config import NodeConfig
+from gossip.wire import Announcement, encode_adapter
+from gossip.wire import digest as sha256
+from merge.config import MergeConfig
+from peer.config import PeerConfig
+from peer.daemon import Peer
+from peer.gather import Gatherer
+from tests.fakes import NAMES, FakeNetwork, FakeNode, fake_runtime
+from topology.config import TopologyConfig
+
+SWARM = sha256(b"fake swarm")[:16]
+NETWORK = NodeConfig(fetch_timeout_s=2.0)
+
+
+def _state(value: float, shape: tuple[int, int] = (2, 2)) -> dict[str, torch.Tensor]:
+    return {name: torch.full(shape, value) for name in NAMES}
+
+
+def _serving(network: FakeNetwork, value: float, *, samples: int = 4,
+             shape: tuple[int, int] = (2, 2)) -> FakeNode:
+    node = network.node(NETWORK, SWARM, None)
+    node.offer(1, samples, encode_adapter(_state(value, shape)))
+    return node
+
+
+def _announcement(node: FakeNode) -> Announcement:
+    assert node.offered is not None
+    version, samples, data = node.offered
+    return Announcement(swarm=SWARM, peer=node.peer_id, version=version, samples=samples,
+                        digest=sha256(data), nbytes=len(data), train_loss=1.0,
+                        addrs=tuple(node.listen_addrs))
+
+
+@dataclass
+class Neighbours:
+    """A membership that draws in a fixed order and records each verdict."""
+
+    order: list[FakeNode]
+    verdicts: dict[str, list[str]] = field(default_factory=lambda: {
+        "answered": [], "trust": [], "failed": [], "distrust": []})
+
+    def sample(self, k: int, *, exclude: Collection[str] = ()) -> list[Announcement]:
+        left = [node for node in self.order if node.peer_id not in exclude]
+        return [_announcement(node) for node in left[:k]]
+
+    def answered(self, peer: str) -> None:
+        self.verdicts["answered"].append(peer)
+
+    def trust(self, peer: str) -> None:
+        self.verdicts["trust"].append(peer)
+
+    def failed(self, peer: str) -> None:
+        self.verdicts["failed"].append(peer)
+
+    def distrust(self, peer: str) -> None:
+        self.verdicts["distrust"].append(peer)
+
+
+def _gatherer(network: FakeNetwork, order: list[FakeNode]) -> tuple[Gatherer, Neighbours]:
+    ours = network.node(NETWORK, SWARM, None)
+    neighbours = Neighbours(order)
+    return Gatherer(ours, neighbours, MergeConfig(), fanout=2,
+                    fetch_timeout_s=NETWORK.fetch_timeout_s, offload=_inline), neighbours
+
+
+async def _inline(fn: Callable[[], Any]) -> Any:
+    """Validate on the event loop: a worker thread would let the virtual clock jump meanwhile."""
+    return fn()
+
+
+async def test_failed_and_invalid_neighbours_are_replaced_in_later_waves(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = FakeNetwork()
+    down, wrong, good, also_good = (_serving(network, 0.1), _serving(network, 0.1, shape=(2, 3)),
+                                    _serving(network, 0.2), _serving(network, 0.3))
+    down.up = False
+    gatherer, neighbours = _gatherer(network, [down, wrong, good, also_good])
+    found = await gatherer.gather(_state(0.1), version=1, trained=True)
+    assert sorted(c.peer for c in found.accepted) == sorted([good.peer_id, also_good.peer_id])
+    assert found.tried == sorted(n.peer_id for n in (down, wrong, good, also_good))
+    assert neighbours.verdicts["failed"] == [down.peer_id], "the network failed it: it stays"
+    assert neighbours.verdicts["distrust"] == [wrong.peer_id], "invalid bytes: it goes"
+    assert sorted(neighbours.verdicts["trust"]) == sorted([good.peer_id, also_good.peer_id])
+    assert gatherer.stats.rejected == {"shape_mismatch": 1}
+    assert gatherer.stats.adapters_received == 3, "the invalid one arrived too"
+
+
+async def test_an_untrained_neighbour_is_fetched_again_until_it_has_trained(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = FakeNetwork()
+    late = _serving(network, 0.2, samples=0)
+    gatherer, _ = _gatherer(network, [late])
+
+    async def train_at(when: float) -> None:
+        await trio.sleep_until(when)
+        late.offer(2, 4, encode_adapter(_state(0.2)))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(train_at, 2.5)
+        started = trio.current_time()
+        found = await gatherer.gather(_state(0.1), version=2, trained=True, patience_s=10)
+    # Fetched at 0, then after 1 s and 2 more s of backoff: trained by then.
+    assert [c.peer for c in found.accepted] == [late.peer_id]
+    assert 3.0 <= trio.current_time() - started < 4.0
+    assert found.accepted[0].age == 0 and found.untrained == []
+
+
+async def test_patience_ends_with_the_fetch_timeout_when_training_was_quick(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = FakeNetwork()
+    never = _serving(network, 0.2, samples=0)
+    gatherer, _ = _gatherer(network, [never])
+    started = trio.current_time()
+    found = await gatherer.gather(_state(0.1), version=2, trained=True, patience_s=0.5)
+    assert found.accepted == [] and [a.peer for a in found.untrained] == [never.peer_id]
+    assert trio.current_time() - started < NETWORK.fetch_timeout_s + 0.5
+
+
+def _fake_peer(tmp_path: Path, network: FakeNetwork, name: str, seed: int) -> Peer:
+    config = PeerConfig(
+        data_dir=tmp_path / name, train_path=tmp_path / "unused.jsonl", rounds=2,
+        settle_rounds=3, topology=TopologyConfig(fanout=1, peer_timeout_s=3), network=NETWORK,
+    )
+    peer = Peer(config, node_factory=network.node)  # type: ignore[arg-type]
+    peer.runtime = fake_runtime(config.data_dir, train_s=10, seed=seed)
+    return peer
+
+
+async def test_settling_rounds_last_as_long_as_a_training_round(
+    tmp_path: Path, mock_clock: trio.testing.MockClock,
+) -> None:
+    # The peer works in threads (encoding, merging, writing); the clock jumps only once the
+    # loop has been idle this long, so that it does not run ahead while a thread works.
+    mock_clock.autojump_threshold = 0.02
+    network = FakeNetwork()
+    peers = [_fake_peer(tmp_path, network, f"p{i}", seed=i) for i in range(3)]
+    ends: dict[int, list[float]] = {i: [] for i in range(3)}
+
+    async def watch(i: int) -> None:
+        for r in range(1, 6):
+            await peers[i].wait_rounds(r)
+            ends[i].append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        for i, peer in enumerate(peers):
+            nursery.start_soon(peer.run)
+            nursery.start_soon(watch, i)
+    for i, peer in enumerate(peers):
+        first, second, *settling = ends[i]
+        training_round = second - first
+        assert training_round >= 10
+        # A round's pause follows it: each settling round but the first is paced by the one
+        # before it, to last as long as the last training round.
+        gaps = [b - a for a, b in pairwise(settling)]
+        assert len(gaps) == 2 and min(gaps) >= 0.9 * training_round, (training_round, gaps)
+        lines = (peer.config.data_dir / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["merged"] for line in lines][2:] == [1, 1, 1], "settling merged"
+        assert peer.merges >= 4
+        assert (peer.config.data_dir / "export").exists(), "a clean stop exports"
