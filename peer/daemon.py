@@ -18,16 +18,14 @@ from __future__ import annotations
 import logging
 import random
 import threading
-from collections import Counter
 from functools import partial
 from typing import Any
 
 import trio
 
-from gossip.membership import Membership
 from gossip.node import GossipNode
 from merge.rules import merge_states
-from merge.types import AdapterState, Contribution
+from merge.types import Contribution
 from peer.config import PeerConfig
 from peer.inputs import MergeInputs
 from peer.parts import NodeFactory, Parts, assemble
@@ -61,23 +59,8 @@ class Peer:
         self._training_round_s = 0.0  # how long the last training round took (paces settling)
         self._train_s = 0.0  # how long its training took (how long to wait for neighbours)
 
-    @property
-    def merges(self) -> int:
-        """Neighbour adapters merged so far, over every run of this data folder."""
-        return self.stats.merges
-
-    @property
-    def rejected(self) -> Counter[str]:
-        """Neighbour adapters that failed validation, by reason (the node counts the wire)."""
-        return self.stats.rejected
-
-    @property
-    def membership(self) -> Membership | None:
-        return self.parts.membership if self.parts else None
-
     async def load(self) -> Runtime:
-        """Load the model, data and last checkpoint without joining the network yet (so that
-        many peers of one process can load first and then join together)."""
+        """Load model, data and checkpoint, not joining yet: a process's peers then join at once."""
         self.runtime = await trio.to_thread.run_sync(build_runtime, self.config, self.shared)
         return self.runtime
 
@@ -150,17 +133,17 @@ class Peer:
     async def _start(self) -> None:
         """Wait for the swarm to form, announce ourselves, and evaluate where we start from."""
         parts = self._parts()
-        runtime = parts.runtime
+        runtime, publisher = parts.runtime, parts.publisher
         if self.round == 0:
-            await parts.publisher.wait_for_peers()
+            await publisher.wait_for_peers()
         if self.version == 0:
             # Tell the swarm before round 1 that we are here (serving the seeded adapter): sent
             # after round 1's training, it reached the neighbours too late for their round 1.
             # A restarted peer announces after its next round, as before its crash.
-            await parts.publisher.wait_for_topic_peer()
-            await self._announce(runtime.trainer.state())
+            await publisher.wait_for_topic_peer()
+            await publisher.announce(runtime.trainer.state(), version=self.version)
         if self.round == 0 and runtime.eval_batches:
-            await self._evaluate()
+            await self._evaluate(runtime)
             runtime.store.append_metrics(parts.records.metrics(
                 round_=0, version=self.version, loss=None, merged=0, evaluated=True, tried=[],
                 state=runtime.trainer.state()))
@@ -177,7 +160,7 @@ class Peer:
             self._train_s = trio.current_time() - started
         self.version += 1
         state = runtime.trainer.state()
-        await self._announce(state)
+        await parts.publisher.announce(state, version=self.version)
         found = await parts.gatherer.gather(state, version=self.version,
                                             trained=runtime.trainer.samples > 0,
                                             patience_s=self._train_s)
@@ -193,28 +176,20 @@ class Peer:
         evaluated = bool(runtime.eval_batches) and (
             self.round % self.config.eval_every == 0 or last)
         if evaluated:
-            await self._evaluate()
-        record = parts.records.metrics(round_=self.round, version=self.version, loss=loss,
+            await self._evaluate(runtime)
+        await parts.records.save_round(state, round_=self.round, version=self.version, loss=loss,
                                        merged=len(found.accepted), evaluated=evaluated,
                                        tried=found.tried)
-        await parts.records.save_round(state, record, round_=self.round, version=self.version)
         self.completed = self.round
         self._round_done.set()
         self._round_done = trio.Event()
 
-    async def _announce(self, state: AdapterState) -> None:
-        await self._parts().publisher.announce(
-            state, version=self.version, samples=self._parts().runtime.trainer.samples,
-            train_loss=self.stats.last_train_loss)
-
-    async def _evaluate(self) -> None:
-        runtime = self._parts().runtime
+    async def _evaluate(self, runtime: Runtime) -> None:
         self.stats.last_eval = await trio.to_thread.run_sync(
             runtime.trainer.eval_loss, runtime.eval_batches)
 
     async def _linger(self) -> None:
-        """Serve the final adapter `--linger` s more, for neighbours still settling (peers of
-        one swarm finish at different times). A peer stopped by a signal does not linger."""
+        """Serve the final adapter `--linger` s more, for slower neighbours (not after a signal)."""
         if self.config.linger_s and not self._stop.is_set():
             logger.info("all %d rounds done; serving the final adapter for %.0f s",
                         self.round, self.config.linger_s)

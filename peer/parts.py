@@ -48,6 +48,6 @@ def assemble(config: PeerConfig, runtime: Runtime, stats: PeerStatistics, rng: r
                         stats=stats)
     return Parts(
         runtime=runtime, node=node, membership=membership, gatherer=gatherer,
-        publisher=Publisher(node, membership, config, runtime.swarm, rank_free=rank_free),
+        publisher=Publisher(node, membership, config, runtime, stats, rank_free=rank_free),
         records=Records(runtime, node, view, stats),
     )

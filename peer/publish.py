@@ -22,6 +22,8 @@ from gossip.wire import Announcement, digest, encode_adapter
 from merge.validate import MAX_RANK_FACTOR
 from peer.attacks import poison
 from peer.config import PeerConfig
+from peer.setup import Runtime
+from peer.stats import PeerStatistics
 
 logger = logging.getLogger(__name__)
 
@@ -33,17 +35,18 @@ class Publisher:
     """Offers a peer's adapter on its node and announces it, signed."""
 
     def __init__(self, node: GossipNode, membership: Membership, config: PeerConfig,
-                 swarm: bytes, *, rank_free: bool) -> None:
+                 runtime: Runtime, stats: PeerStatistics, *, rank_free: bool) -> None:
         self.node = node
         self.membership = membership
         self.config = config
-        self.swarm = swarm
+        self.trainer = runtime.trainer  # says how many samples the adapter embodies
+        self.swarm = runtime.swarm
+        self.stats = stats  # says the last training loss
         self.rank_free = rank_free
 
-    async def announce(self, state: Mapping[str, torch.Tensor], *, version: int, samples: int,
-                       train_loss: float) -> None:
+    async def announce(self, state: Mapping[str, torch.Tensor], *, version: int) -> None:
         """Serve this version's adapter (poisoned, for an attacker) and describe it, signed."""
-        node, config = self.node, self.config
+        node, config, samples = self.node, self.config, self.trainer.samples
         served = state if not config.attack else poison(
             dict(state), config.attack, scale=config.attack_scale, seed=version)
         data = await trio.to_thread.run_sync(encode_adapter, served)
@@ -55,7 +58,7 @@ class Publisher:
             1, MAX_RANK_FACTOR * len(data) + _HEADER_SLACK)
         announcement = Announcement(
             swarm=self.swarm, peer=node.peer_id, version=version, samples=samples,
-            digest=offer.digest, nbytes=len(data), train_loss=train_loss,
+            digest=offer.digest, nbytes=len(data), train_loss=self.stats.last_train_loss,
             addrs=tuple(node.listen_addrs),
         )
         if node.current is not None:

@@ -75,10 +75,15 @@ class Records:
             "eval_loss": self.stats.last_eval, "updated": time.time(),
         }
 
-    async def save_round(self, state: Mapping[str, torch.Tensor], record: dict[str, Any], *,
-                         round_: int, version: int) -> None:
-        """Checkpoint `state` (a copy of the adapter as it is now) and log the round."""
+    async def save_round(self, state: Mapping[str, torch.Tensor], *, round_: int, version: int,
+                         **metrics: Any) -> None:
+        """Checkpoint `state` (a copy of the adapter as it is now) and log the round.
+
+        Args:
+            metrics: what `metrics` takes besides the round, version and state.
+        """
         store = self.runtime.store
+        record = self.metrics(round_=round_, version=version, **metrics)
         checkpoint = self.checkpoint(state, round_=round_, version=version)
         status = self.status(round_=round_, version=version)
 

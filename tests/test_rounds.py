@@ -177,5 +177,5 @@ async def test_settling_rounds_last_as_long_as_a_training_round(
         assert len(gaps) == 2 and min(gaps) >= 0.9 * training_round, (training_round, gaps)
         lines = (peer.config.data_dir / "metrics.jsonl").read_text().splitlines()
         assert [json.loads(line)["merged"] for line in lines][2:] == [1, 1, 1], "settling merged"
-        assert peer.merges >= 4
+        assert peer.stats.merges >= 4
         assert (peer.config.data_dir / "export").exists(), "a clean stop exports"

@@ -47,7 +47,7 @@ async def test_three_peers_exchange_and_merge(tmp_path: Path, small_model_dir: P
                 await nursery.start(peer.run)
                 peers.append(peer)
             for peer in peers:
-                while peer.merges < 1:
+                while peer.stats.merges < 1:
                     await peer.wait_rounds(peer.round + 1)
             nursery.cancel_scope.cancel()
     ids = {peer.status()["peer_id"] for peer in peers}
@@ -75,10 +75,10 @@ async def test_a_loud_attacker_is_rejected_by_honest_peers(
                                 (node.listen_addrs[0],), attack="scale", attack_scale=1000.0))
         await nursery.start(attacker.run)
         with trio.fail_after(240):
-            while honest.rejected["norm_bound"] < 1 or honest.round < 3:
+            while honest.stats.rejected["norm_bound"] < 1 or honest.round < 3:
                 await honest.wait_rounds(honest.round + 1)
         nursery.cancel_scope.cancel()
-    assert honest.merges == 0, "the only neighbour was poisoned: nothing may be merged"
+    assert honest.stats.merges == 0, "the only neighbour was poisoned: nothing may be merged"
     state = honest.runtime.trainer.state() if honest.runtime else {}
     assert state and all(bool(torch.isfinite(v).all()) for v in state.values())
     assert max(v.abs().max().item() for v in state.values()) < 10
@@ -158,19 +158,19 @@ async def test_a_failed_neighbour_is_replaced_and_rounds_announce_nothing(
             await nursery.start(peer.run)
             peers.append(peer)
         with trio.fail_after(240):
-            while honest.rejected["norm_bound"] < 1 or honest.round < 4:
+            while honest.stats.rejected["norm_bound"] < 1 or honest.round < 4:
                 await honest.wait_rounds(honest.round + 1)
-        heard = peers[1].membership.latest(node.peer_id) if peers[1].membership else None
+        heard = peers[1].parts.membership.latest(node.peer_id) if peers[1].parts else None
         nursery.cancel_scope.cancel()
     from scripts.simreport import read_metrics
 
     merged = [m["merged"] for m in read_metrics(honest.config.data_dir) if m["round"] >= 2]
     assert merged and all(count == 1 for count in merged), merged
-    assert honest.merges >= len(merged)
+    assert honest.stats.merges >= len(merged)
     assert heard is not None and heard.version == 0, "rounds were not announced one by one"
     assert honest.version >= 4
     # Refused once, the attacker left the view: it is not drawn again until it re-announces.
-    assert honest.rejected["norm_bound"] == 1
+    assert honest.stats.rejected["norm_bound"] == 1
 
 
 async def test_a_neighbour_that_has_not_trained_yet_is_waited_for(
@@ -243,14 +243,14 @@ async def test_a_finished_peer_lingers_and_keeps_serving_its_final_adapter(
         await nursery.start(slow.run)
         with trio.fail_after(120):
             await quick.wait_rounds(1)
-            merges, rounds = slow.merges, slow.round
+            merges, rounds = slow.stats.merges, slow.round
             while slow.round < rounds + 3:
                 await slow.wait_rounds(slow.round + 1)
         lingering = not done.is_set()
         nursery.cancel_scope.cancel()
     assert lingering, "the finished peer left before the test ended"
     assert quick.round == 1
-    assert slow.merges >= merges + 3, "every later round merged the finished peer's adapter"
+    assert slow.stats.merges >= merges + 3, "every later round merged the finished peer's adapter"
 
 
 async def test_the_join_announcement_leaves_once_a_swarm_peer_can_receive_it(
@@ -276,7 +276,7 @@ async def test_the_join_announcement_leaves_once_a_swarm_peer_can_receive_it(
         joined = await nursery.start(joiner.run)
         with trio.fail_after(120):
             await joiner.wait_rounds(1)
-            while first.membership is None or first.membership.latest(joined.peer_id) is None:
+            while first.parts is None or first.parts.membership.latest(joined.peer_id) is None:
                 await trio.sleep(0.05)
         nursery.cancel_scope.cancel()
     assert receivers[joined.peer_id] >= 1, "the joiner announced before anyone could hear it"
