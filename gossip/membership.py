@@ -23,12 +23,9 @@ One `Membership` per peer feeds a `topology.MembershipView` and keeps the peer i
    all is connected, dial the bootstrap addresses again, backing off with
    `topology.backoff_delay` and logging every failed attempt.
 
-Discovery beyond the bootstrap rests on announced addresses. Measured with py-libp2p 0.8.1 (16
-peers joined through one, on loopback): gossipsub peer exchange never fired (heartbeat PRUNEs
-carry no PX records: 0 received in 4 s), and KadDHT `provide` took 18 s of wall time and 14 s
-of CPU and left every peer connected to every other. Announcements reach every member through
-the bootstrap peer's mesh anyway (with flood publishing, see `gossip.router`), and carry the
-addresses at no extra cost.
+Discovery beyond the bootstrap rests on announced addresses: in py-libp2p 0.8.1 gossipsub peer
+exchange never fires and the DHT connects everyone to everyone (README, "Design decisions,
+measured"), while announcements reach every member anyway and carry the addresses for free.
 """
 from __future__ import annotations
 
@@ -280,9 +277,8 @@ class Membership:
         """Publish our latest announcement again after `reannounce_s` of silence, until cancelled.
 
         Any publish resets the clock (the daemon publishes only when it joins). Every
-        announcement reaches every member, so swarm-wide
-        they cost O(N²) deliveries per interval; measured with 32 peers in one process, 10 s
-        re-announcements alone took the event loop from 42 % to 100 % of a core.
+        announcement reaches every member, so swarm-wide they cost O(N²) deliveries per
+        interval: the reason to re-announce only after silence.
         """
         while True:
             quiet = trio.current_time() - self.node.published_at

@@ -451,10 +451,8 @@ class GossipNode:
 
     async def _fetch(self, announcement: Announcement, timeout_s: float) -> Fetched:
         peer = ID.from_base58(announcement.peer)
-        # A connection opened only for this fetch is closed after it: kept, every peer ended up
-        # connected to most of the swarm. Measured with 64 peers in one process: a median of 28
-        # connections each (against --target-connections 4), and the lingering swarm kept a
-        # core busy with yamux and gossipsub upkeep while no peer trained or fetched.
+        # A connection opened only for this fetch is closed after it: kept, every peer ends up
+        # connected to most of the swarm, whose upkeep then costs a core (see the README).
         transient = peer not in self.host.get_connected_peers()
 
         async def open_stream() -> Any:

@@ -1,10 +1,8 @@
 """GossipSub with flood publishing of our own messages.
 
 py-libp2p 0.8.1 sends a message we publish on a subscribed topic only to our mesh peers for
-that topic. A peer whose mesh is empty therefore publishes into the void: measured in a 32-peer
-swarm joined through one bootstrap peer, 2 to 3 joiners ended with a single connection (the
-bootstrap peer, which had pruned them from its full mesh and held them in backoff) and an empty
-mesh; none of their announcements ever reached anyone, so nobody could dial them either.
+that topic. A peer whose mesh is empty therefore publishes into the void, and joiners pruned
+from a full bootstrap mesh were never heard of (README, "Design decisions, measured").
 
 go-libp2p avoids this with `floodPublish` (on by default): a peer's own messages go to every
 connected peer subscribed to the topic, while forwarded messages still follow the mesh. This
