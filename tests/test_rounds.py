@@ -105,12 +105,16 @@ async def test_failed_and_invalid_neighbours_are_replaced_in_later_waves(
     assert gatherer.stats.adapters_received == 3, "the invalid one arrived too"
 
 
+def _untrained_neighbour() -> tuple[Gatherer, FakeNode]:
+    network = FakeNetwork()
+    late = _serving(network, 0.2, samples=0)
+    return _gatherer(network, [late])[0], late
+
+
 async def test_an_untrained_neighbour_is_fetched_again_until_it_has_trained(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    network = FakeNetwork()
-    late = _serving(network, 0.2, samples=0)
-    gatherer, _ = _gatherer(network, [late])
+    gatherer, late = _untrained_neighbour()
 
     async def train_at(when: float) -> None:
         await trio.sleep_until(when)
@@ -129,9 +133,7 @@ async def test_an_untrained_neighbour_is_fetched_again_until_it_has_trained(
 async def test_patience_ends_with_the_fetch_timeout_when_training_was_quick(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    network = FakeNetwork()
-    never = _serving(network, 0.2, samples=0)
-    gatherer, _ = _gatherer(network, [never])
+    gatherer, never = _untrained_neighbour()
     started = trio.current_time()
     found = await gatherer.gather(_state(0.1), version=2, trained=True, patience_s=0.5)
     assert found.accepted == [] and [a.peer for a in found.untrained] == [never.peer_id]
