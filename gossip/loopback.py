@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
+from collections import Counter
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -30,6 +31,8 @@ from gossip.membership import Membership
 from gossip.node import GossipNode, Received
 from gossip.swarm import swarm_id
 from gossip.wire import Announcement, digest, encode_adapter
+from merge.errors import RejectedUpdate
+from merge.validate import check_structure
 from topology.config import TopologyConfig
 
 logger = logging.getLogger(__name__)
@@ -44,9 +47,6 @@ def synthetic_state(version: int, *, scale: float = 1e-3) -> dict[str, torch.Ten
     return {name: torch.full(shape, version * scale) for name, shape in _SHAPES.items()}
 
 
-def synthetic_shapes() -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    """The names, shapes and dtypes of `synthetic_state`, as `GossipNode.receive` expects."""
-    return {name: (shape, torch.float32) for name, shape in _SHAPES.items()}
 
 
 @dataclass
@@ -59,6 +59,8 @@ class SyntheticPeer:
     samples: int = 0
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)
     stopped: trio.Event = field(default_factory=trio.Event)
+    # Adapters the node delivered that do not fit ours, by reason (the node counts the rest).
+    rejected: Counter[str] = field(default_factory=Counter)
 
     @property
     def peer_id(self) -> str:
@@ -89,14 +91,16 @@ class SyntheticPeer:
         """Fetch from `fanout` random live neighbours; adopt the newest newer version.
 
         Returns:
-            How many fetches succeeded.
+            How many fetches succeeded with an adapter of the synthetic structure.
         """
         received: list[Received] = []
 
         async def pull(announcement: Announcement) -> None:
             # A failed neighbour is skipped; the node has counted and logged why.
             with contextlib.suppress(TransferError, WireError):
-                received.append(await self.node.receive(announcement, synthetic_shapes()))
+                adapter = await self.node.receive(announcement)
+                if self._fits(adapter):
+                    received.append(adapter)
 
         async with trio.open_nursery() as nursery:
             for announcement in self.membership.sample(fanout):
@@ -105,6 +109,19 @@ class SyntheticPeer:
         if newest is not None and newest.version > self.version:
             self.hold(newest.version, encode_adapter(newest.state), newest.samples)
         return len(received)
+
+    def _fits(self, adapter: Received) -> bool:
+        """Whether `adapter` has our keys, shapes and dtypes, as a daemon's validation asks.
+
+        Structure only: synthetic values encode versions, so their norms mean nothing.
+        """
+        try:
+            check_structure(synthetic_state(0), adapter.state)
+        except RejectedUpdate as exc:
+            self.rejected[exc.reason] += 1
+            logger.warning("rejected adapter from %s: %s", adapter.peer, exc)
+            return False
+        return True
 
     def stop(self) -> None:
         """Stop abruptly: cancel every task of this peer; its sockets close, no goodbye is said.

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,9 +46,6 @@ _ANNOUNCEMENT_QUEUE = 256
 _TRANSFER = TProtocol(TRANSFER_PROTOCOL)
 _PEERSTORE_TTL_S = 3600
 
-Shapes = Mapping[str, tuple[tuple[int, ...], torch.dtype]]
-
-
 @dataclass(frozen=True)
 class Heard:
     """A validated announcement and the gossipsub sequence number it was signed with.
@@ -65,7 +62,7 @@ class Heard:
 
 @dataclass(frozen=True)
 class Received:
-    """A neighbour's adapter, fetched, digest-checked and decoded against our own shapes."""
+    """A neighbour's adapter, fetched, digest-checked and decoded (its format checked)."""
 
     peer: str
     version: int
@@ -484,10 +481,8 @@ class GossipNode:
             except Exception as exc:  # closing a broken connection may raise anything
                 logger.debug("closing the connection to %s: %s", peer, exc)
 
-    async def receive(
-        self, announcement: Announcement, expected: Shapes, *, allow_rank_change: bool = False
-    ) -> Received:
-        """Fetch a neighbour's adapter and decode it against our own names, shapes and dtypes.
+    async def receive(self, announcement: Announcement) -> Received:
+        """Fetch a neighbour's adapter and decode it; whether it fits ours is not checked here.
 
         Every rejection is logged once with its reason and counted in `rejected`.
 
@@ -500,8 +495,7 @@ class GossipNode:
             logger.info("no adapter from %s: %s", announcement.peer, exc)
             raise
         try:
-            state = decode_adapter(fetched.data, max_bytes=self.config.max_adapter_bytes,
-                                   expected=expected, allow_rank_change=allow_rank_change)
+            state = decode_adapter(fetched.data, max_bytes=self.config.max_adapter_bytes)
         except WireError as exc:
             self._reject(exc.reason, "adapter from %s: %s", announcement.peer, exc)
             raise

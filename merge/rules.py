@@ -21,7 +21,7 @@ from merge.product import product
 from merge.robust import clipped, median, trimmed_mean
 from merge.tensors import lora_pairs
 from merge.types import AdapterState, Contribution
-from merge.validate import check_structure, validate_update
+from merge.validate import validate_update
 from merge.weights import merge_weights
 
 if TYPE_CHECKING:
@@ -81,9 +81,8 @@ def merge_states(own: Contribution, others: Sequence[Contribution],
                  config: MergeConfig) -> AdapterState:
     """Merge our adapter with the accepted neighbours' by the rule `config.rule`.
 
-    Validate each neighbour with `validate_update` first, so that one bad neighbour is dropped
-    instead of failing the whole merge; this function re-checks only the structure (keys,
-    shapes, dtypes), which is cheap, not the values.
+    Every neighbour must have passed `validate_update` against `own.state`, the one check of
+    keys, shapes and dtypes: the rules index and add tensors by our keys without looking again.
 
     Args:
         own: our adapter, samples and age (normally 0).
@@ -93,13 +92,7 @@ def merge_states(own: Contribution, others: Sequence[Contribution],
     Returns:
         A new state with own's keys, shapes and dtypes, contiguous, on the CPU, sharing no
         memory with any input; a copy of `own.state` when `others` is empty.
-
-    Raises:
-        RejectedUpdate: a neighbour's structure does not match ours.
     """
     if not others:
         return {key: t.detach().to("cpu").clone().contiguous() for key, t in own.state.items()}
-    allow = accepts_rank_change(config.rule)
-    for other in others:
-        check_structure(own.state, other.state, allow_rank_change=allow)
     return RULES[config.rule](own, others, config)

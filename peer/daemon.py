@@ -423,13 +423,12 @@ class Peer:
         membership.distrust(peer)
 
     def _decode(self, data: bytes, own: dict[str, Any]) -> tuple[dict[str, Any], float]:
-        """Decode a fetched adapter against our shapes and validate it (in a worker thread).
+        """Decode a fetched adapter and validate it against ours (in a worker thread).
 
         Returns:
             The state and its norm, which feeds the norm reference.
         """
-        state = decode_adapter(data, max_bytes=self.config.network.max_adapter_bytes,
-                               expected=self._runtime().shapes, allow_rank_change=self._rank_free)
+        state = decode_adapter(data, max_bytes=self.config.network.max_adapter_bytes)
         norm = validate_update(own, state, self.config.merge, allow_rank_change=self._rank_free,
                                reference=self._scale)
         return state, norm
