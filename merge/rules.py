@@ -1,80 +1,22 @@
-"""The registry of merge rules, and `merge_states`, the one entry point the daemon calls.
+"""`merge_states`, the one entry point the daemon calls: run the rule the config names.
 
-Every rule is a pure function `(own, others, config) -> merged state` whose docstring states its
-math and how many bad neighbours per merge it tolerates:
-
-  average       weighted average of the factors (cheap; B_bar A_bar != average of B A)
-  product       exact weighted average of B A, re-factorised to rank r (any neighbour rank)
-  trimmed-mean  coordinate-wise, unweighted, drops max(trim, trim_fraction n) values per end
-  median        coordinate-wise, unweighted
-  clipped       self-centered clipping of each neighbour's difference at radius tau
+The rules, and what each needs from the peer, are listed in `merge.registry`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, TypeAlias
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from merge.average import average
-from merge.product import product
-from merge.robust import clipped, median, trimmed_mean
+from merge.registry import rule
 from merge.tensors import lora_pairs
 from merge.types import AdapterState, Contribution
 from merge.validate import validate_update
-from merge.weights import merge_weights
 
 if TYPE_CHECKING:
     from merge.config import MergeConfig
 
-__all__ = [
-    "REGISTRY",
-    "RULES",
-    "MergeRule",
-    "RuleEntry",
-    "accepts_rank_change",
-    "lora_pairs",
-    "merge_states",
-    "merge_weights",
-    "needs_buffer",
-    "validate_update",
-]
-
-MergeRule: TypeAlias = "Callable[[Contribution, Sequence[Contribution], MergeConfig], AdapterState]"
-
-
-@dataclass(frozen=True)
-class RuleEntry:
-    """A merge rule and what it needs from the daemon."""
-
-    merge: MergeRule
-    # Merges in weight space, where the LoRA rank of a neighbour does not matter.
-    rank_free: bool = False
-    # Coordinate-wise over many inputs: fed a `NeighbourBuffer`, not one round's fetches.
-    buffered: bool = False
-
-
-REGISTRY: dict[str, RuleEntry] = {
-    "average": RuleEntry(average),
-    "product": RuleEntry(product, rank_free=True),
-    "trimmed-mean": RuleEntry(trimmed_mean, buffered=True),
-    "median": RuleEntry(median, buffered=True),
-    "clipped": RuleEntry(clipped),
-}
-
-# The functions alone, for callers that only merge.
-RULES: dict[str, MergeRule] = {name: entry.merge for name, entry in REGISTRY.items()}
-
-
-def accepts_rank_change(rule: str) -> bool:
-    """Whether `rule` can merge neighbours of another LoRA rank (pass it to `validate_update`)."""
-    return REGISTRY[rule].rank_free
-
-
-def needs_buffer(rule: str) -> bool:
-    """Whether `rule` merges over a `NeighbourBuffer` sized by `buffer_plan`, not one round's
-    fetches."""
-    return REGISTRY[rule].buffered
+__all__ = ["accepts_rank_change", "lora_pairs", "merge_states", "validate_update"]
 
 
 def merge_states(own: Contribution, others: Sequence[Contribution],
@@ -95,4 +37,11 @@ def merge_states(own: Contribution, others: Sequence[Contribution],
     """
     if not others:
         return {key: t.detach().to("cpu").clone().contiguous() for key, t in own.state.items()}
-    return RULES[config.rule](own, others, config)
+    return rule(config.rule).fn(own, others, config)
+
+
+# scripts/bench_merge.py imports `lora_pairs`, `validate_update` and this from here; the
+# registry's own answer is `rule(name).rank_free`.
+def accepts_rank_change(name: str) -> bool:
+    """Whether the rule `name` merges neighbours of another LoRA rank (`Rule.rank_free`)."""
+    return rule(name).rank_free

@@ -33,10 +33,12 @@ from gossip.errors import GossipError, TransferError, WireError
 from gossip.membership import Membership
 from gossip.node import GossipNode
 from gossip.wire import Announcement, decode_adapter, digest, encode_adapter
-from merge.buffer import NeighbourBuffer, buffer_plan
+from merge.buffer import NeighbourBuffer
 from merge.errors import RejectedUpdate
+from merge.quorum import buffer_capacity
 from merge.reference import NormReference
-from merge.rules import accepts_rank_change, merge_states, needs_buffer
+from merge.registry import rule
+from merge.rules import merge_states
 from merge.types import Contribution
 from merge.validate import MAX_RANK_FACTOR, validate_update
 from peer.attacks import poison
@@ -91,11 +93,11 @@ class Peer:
         # Coordinate-wise rules need more inputs than one round's fetches: they merge over a
         # buffer of the latest adapter of each recently heard neighbour, sized so that the share
         # of bad ones in it tracks the swarm's (`--trim-fraction`).
-        plan = buffer_plan(config.merge)
-        self._buffered = needs_buffer(config.merge.rule)
-        self._buffer = NeighbourBuffer(plan.capacity, max_age=config.merge.max_age)
-        self._min_buffered = plan.min_buffered
-        self._rank_free = accepts_rank_change(config.merge.rule)
+        needs = rule(config.merge.rule)
+        self._buffered = needs.buffered
+        self._buffer = NeighbourBuffer(buffer_capacity(config.merge), max_age=config.merge.max_age)
+        self._min_buffered = needs.min_neighbours(config.merge)
+        self._rank_free = needs.rank_free
         # The scale that bounds a neighbour's norm and distance: recent accepted neighbours'
         # median norm, which one liar cannot inflate round after round as it could our own.
         self._reference = NormReference()

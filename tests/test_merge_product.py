@@ -10,9 +10,11 @@ from hypothesis import strategies as st
 from merge.config import MergeConfig
 from merge.errors import RejectedUpdate
 from merge.product import merge_pair, rescale_lora
-from merge.rules import RULES, accepts_rank_change, merge_states, merge_weights, validate_update
+from merge.registry import RULES, Rule
+from merge.rules import merge_states
 from merge.types import Contribution
-from merge.validate import MAX_RANK_FACTOR
+from merge.validate import MAX_RANK_FACTOR, validate_update
+from merge.weights import merge_weights
 
 PRODUCT = MergeConfig(rule="product")
 AVERAGE = MergeConfig(rule="average")
@@ -164,12 +166,13 @@ def test_heterogeneous_ranks_merge_through_product(seed: int, own_rank: int,
     assert error <= optimal + 1e-4 * torch.linalg.matrix_norm(target) + 1e-6
 
 
-@pytest.mark.parametrize("rule", [name for name in RULES if not accepts_rank_change(name)])
-def test_other_rules_refuse_another_rank(rule: str) -> None:
+@pytest.mark.parametrize("rule", [entry for entry in RULES.values() if not entry.rank_free],
+                         ids=lambda entry: entry.name)
+def test_other_rules_refuse_another_rank(rule: Rule) -> None:
     own, other = contributions_from(6, 5, 5, [2, 3])
     with pytest.raises(RejectedUpdate) as info:
-        validate_update(own.state, other.state, MergeConfig(rule=rule),
-                        allow_rank_change=accepts_rank_change(rule))
+        validate_update(own.state, other.state, MergeConfig(rule=rule.name),
+                        allow_rank_change=rule.rank_free)
     assert info.value.reason == "rank_mismatch"
 
 

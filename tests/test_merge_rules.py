@@ -12,16 +12,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from merge.config import MergeConfig
-from merge.rules import (
-    REGISTRY,
-    RULES,
-    accepts_rank_change,
-    lora_pairs,
-    merge_states,
-    merge_weights,
-    needs_buffer,
-)
+from merge.registry import RULES
+from merge.rules import merge_states
+from merge.tensors import lora_pairs
 from merge.types import Contribution
+from merge.weights import merge_weights
 
 RULE_NAMES = sorted(RULES)
 
@@ -121,12 +116,6 @@ def test_no_neighbours_gives_a_copy_of_our_state() -> None:
     for key, value in own.state.items():
         assert torch.equal(merged[key], value)
     assert not shares_memory(merged, [own])
-
-
-def test_the_registry_says_what_each_rule_needs() -> None:
-    assert {name: entry.merge for name, entry in REGISTRY.items()} == RULES
-    assert [name for name in RULE_NAMES if needs_buffer(name)] == ["median", "trimmed-mean"]
-    assert [name for name in RULE_NAMES if accepts_rank_change(name)] == ["product"]
 
 
 def test_average_is_the_weighted_mean_of_every_tensor() -> None:
