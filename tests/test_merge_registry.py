@@ -14,7 +14,7 @@ import torch
 import merge.registry
 from merge.config import MergeConfig
 from merge.errors import MergeConfigError
-from merge.quorum import min_buffered
+from merge.quorum import min_buffered, no_minimum
 from merge.registry import RULE_NAMES, RULES, Rule, rule
 from merge.rules import merge_states
 from merge.types import AdapterState, Contribution
@@ -23,8 +23,8 @@ MERGE = Path(merge.registry.__file__).parent
 
 
 def test_each_entry_names_a_rule_function_with_the_rule_signature() -> None:
-    assert RULE_NAMES == tuple(RULES) == ("average", "product", "trimmed-mean", "median",
-                                          "clipped")
+    assert tuple(RULES) == RULE_NAMES
+    assert RULE_NAMES[:5] == ("average", "product", "trimmed-mean", "median", "clipped")
     for name, entry in RULES.items():
         assert entry.name == name and rule(name) is entry
         module, _, function = entry.target.partition(":")
@@ -32,28 +32,33 @@ def test_each_entry_names_a_rule_function_with_the_rule_signature() -> None:
         assert list(inspect.signature(entry.fn).parameters) == ["own", "others", "config"]
 
 
-def test_the_registry_says_what_each_rule_needs() -> None:
-    assert sorted(name for name in RULE_NAMES if rule(name).buffered) == ["median",
-                                                                          "trimmed-mean"]
-    assert [name for name in RULE_NAMES if rule(name).rank_free] == ["product"]
-    config = MergeConfig(trim=1, trim_fraction=0.25)
+@pytest.mark.parametrize(("name", "rank_free", "buffered", "start"), [
+    ("average", False, False, 0),
+    ("product", True, False, 0),
     # Both buffered rules start together (the README's "with the same start"): at 7.
-    assert {name: rule(name).min_neighbours(config) for name in RULE_NAMES} == {
-        "average": 0, "product": 0, "trimmed-mean": 7, "median": 7, "clipped": 0,
-    }
-    assert rule("median").min_neighbours is min_buffered
+    ("trimmed-mean", False, True, 7),
+    ("median", False, True, 7),
+    ("clipped", False, False, 0),
+])
+def test_the_registry_says_what_each_rule_needs(name: str, rank_free: bool, buffered: bool,
+                                               start: int) -> None:
+    entry, config = rule(name), MergeConfig(trim=1, trim_fraction=0.25)
+    assert (entry.rank_free, entry.buffered, entry.min_neighbours(config)) == (
+        rank_free, buffered, start)
+    assert entry.min_neighbours is (min_buffered if buffered else no_minimum)
 
 
 def test_an_unknown_name_is_refused_with_the_known_ones() -> None:
-    with pytest.raises(MergeConfigError,
-                       match="'fedavg'; known rules: average, clipped, median, product, "
-                             "trimmed-mean"):
+    with pytest.raises(MergeConfigError, match="unknown merge rule 'fedavg'") as info:
         rule("fedavg")
+    assert str(info.value).endswith(f"known rules: {', '.join(sorted(RULE_NAMES))}")
 
 
 def test_the_config_help_lists_the_registry() -> None:
     help_text = MergeConfig.__dataclass_fields__["rule"].metadata["help"]
-    assert help_text == "merge rule: average, product, trimmed-mean, median or clipped"
+    assert help_text.startswith("merge rule: average, product, trimmed-mean, median")
+    assert help_text.endswith(f" or {RULE_NAMES[-1]}")
+    assert all(name in help_text for name in RULE_NAMES)
 
 
 def _merge_imports(path: Path) -> set[str]:
@@ -84,7 +89,7 @@ def _reachable(start: str) -> set[str]:
 def test_the_config_reaches_no_rule_and_nothing_that_imports_it_back() -> None:
     rule_modules = {entry.target.partition(":")[0].removeprefix("merge.")
                     for entry in RULES.values()}
-    assert rule_modules == {"average", "product", "robust"}
+    assert {"average", "product", "robust"} <= rule_modules
     for start in ("config", "registry"):
         reached = _reachable(start)
         assert not reached & rule_modules, (start, reached)
