@@ -2,8 +2,9 @@
 
 Nothing is ever unpickled. `decode_adapter` refuses oversized data first, then parses the
 8-byte header length and the JSON header itself with strict bounds (entry keys, dtypes, shapes,
-offsets covering the body exactly), compares names, shapes and dtypes with what we expect, and
-only then lets `safetensors` build tensors, which must all be finite.
+offsets covering the body exactly), and only then lets `safetensors` build tensors, which must
+all be finite. This is the format only: whether the tensors fit our adapter is for
+`merge.validate` to say.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ _DTYPE_NAMES = {dtype: name for name, dtype in ADAPTER_DTYPES.items()}
 
 
 def check_cap(name: str, value: int, cap: int) -> None:
+    """Refuse a size above its cap as "oversized" (a cap that is not a positive int is our bug)."""
     if type(cap) is not int or cap < 1:
         raise ValueError(f"the cap on {name} must be a positive int, got {cap!r}")
     if value > cap:
         raise WireError("oversized", f"{name} {value} exceeds the cap of {cap}")
-
 
 
 def encode_adapter(state: Mapping[str, torch.Tensor]) -> bytes:
@@ -125,7 +126,7 @@ def _parse_entry(name: str, raw: object, body_len: int) -> _Entry:
     return _Entry(name, ADAPTER_DTYPES[dtype], tuple(shape), begin, end)
 
 
-def _parse_entries(data: bytes) -> list[_Entry]:
+def _check_header(data: bytes) -> None:
     """Parse and bound-check the whole header; the tensors must tile the body exactly."""
     header, body_start = _read_header(data)
     metadata = header.pop("__metadata__", {})
@@ -147,78 +148,21 @@ def _parse_entries(data: bytes) -> list[_Entry]:
         cursor = entry.end
     if cursor != body_len:
         raise WireError("bad_tensor", f"{body_len - cursor} trailing bytes after the tensors")
-    return entries
 
 
-def _rank_dim(name: str, ndim: int) -> int | None:
-    """Which dim of a LoRA factor is its rank: 0 for lora_A (r, in), 1 for lora_B (out, r)."""
-    parts = name.split(".")
-    if "lora_A" in parts and ndim >= 1:
-        return 0
-    if "lora_B" in parts and ndim >= 2:
-        return 1
-    return None
-
-
-def _check_expected(
-    entries: list[_Entry],
-    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
-    allow_rank_change: bool,
-) -> None:
-    """Same names, dtypes and shapes as ours (rank dims may differ with `allow_rank_change`)."""
-    got = {entry.name: entry for entry in entries}
-    if got.keys() != expected.keys():
-        missing = sorted(expected.keys() - got.keys())
-        extra = sorted(got.keys() - expected.keys())
-        raise WireError("keys_mismatch", f"{len(missing)} missing (e.g. {missing[:2]}), "
-                        f"{len(extra)} unexpected (e.g. {[n[:80] for n in extra[:2]]})")
-    for name in sorted(got):
-        shape, dtype = expected[name]
-        entry = got[name]
-        if entry.dtype != dtype:
-            raise WireError("dtype_mismatch", f"{name}: {entry.dtype}, expected {dtype}")
-        rank_dim = _rank_dim(name, len(shape)) if allow_rank_change else None
-        ours, theirs = list(shape), list(entry.shape)
-        if rank_dim is not None and len(theirs) == len(ours):
-            if theirs[rank_dim] < 1:
-                raise WireError("shape_mismatch", f"{name}: LoRA rank {theirs[rank_dim]}")
-            ours[rank_dim] = theirs[rank_dim]
-        if ours != theirs:
-            raise WireError("shape_mismatch", f"{name}: {entry.shape}, expected {tuple(shape)}")
-    if allow_rank_change:
-        _check_rank_pairs(got)
-
-
-def _check_rank_pairs(got: Mapping[str, _Entry]) -> None:
-    """The A and B factors of one module must agree on the rank, whatever it is."""
-    for name, a in got.items():
-        parts = name.split(".")
-        if "lora_A" not in parts or len(a.shape) < 1:
-            continue
-        b = got.get(".".join("lora_B" if p == "lora_A" else p for p in parts))
-        if b is not None and len(b.shape) >= 2 and b.shape[1] != a.shape[0]:
-            raise WireError("shape_mismatch", f"{name}: rank {a.shape[0]} but B has {b.shape[1]}")
-
-
-def decode_adapter(
-    data: bytes,
-    *,
-    max_bytes: int,
-    expected: Mapping[str, tuple[tuple[int, ...], torch.dtype]] | None = None,
-    allow_rank_change: bool = False,
-) -> dict[str, torch.Tensor]:
-    """Decode and validate untrusted safetensors bytes into an adapter state.
+def decode_adapter(data: bytes, *, max_bytes: int) -> dict[str, torch.Tensor]:
+    """Decode untrusted safetensors bytes into tensors, checking the format and nothing else.
 
     1. Refuse anything above `max_bytes` before looking inside.
     2. Parse the header here, strictly: length, JSON, dtypes, shapes, offsets tiling the body.
-    3. Compare names, dtypes and shapes with `expected` (when given) without touching the body.
-    4. Only then let `safetensors` build the tensors, and require every value to be finite.
+    3. Only then let `safetensors` build the tensors, and require every value to be finite.
+
+    Whether the tensors fit our adapter (names, shapes, dtypes, LoRA ranks) is
+    `merge.validate.validate_update`'s question, asked before anything is merged.
 
     Args:
         data: the bytes received.
         max_bytes: the size cap.
-        expected: our own {name: (shape, dtype)}; None checks only the format.
-        allow_rank_change: let the LoRA rank differ (lora_A dim 0, lora_B dim 1).
 
     Returns:
         {name: CPU tensor}.
@@ -230,9 +174,11 @@ def decode_adapter(
         raise WireError("malformed", f"expected bytes, got {type(data).__name__}")
     check_cap("adapter size", len(data), max_bytes)
     raw = bytes(data)  # one copy for both parsers (a bytearray would be copied twice)
-    entries = _parse_entries(raw)
-    if expected is not None:
-        _check_expected(entries, expected, allow_rank_change)
+    _check_header(raw)
+    # The format does not know our names and shapes, so the tensors of an adapter that
+    # validation will refuse are built too: that costs what an honest adapter of the same size
+    # costs, one copy of a body that `max_bytes` caps (tensors tile it exactly, MAX_TENSORS at
+    # most), the bound a valid adapter already had.
     try:
         state = safetensors.torch.load(raw)
     except (safetensors.SafetensorError, ValueError, RuntimeError, TypeError) as exc:

@@ -16,9 +16,6 @@ WIRE_REASONS = frozenset({
     "truncated",  # shorter than its own framing says
     "bad_tensor",  # a safetensors entry that is inconsistent or unsupported
     "non_finite",  # NaN or Inf in a tensor
-    "keys_mismatch",  # tensor names differ from ours
-    "shape_mismatch",
-    "dtype_mismatch",
 })
 
 TRANSFER_REASONS = frozenset({

@@ -88,7 +88,7 @@ class SyntheticPeer:
         """Fetch from `fanout` random live neighbours; adopt the newest newer version.
 
         Returns:
-            How many fetches succeeded.
+            How many fetches succeeded with an adapter of the synthetic structure.
         """
         received: list[Received] = []
 
@@ -111,6 +111,19 @@ class SyntheticPeer:
         if newest is not None and newest.version > self.version:
             self.hold(newest.version, encode_adapter(newest.state), newest.samples)
         return len(received)
+
+    def _fits(self, adapter: Received) -> bool:
+        """Whether `adapter` has our keys, shapes and dtypes, as a daemon's validation asks.
+
+        Structure only: synthetic values encode versions, so their norms mean nothing.
+        """
+        try:
+            check_structure(synthetic_state(0), adapter.state)
+        except RejectedUpdate as exc:
+            self.rejected[exc.reason] += 1
+            logger.warning("rejected adapter from %s: %s", adapter.peer, exc)
+            return False
+        return True
 
     def stop(self) -> None:
         """Stop abruptly: cancel every task of this peer; its sockets close, no goodbye is said.

@@ -3,32 +3,25 @@
 from __future__ import annotations
 
 from merge.attack_sim import norm_growth_under_liar
-from merge.buffer import BufferPlan, BufferStatistics, NeighbourBuffer, buffer_plan
+from merge.buffer import BufferStatistics, NeighbourBuffer
 from merge.config import MergeConfig
 from merge.errors import REJECT_REASONS, MergeConfigError, MergeError, RejectedUpdate
 from merge.product import PairMerge, merge_pair, rescale_lora
+from merge.quorum import buffer_capacity, min_buffered, trim_count
 from merge.reference import NormReference, ReferenceStatistics
-from merge.rules import (
-    REGISTRY,
-    RULES,
-    MergeRule,
-    RuleEntry,
-    accepts_rank_change,
-    lora_pairs,
-    merge_states,
-    merge_weights,
-    needs_buffer,
-    validate_update,
-)
-from merge.tensors import state_norm
+from merge.registry import RULE_NAMES, RULES, MergeRule, Rule, rule
+from merge.rules import merge_states
+from merge.tensors import lora_pairs, state_norm
 from merge.types import AdapterState, Contribution
+from merge.validate import MAX_RANK_FACTOR, validate_update
+from merge.weights import merge_weights
 
 __all__ = [
-    "REGISTRY",
+    "MAX_RANK_FACTOR",
     "REJECT_REASONS",
     "RULES",
+    "RULE_NAMES",
     "AdapterState",
-    "BufferPlan",
     "BufferStatistics",
     "Contribution",
     "MergeConfig",
@@ -40,16 +33,17 @@ __all__ = [
     "PairMerge",
     "ReferenceStatistics",
     "RejectedUpdate",
-    "RuleEntry",
-    "accepts_rank_change",
-    "buffer_plan",
+    "Rule",
+    "buffer_capacity",
     "lora_pairs",
     "merge_pair",
     "merge_states",
     "merge_weights",
-    "needs_buffer",
+    "min_buffered",
     "norm_growth_under_liar",
     "rescale_lora",
+    "rule",
     "state_norm",
+    "trim_count",
     "validate_update",
 ]

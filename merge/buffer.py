@@ -10,56 +10,8 @@ from __future__ import annotations
 
 from collections import OrderedDict
 from dataclasses import dataclass, replace
-from typing import TYPE_CHECKING
 
-from merge.robust import trim_count
 from merge.types import Contribution
-
-if TYPE_CHECKING:
-    from merge.config import MergeConfig
-
-# Neighbours a full buffer holds (16 inputs with self). Each is a distinct neighbour heard
-# lately, so with a quarter of the swarm bad about 4 of them are, and floor(0.25 x 16) = 4 is
-# what `trimmed-mean` cuts per end; over a handful of inputs the bad share strays far from the
-# swarm's (2 of 4 is not rare at a quarter).
-FRACTION_CAPACITY = 15
-
-# Bad neighbours a buffered merge must outvote before it may run at all: a median of self and
-# two neighbours is decided by the neighbours when both are bad (measured with 2 attackers among
-# 8 peers: honest loss 7.4 against 3.06 clean).
-MIN_TOLERANCE = 2
-
-
-@dataclass(frozen=True)
-class BufferPlan:
-    """How a peer buffers neighbours for a buffered rule (see `buffer_plan`)."""
-
-    capacity: int  # neighbours kept: `NeighbourBuffer(capacity, ...)`
-    min_buffered: int  # neighbours buffered before a buffered rule merges at all
-    tolerance: int  # bad inputs a full buffer's trimmed mean cuts per end
-
-
-def buffer_plan(config: MergeConfig) -> BufferPlan:
-    """Buffer size and merge threshold for a buffered rule (`needs_buffer`) under `config`.
-
-    Arithmetic, with f0 = max(trim, MIN_TOLERANCE):
-      1. capacity C = max(FRACTION_CAPACITY, 2 trim + 3): enough neighbours that their bad share
-         tracks the swarm's, and room for a median to outvote `trim`;
-      2. min_buffered m = the smallest m >= 2 f0 at which the trimmed mean over self and m
-         neighbours cuts at least f0 per end, trim_count(m + 1) >= f0 (with trim 1 and
-         trim_fraction 0.25: m = 7, 8 inputs, 2 cut per end); 2 f0, an honest majority of
-         2 f0 + 1 inputs for a median, when no m <= C qualifies (trim_fraction near 0);
-      3. tolerance = trim_count(C + 1): with the defaults 4 of 16, a quarter. A median over the
-         same inputs outvotes up to C // 2 = 7.
-    """
-    capacity = max(FRACTION_CAPACITY, 2 * config.trim + 3)
-    least = max(config.trim, MIN_TOLERANCE)
-    min_buffered = next(
-        (m for m in range(2 * least, capacity + 1) if trim_count(m + 1, config) >= least),
-        2 * least,
-    )
-    return BufferPlan(capacity=capacity, min_buffered=min_buffered,
-                      tolerance=trim_count(capacity + 1, config))
 
 
 @dataclass(frozen=True)
@@ -86,7 +38,7 @@ class NeighbourBuffer:
 
     Args:
         capacity: neighbours kept; at least 2f + 3 to let a rule tolerate f bad ones
-            (see `buffer_plan`, or `for_tolerance`).
+            (see `merge.quorum.buffer_capacity`, or `for_tolerance`).
         max_age: contributions older than this are not returned and `expire` drops them
             (None: kept until evicted).
     """

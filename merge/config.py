@@ -5,8 +5,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from merge import registry
 from merge.errors import MergeConfigError
-from merge.rules import RULES
+
+_NAMES = registry.RULE_NAMES
 
 
 @dataclass(frozen=True)
@@ -15,7 +17,7 @@ class MergeConfig:
 
     rule: str = field(
         default="average",
-        metadata={"help": "merge rule: average, product, trimmed-mean, median or clipped"},
+        metadata={"help": f"merge rule: {', '.join(_NAMES[:-1])} or {_NAMES[-1]}"},
     )
     staleness_discount: float = field(
         default=0.5, metadata={"help": "weight multiplier per version of age (w *= x**age)"}
@@ -48,10 +50,7 @@ class MergeConfig:
     )
 
     def __post_init__(self) -> None:
-        if self.rule not in RULES:
-            raise MergeConfigError(
-                f"unknown merge rule {self.rule!r}; known rules: {', '.join(sorted(RULES))}"
-            )
+        registry.rule(self.rule)  # raises MergeConfigError for a name it does not know
         # NaN fails every comparison, so each float check is written to reject it too.
         if not 0 < self.staleness_discount <= 1:
             raise MergeConfigError(

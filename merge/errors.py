@@ -10,7 +10,6 @@ REJECT_REASONS = frozenset({
     "keys_mismatch",  # tensor names differ from ours
     "shape_mismatch",  # a tensor of another shape (other than a LoRA rank change)
     "dtype_mismatch",  # another dtype, or not a floating-point tensor
-    "non_finite",  # NaN or Inf anywhere
     "norm_bound",  # norm, or distance from ours, above max_norm_ratio x the reference scale
     "rank_mismatch",  # LoRA factors of another rank for a rule that cannot merge them, or too high
 })

@@ -7,21 +7,18 @@ adapter of each recently heard neighbour) rather than one round's fetches.
 
 from __future__ import annotations
 
-import logging
-import math
 from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING
 
 import torch
 
+from merge.quorum import trim_count
 from merge.tensors import as_work, finish, floored_norm, state_distance
 from merge.types import AdapterState, Contribution
 from merge.weights import merge_weights
 
 if TYPE_CHECKING:
     from merge.config import MergeConfig
-
-logger = logging.getLogger(__name__)
 
 
 def trimmed_mean(own: Contribution, others: Sequence[Contribution],
@@ -40,17 +37,6 @@ def trimmed_mean(own: Contribution, others: Sequence[Contribution],
     """
     states = [own.state, *(other.state for other in others)]
     return _sorted_slice_mean(states, own.state, trim_count(len(states), config))
-
-
-def trim_count(n: int, config: MergeConfig) -> int:
-    """Values `trimmed-mean` cuts from each end of n: max(trim, floor(trim_fraction n)), but at
-    most (n - 1) // 2, so that at least one value is left."""
-    # The epsilon keeps a product such as 0.29 * 100 = 28.999... from flooring one short.
-    wanted = max(config.trim, math.floor(config.trim_fraction * n + 1e-9))
-    cut = min(wanted, max(n - 1, 0) // 2)
-    if cut < wanted:
-        logger.debug("trimmed-mean over %d inputs can trim only %d of %d per end", n, cut, wanted)
-    return cut
 
 
 def median(own: Contribution, others: Sequence[Contribution],

@@ -27,8 +27,9 @@ def validate_update(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.T
 
     Checks, in order: identical key sets; identical shapes (LoRA factors may differ in rank,
     up to `MAX_RANK_FACTOR` x ours, only when `allow_rank_change`); identical floating-point
-    dtypes; every value finite; the Frobenius norm of `other` and its distance from `own` both
-    at most `max_norm_ratio` x scale.
+    dtypes; the Frobenius norm of `other` and its distance from `own` both at most
+    `max_norm_ratio` x scale. Finiteness is the wire format's check (`decode_adapter` refuses
+    NaN and Inf); a non-finite value that reaches this function anyway fails the norm bound.
 
     The scale is `reference`, normally `NormReference.scale(own)`: the lower median of the norms
     accepted lately, which a liar cannot inflate. Without it, our own norm floored at an RMS of
@@ -50,13 +51,10 @@ def validate_update(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.T
 
     Raises:
         RejectedUpdate: with reason "keys_mismatch", "shape_mismatch", "rank_mismatch",
-            "dtype_mismatch", "non_finite" or "norm_bound".
+            "dtype_mismatch" or "norm_bound".
         ValueError: `reference` is not a positive finite number (a bug of the caller's).
     """
     check_structure(own, other, allow_rank_change=allow_rank_change)
-    for key, tensor in other.items():
-        if not bool(torch.isfinite(tensor).all()):
-            raise RejectedUpdate("non_finite", f"{key} holds NaN or Inf")
     scale = floored_norm(own) if reference is None else reference
     if not (math.isfinite(scale) and scale > 0.0):
         raise ValueError(f"reference must be a positive finite scale, got {reference}")
@@ -69,7 +67,7 @@ def validate_update(own: Mapping[str, torch.Tensor], other: Mapping[str, torch.T
 
 
 def _check_bound(name: str, value: float, bound: float, bound_name: str) -> None:
-    # An overflowing norm is inf, which fails the bound as it should.
+    # An overflowing norm is inf, and a NaN anywhere makes it NaN: both fail the bound.
     if not (math.isfinite(value) and value <= bound):
         raise RejectedUpdate("norm_bound",
                              f"{name} {value:.4g} exceeds {bound_name} = {bound:.4g}")

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import logging
 
-from merge.buffer import NeighbourBuffer, buffer_plan
+from merge.buffer import NeighbourBuffer
 from merge.config import MergeConfig
-from merge.rules import needs_buffer
+from merge.quorum import buffer_capacity
+from merge.registry import rule
 from merge.types import Contribution
 
 logger = logging.getLogger(__name__)
@@ -22,11 +23,11 @@ class MergeInputs:
     """Chooses the neighbours' contributions each round's merge takes."""
 
     def __init__(self, config: MergeConfig) -> None:
-        plan = buffer_plan(config)
+        needs = rule(config.rule)
         self.rule = config.rule
-        self.buffered = needs_buffer(config.rule)
-        self.buffer = NeighbourBuffer(plan.capacity, max_age=config.max_age)
-        self.min_buffered = plan.min_buffered
+        self.buffered = needs.buffered
+        self.buffer = NeighbourBuffer(buffer_capacity(config), max_age=config.max_age)
+        self.min_buffered = needs.min_neighbours(config)
 
     def choose(self, accepted: list[Contribution], *, version: int) -> list[Contribution]:
         """The contributions to merge with ours at `version`; empty when the round merges none."""

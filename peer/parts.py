@@ -10,7 +10,7 @@ from pathlib import Path
 from gossip.config import NodeConfig
 from gossip.membership import Membership
 from gossip.node import GossipNode
-from merge.rules import accepts_rank_change
+from merge.registry import rule
 from peer.config import PeerConfig
 from peer.gather import Gatherer
 from peer.publish import Publisher
@@ -39,7 +39,7 @@ class Parts:
 def assemble(config: PeerConfig, runtime: Runtime, stats: PeerStatistics, rng: random.Random,
              node_factory: NodeFactory) -> Parts:
     """Make the node and wire every part to it, each holding only the references it uses."""
-    rank_free = accepts_rank_change(config.merge.rule)
+    rank_free = rule(config.merge.rule).rank_free
     node = node_factory(config.network, runtime.swarm, config.data_dir)
     view = MembershipView(config.topology, node.peer_id)
     membership = Membership(node, config.topology, rng, view=view)

@@ -48,7 +48,9 @@ from merge import (  # noqa: E402
     merge_weights,
 )
 from merge.errors import RejectedUpdate  # noqa: E402
-from merge.rules import accepts_rank_change, lora_pairs, validate_update  # noqa: E402
+from merge.registry import rule as rule_entry  # noqa: E402
+from merge.tensors import lora_pairs  # noqa: E402
+from merge.validate import validate_update  # noqa: E402
 
 HIDDEN, LAYERS, RANK, KV_OUT = 896, 24, 16, 128
 MODULES = {"q_proj": HIDDEN, "k_proj": KV_OUT, "v_proj": KV_OUT, "o_proj": HIDDEN}
@@ -173,7 +175,7 @@ def rule_errors(contributions: list[Contribution]) -> dict[str, float]:
 def _valid(own: Contribution, other: Contribution, config: MergeConfig) -> bool:
     try:
         validate_update(own.state, other.state, config,
-                        allow_rank_change=accepts_rank_change(config.rule))
+                        allow_rank_change=rule_entry(config.rule).rank_free)
     except RejectedUpdate:
         return False
     return True

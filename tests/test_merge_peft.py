@@ -9,7 +9,9 @@ import pytest
 import torch
 
 from merge.config import MergeConfig
-from merge.rules import RULES, lora_pairs, merge_states
+from merge.registry import RULES
+from merge.rules import merge_states
+from merge.tensors import lora_pairs
 from merge.types import AdapterState, Contribution
 
 # peft 0.21's get_peft_model calls an alias that transformers 5 deprecates; not ours to fix.

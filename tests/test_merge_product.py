@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -9,9 +10,11 @@ from hypothesis import strategies as st
 from merge.config import MergeConfig
 from merge.errors import RejectedUpdate
 from merge.product import merge_pair, rescale_lora
-from merge.rules import merge_states, merge_weights, validate_update
+from merge.registry import RULES, Rule
+from merge.rules import merge_states
 from merge.types import Contribution
-from merge.validate import MAX_RANK_FACTOR
+from merge.validate import MAX_RANK_FACTOR, validate_update
+from merge.weights import merge_weights
 
 PRODUCT = MergeConfig(rule="product")
 AVERAGE = MergeConfig(rule="average")
@@ -163,14 +166,14 @@ def test_heterogeneous_ranks_merge_through_product(seed: int, own_rank: int,
     assert error <= optimal + 1e-4 * torch.linalg.matrix_norm(target) + 1e-6
 
 
-def test_other_rules_refuse_another_rank() -> None:
+@pytest.mark.parametrize("rule", [entry for entry in RULES.values() if not entry.rank_free],
+                         ids=lambda entry: entry.name)
+def test_other_rules_refuse_another_rank(rule: Rule) -> None:
     own, other = contributions_from(6, 5, 5, [2, 3])
-    try:
-        merge_states(own, [other], AVERAGE)
-    except RejectedUpdate as exc:
-        assert exc.reason == "rank_mismatch"
-    else:
-        raise AssertionError("average merged an adapter of another rank")
+    with pytest.raises(RejectedUpdate) as info:
+        validate_update(own.state, other.state, MergeConfig(rule=rule.name),
+                        allow_rank_change=rule.rank_free)
+    assert info.value.reason == "rank_mismatch"
 
 
 def test_conv_shaped_pairs_merge_as_flattened_matrices() -> None:

@@ -10,12 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from merge.buffer import NeighbourBuffer, buffer_plan
+from merge.buffer import NeighbourBuffer
 from merge.config import MergeConfig
-from merge.robust import trim_count
-from merge.rules import merge_states, merge_weights
+from merge.quorum import buffer_capacity, min_buffered, trim_count
+from merge.rules import merge_states
 from merge.tensors import state_distance, state_norm
 from merge.types import AdapterState, Contribution
+from merge.weights import merge_weights
 
 SHAPES = {"l.lora_A.weight": (2, 6), "l.lora_B.weight": (5, 2), "l.bias": (5,)}
 
@@ -165,8 +166,7 @@ def test_a_full_buffer_with_a_quarter_bad_lands_near_the_honest_mean(seed: int, 
                                                                     rule: str) -> None:
     # What the daemon merges with the defaults: self and a full buffer, a quarter of it bad.
     config = MergeConfig(rule=rule)
-    plan = buffer_plan(config)
-    inputs = plan.capacity + 1
+    inputs = buffer_capacity(config) + 1
     bad = inputs // 4
     honest, contributions = swarm(seed, honest=inputs - bad, bad=bad, kind=kind)
     merged = merge_states(contributions[0], contributions[1:], config)
@@ -181,29 +181,31 @@ def test_a_full_buffer_with_a_quarter_bad_lands_near_the_honest_mean(seed: int, 
         assert not within_honest_range(fixed, honest)
 
 
-def test_buffer_plan_with_the_defaults() -> None:
-    plan = buffer_plan(MergeConfig(rule="median"))
-    assert (plan.capacity, plan.min_buffered, plan.tolerance) == (15, 7, 4)
+def test_buffer_sizes_with_the_defaults() -> None:
+    config = MergeConfig(rule="median")
+    capacity, start = buffer_capacity(config), min_buffered(config)
+    assert (capacity, start, trim_count(capacity + 1, config)) == (15, 7, 4)
     # At the threshold, a trimmed mean over self and 7 neighbours cuts 2 per end.
-    assert trim_count(plan.min_buffered + 1, MergeConfig()) == 2
+    assert trim_count(start + 1, MergeConfig()) == 2
 
 
 @settings(max_examples=60, deadline=None)
 @given(trim=st.integers(0, 12), fraction=st.floats(0.0, 0.49))
-def test_buffer_plan_is_consistent(trim: int, fraction: float) -> None:
+def test_buffer_sizes_are_consistent(trim: int, fraction: float) -> None:
     config = MergeConfig(rule="trimmed-mean", trim=trim, trim_fraction=fraction)
-    plan = buffer_plan(config)
+    capacity, start = buffer_capacity(config), min_buffered(config)
+    tolerance = trim_count(capacity + 1, config)
     least = max(trim, 2)
-    NeighbourBuffer(plan.capacity)  # a valid buffer
-    assert plan.capacity >= max(15, 2 * trim + 3)
-    assert 2 * least <= plan.min_buffered <= plan.capacity
+    NeighbourBuffer(capacity)  # a valid buffer
+    assert capacity >= max(15, 2 * trim + 3)
+    assert 2 * least <= start <= capacity
     # Once it merges, a median has an honest majority against `least` bad inputs...
-    assert plan.min_buffered // 2 >= least
+    assert start // 2 >= least
     # ...and a full buffer's trimmed mean cuts what it promises, leaving a middle.
-    assert plan.tolerance == trim_count(plan.capacity + 1, config) >= trim
-    assert plan.capacity + 1 - 2 * plan.tolerance >= 1
-    if trim_count(plan.min_buffered + 1, config) < least:  # the fraction is too small to help
-        assert plan.min_buffered == 2 * least
+    assert tolerance >= trim
+    assert capacity + 1 - 2 * tolerance >= 1
+    if trim_count(start + 1, config) < least:  # the fraction is too small to help
+        assert start == 2 * least
 
 
 def test_for_tolerance_still_sizes_a_buffer_for_f_bad() -> None:

@@ -9,9 +9,7 @@ import torch
 
 from merge.config import MergeConfig
 from merge.errors import REJECT_REASONS, RejectedUpdate
-from merge.rules import merge_states
 from merge.tensors import NORM_RMS_FLOOR, padded_distance, state_norm
-from merge.types import Contribution
 from merge.validate import MAX_RANK_FACTOR, validate_update
 
 CONFIG = MergeConfig(max_norm_ratio=20.0)
@@ -60,8 +58,10 @@ def test_a_good_update_passes() -> None:
     (modified(m__q__lora_A__weight=torch.zeros(3, 6), m__q__lora_B__weight=torch.zeros(8, 3)),
      "rank_mismatch"),
     (modified(m__bias=torch.zeros(8, dtype=torch.float16)), "dtype_mismatch"),
-    (modified(m__bias=torch.tensor([0.0] * 7 + [float("nan")])), "non_finite"),
-    (modified(m__bias=torch.tensor([0.0] * 7 + [float("-inf")])), "non_finite"),
+    # The wire format refuses NaN and Inf as "non_finite" (test_wire_adapter); one that gets
+    # here anyway makes the norm NaN or Inf, which no bound admits.
+    (modified(m__bias=torch.tensor([0.0] * 7 + [float("nan")])), "norm_bound"),
+    (modified(m__bias=torch.tensor([0.0] * 7 + [float("-inf")])), "norm_bound"),
     (modified(m__bias=torch.full((8,), 1e3)), "norm_bound"),
     (modified(m__bias=torch.full((8,), 3e38)), "norm_bound"),  # its norm overflows float32
 ])
@@ -89,10 +89,26 @@ def test_product_takes_ranks_up_to_four_times_ours_only() -> None:
     largest = MAX_RANK_FACTOR * 4
     validate_update(own, of_rank(largest), CONFIG, allow_rank_change=True)
     assert reason_of(of_rank(largest + 1), allow_rank_change=True) == "rank_mismatch"
-    # merge_states re-checks structure, so the cap holds there too.
-    with pytest.raises(RejectedUpdate, match="rank_mismatch"):
-        merge_states(Contribution(own, 1), [Contribution(of_rank(largest + 1), 1, peer="x")],
-                     MergeConfig(rule="product"))
+
+
+def test_a_rank_change_moves_the_rank_and_nothing_else() -> None:
+    """The cases `decode_adapter` checked against our shapes before structure moved here."""
+    a, b = "m.q_proj.lora_A.weight", "m.q_proj.lora_B.weight"
+    own = {a: torch.ones(4, 16), b: torch.ones(24, 4)}
+
+    def reason(other_a: torch.Tensor, other_b: torch.Tensor, allow: bool) -> str:
+        with pytest.raises(RejectedUpdate) as info:
+            validate_update(own, {a: other_a, b: other_b}, CONFIG, allow_rank_change=allow)
+        return info.value.reason
+
+    assert reason(torch.ones(8, 16), torch.ones(24, 8), allow=False) == "rank_mismatch"
+    validate_update(own, {a: torch.ones(8, 16), b: torch.ones(24, 8)}, CONFIG,
+                    allow_rank_change=True)
+    # Only the rank dims may move: a different input width is still a mismatch.
+    assert reason(torch.ones(8, 17), torch.ones(24, 8), allow=True) == "shape_mismatch"
+    # The two factors of one module must agree on the rank, and it must be at least 1.
+    assert reason(torch.ones(8, 16), torch.ones(24, 6), allow=True) == "shape_mismatch"
+    assert reason(torch.ones(0, 16), torch.ones(24, 0), allow=True) == "shape_mismatch"
 
 
 def test_distance_to_an_adapter_of_another_rank_pads_it_with_zeros() -> None:

@@ -13,8 +13,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gossip.codec import MAX_TENSORS, decode_adapter, encode_adapter
-from gossip.errors import WireError
+from gossip.errors import WIRE_REASONS, WireError
 from gossip.wire import digest
+from merge.config import MergeConfig
+from merge.errors import REJECT_REASONS, RejectedUpdate
+from merge.validate import validate_update
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CAP = 1 << 20
@@ -26,10 +29,6 @@ def state(rank: int = 4, dtype: torch.dtype = torch.float32, seed: int = 0) -> d
     gen = torch.Generator().manual_seed(seed)
     return {A: torch.randn(rank, 16, generator=gen).to(dtype),
             B: torch.randn(24, rank, generator=gen).to(dtype)}
-
-
-def shapes(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    return {name: (tuple(t.shape), t.dtype) for name, t in tensors.items()}
 
 
 def raw_safetensors(header: dict[str, Any], body: bytes, *, length: int | None = None) -> bytes:
@@ -61,7 +60,7 @@ def unparsed(monkeypatch: pytest.MonkeyPatch) -> None:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 def test_round_trip(dtype: torch.dtype) -> None:
     original = state(dtype=dtype)
-    decoded = decode_adapter(encode_adapter(original), max_bytes=CAP, expected=shapes(original))
+    decoded = decode_adapter(encode_adapter(original), max_bytes=CAP)
     assert decoded.keys() == original.keys()
     for name, tensor in original.items():
         assert decoded[name].dtype == dtype and torch.equal(decoded[name], tensor)
@@ -181,38 +180,42 @@ def test_too_many_tensors() -> None:
     assert reason_of(raw_safetensors(header, b""), max_bytes=10 * CAP) == "oversized"
 
 
-# -- expected keys, shapes, dtypes ---------------------------------------------------------------
+# -- the format only: structure is validate_update's ---------------------------------------------
 
 
-@pytest.mark.usefixtures("unparsed")
+def refused_by_validation(theirs: dict[str, torch.Tensor], *, allow_rank_change: bool = False,
+                          ours: dict[str, torch.Tensor] | None = None) -> str:
+    """Decode `theirs` (the format is fine), then return why `validate_update` refuses it."""
+    decoded = decode_adapter(encode_adapter(theirs), max_bytes=CAP)
+    assert decoded.keys() == theirs.keys()
+    with pytest.raises(RejectedUpdate) as info:
+        validate_update(state() if ours is None else ours, decoded, MergeConfig(),
+                        allow_rank_change=allow_rank_change)
+    return info.value.reason
+
+
 def test_keys_mismatch() -> None:
     ours = state()
-    data = encode_adapter({A: ours[A]})
-    assert reason_of(data, expected=shapes(ours)) == "keys_mismatch"
-    data = encode_adapter({**ours, "extra.weight": torch.zeros(1)})
-    assert reason_of(data, expected=shapes(ours)) == "keys_mismatch"
+    assert refused_by_validation({A: ours[A]}) == "keys_mismatch"
+    assert refused_by_validation({**ours, "extra.weight": torch.zeros(1)}) == "keys_mismatch"
 
 
-@pytest.mark.usefixtures("unparsed")
 def test_dtype_mismatch() -> None:
-    data = encode_adapter(state(dtype=torch.float16))
-    assert reason_of(data, expected=shapes(state())) == "dtype_mismatch"
+    assert refused_by_validation(state(dtype=torch.float16)) == "dtype_mismatch"
 
 
 def test_shape_mismatch_and_rank_change() -> None:
-    ours = shapes(state(rank=4))
-    theirs = encode_adapter(state(rank=8))
-    assert reason_of(theirs, expected=ours) == "shape_mismatch"
-    decoded = decode_adapter(theirs, max_bytes=CAP, expected=ours, allow_rank_change=True)
-    assert decoded[A].shape == (8, 16) and decoded[B].shape == (24, 8)
-    # Only the rank dims may move: a different input width is still a mismatch.
-    wide = encode_adapter({A: torch.zeros(8, 17), B: torch.zeros(24, 8)})
-    assert reason_of(wide, expected=ours, allow_rank_change=True) == "shape_mismatch"
-    # And the two factors of one module must agree on the rank.
-    split = encode_adapter({A: torch.zeros(8, 16), B: torch.zeros(24, 6)})
-    assert reason_of(split, expected=ours, allow_rank_change=True) == "shape_mismatch"
-    empty = encode_adapter({A: torch.zeros(0, 16), B: torch.zeros(24, 0)})
-    assert reason_of(empty, expected=ours, allow_rank_change=True) == "shape_mismatch"
+    # Another rank is refused unless the rule takes it (its cases: test_merge_validate).
+    assert refused_by_validation(state(rank=8)) == "rank_mismatch"
+    decoded = decode_adapter(encode_adapter(state(rank=8)), max_bytes=CAP)
+    validate_update(state(rank=4), decoded, MergeConfig(), allow_rank_change=True)
+    wide = {A: torch.zeros(8, 17), B: torch.zeros(24, 8)}
+    assert refused_by_validation(wide, allow_rank_change=True) == "shape_mismatch"
+
+
+def test_wire_and_validation_reasons_do_not_overlap() -> None:
+    # A reason names the one layer that counts it.
+    assert not WIRE_REASONS & REJECT_REASONS
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])
@@ -221,7 +224,7 @@ def test_non_finite(value: float, dtype: torch.dtype) -> None:
     spoiled = state(dtype=dtype)
     spoiled[B] = spoiled[B].clone()
     spoiled[B][3, 1] = value
-    assert reason_of(encode_adapter(spoiled), expected=shapes(spoiled)) == "non_finite"
+    assert reason_of(encode_adapter(spoiled)) == "non_finite"
 
 
 # -- hostile bytes never raise anything but WireError -------------------------------------------
@@ -231,7 +234,7 @@ VALID = encode_adapter(state(rank=2))
 
 def decode_or_reason(data: bytes) -> str | None:
     try:
-        decode_adapter(data, max_bytes=CAP, expected=shapes(state(rank=2)), allow_rank_change=True)
+        decode_adapter(data, max_bytes=CAP)
     except WireError as exc:
         return exc.reason
     return None
