@@ -1,0 +1,148 @@
+"""Dialling peers, and the addresses we may dial them at.
+
+A peer may only tell us where it itself lives (`gossip.addresses`), each address backs off on
+its own after a failed dial, and the peerstore holds only what the membership view admits.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Sequence
+from typing import Any
+
+import multiaddr
+import trio
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
+
+from gossip.addresses import AddressBackoff, Scope, usable_addrs
+from gossip.config import NodeConfig
+from gossip.errors import GossipError
+
+logger = logging.getLogger(__name__)
+
+_PEERSTORE_TTL_S = 3600
+
+
+class Dialer:
+    """Connects a host to peers by id or address, with per-address backoff.
+
+    Args:
+        host: the libp2p host.
+        config: dial timeout, swarm key (for error hints), private-address policy.
+        rejected: the node's refusal counter (addresses refused count as "bad_addr").
+    """
+
+    def __init__(self, host: Any, config: NodeConfig, rejected: Counter[str]) -> None:
+        self.host = host
+        self.config = config
+        self.rejected = rejected
+        self._backoff = AddressBackoff()
+
+    async def connect(self, addr: str) -> str:
+        """Dial a full multiaddr (with /p2p/<id>); returns the peer id.
+
+        Raises:
+            GossipError: the address is malformed or the dial failed or timed out.
+        """
+        try:
+            info = info_from_p2p_addr(multiaddr.Multiaddr(addr))
+        except Exception as exc:  # multiaddr parsing raises several unrelated types
+            raise GossipError(f"bad address {addr!r}: {exc}") from exc
+        await self._dial(info)
+        return str(info.peer_id)
+
+    async def dial(self, peer: str) -> None:
+        """Connect to `peer` at the addresses remembered for it (see `remember`).
+
+        Raises:
+            GossipError: no address is known, or the dial failed or timed out.
+        """
+        pid = ID.from_base58(peer)
+        try:
+            addrs = [str(a) for a in self.host.get_peerstore().addrs(pid)]
+        except Exception as exc:  # PeerStoreError when the peer is unknown
+            raise GossipError(f"no address known for {peer}") from exc
+        if not addrs:
+            raise GossipError(f"no address known for {peer}")
+        ready = self._backoff.ready(addrs, trio.current_time())
+        if not ready:
+            raise GossipError(f"every address of {peer} is backing off after failed dials")
+        error: GossipError | None = None
+        for addr in ready:  # one by one: each failure backs off that address alone
+            try:
+                await self._dial(PeerInfo(pid, [multiaddr.Multiaddr(addr)]))
+            except GossipError as exc:
+                self._backoff.failed(addr, trio.current_time())
+                error = exc
+                continue
+            self._backoff.succeeded(addr)
+            return
+        assert error is not None
+        raise error
+
+    async def _dial(self, info: PeerInfo) -> None:
+        # Retrying is our caller's decision, made with its own backoff; libp2p's 60 s negative
+        # cache would otherwise fail every retry at once, even after the peer came back.
+        unblock = getattr(self.host.get_network(), "unblock_peer", None)
+        if unblock is not None:
+            unblock(info.peer_id)
+        try:
+            with trio.fail_after(self.config.dial_timeout_s):
+                await self.host.connect(info)
+        except trio.TooSlowError as exc:
+            raise GossipError(
+                f"dial timed out after {self.config.dial_timeout_s:g} s{self._key_hint()}"
+            ) from exc
+        except Exception as exc:  # libp2p dial failures share no importable base
+            raise GossipError(
+                f"dial failed: {type(exc).__name__}: {exc}{self._key_hint()}"
+            ) from exc
+
+    def _key_hint(self) -> str:
+        # A mismatched swarm key mostly makes a dial hang (PY-LIBP2P.md section 4), but under
+        # load the remote may close the socket first and the dial fails outright: both cases.
+        if self.config.psk:
+            return "; a wrong --swarm-key looks like this"
+        return "; a private swarm (one run with --swarm-key) looks like this without its key"
+
+    def remember(self, peer: str, addrs: Sequence[str], *, via: str = Scope.PUBLIC) -> list[str]:
+        """Record the announced addresses of `peer` that we may dial (see `gossip.addresses`).
+
+        An address that does not name `peer` itself (`/p2p/<peer>`), a loopback or private one
+        that did not arrive over a connection of the same scope (unless `allow_private_addrs`),
+        or one no peer can live at, is dropped and counted as "bad_addr": a peer may only tell
+        us where it itself lives, or it could point the whole swarm's dials at a victim.
+
+        Returns:
+            The addresses kept, in the order given.
+        """
+        kept, refused = usable_addrs(peer, addrs, via=via,
+                                     allow_private=self.config.allow_private_addrs)
+        if refused:
+            self.rejected["bad_addr"] += refused
+            logger.info("dropped %d address(es) announced by %s (not its own, or a private "
+                        "scope it did not reach us from)", refused, peer)
+        parsed = []
+        for addr in kept:
+            try:
+                parsed.append(multiaddr.Multiaddr(addr.partition("/p2p/")[0]))
+            except Exception:  # an unusable address from a peer: skip it, keep the others
+                self.rejected["bad_addr"] += 1
+        if parsed:
+            self.host.get_peerstore().add_addrs(ID.from_base58(peer), parsed, _PEERSTORE_TTL_S)
+        return kept
+
+    def forget(self, peer: str) -> None:
+        """Drop what the peerstore holds for `peer`, which left the membership view.
+
+        The peerstore then holds only what the view admits (plus connected peers, whose keys
+        the connection still needs), so a flood of identities cannot fill it.
+        """
+        pid = ID.from_base58(peer)
+        store = self.host.get_peerstore()
+        if pid in self.host.get_connected_peers():
+            store.clear_addrs(pid)
+        elif store.has_peer(pid):
+            store.clear_peerdata(pid)
