@@ -40,7 +40,7 @@ from gossip.config import NodeConfig
 from gossip.membership import Membership
 from gossip.node import GossipNode
 from merge.attack_sim import norm_growth_under_liar
-from scripts.loopback import SybilPublisher, SyntheticPeer
+from testbed.loopback import SybilPublisher, SyntheticPeer
 from topology.config import TopologyConfig
 
 ATTACKS = ("scale", "noise", "signflip")

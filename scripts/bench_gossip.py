@@ -4,7 +4,7 @@ Two measurements, on real libp2p hosts on 127.0.0.1 in one process (no language 
   * transfer: our adapter protocol (`GossipNode.fetch`: request frame, header, bytes in 1 MiB
     chunks, sha256 check) against a raw py-libp2p stream moving the same bytes between the same
     two hosts, alternated, median of `--repeats`; `transfer_ratio` = our throughput / raw;
-  * spread: swarms of 8, 16 and 32 synthetic peers (`scripts.loopback`) joined through one
+  * spread: swarms of 8, 16 and 32 synthetic peers (`testbed.loopback`) joined through one
     bootstrap peer. A random peer takes a new adapter version; then, round after round, every
     peer fetches from `--fanout` random live neighbours and adopts newer versions.
     `rounds_to_all` is the median, over `--trials` versions started by random peers, of the
@@ -42,7 +42,7 @@ from gossip.config import NodeConfig
 from gossip.node import GossipNode
 from gossip.transfer import CHUNK_BYTES, write_all
 from gossip.wire import Announcement, encode_adapter
-from scripts.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm
+from testbed.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm
 from topology.config import TopologyConfig
 
 RAW_PROTOCOL = TProtocol("/loraswarm/bench-raw/1")

@@ -127,7 +127,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def write_data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
     """Split the built-in data into per-peer shard files and the shared eval file."""
     from peer.data import write_jsonl
-    from scripts.corpora import split_builtin
+    from testbed.corpora import split_builtin
 
     shards = 1 if args.mode == "central" else args.peers
     split = split_builtin(shards, seed=args.seed, eval_per_category=args.eval_per_category,

@@ -16,7 +16,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from peer.data import format_example
 from peer.errors import ConfigError, DataError
-from scripts.corpora import (
+from testbed.corpora import (
     _pairs_of,
     _passages,
     _play_blocks,

@@ -20,7 +20,7 @@ from gossip.config import NodeConfig
 from gossip.membership import Membership
 from gossip.node import GossipNode, Heard
 from gossip.wire import Announcement, digest
-from scripts.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm
+from testbed.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm
 from topology.config import TopologyConfig
 from topology.view import Observation
 

@@ -14,7 +14,7 @@ from gossip.errors import GossipError
 from gossip.keyfile import read_swarm_key, write_swarm_key
 from gossip.membership import Membership
 from gossip.node import GossipNode
-from scripts.loopback import LOOPBACK_SWARM
+from testbed.loopback import LOOPBACK_SWARM
 from topology.config import TopologyConfig
 
 DIAL_TIMEOUT_S = 2.0
