@@ -28,7 +28,7 @@ test: install
 
 lint: install
 	$(BIN)/ruff check .
-	$(BIN)/mypy peer gossip topology merge scripts
+	$(BIN)/mypy peer gossip topology merge scripts testbed
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache .mypy_cache .ruff_cache .hypothesis

@@ -78,7 +78,11 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"with --swarm-key {args.path}")
             return 0
         config = config_from_args(args)
-        return trio.run(_run_peer, config)
+        _hold_stop_signals()
+        try:
+            return trio.run(_run_peer, config)
+        finally:
+            _ignore_stop_signals()
     except (PeerError, GossipError) as exc:
         print(f"loraswarm: error: {exc}", file=sys.stderr)
         return 2
@@ -96,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 async def _run_peer(config: PeerConfig) -> int:
     peer = Peer(config)
     async with trio.open_nursery() as nursery:
-        nursery.start_soon(_stop_on_signal, peer, nursery.cancel_scope)
+        await nursery.start(_stop_on_signal, peer, nursery.cancel_scope)
         node = await nursery.start(_run_then_stop, peer, nursery.cancel_scope)
         print(f"peer {node.peer_id} is up in swarm {node.topic}", flush=True)
         print("others join with:", flush=True)
@@ -112,13 +116,42 @@ async def _run_then_stop(peer: Peer, scope: trio.CancelScope, *,
     scope.cancel()
 
 
-async def _stop_on_signal(peer: Peer, scope: trio.CancelScope) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async for signum in signals:
-            logger.info("%s: stopping after the current step", signal.Signals(signum).name)
-            peer.request_stop()
-            scope.cancel()
-            return
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_held: list[int] = []  # stop signals that arrived while no receiver was open
+
+
+def _hold_stop_signals() -> None:
+    """Own SIGINT and SIGTERM from before the daemon starts until the process exits.
+
+    trio's signal receiver puts back, when it closes, the handler it found; Python's default
+    for SIGTERM is death by the signal. A peer that had left its receiver (stopping already,
+    or done with its rounds and exiting) then died of a SIGTERM with -15 instead of 0, and
+    `scripts/simulate.py --mode local` failed 4 peers of 4. This handler only records the
+    signal: one that arrives before the receiver opens stops the peer as soon as it does
+    (`_stop_on_signal`); `_ignore_stop_signals` takes over once the daemon has stopped.
+    """
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, lambda number, _frame: _held.append(number))
+
+
+def _ignore_stop_signals() -> None:
+    """Ignore SIGINT and SIGTERM for the rest of the process: it is exiting already.
+
+    Not a Python handler: the interpreter resets those to the default while it finalizes, and
+    a signal in that last stretch still killed the process.
+    """
+    for signum in _STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+
+
+async def _stop_on_signal(peer: Peer, scope: trio.CancelScope, *,
+                          task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    with trio.open_signal_receiver(*_STOP_SIGNALS) as signals:
+        task_status.started()
+        signum = _held[0] if _held else await signals.__anext__()
+        logger.info("%s: stopping after the current step", signal.Signals(signum).name)
+        peer.request_stop()
+        scope.cancel()
 
 
 def _first_user_error(group: BaseExceptionGroup) -> Exception | None:

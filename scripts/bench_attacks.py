@@ -32,19 +32,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import trio
+from rich.console import Console
+from rich.table import Table
 
-import trio  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from gossip.config import NodeConfig  # noqa: E402
-from gossip.loopback import SybilPublisher, SyntheticPeer  # noqa: E402
-from gossip.membership import Membership  # noqa: E402
-from gossip.node import GossipNode  # noqa: E402
-from merge.attack_sim import norm_growth_under_liar  # noqa: E402
-from topology.config import TopologyConfig  # noqa: E402
+from gossip.config import NodeConfig
+from gossip.membership import Membership
+from gossip.node import GossipNode
+from merge.attack_sim import norm_growth_under_liar
+from testbed.loopback import SybilPublisher, SyntheticPeer
+from topology.config import TopologyConfig
 
 ATTACKS = ("scale", "noise", "signflip")
 
@@ -74,7 +71,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def simulate(out: Path, *extra: str) -> subprocess.Popen[bytes]:
     """Start `simulate.py` with the small built-in model; its output goes to OUT/sim.log."""
     out.mkdir(parents=True, exist_ok=True)
-    command = [sys.executable, str(ROOT / "scripts" / "simulate.py"), "--out", str(out),
+    command = [sys.executable, str(Path(__file__).with_name("simulate.py")), "--out", str(out),
                "--model", "builtin-small", "--steps-per-round", "1", "--batch-size", "2",
                "--timeout", "3000", *extra]
     log = open(out / "sim.log", "wb")  # noqa: SIM115 (closed with the process)

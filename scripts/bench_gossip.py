@@ -4,7 +4,7 @@ Two measurements, on real libp2p hosts on 127.0.0.1 in one process (no language 
   * transfer: our adapter protocol (`GossipNode.fetch`: request frame, header, bytes in 1 MiB
     chunks, sha256 check) against a raw py-libp2p stream moving the same bytes between the same
     two hosts, alternated, median of `--repeats`; `transfer_ratio` = our throughput / raw;
-  * spread: swarms of 8, 16 and 32 synthetic peers (`gossip.loopback`) joined through one
+  * spread: swarms of 8, 16 and 32 synthetic peers (`testbed.loopback`) joined through one
     bootstrap peer. A random peer takes a new adapter version; then, round after round, every
     peer fetches from `--fanout` random live neighbours and adopts newer versions.
     `rounds_to_all` is the median, over `--trials` versions started by random peers, of the
@@ -24,7 +24,6 @@ import logging
 import math
 import random
 import statistics
-import sys
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,22 +31,19 @@ from functools import partial
 from pathlib import Path
 from typing import Any
 
-# Runnable as `python scripts/bench_gossip.py` from a checkout, installed or not.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from rich.console import Console
+from rich.table import Table
 
-import torch  # noqa: E402
-import trio  # noqa: E402
-from libp2p.custom_types import TProtocol  # noqa: E402
-from libp2p.peer.id import ID  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from gossip.config import NodeConfig  # noqa: E402
-from gossip.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm  # noqa: E402
-from gossip.node import GossipNode  # noqa: E402
-from gossip.transfer import CHUNK_BYTES, write_all  # noqa: E402
-from gossip.wire import Announcement, encode_adapter  # noqa: E402
-from topology.config import TopologyConfig  # noqa: E402
+from gossip.config import NodeConfig
+from gossip.node import GossipNode
+from gossip.transfer import CHUNK_BYTES, write_all
+from gossip.wire import Announcement, encode_adapter
+from testbed.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm
+from topology.config import TopologyConfig
 
 RAW_PROTOCOL = TProtocol("/loraswarm/bench-raw/1")
 MAX_ROUNDS = 30

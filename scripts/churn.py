@@ -1,43 +1,31 @@
 """Churn for the simulator: kill peers, restart them from their data folders, check resumes.
 
 A churned peer is killed once it has completed its planned round (a crash: no final checkpoint,
-no goodbye) and started again `downtime_s` later with the same command line, so with the same
-data folder: the same identity key and its last checkpoint. The daemon resumes `round` and
-`version` from that checkpoint, so the restarted peer still stops after `--rounds` rounds in
-total. Peer 0 is never churned: it is the bootstrap address the others (re)join through.
+no goodbye) and started again `downtime_s` later with the same config, so with the same data
+folder: the same identity key and its last checkpoint. The daemon resumes `round` and `version`
+from that checkpoint, so the restarted peer still stops after `--rounds` rounds in total. Peer
+0 is never churned: it is the bootstrap address the others (re)join through.
 
-`plan_churn` is pure; `Churn` (peer processes, SIGKILL) is polled from the simulator's watch
-loop and owns no thread. In-process peers are churned by `scripts.inprocess` with the same plan
-and the same records (`churn_record`), killed with `Peer.crash`.
+`plan_churn` is pure; `Churn` drives any backend (`scripts.backends.Backend`: SIGKILL for a
+process, `Peer.crash` in process) from the watch loop's ticks and owns no task.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import random
-import re
-import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+import trio
+
+from scripts.backends import Backend
 from scripts.simreport import read_metrics
 
-# Logged by peer/setup.py `build_runtime` when a peer loads its checkpoint.
-_RESUMED = re.compile(r"resumed from .*: version (\d+), \d+ samples")
-
-
-class PeerProcess(Protocol):
-    """What the simulator knows about one launched peer (`scripts.processes.Launched`)."""
-
-    name: str
-    folder: Path
-    process: subprocess.Popen[bytes]
-    command: list[str]
-    log: Path
-    env: dict[str, str]
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -46,6 +34,11 @@ class ChurnPlan:
 
     kill_after: dict[int, int] = field(default_factory=dict)
     downtime_s: float = 5.0
+
+    def only(self, indices: Sequence[int]) -> ChurnPlan:
+        """The part of the plan for the peers `indices` (a worker churns its own peers)."""
+        return ChurnPlan({i: n for i, n in self.kill_after.items() if i in indices},
+                         self.downtime_s)
 
 
 def plan_churn(peers: int, fraction: float, *, rounds: int, seed: int,
@@ -69,97 +62,91 @@ def plan_churn(peers: int, fraction: float, *, rounds: int, seed: int,
 
 
 @dataclass
-class _Kill:
-    index: int
-    after_round: int
-    peer: PeerProcess | None = None  # set when it is killed
-    killed_at: float = 0.0  # monotonic time of the SIGKILL
-    killed_at_round: int = 0
+class _Churned:
+    """One planned kill, and what happened to it."""
+
+    folder: Path
+    after: int
+    killed_at_round: int | None = None
     version_before_kill: int = 0
+    down_since: float | None = None  # trio time of the kill, until the restart
+    resumed_version: int | None = None
     restarts: int = 0
+    finished: bool = False  # it exited by itself before its kill round was seen
+
+    def due(self, done: int) -> bool:
+        """Whether to kill it now, having seen it complete `done` rounds."""
+        return self.killed_at_round is None and not self.finished and done >= self.after
+
+    def record(self) -> dict[str, Any]:
+        """What the peer's summary reports under "churn".
+
+        `checkpoint_loads` holds when the restart resumed from the version the peer last wrote
+        (or the one before, if the kill landed while that checkpoint was being replaced) and
+        its final checkpoint loads with its own store code at a version no older than that.
+        """
+        final, resumed = checkpoint_version(self.folder), self.resumed_version
+        return {
+            "killed_at_round": self.killed_at_round,
+            "version_before_kill": self.version_before_kill,
+            "resumed_version": resumed,
+            "restarts": self.restarts,
+            "checkpoint_loads": final is not None and resumed is not None
+            and resumed >= self.version_before_kill - 1 and final >= resumed,
+        }
 
 
 class Churn:
-    """Kills and restarts the planned peers; `poll` it every tick of the watch loop."""
+    """Kills and restarts the planned peers of a backend; `poll` it every watch-loop tick."""
 
-    def __init__(self, plan: ChurnPlan) -> None:
+    def __init__(self, plan: ChurnPlan, backend: Backend, folders: Sequence[Path]) -> None:
         self.plan = plan
-        self._kills = [_Kill(index, after) for index, after in plan.kill_after.items()]
+        self._backend = backend
+        self._churned = {i: _Churned(folders[i], after) for i, after in plan.kill_after.items()}
 
-    def poll(self, peers: Sequence[PeerProcess]) -> None:
-        """Kill the peers that reached their round; restart those whose downtime is over."""
-        now = time.monotonic()
-        for kill in self._kills:
-            if kill.peer is None:
-                self._maybe_kill(kill, peers[kill.index], now)
-            elif not kill.restarts and now >= kill.killed_at + self.plan.downtime_s:
-                self._restart(kill, kill.peer)
+    async def poll(self, done: Sequence[int]) -> None:
+        """Kill the peers that reached their round; restart those whose downtime is over.
+
+        Args:
+            done: rounds completed, per peer index.
+        """
+        for index, churned in self._churned.items():
+            if churned.down_since is not None:
+                if trio.current_time() >= churned.down_since + self.plan.downtime_s:
+                    await self._restart(index, churned)
+            elif churned.due(done[index]):
+                await self._kill(index, churned)
 
     def pending(self) -> bool:
         """True while a killed peer still waits for its restart (keep watching)."""
-        return any(k.peer is not None and not k.restarts for k in self._kills)
+        return any(churned.down_since is not None for churned in self._churned.values())
 
-    def annotate(self, summaries: list[dict[str, Any]]) -> list[str]:
-        """Add a "churn" record to each churned peer's summary (matched by name).
+    def records(self) -> dict[str, dict[str, Any]]:
+        """The record of every peer killed and restarted, by name."""
+        return {c.folder.name: c.record() for c in self._churned.values() if c.restarts}
 
-        Returns:
-            the names of planned peers that exited before their kill round was seen.
-        """
-        records = {k.peer.name: self._record(k, k.peer) for k in self._kills if k.peer}
-        return annotate(summaries, records, planned=[f"p{k.index}" for k in self._kills])
-
-    def _maybe_kill(self, kill: _Kill, peer: PeerProcess, now: float) -> None:
-        if peer.process.poll() is not None:
-            return  # finished (or failed) before we saw its kill round: watch() reports it
-        metrics = read_metrics(peer.folder)
-        if not metrics or int(metrics[-1]["round"]) < kill.after_round:
+    async def _kill(self, index: int, churned: _Churned) -> None:
+        if not await self._backend.kill(index):
+            churned.finished = True  # it had done its last round: nothing left to churn
             return
-        peer.process.kill()
-        if peer.process.wait() == 0:
-            return  # it finished its last round just before the signal landed
-        # Read again after the kill: the peer may have finished another round meanwhile.
-        kill.peer, kill.killed_at = peer, now
-        kill.killed_at_round, kill.version_before_kill = last_metrics(peer.folder)
+        # Read after the kill: the peer may have finished another round since `done`.
+        churned.killed_at_round, churned.version_before_kill = last_metrics(churned.folder)
+        churned.down_since = trio.current_time()  # an in-process crash ends a step first
+        logger.info("churn: crashed %s after round %d; restarting in %.1f s",
+                    churned.folder.name, churned.killed_at_round, self.plan.downtime_s)
 
-    def _restart(self, kill: _Kill, peer: PeerProcess) -> None:
-        with open(peer.log, "ab") as log:
-            log.write(f"--- simulate.py churn: killed (SIGKILL) after round "
-                      f"{kill.killed_at_round}, restarting ---\n".encode())
-            log.flush()
-            peer.process = subprocess.Popen(peer.command, stdout=log, stderr=subprocess.STDOUT,
-                                            env=peer.env)
-        kill.restarts += 1
-
-    def _record(self, kill: _Kill, peer: PeerProcess) -> dict[str, Any]:
-        return churn_record(peer.folder, killed_at_round=kill.killed_at_round,
-                            version_before_kill=kill.version_before_kill,
-                            resumed_version=_resumed_version(peer.log), restarts=kill.restarts)
+    async def _restart(self, index: int, churned: _Churned) -> None:
+        # Nothing writes the checkpoint while the peer is down: it is what the restart loads.
+        churned.resumed_version = checkpoint_version(churned.folder)
+        await self._backend.restart(index)
+        churned.restarts += 1
+        churned.down_since = None
 
 
 def last_metrics(folder: Path) -> tuple[int, int]:
     """(round, version) of the peer's last metrics line: what its checkpoint holds."""
     last = read_metrics(folder)[-1]
     return int(last["round"]), int(last["version"])
-
-
-def churn_record(folder: Path, *, killed_at_round: int, version_before_kill: int,
-                 resumed_version: int | None, restarts: int) -> dict[str, Any]:
-    """What a churned peer's summary reports under "churn".
-
-    `checkpoint_loads` holds when the restart resumed from the version it last wrote (or the
-    one before, if the kill landed while that checkpoint was being replaced) and the peer's
-    final checkpoint loads with its own store code at a version no older than that.
-    """
-    final = _final_checkpoint_version(folder)
-    loads = (final is not None and resumed_version is not None
-             and resumed_version >= version_before_kill - 1 and final >= resumed_version)
-    return {
-        "killed_at_round": killed_at_round,
-        "version_before_kill": version_before_kill,
-        "resumed_version": resumed_version,
-        "restarts": restarts,
-        "checkpoint_loads": loads,
-    }
 
 
 def annotate(summaries: list[dict[str, Any]], records: dict[str, dict[str, Any]], *,
@@ -171,13 +158,7 @@ def annotate(summaries: list[dict[str, Any]], records: dict[str, dict[str, Any]]
     return [name for name in planned if name not in records]
 
 
-def _resumed_version(log: Path) -> int | None:
-    """The version the restarted daemon logged it resumed from (the log is appended to)."""
-    found = _RESUMED.findall(log.read_text(errors="replace")) if log.is_file() else []
-    return int(found[-1]) if found else None
-
-
-def _final_checkpoint_version(folder: Path) -> int | None:
+def checkpoint_version(folder: Path) -> int | None:
     """Load the checkpoint with the peer's own store code; None if it is missing or unreadable."""
     from peer.errors import PeerError
     from peer.store import PeerStore

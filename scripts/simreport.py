@@ -29,6 +29,18 @@ def read_metrics(folder: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def rounds_done(folder: Path) -> int:
+    """The round of a peer's last metrics line: how many it has completed (0 before one)."""
+    path = folder / "metrics.jsonl"
+    lines = path.read_text().splitlines() if path.is_file() else []
+    for line in reversed(lines):
+        try:
+            return int(json.loads(line)["round"])
+        except ValueError:
+            continue  # a blank line, or one the peer is appending this very moment
+    return 0
+
+
 def peer_summaries(folders: list[Path]) -> list[dict[str, Any]]:
     """One entry per peer: ids, eval loss before/after, exchange counters and two series.
 
@@ -57,7 +69,6 @@ def peer_summaries(folders: list[Path]) -> list[dict[str, Any]]:
             "round_series": [{key: m.get(key) for key in _ROUND_KEYS} for m in metrics],
         })
     return summaries
-
 
 
 def swarm_consensus(folders: list[Path], *, trained_rounds: int) -> dict[str, Any]:

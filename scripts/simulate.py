@@ -1,7 +1,8 @@
 """Run a swarm of real `loraswarm peer` daemons on this machine and report what collaboration gave.
 
-Each peer is its own OS process talking real libp2p on 127.0.0.1, with its own non-IID slice of
-the built-in data (a group of chatterbot-corpus categories) and the shared held-out eval set.
+Each peer is its own OS process (or, with --in-process, a `Peer` object of this process) talking
+real libp2p on 127.0.0.1, with its own non-IID slice of the built-in data (a group of
+chatterbot-corpus categories) and the shared held-out eval set.
 
     python scripts/simulate.py                          # 4 peers gossiping, the default demo
     python scripts/simulate.py --mode local --out OUT   # same peers, no exchange (baseline)
@@ -20,24 +21,30 @@ import argparse
 import json
 import math
 import os
-import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from rich.console import Console
 
-from rich.console import Console  # noqa: E402
-
-from scripts.churn import Churn, ChurnPlan, annotate, plan_churn  # noqa: E402
-from scripts.simreport import (  # noqa: E402
+from peer.config import PeerConfig
+from peer.options import build_config
+from scripts.churn import annotate, plan_churn
+from scripts.peerconfigs import (
+    SIMULATED,
+    add_simulated_options,
+    in_process_defaults,
+    peer_arg_values,
+    peer_folder,
+)
+from scripts.simreport import (
     peer_summaries,
     plot_eval_loss,
     plot_swarm,
     print_table,
     swarm_consensus,
 )
+from scripts.swarm import Settings, SimulationError, run_swarm
 
 console = Console()
 MODES = ("gossip", "local", "central")
@@ -56,20 +63,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run gossip, local and central one after another into OUT/<mode> "
                         "and write one combined OUT/result.json")
     parser.add_argument("--out", type=Path, default=Path("sim-out"), help="output folder")
-    parser.add_argument("--model", default="builtin",
-                        help="builtin, builtin-small, or a local HF model folder")
-    parser.add_argument("--rounds", type=int, default=10, help="rounds per peer")
-    parser.add_argument("--settle-rounds", type=int, default=0, metavar="N",
-                        help="gossip mode: after --rounds, N more rounds that only exchange and "
-                        "merge (no training); result.json then shows how fast the swarm "
-                        "reaches consensus")
-    parser.add_argument("--steps-per-round", type=int, default=4, help="optimizer steps per round")
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=6e-3)
-    parser.add_argument("--fanout", type=int, default=2, help="neighbours fetched per round")
-    parser.add_argument("--eval-every", type=int, default=5,
-                        help="evaluate every N rounds (and always after the last)")
+    add_simulated_options(parser)
     parser.add_argument("--eval-per-category", type=int, default=2,
                         help="held-out examples per category in the shared eval set")
     parser.add_argument("--split", choices=("domain", "iid", "dirichlet"), default="domain",
@@ -83,13 +77,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="chat: chatterbot-corpus Q/A pairs by topic; plays: Shakespeare "
                         "passages by genre (plain text)")
     parser.add_argument("--seed", type=int, default=0, help="data split and LoRA init seed")
-    parser.add_argument("--merge-rule", default="average",
-                        help="average, product, trimmed-mean, median or clipped")
     parser.add_argument("--byzantine", type=int, default=0, metavar="N",
                         help="the last N peers train honestly but serve poisoned adapters")
     parser.add_argument("--attack", choices=("scale", "noise", "signflip"), default="scale",
                         help="what the Byzantine peers serve")
-    parser.add_argument("--attack-scale", type=float, default=50.0, help="strength of --attack")
     parser.add_argument("--churn", type=float, default=0.0, metavar="FRACTION",
                         help="kill this fraction of the peers (never peer 0) after a random "
                         "round (SIGKILL; with --in-process, an abrupt cancel) and restart them "
@@ -121,12 +112,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--workers K needs --in-process and K >= 1")
     if args.churn and args.rounds < 3:
         parser.error("--churn needs --rounds >= 3 (a peer is killed after 1..rounds-2 rounds)")
+    peer_arg_values(args.peer_arg)  # a bad --peer-arg fails here, before anything runs
     return args
 
 
 def write_data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
     """Split the built-in data into per-peer shard files and the shared eval file."""
-    from peer.data import split_builtin, write_jsonl
+    from peer.data import write_jsonl
+    from testbed.corpora import split_builtin
 
     shards = 1 if args.mode == "central" else args.peers
     split = split_builtin(shards, seed=args.seed, eval_per_category=args.eval_per_category,
@@ -146,105 +139,46 @@ def write_data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
     return paths, eval_path
 
 
-def total_rounds(args: argparse.Namespace) -> int:
-    """Rounds each peer runs: training rounds, plus settling rounds in gossip mode."""
-    return args.rounds + (args.settle_rounds if args.mode == "gossip" else 0)
-
-
 def is_byzantine(args: argparse.Namespace, index: int) -> bool:
     """The last `--byzantine` peers attack; peer 0, the bootstrap, is always honest."""
     return args.mode == "gossip" and index >= args.peers - args.byzantine
 
 
-def peer_command(args: argparse.Namespace, model_dir: Path, folder: Path, train: Path,
-                 eval_path: Path, bootstrap: str | None,
-                 defaults: Sequence[str] = ()) -> list[str]:
-    """One peer's `loraswarm peer` command line; `defaults` go before `--peer-arg`s, which win."""
-    command = [
-        sys.executable, "-m", "peer.cli", "-v", "peer",
-        "--data-dir", str(folder), "--train", str(train), "--eval", str(eval_path),
-        "--model", str(model_dir), "--rounds", str(args.rounds),
-        "--steps-per-round", str(args.steps_per_round), "--batch-size", str(args.batch_size),
-        "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--eval-every", str(args.eval_every),
-        "--init-seed", str(args.seed), "--threads", "1",
-        "--fanout", str(args.fanout if args.mode == "gossip" else 0),
-        "--data-seed", str(args.seed * 1000 + int(folder.name[1:])),
-        "--merge-rule", args.merge_rule,
-    ]
-    if is_byzantine(args, int(folder.name[1:])):
-        command += ["--attack", args.attack, "--attack-scale", str(args.attack_scale)]
-    if args.mode == "gossip" and args.settle_rounds:
-        command += ["--settle-rounds", str(args.settle_rounds)]
-    if args.mode == "gossip":
+def peer_configs(args: argparse.Namespace, model_dir: Path, shards: list[Path],
+                 eval_path: Path) -> list[PeerConfig]:
+    """Every peer's config: our flags, then the in-process defaults, then `--peer-arg`s, which
+    win. None has a bootstrap address yet: peer 0's is known once it listens."""
+    workers = min(args.workers, len(shards))
+    # One torch thread pool per process: a process per peer gets one thread; in process, all
+    # the cores, shared out among the workers.
+    threads = 0 if workers == 1 else max(1, (os.cpu_count() or 1) // workers)
+    placed = ({**in_process_defaults(len(shards)), "threads": threads} if args.in_process
+              else {"threads": 1})
+    given = peer_arg_values(args.peer_arg)
+    return [build_config({**_settings(args, index, len(shards)), "model": str(model_dir),
+                          "data_dir": peer_folder(args.out, index), "train": shard,
+                          "eval": eval_path, **placed, **given})
+            for index, shard in enumerate(shards)]
+
+
+def _settings(args: argparse.Namespace, index: int, peers: int) -> dict[str, Any]:
+    """Peer `index`'s settings from our flags and mode."""
+    gossip = args.mode == "gossip"
+    settings = {name: getattr(args, name) for name in SIMULATED}
+    settings.update(init_seed=args.seed, data_seed=args.seed * 1000 + index,
+                    fanout=args.fanout if gossip else 0,
+                    settle_rounds=args.settle_rounds if gossip else 0)
+    if is_byzantine(args, index):
+        settings["attack"] = args.attack
+    if gossip:
         # Serve the final adapter until every peer is done (the simulator then stops them
         # all): peers finish at different times, and slower ones still fetch from faster ones.
-        command += ["--linger", f"{args.timeout:g}"]
-    if bootstrap:
-        command += ["--bootstrap", bootstrap]
-    if args.mode == "gossip" and args.peers > 1:
+        settings["linger"] = args.timeout
+    if gossip and peers > 1:
         # Start together, or the first peer's early rounds find no neighbours: the bootstrap
         # peer waits until everyone has joined it, the others until they have joined.
-        command += ["--wait-peers", "1" if bootstrap else str(args.peers - 1)]
-    return command + list(defaults) + list(args.peer_arg)
-
-
-def in_process_defaults(peers: int) -> list[str]:
-    """Settings for peers that share one process: timeouts grow with the swarm, no pings.
-
-    Every re-announcement (one per peer every third of `--peer-timeout`) reaches every peer,
-    and one process pays for all of them: measured with 64 loopback peers, one wave of 64
-    announcements cost 30 s of CPU. 10 s of peer timeout per peer keeps those waves under a
-    fifth of a core; 1 s of fetch timeout per peer covers transfers queued behind them.
-    Health pings find frozen peers, which one process cannot have (a crashed peer closes its
-    sockets), and under load they failed by the thousand at 64 peers, each aborting a healthy
-    connection that was then dialled again: new connections took a fifth of the loop (py-spy).
-    """
-    return ["--peer-timeout", f"{max(30, 10 * peers)}", "--fetch-timeout", f"{max(30, peers)}",
-            "--health-check", "0"]
-
-
-def run_peer_processes(args: argparse.Namespace, model_dir: Path, shards: list[Path],
-                       eval_path: Path, out: Path, churn: Churn | None = None) -> list[Path]:
-    """One `loraswarm peer` process per peer; returns their data folders once all exited."""
-    from scripts.processes import run_processes
-
-    folders = [out / "peers" / f"p{index}" for index in range(len(shards))]
-
-    def command_for(index: int, bootstrap: str | None) -> list[str]:
-        return peer_command(args, model_dir, folders[index], shards[index], eval_path, bootstrap)
-
-    return run_processes(command_for, folders, total_rounds(args), out=out,
-                         timeout=args.timeout, console=console, churn=churn,
-                         bootstrap_first=args.mode == "gossip" and len(shards) > 1)
-
-
-def run_peers_in_process(
-    args: argparse.Namespace, model_dir: Path, shards: list[Path], eval_path: Path, out: Path,
-    churn: ChurnPlan,
-) -> tuple[list[Path], dict[str, Any], dict[str, Any]]:
-    """Every peer in this process over one shared base model: folders, memory, churn records."""
-    from scripts.inprocess import Share, run_in_process
-    from scripts.workers import run_workers
-
-    folders = [out / "peers" / f"p{index}" for index in range(len(shards))]
-    workers = min(args.workers, len(shards))
-    # One torch thread pool per process: all the cores, shared out among the workers.
-    threads = "0" if workers == 1 else str(max(1, (os.cpu_count() or 1) // workers))
-
-    def command_for(index: int, bootstrap: str | None) -> list[str]:
-        command = peer_command(args, model_dir, folders[index], shards[index], eval_path,
-                               bootstrap, defaults=in_process_defaults(len(shards)))
-        return command + ["--threads", threads]
-
-    if workers > 1:
-        memory, records = run_workers(command_for, len(shards), total_rounds(args), workers,
-                                      out=out, timeout=args.timeout, console=console,
-                                      churn=churn)
-    else:
-        memory, records = run_in_process(command_for, Share(range(len(shards))),
-                                         total_rounds(args), out=out, timeout=args.timeout,
-                                         console=console, churn=churn)
-    return folders, memory, records
+        settings["wait_peers"] = peers - 1 if index == 0 else 1
+    return settings
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -257,19 +191,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     with console.status("preparing the model (converted once, then cached) and the data"):
         model_dir = resolve_model(args.model)
         shards, eval_path = write_data(args, out)
-    plan = plan_churn(len(shards), args.churn, rounds=args.rounds, seed=args.seed,
+    configs = peer_configs(args, model_dir, shards, eval_path)
+    plan = plan_churn(len(configs), args.churn, rounds=args.rounds, seed=args.seed,
                       downtime_s=args.churn_downtime)
-    summaries: list[dict[str, Any]]
-    if args.in_process:
-        folders, memory, records = run_peers_in_process(args, model_dir, shards, eval_path, out,
-                                                        plan)
-        summaries = peer_summaries(folders)
-        missed = annotate(summaries, records, planned=[f"p{i}" for i in plan.kill_after])
-    else:
-        churn = Churn(plan)
-        folders, memory = run_peer_processes(args, model_dir, shards, eval_path, out, churn), None
-        summaries = peer_summaries(folders)
-        missed = churn.annotate(summaries)
+    settings = Settings(rounds=configs[0].total_rounds, timeout=args.timeout,
+                        bootstrap=args.mode == "gossip", in_process=args.in_process,
+                        workers=min(args.workers, len(configs)), out=out)
+    swarm = run_swarm(configs, plan, settings, console)
+    folders = [config.data_dir for config in configs]
+    summaries = peer_summaries(folders)
+    missed = annotate(summaries, swarm.churn, planned=[folders[i].name for i in plan.kill_after])
     for name in missed:
         console.print(f"[yellow]churn: {name} finished before its planned kill round[/yellow]")
     for index, summary in enumerate(summaries):
@@ -286,8 +217,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "config": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "peers": summaries,
     }
-    if memory is not None:
-        result["memory"] = memory
+    if swarm.memory is not None:
+        result["memory"] = swarm.memory
     result.update(swarm_consensus(folders, trained_rounds=args.rounds))
     (out / "result.json").write_text(json.dumps(result, indent=2))
     plot_eval_loss(summaries, out / "eval_loss.png", title=f"{args.mode}: eval loss per peer")
@@ -330,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
     except PeerError as exc:  # bad model, data or settings: one line, no traceback
         console.print(f"simulate.py: error: {exc}", style="red", highlight=False, soft_wrap=True)
         return 2
+    except SimulationError as exc:  # a peer failed or the run took too long: see the logs
+        console.print(f"simulate.py: error: {exc}", style="red", highlight=False, soft_wrap=True)
+        return 1
     return 0
 
 

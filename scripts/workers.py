@@ -2,12 +2,10 @@
 
 All the libp2p hosts of one process share one trio event loop. With 64 peers in one process that
 loop was saturated (yamux frames and window updates, gossipsub heartbeats; see the README), and a
-training round took 87 s against 9 s with 32 peers. K workers each run every K-th peer over a
-shared base model of their own and their own event loop, which the OS spreads over the cores.
-
-Worker 0 runs peer 0, the bootstrap; the others join through the address peer 0 writes to its
-status.json. Each worker keeps its peers up (they linger, serving) until every peer of every
-worker has logged its last round in metrics.jsonl, then stops them; no signal crosses processes.
+training round took 87 s against 9 s with 32 peers. Worker W runs peers W, W + K, ... in an
+in-process backend of its own (its own base model and event loop), from their TOML files.
+Worker 0 runs peer 0, the bootstrap; each worker lets its peers linger until every peer of
+every worker has logged its last round, then stops them: no signal crosses processes.
 
     python -m scripts.workers OUT/workers.json W    # worker W of the plan (simulate.py runs it)
 """
@@ -15,115 +13,78 @@ worker has logged its last round in metrics.jsonl, then stops them; no signal cr
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
-import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import trio
+from rich.console import Console
 
-from rich.console import Console  # noqa: E402
-from rich.progress import Progress  # noqa: E402
-
-from scripts.churn import ChurnPlan  # noqa: E402
-from scripts.processes import CommandFor, rounds_done, wait_for_file_address  # noqa: E402
-from scripts.simreport import progress_columns  # noqa: E402
-
-BOOTSTRAP = "{bootstrap}"  # stands for peer 0's address in the planned command lines
+from peer.config import PeerConfig
+from peer.errors import PeerError
+from scripts.backends import SimulationError, reap, spawn
+from scripts.churn import ChurnPlan
+from scripts.peerconfigs import config_file, peer_folder, read_config, write_toml
+from scripts.simreport import rounds_done
+from scripts.swarm import Settings, SwarmRun, drive, run_trio, watch
 
 
 @dataclass(frozen=True)
 class WorkerPlan:
     """What every worker needs, written once to OUT/workers.json by the simulator."""
 
-    commands: list[list[str]]  # peer i's command line; BOOTSTRAP where peer 0's address goes
-    rounds: int
-    workers: int
-    timeout: float
-    kill_after: dict[int, int]  # churn: peer index -> round after which it is crashed
-    downtime_s: float
-
-    def indices(self, worker: int) -> range:
-        """The peers of worker `worker`: every `workers`-th one, so worker 0 has peer 0."""
-        return range(worker, len(self.commands), self.workers)
-
-    def command_for(self, index: int, bootstrap: str | None) -> list[str]:
-        """Peer `index`'s command line joining through `bootstrap` (None: without one)."""
-        command = self.commands[index]
-        if BOOTSTRAP not in command:
-            return list(command)
-        at = command.index(BOOTSTRAP)
-        if bootstrap is None:
-            return command[:at - 1] + command[at + 1:]  # drop "--bootstrap" with its value
-        return command[:at] + [bootstrap] + command[at + 1:]
+    configs: list[str]  # peer i's TOML file, without a bootstrap address
+    settings: dict[str, Any]  # `scripts.swarm.Settings`
+    churn: dict[str, Any]  # `scripts.churn.ChurnPlan`
 
     @classmethod
     def read(cls, path: Path) -> WorkerPlan:
-        data = json.loads(path.read_text())
-        data["kill_after"] = {int(k): v for k, v in data["kill_after"].items()}
-        return cls(**data)
+        return cls(**json.loads(path.read_text()))
 
 
-def run_workers(command_for: CommandFor, count: int, rounds: int, workers: int, *, out: Path,
-                timeout: float, console: Console,
-                churn: ChurnPlan) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Run `count` peers in `workers` processes; return their summed memory and churn records.
+class WorkerPool:
+    """The worker processes, watched like a backend whose peers run elsewhere."""
 
-    Raises:
-        SystemExit: a worker failed (its log is named), or the run took longer than `timeout`.
-    """
-    plan = WorkerPlan(commands=[command_for(i, BOOTSTRAP if i else None) for i in range(count)],
-                      rounds=rounds, workers=workers, timeout=timeout,
-                      kill_after=dict(churn.kill_after), downtime_s=churn.downtime_s)
+    def __init__(self, processes: list[trio.Process], folders: Sequence[Path]) -> None:
+        self._processes = processes
+        self._folders = folders
+
+    def progress(self, index: int) -> int:
+        return rounds_done(self._folders[index])
+
+    async def stop(self, index: int) -> None:
+        """Nothing to do: each worker stops its own peers once every peer is done."""
+
+    def check(self) -> None:
+        for worker, process in enumerate(self._processes):
+            if process.poll() not in (None, 0):
+                raise SimulationError(f"worker {worker} failed; see logs/worker-{worker}.log")
+
+    async def wait(self) -> None:
+        for process in self._processes:
+            await process.wait()
+
+
+async def run_workers(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Settings,
+                      console: Console) -> SwarmRun:
+    """Run `configs` over `settings.workers` processes; their churn records, summed memory."""
+    out, workers = settings.out, settings.workers
+    tomls = [str(write_toml(config, config_file(config))) for config in configs]
     path = out / "workers.json"
-    path.write_text(json.dumps(asdict(plan), indent=1))
-    folders = [out / "peers" / f"p{index}" for index in range(count)]
-    (folders[0] / "status.json").unlink(missing_ok=True)  # a stale address from an earlier run
-    logs = out / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    processes = []
-    for worker in range(workers):
-        with open(logs / f"worker-{worker}.log", "wb") as log:
-            processes.append(subprocess.Popen(
-                [sys.executable, "-m", "scripts.workers", str(path), str(worker)],
-                stdout=log, stderr=subprocess.STDOUT, env=env))
+    path.write_text(json.dumps({"configs": tomls, "settings": {**asdict(settings), "out": str(out)},
+                                "churn": asdict(plan)}, indent=1))
+    processes = [await spawn([sys.executable, "-m", "scripts.workers", str(path), str(w)],
+                             out / "logs" / f"worker-{w}.log") for w in range(workers)]
+    folders = [config.data_dir for config in configs]
     try:
-        _watch(processes, folders, rounds, timeout, console)
+        await watch(WorkerPool(processes, folders), folders, settings.rounds, console)
     finally:
-        for process in processes:
-            if process.poll() is None:
-                process.kill()
+        await reap(processes)
     reports = [json.loads((out / f"worker-{w}.json").read_text()) for w in range(workers)]
-    return _summed_memory([r["memory"] for r in reports], count), {
-        name: record for report in reports for name, record in report["churn"].items()}
-
-
-def _watch(processes: list[subprocess.Popen[bytes]], folders: list[Path], rounds: int,
-           timeout: float, console: Console) -> None:
-    deadline = time.monotonic() + timeout
-    with Progress(*progress_columns(), console=console) as progress:
-        task = progress.add_task(f"{len(folders)} peers in {len(processes)} processes",
-                                 total=rounds)
-        while any(process.poll() is None for process in processes):
-            _raise_if_failed(processes)
-            if time.monotonic() > deadline:
-                raise SystemExit(f"the simulation did not finish within {timeout:.0f} s; "
-                                 "raise --timeout")
-            progress.update(task, completed=min(rounds_done(folder) for folder in folders))
-            time.sleep(0.5)
-        progress.update(task, completed=min(rounds_done(folder) for folder in folders))
-    _raise_if_failed(processes)
-
-
-def _raise_if_failed(processes: list[subprocess.Popen[bytes]]) -> None:
-    failed = [w for w, process in enumerate(processes) if process.poll() not in (None, 0)]
-    if failed:
-        raise SystemExit(f"worker {failed[0]} failed; see logs/worker-{failed[0]}.log")
+    records = {name: record for report in reports for name, record in report["churn"].items()}
+    return SwarmRun(records, _summed_memory([r["memory"] for r in reports], len(configs)))
 
 
 def _summed_memory(parts: list[dict[str, Any]], count: int) -> dict[str, Any]:
@@ -135,21 +96,30 @@ def _summed_memory(parts: list[dict[str, Any]], count: int) -> dict[str, Any]:
     return total
 
 
-def _worker(plan_path: Path, worker: int) -> None:
-    from scripts.inprocess import Share, run_in_process
+async def _worker(plan: WorkerPlan, worker: int, settings: Settings) -> dict[str, Any]:
+    from scripts.inprocess import InProcessBackend
 
-    plan, out = WorkerPlan.read(plan_path), plan_path.parent
-    folders = [out / "peers" / f"p{index}" for index in range(len(plan.commands))]
-    mine = plan.indices(worker)
-    bootstrap = None if worker == 0 else wait_for_file_address(
-        folders[0], timeout=plan.timeout, what="peer 0 (see logs/worker-0.log)")
-    share = Share(mine, bootstrap, others=[f for i, f in enumerate(folders) if i not in mine],
-                  log=f"inprocess-w{worker}.log")
-    memory, records = run_in_process(
-        plan.command_for, share, plan.rounds, out=out, timeout=plan.timeout,
-        console=Console(quiet=True), churn=ChurnPlan(plan.kill_after, plan.downtime_s))
-    (out / f"worker-{worker}.json").write_text(json.dumps({"memory": memory, "churn": records}))
+    folders = [peer_folder(settings.out, index) for index in range(len(plan.configs))]
+    mine = {i: read_config(Path(plan.configs[i]))
+            for i in range(worker, len(plan.configs), settings.workers)}
+    kill_after = {int(index): after for index, after in plan.churn["kill_after"].items()}
+    churn = ChurnPlan(kill_after, plan.churn["downtime_s"]).only(list(mine))
+    log = settings.out / "logs" / f"inprocess-w{worker}.log"
+    async with InProcessBackend.open(folders, log, next(iter(mine.values()))) as backend:
+        records = await drive(backend, mine, folders, churn, settings, Console(quiet=True))
+    return {"memory": backend.memory(len(mine)), "churn": records}
+
+
+def main(plan_path: Path, worker: int) -> None:
+    """Run worker `worker` of the plan; its report goes to OUT/worker-W.json."""
+    plan = WorkerPlan.read(plan_path)
+    settings = Settings(**{**plan.settings, "out": Path(plan.settings["out"])})
+    try:
+        report = run_trio(_worker, plan, worker, settings, timeout=settings.timeout)
+    except (SimulationError, PeerError) as exc:
+        raise SystemExit(f"worker {worker}: error: {exc}") from None
+    (settings.out / f"worker-{worker}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":
-    _worker(Path(sys.argv[1]), int(sys.argv[2]))
+    main(Path(sys.argv[1]), int(sys.argv[2]))

@@ -91,3 +91,27 @@ def _check_restart_resumes(folder: Path, model_dir: Path, train: Path) -> None:
     # Alone now, it merges nothing and receives nothing: its totals go on from the checkpoint.
     for total in ("merges", "adapters_received", "bytes_in", "bytes_out"):
         assert after[total] == before[total] > 0, total
+
+
+def test_sigterm_while_stopping_still_exits_zero(tmp_path: Path, small_model_dir: Path) -> None:
+    """A second SIGTERM, or one during exit, finds the daemon stopping: it still exits 0.
+
+    The first SIGTERM starts the stop; the ones after it land while the final checkpoint and
+    export are written and while the interpreter exits. Before, the first one closed the
+    signal receiver and the next killed the daemon (exit -15) mid-export.
+    """
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"line {j} of text"} for j in range(8)])
+    folder = tmp_path / "p0"
+    proc = _start(folder, small_model_dir, train)
+    try:
+        _wait(lambda: bool(_status(folder).get("listen_addrs")), "the peer to listen", [proc])
+        deadline = time.monotonic() + 90
+        while proc.poll() is None and time.monotonic() < deadline:
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.02)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.wait(timeout=30) == 0
+    assert (folder / "export" / "adapter_model.safetensors").is_file()
+    assert folder.with_suffix(".log").read_text().count("SIGTERM: stopping") == 1

@@ -14,13 +14,16 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from peer.builtin_data import _pairs_of, _passages, _play_blocks, split_categories
-from peer.data import (
-    builtin_categories,
-    format_example,
-    split_builtin,
-)
+from peer.data import format_example
 from peer.errors import ConfigError, DataError
+from testbed.corpora import (
+    _pairs_of,
+    _passages,
+    _play_blocks,
+    builtin_categories,
+    split_builtin,
+    split_categories,
+)
 
 # -- built-in corpora --------------------------------------------------------------------------
 

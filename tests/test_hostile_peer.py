@@ -19,10 +19,10 @@ import trio
 from libp2p.custom_types import TProtocol
 
 from gossip.config import NodeConfig
-from gossip.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm, synthetic_state
 from gossip.swarm import PROTOCOL_VERSION, TRANSFER_PROTOCOL
 from gossip.transfer import MAX_CONTROL_FRAME, read_frame
 from gossip.wire import MAGIC, Announcement, digest, encode_adapter, frame, signed_offer
+from testbed.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm, synthetic_state
 
 _TRANSFER = TProtocol(TRANSFER_PROTOCOL)
 MAX_BYTES = 64 * 1024

@@ -17,10 +17,10 @@ from libp2p.peer.id import ID
 
 from gossip.addresses import Scope
 from gossip.config import NodeConfig
-from gossip.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm
 from gossip.membership import Membership
 from gossip.node import GossipNode, Heard
 from gossip.wire import Announcement, digest
+from testbed.loopback import LOOPBACK_SWARM, SyntheticPeer, loopback_swarm
 from topology.config import TopologyConfig
 from topology.view import Observation
 

@@ -1,6 +1,6 @@
 """Sixteen real libp2p peers in one process, all joined through one bootstrap peer.
 
-No language model: synthetic adapters (`gossip.loopback`), so the test measures the network
+No language model: synthetic adapters (`testbed.loopback`), so the test measures the network
 layer alone. Every peer must find and connect to `fanout` neighbours besides the bootstrap
 peer; then the bootstrap peer dies and a new adapter version still reaches everyone.
 """
@@ -12,7 +12,7 @@ from functools import partial
 import trio
 
 from gossip.config import NodeConfig
-from gossip.loopback import SyntheticPeer, loopback_swarm
+from testbed.loopback import SyntheticPeer, loopback_swarm
 from topology.config import TopologyConfig
 
 PEERS = 16

@@ -24,7 +24,7 @@ from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTr
 from gossip.addresses import Scope
 from gossip.config import NodeConfig
 from gossip.errors import GossipError
-from gossip.loopback import SybilPublisher, loopback_swarm
+from testbed.loopback import SybilPublisher, loopback_swarm
 from topology.config import TopologyConfig
 
 LOCAL = "/ip4/127.0.0.1/tcp/0"

@@ -12,9 +12,9 @@ import trio
 from gossip.config import NodeConfig
 from gossip.errors import GossipError
 from gossip.keyfile import read_swarm_key, write_swarm_key
-from gossip.loopback import LOOPBACK_SWARM
 from gossip.membership import Membership
 from gossip.node import GossipNode
+from testbed.loopback import LOOPBACK_SWARM
 from topology.config import TopologyConfig
 
 DIAL_TIMEOUT_S = 2.0

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from peer.config import PeerConfig
+
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.slow
 
@@ -51,6 +53,28 @@ def test_gossip_simulation_writes_result_and_plot(tmp_path: Path, small_model_di
         assert (tmp_path / "peers" / f"p{index}" / "export" / "adapter_model.safetensors").is_file()
 
 
+def test_local_peers_that_leave_by_themselves_all_exit_zero(tmp_path: Path,
+                                                            small_model_dir: Path) -> None:
+    """Local peers do not linger: each exits after its last round, and the run succeeds.
+
+    Before, the watch loop sent every peer a SIGTERM once all rounds were done; a peer already
+    past its signal receiver died of it (exit -15) and the run failed (4 of 4 peers here).
+    """
+    command = [
+        sys.executable, str(ROOT / "scripts" / "simulate.py"), "--mode", "local",
+        "--peers", "4", "--out", str(tmp_path), "--model", str(small_model_dir),
+        "--rounds", "2", "--steps-per-round", "1", "--batch-size", "2", "--seq-len", "32",
+        "--eval-per-category", "1", "--timeout", "300",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["mode"] == "local" and [p["rounds"] for p in result["peers"]] == [2] * 4
+    assert all(p["merges"] == 0 for p in result["peers"]), "local peers exchange nothing"
+    logs = [(tmp_path / "logs" / f"p{index}.log").read_text() for index in range(4)]
+    assert not any("SIGTERM" in log for log in logs), "only lingering peers are stopped"
+
+
 def test_central_simulation_is_one_peer(tmp_path: Path, small_model_dir: Path) -> None:
     result = _simulate(tmp_path, "central", 3, small_model_dir)
     assert result["mode"] == "central" and len(result["peers"]) == 1
@@ -83,21 +107,21 @@ def test_in_process_simulation_of_eight_peers(tmp_path: Path, small_model_dir: P
 
 
 def test_in_process_timeouts_grow_with_the_swarm_unless_given(tmp_path: Path) -> None:
-    from scripts.inprocess import peer_config
-    from scripts.simulate import in_process_defaults, parse_args, peer_command
+    from scripts.peerconfigs import in_process_defaults
+    from scripts.simulate import parse_args, peer_configs
 
-    def config(*extra: str):  # type: ignore[no-untyped-def]
+    def config(*extra: str) -> PeerConfig:
         args = parse_args(["--in-process", "--peers", "64", "--out", str(tmp_path), *extra])
-        command = peer_command(args, tmp_path, tmp_path / "p1", tmp_path / "train.jsonl",
-                               tmp_path / "eval.jsonl", None, defaults=in_process_defaults(64))
-        return peer_config(command)
+        shards = [tmp_path / "train.jsonl"] * 64
+        return peer_configs(args, tmp_path, shards, tmp_path / "eval.jsonl")[1]
 
     grown = config()
     assert grown.topology.peer_timeout_s == 640 and grown.network.fetch_timeout_s == 64
     given = config("--peer-arg=--peer-timeout=90")
     assert given.topology.peer_timeout_s == 90, "a --peer-arg wins over the default"
     assert grown.network.health_check_s == 0
-    assert in_process_defaults(2)[:4] == ["--peer-timeout", "30", "--fetch-timeout", "30"]
+    small = in_process_defaults(2)
+    assert (small["peer_timeout"], small["fetch_timeout"]) == (30, 30)
 
 
 def test_in_process_peers_spread_over_two_workers(tmp_path: Path, small_model_dir: Path) -> None:

