@@ -1,7 +1,8 @@
-"""The layers import downwards only: scripts → peer → gossip → topology, merge.
+"""The layers import downwards only: scripts → testbed → peer → gossip → topology, merge.
 
-topology/ and merge/ are pure (neither the network nor the daemon); nothing installed imports
-scripts/. Every import statement counts, including those inside functions.
+topology/ and merge/ are pure (neither the network nor the daemon); the daemon's packages
+import neither scripts/ nor testbed/ (the simulator's corpora and the loopback harness).
+Every import statement counts, including those inside functions.
 """
 
 from __future__ import annotations
@@ -12,11 +13,12 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIRST_PARTY = {"scripts", "peer", "gossip", "topology", "merge", "tests"}
+FIRST_PARTY = {"scripts", "testbed", "peer", "gossip", "topology", "merge", "tests"}
 ALLOWED = {
-    "scripts": {"scripts", "peer", "gossip", "topology", "merge"},
+    "scripts": {"scripts", "testbed", "peer", "gossip", "topology", "merge"},
+    "testbed": {"testbed", "peer", "gossip", "topology", "merge"},
     "peer": {"peer", "gossip", "topology", "merge"},
-    "gossip": {"gossip", "topology", "merge"},
+    "gossip": {"gossip", "topology"},
     "topology": {"topology"},
     "merge": {"merge"},
 }
