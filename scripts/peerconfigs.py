@@ -139,7 +139,7 @@ def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
-        return repr(value)  # Python's int and float literals, inf and nan included, are TOML's
+        return repr(value)  # Python's int and float literals, inf included, are TOML's
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml(item) for item in value) + "]"
     # JSON's string escapes are a subset of TOML's basic-string escapes.
