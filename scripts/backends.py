@@ -130,10 +130,15 @@ class ProcessBackend:
 
     def check(self) -> None:
         for peer in self._peers.values():
-            code = peer.process.poll()
-            if not peer.down and code not in (None, 0):
-                name = peer.config.data_dir.name
+            code, name = peer.process.poll(), peer.config.data_dir.name
+            if peer.down or code is None:
+                continue
+            if code != 0:
                 raise SimulationError(f"peer {name} failed (exit {code}); see logs/{name}.log")
+            done = rounds_done(peer.config.data_dir)
+            if done < peer.config.total_rounds:  # stopped from outside: nothing will finish it
+                raise SimulationError(f"peer {name} exited after {done} of "
+                                      f"{peer.config.total_rounds} rounds; see logs/{name}.log")
 
     async def wait(self) -> None:
         for peer in self._peers.values():

@@ -26,20 +26,16 @@ import argparse
 import json
 import math
 import statistics
-import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from functools import partial
 from pathlib import Path
 
-# Runnable as `python scripts/bench_merge.py` from a checkout, installed or not.
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import torch
+from rich.console import Console
+from rich.table import Table
 
-import torch  # noqa: E402
-from rich.console import Console  # noqa: E402
-from rich.table import Table  # noqa: E402
-
-from merge import (  # noqa: E402
+from merge import (
     RULES,
     AdapterState,
     Contribution,
@@ -47,10 +43,10 @@ from merge import (  # noqa: E402
     merge_states,
     merge_weights,
 )
-from merge.errors import RejectedUpdate  # noqa: E402
-from merge.registry import rule as rule_entry  # noqa: E402
-from merge.tensors import lora_pairs  # noqa: E402
-from merge.validate import validate_update  # noqa: E402
+from merge.errors import RejectedUpdate
+from merge.registry import rule as rule_entry
+from merge.tensors import lora_pairs
+from merge.validate import validate_update
 
 HIDDEN, LAYERS, RANK, KV_OUT = 896, 24, 16, 128
 MODULES = {"q_proj": HIDDEN, "k_proj": KV_OUT, "v_proj": KV_OUT, "o_proj": HIDDEN}

@@ -47,6 +47,7 @@ class _Slot:
     """The peer running under one index now (a churned peer's restart takes it over)."""
 
     peer: Peer
+    config: PeerConfig
     scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # `stop` cancels it
     done: trio.Event = field(default_factory=trio.Event)  # set when `peer.run` returned
 
@@ -86,7 +87,7 @@ class InProcessBackend:
             await peer.load()
         self._memory["loaded_mib"] = rss_mib()
         for index, peer in peers.items():
-            await self._run(index, peer)
+            await self._run(index, peer, configs[index])
         self._nursery.start_soon(self._measure_running, list(self._slots.values()))
 
     async def kill(self, index: int) -> bool:
@@ -98,11 +99,11 @@ class InProcessBackend:
         return True
 
     async def restart(self, index: int) -> None:
-        config = self._slots[index].peer.config
+        config = self._slots[index].config
         self._shared.remove_adapter(config.data_dir.name)
         peer = Peer(config, self._shared)
         await peer.load()
-        await self._run(index, peer)
+        await self._run(index, peer, config)
 
     def progress(self, index: int) -> int:
         # `completed`, not `round`: that moves before the round's metrics line is written.
@@ -112,7 +113,7 @@ class InProcessBackend:
     async def stop(self, index: int) -> None:
         # As SIGTERM stops a process; a peer without --linger returns by itself.
         slot = self._slots.get(index)
-        if slot is not None and slot.peer.config.linger_s and not slot.done.is_set():
+        if slot is not None and slot.config.linger_s and not slot.done.is_set():
             slot.peer.request_stop()
             slot.scope.cancel()
 
@@ -131,8 +132,8 @@ class InProcessBackend:
         memory["per_peer_mib"] = round((memory["running_mib"] - memory["base_mib"]) / peers, 2)
         return {**memory, "peak_mib": peak_rss_mib()}
 
-    async def _run(self, index: int, peer: Peer) -> None:
-        self._slots[index] = _Slot(peer)
+    async def _run(self, index: int, peer: Peer, config: PeerConfig) -> None:
+        self._slots[index] = _Slot(peer, config)
         await self._nursery.start(_serve, self._slots[index])
 
     async def _measure_running(self, slots: list[_Slot]) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from gossip.keyfile import write_swarm_key
+from merge.registry import RULE_NAMES
 from peer.config import PeerConfig
 from peer.options import OPTIONS, Option, add_peer_arguments, build_config, read_toml
 
@@ -36,7 +37,7 @@ SIMULATED: dict[str, tuple[Any, str]] = {
     "lr": (6e-3, "AdamW learning rate"),
     "fanout": (2, "neighbours fetched per round"),
     "eval_every": (5, "evaluate every N rounds (and always after the last)"),
-    "merge_rule": ("average", "average, product, trimmed-mean, median or clipped"),
+    "merge_rule": ("average", f"one of {', '.join(RULE_NAMES)}"),
     "attack_scale": (50.0, "strength of --attack"),
 }
 _BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
@@ -139,7 +140,7 @@ def _toml(value: Any) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
-        return repr(value)  # Python's int and float literals, inf and nan included, are TOML's
+        return repr(value)  # Python's int and float literals, inf included, are TOML's
     if isinstance(value, tuple | list):
         return "[" + ", ".join(_toml(item) for item in value) + "]"
     # JSON's string escapes are a subset of TOML's basic-string escapes.

@@ -28,6 +28,7 @@ from typing import Any
 from rich.console import Console
 
 from peer.config import PeerConfig
+from peer.errors import PeerError
 from peer.options import build_config
 from scripts.churn import annotate, plan_churn
 from scripts.peerconfigs import (
@@ -112,7 +113,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--workers K needs --in-process and K >= 1")
     if args.churn and args.rounds < 3:
         parser.error("--churn needs --rounds >= 3 (a peer is killed after 1..rounds-2 rounds)")
-    peer_arg_values(args.peer_arg)  # a bad --peer-arg fails here, before anything runs
+    try:
+        peer_arg_values(args.peer_arg)  # a bad --peer-arg fails here, before anything runs
+    except PeerError as exc:
+        parser.error(str(exc))
     return args
 
 
@@ -250,8 +254,6 @@ def compare(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from peer.errors import PeerError
-
     args = parse_args(argv)
     try:
         if args.compare:

@@ -10,7 +10,7 @@ Two corpora ship inside installed wheels, so a swarm can be simulated with no do
   files are located with `importlib.util.find_spec`, which does not run the package.
 
 Only the simulator and the tests use them; the daemon reads its training data from files
-(`peer.data.load_examples`), so they live with the simulator, not in the `peer` package.
+(`peer.data.load_examples`), so they live here, outside the `peer` package.
 """
 
 from __future__ import annotations
