@@ -15,7 +15,6 @@ trick cannot resurrect a peer right after it expired either.
 from __future__ import annotations
 
 import enum
-import ipaddress
 import logging
 import math
 import random
@@ -23,13 +22,11 @@ from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
+from topology.admission import draw_rank, eviction_candidate, per_prefix_cap, public_prefix
 from topology.config import TopologyConfig
 from topology.errors import InvalidArgument
 
 logger = logging.getLogger(__name__)
-
-# At most view_size / this many untrusted members may share one public address prefix.
-_PER_PREFIX_SHARE = 8
 
 NO_VERSION = -1
 """`PeerInfo.version` of a peer that has not announced an adapter yet."""
@@ -274,10 +271,10 @@ class MembershipView:
         # The rest, level by level: peers whose fetches failed least first, and among those the
         # ones a host answered for (identities that never serve sink to the end).
         rest = [info for info in candidates if info not in drawn]
-        for level in sorted({_rank(info) for info in rest}):
+        for level in sorted({draw_rank(info) for info in rest}):
             if len(drawn) == k:
                 break
-            tier = [info for info in rest if _rank(info) == level]
+            tier = [info for info in rest if draw_rank(info) == level]
             drawn += rng.sample(tier, min(k - len(drawn), len(tier)))
         return drawn
 
@@ -320,13 +317,13 @@ class MembershipView:
         otherwise the newest untrusted member makes room, so newcomers compete only with each
         other and senior and trusted members stay. A full view of trusted members refuses the
         newcomer. So does one more untrusted member from a public /24 (IPv6: /48) that already
-        holds `_PER_PREFIX` of them: one machine's identities cannot fill the view.
+        holds `per_prefix_cap` of them: one machine's identities cannot fill the view.
         """
-        prefix = _public_prefix(addrs)
-        if prefix is not None and self._prefix_count(prefix) >= self._per_prefix():
+        prefix = public_prefix(addrs)
+        if prefix is not None and self._prefix_count(prefix) >= per_prefix_cap(self._config):
             return self._refuse(peer_id, f"its address prefix {prefix} holds enough peers")
         if len(self._peers) >= self._config.view_size:
-            victim = self._eviction_candidate(now)
+            victim = eviction_candidate(self._peers.values(), lambda info: self._is_live(info, now))
             if victim is None:
                 return self._refuse(peer_id, "every member is trusted")
             del self._peers[victim.peer_id]
@@ -345,27 +342,14 @@ class MembershipView:
         )
         return Observation.NEW
 
-    def _eviction_candidate(self, now: float) -> PeerInfo | None:
-        """The silent member heard longest ago, else the newest untrusted one (ties: smaller id)."""
-        silent = [info for info in self._peers.values() if not self._is_live(info, now)]
-        if silent:
-            return min(silent, key=lambda info: (info.last_heard, info.peer_id))
-        untrusted = [info for info in self._peers.values() if not info.trusted]
-        if not untrusted:
-            return None
-        return min(untrusted, key=lambda info: (-info.admitted, info.peer_id))
-
     def _refuse(self, peer_id: str, why: str) -> Observation:
         self._refused += 1
         logger.debug("view refused %s: %s", peer_id, why)
         return Observation.REFUSED
 
-    def _per_prefix(self) -> int:
-        return max(2, self._config.view_size // _PER_PREFIX_SHARE)
-
     def _prefix_count(self, prefix: str) -> int:
         return sum(1 for info in self._peers.values()
-                   if not info.trusted and _public_prefix(info.addrs) == prefix)
+                   if not info.trusted and public_prefix(info.addrs) == prefix)
 
     def _remember_departure(self, info: PeerInfo) -> None:
         floor = max(info.version, self._departed.pop(info.peer_id, NO_VERSION))
@@ -375,31 +359,6 @@ class MembershipView:
         # Bounded memory: beyond it, the oldest departures are forgotten (and could be replayed).
         while len(self._departed) > self._config.view_size:
             self._departed.popitem(last=False)
-
-
-def _rank(info: PeerInfo) -> tuple[int, bool]:
-    """Draw order of untrusted peers: fewer failed fetches first, then reached ones first."""
-    return (info.failures, not info.reached)
-
-
-def _public_prefix(addrs: Sequence[str]) -> str | None:
-    """The /24 (IPv4) or /48 (IPv6) network of a peer's first public address, else None.
-
-    Loopback and private addresses are exempt: a LAN or a test swarm shares one prefix.
-    """
-    for addr in addrs:
-        parts = addr.split("/")
-        for proto, value in zip(parts[1::2], parts[2::2], strict=False):
-            if proto not in ("ip4", "ip6"):
-                continue
-            try:
-                ip = ipaddress.ip_address(value)
-            except ValueError:
-                continue
-            if ip.is_global:
-                bits = 24 if ip.version == 4 else 48
-                return str(ipaddress.ip_network(f"{ip}/{bits}", strict=False))
-    return None
 
 
 def _check_time(now: float) -> None:
