@@ -18,10 +18,8 @@ One `Membership` per peer feeds a `topology.MembershipView` and keeps the peer i
 3. Connections: every tick, each connected peer subscribed to the swarm topic is observed
    alive. Health pings (`NodeConfig.health_check_s`) close the connection of a peer that died
    without a goodbye; nothing refreshes it any more and it expires after `peer_timeout_s`.
-4. Dialling: while fewer than `target_connections` live peers are connected, dial random live
-   ones (`topology.peers_to_dial`), each with its own backoff after failures. While no peer at
-   all is connected, dial the bootstrap addresses again, backing off with
-   `topology.backoff_delay` and logging every failed attempt.
+4. Dialling (`gossip.connections`): keep `target_connections` live peers connected, and
+   rejoin through the bootstrap addresses when cut off.
 
 Discovery beyond the bootstrap rests on announced addresses: in py-libp2p 0.8.1 gossipsub peer
 exchange never fires and the DHT connects everyone to everyone (README, "Design decisions,
@@ -38,18 +36,16 @@ from typing import Any
 
 import trio
 
+from gossip.connections import Connections
 from gossip.errors import GossipError
 from gossip.node import GossipNode, Heard
 from gossip.wire import Announcement
 from topology.config import TopologyConfig
-from topology.discovery import backoff_delay, peers_to_dial
 from topology.view import MembershipView, Observation
 
 logger = logging.getLogger(__name__)
 
 _TICK_S = 1.0
-_REJOIN_BASE_S, _REJOIN_CAP_S = 0.5, 30.0
-_REDIAL_BASE_S, _REDIAL_CAP_S = 1.0, 60.0
 _SEQNOS_PER_VIEW_SLOT = 4  # signers whose last seqno is kept: 4 x view size
 # Re-announce after this share of the interval, drawn uniformly. Peers that joined together
 # re-announce together; the wider the draw, the sooner their waves spread out (with 0.75-1.25,
@@ -117,12 +113,10 @@ class Membership:
         # Per signer: the highest gossipsub seqno seen, and when it arrived.
         self._seqnos: dict[str, tuple[int, float]] = {}
         self._changed = trio.Event()
-        self._redial: dict[str, tuple[int, float]] = {}  # peer -> (failures, not before)
         self._replays = 0
         self._late = 0
-        self._dials = 0
-        self._dial_failures = 0
-        self._bootstrap_failures = 0
+        self.connections = Connections(node, self.view, config, rng, tick_s=tick_s,
+                                       on_change=self._notify)
 
     # -- queries ---------------------------------------------------------------------------
 
@@ -151,8 +145,8 @@ class Membership:
             live=view.live, announced=view.announced, trusted=view.trusted,
             refused=view.refused, neighbours=len(self.neighbours()),
             connected=len(self.node.connected_peers()), replays=self._replays, late=self._late,
-            dials=self._dials, dial_failures=self._dial_failures,
-            bootstrap_failures=self._bootstrap_failures,
+            dials=self.connections.dials, dial_failures=self.connections.dial_failures,
+            bootstrap_failures=self.connections.bootstrap_failures,
         )
 
     async def wait_until(self, predicate: Callable[[], bool]) -> None:
@@ -171,7 +165,7 @@ class Membership:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(self._listen)
             nursery.start_soon(self._refresh)
-            nursery.start_soon(self._maintain)
+            nursery.start_soon(self.connections.maintain)
             nursery.start_soon(self._reannounce)
             task_status.started(self)
 
@@ -317,8 +311,7 @@ class Membership:
         for peer in [p for p in self._latest if p not in self.view]:
             del self._latest[peer]
             self.node.forget(peer)
-        for peer in [p for p in self._redial if p not in self.view]:
-            del self._redial[peer]
+        self.connections.prune()
 
     def _forget_oldest_seqnos(self) -> None:
         """Keep the seqnos of departed peers too (they prove a later message fresh), bounded."""
@@ -327,84 +320,6 @@ class Membership:
             oldest = sorted(self._seqnos, key=lambda peer: self._seqnos[peer][1])[:excess]
             for peer in oldest:
                 del self._seqnos[peer]
-
-    async def _maintain(self) -> None:
-        """Top up connections every tick; when cut off, rejoin through the bootstrap peers."""
-        attempt = 0
-        was_connected = False
-        while True:
-            await self._dial_more()
-            connected = bool(self.node.connected_peers())
-            if connected or not self.node.config.bootstrap:
-                attempt = 0
-            else:
-                if was_connected:
-                    logger.warning("lost every connection; rejoining through the bootstrap peers")
-                error = await self._rejoin()
-                connected = error is None
-                if error is not None:
-                    self._bootstrap_failures += 1
-                    delay = backoff_delay(attempt, self.rng, base_s=_REJOIN_BASE_S,
-                                          cap_s=_REJOIN_CAP_S)
-                    attempt += 1
-                    logger.warning("cannot reach the swarm: no bootstrap peer answered "
-                                   "(attempt %d: %s); retrying in %.1f s", attempt, error, delay)
-                    was_connected = False
-                    await trio.sleep(delay)
-                    continue
-            was_connected = connected
-            await trio.sleep(self._tick_s)
-
-    async def _dial_more(self) -> None:
-        """Dial random live peers until `target_connections` live peers are connected."""
-        now = trio.current_time()
-        connected = set(self.node.connected_peers())
-        chosen = [
-            info.peer_id
-            for info in peers_to_dial(self.view, connected, now, self.config, self.rng)
-            if self._redial.get(info.peer_id, (0, now))[1] <= now
-        ]
-        async with trio.open_nursery() as nursery:
-            for peer in chosen:
-                nursery.start_soon(self._dial_one, peer)
-
-    async def _dial_one(self, peer: str) -> None:
-        self._dials += 1
-        try:
-            await self.node.dial(peer)
-        except GossipError as exc:
-            self._dial_failures += 1
-            failures = self._redial.get(peer, (0, 0.0))[0]
-            delay = backoff_delay(failures, self.rng, base_s=_REDIAL_BASE_S, cap_s=_REDIAL_CAP_S)
-            self._redial[peer] = (failures + 1, trio.current_time() + delay)
-            self.view.failed(peer)
-            logger.debug("dial %s failed (%s); not before %.1f s", peer, exc, delay)
-            return
-        self._redial.pop(peer, None)
-        self.view.observe(peer, trio.current_time())
-        self.view.reached(peer)
-        logger.debug("connected to %s", peer)
-        self._notify()
-
-    async def _rejoin(self) -> str | None:
-        """Dial every bootstrap address at once; None if one answered, else the last error."""
-        errors: list[str] = []
-
-        async def dial(addr: str) -> None:
-            try:
-                await self.node.connect(addr)
-            except GossipError as exc:
-                errors.append(f"{addr}: {exc}")
-            else:
-                logger.info("joined the swarm through %s", addr)
-
-        async with trio.open_nursery() as nursery:
-            for addr in self.node.config.bootstrap:
-                nursery.start_soon(dial, addr)
-        if len(errors) < len(self.node.config.bootstrap):
-            self._notify()
-            return None
-        return errors[-1]
 
     def _notify(self) -> None:
         self._changed.set()
