@@ -8,6 +8,7 @@ from pathlib import Path
 from gossip.node import NodeConfig
 from merge.config import MergeConfig
 from peer.attacks import ATTACKS
+from peer.device import DeviceConfig
 from peer.model import LoraSettings
 from topology.config import TopologyConfig
 
@@ -24,6 +25,9 @@ class TrainConfig:
     data_seed: int = field(default=0, metadata={"help": "seed of this peer's batch order"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
     frozen_a: bool = field(default=False, metadata={"help": "FFA-LoRA: train only B"})
+    grad_accum: int = field(default=1, metadata={
+        "help": "split each step's batch into this many micro-batches (it must divide "
+        "--batch-size): the same update in less memory"})
 
     def __post_init__(self) -> None:
         if self.steps_per_round < 1:
@@ -38,6 +42,32 @@ class TrainConfig:
             raise ValueError("weight_decay must be >= 0")
         if self.threads < 0:
             raise ValueError("threads must be >= 0")
+        if self.grad_accum < 1 or self.batch_size % self.grad_accum:
+            raise ValueError(f"grad_accum must be at least 1 and divide batch_size "
+                             f"({self.batch_size}), got {self.grad_accum}")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """How this peer's files become training strings: its own business, like its data."""
+
+    text_field: str = field(default="text", metadata={
+        "help": "column (or JSON field) that holds plain training text"})
+    instruction_fields: tuple[str, ...] = field(
+        default=("instruction", "input", "output"), metadata={
+            "help": "columns of instruction records: instruction,output or "
+            "instruction,input,output"})
+    pack: bool = field(default=False, metadata={
+        "help": "pack several short examples into each --seq-len row (separated by EOS): "
+        "fewer padding tokens per step"})
+
+    def __post_init__(self) -> None:
+        if not self.text_field:
+            raise ValueError("text_field must name a column, e.g. text")
+        if len(self.instruction_fields) not in (2, 3) or len(set(self.instruction_fields)) != len(
+                self.instruction_fields):
+            raise ValueError("instruction_fields must name 2 or 3 distinct columns: "
+                             "instruction,output or instruction,input,output")
 
 
 @dataclass(frozen=True)
@@ -45,7 +75,8 @@ class PeerConfig:
     """Everything one `loraswarm peer` daemon needs."""
 
     data_dir: Path = field(metadata={"help": "identity, checkpoints, metrics, status, export"})
-    train_path: Path = field(metadata={"help": "private training data (.jsonl, .txt or folder)"})
+    train_path: Path = field(metadata={"help": "private training data: .jsonl, .txt, .csv, .parquet, .arrow, a folder of them, "
+        "or a hub dataset name when online"})
     eval_path: Path | None = field(
         default=None, metadata={"help": "held-out data; eval loss is logged each round"}
     )
@@ -74,6 +105,8 @@ class PeerConfig:
     attack_scale: float = field(default=50.0, metadata={"help": "strength of --attack"})
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    device: DeviceConfig = field(default_factory=DeviceConfig)
     network: NodeConfig = field(default_factory=NodeConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)

@@ -17,7 +17,8 @@ from typing import Any
 
 from gossip.node import NodeConfig
 from merge.config import MergeConfig
-from peer.config import PeerConfig, TrainConfig
+from peer.config import DataConfig, PeerConfig, TrainConfig
+from peer.device import DeviceConfig
 from peer.errors import ConfigError
 from peer.model import LoraSettings
 from topology.config import TopologyConfig
@@ -26,6 +27,8 @@ _SECTIONS: dict[str | None, type] = {
     None: PeerConfig,
     "lora": LoraSettings,
     "train": TrainConfig,
+    "data": DataConfig,
+    "device": DeviceConfig,
     "network": NodeConfig,
     "topology": TopologyConfig,
     "merge": MergeConfig,
@@ -115,6 +118,14 @@ OPTIONS: tuple[Option, ...] = (
     Option("data_seed", "train", "data_seed", int, "N"),
     Option("threads", "train", "threads", int, "N"),
     Option("frozen_a", "train", "frozen_a", _bool, "BOOL"),
+    Option("grad_accum", "train", "grad_accum", int, "N"),
+    Option("text_field", "data", "text_field", str, "NAME"),
+    Option("instruction_fields", "data", "instruction_fields", _names, "I,[IN,]OUT"),
+    Option("pack", "data", "pack", _bool, "BOOL"),
+    Option("device", "device", "device", str, "DEV"),
+    Option("dtype", "device", "dtype", str, "DTYPE"),
+    Option("quantize", "device", "quantize", str, "4bit|8bit"),
+    Option("grad_checkpointing", "device", "grad_checkpointing", _bool, "BOOL"),
     Option("listen", "network", "listen", str, "MULTIADDR", repeat=True),
     Option("bootstrap", "network", "bootstrap", str, "MULTIADDR", repeat=True),
     Option("swarm_key", "network", "psk", _swarm_key, "FILE"),

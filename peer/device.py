@@ -1,0 +1,177 @@
+"""Where a peer computes: the device, the frozen base's dtype, and an optional 4/8-bit base.
+
+These are a device's own business. Only the LoRA factors travel, and they stay float32 on every
+device (peft keeps adapter weights in float32 over a bf16 or fp16 base, and the trainer reads
+them back as float32), so a bf16 GPU peer and a float32 CPU peer share one swarm id and average
+each other's adapters. The swarm id therefore hashes none of the settings below.
+
+Resolution is a pure function of the request and of what the machine offers (`Hardware`), so
+every rule is testable on a CPU-only machine by describing a machine that has a GPU.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+
+import torch
+
+from peer.errors import ConfigError
+
+DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
+QUANTIZE = ("4bit", "8bit")
+ADAPTER_DTYPE = torch.float32  # the dtype of LoRA factors, optimizer state, merges and the wire
+
+
+@dataclass(frozen=True)
+class DeviceConfig:
+    """What this machine computes with; none of it has to match the other peers'."""
+
+    device: str = field(default="auto", metadata={
+        "help": "auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps"})
+    dtype: str = field(default="auto", metadata={
+        "help": "dtype of the frozen base: auto (bfloat16 on CUDA that supports it, else "
+        "float16 on a GPU, float32 on CPU), float32, bfloat16 or float16; LoRA factors and "
+        "the wire stay float32"})
+    quantize: str = field(default="", metadata={
+        "help": "load the base in 4bit (QLoRA: nf4, double quantization) or 8bit through "
+        "bitsandbytes; needs CUDA and `pip install 'loraswarm[gpu]'`"})
+    grad_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in the backward pass: less memory, about a third "
+        "more compute"})
+
+    def __post_init__(self) -> None:
+        if not _is_device_name(self.device):
+            raise ValueError(f"unknown device {self.device!r}; use one of {', '.join(DEVICES)}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"unknown dtype {self.dtype!r}; use auto, "
+                             f"{', '.join(DTYPES)}")
+        if self.quantize and self.quantize not in QUANTIZE:
+            raise ValueError(f"unknown quantization {self.quantize!r}; use 4bit or 8bit")
+
+
+def _is_device_name(name: str) -> bool:
+    if name in ("auto", "cpu", "cuda", "mps"):
+        return True
+    kind, _, index = name.partition(":")
+    return kind == "cuda" and index.isdigit()
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """What a machine offers, as far as placement is concerned."""
+
+    cuda_devices: int = 0
+    cuda_bf16: bool = False  # compute capability 8.0 or newer (Ampere)
+    mps: bool = False
+    bitsandbytes: bool = False
+
+    @classmethod
+    def probe(cls) -> Hardware:
+        """Ask torch what this machine has (cheap; does not initialise a CUDA context)."""
+        cuda = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        return cls(
+            cuda_devices=cuda,
+            cuda_bf16=bool(cuda) and torch.cuda.is_bf16_supported(),
+            mps=bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
+            bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+        )
+
+
+@dataclass(frozen=True)
+class Placement:
+    """A resolved request: where the base lives, in which dtype, and how it is quantized.
+
+    `dtype` is the base's dtype, or its compute dtype when `quantize` is set.
+    """
+
+    device: torch.device = torch.device("cpu")
+    dtype: torch.dtype = torch.float32
+    quantize: str = ""
+    grad_checkpointing: bool = False
+
+    def describe(self) -> str:
+        """One line for the start-up log, e.g. `cuda:0, bfloat16 base, 4bit`."""
+        dtype = str(self.dtype).removeprefix("torch.")
+        text = f"{self.device}, {dtype} base"
+        return text + (f", {self.quantize}" if self.quantize else "")
+
+
+CPU_FLOAT32 = Placement()
+
+
+def resolve(config: DeviceConfig, hardware: Hardware | None = None) -> Placement:
+    """Turn the requested device, dtype and quantization into a placement this machine has.
+
+    Raises:
+        ConfigError: one line naming the setting this machine cannot honour, and the fix.
+    """
+    hardware = hardware or Hardware.probe()
+    device = resolve_device(config.device, hardware)
+    dtype = resolve_dtype(config.dtype, device, hardware)
+    if config.quantize:
+        _check_quantize(config.quantize, device, hardware)
+    return Placement(device, dtype, config.quantize, config.grad_checkpointing)
+
+
+def resolve_device(name: str, hardware: Hardware) -> torch.device:
+    """`auto` picks CUDA, then MPS, then the CPU; a named device must exist.
+
+    Raises:
+        ConfigError: the named device is not on this machine.
+    """
+    if name == "auto":
+        if hardware.cuda_devices:
+            return torch.device("cuda", 0)
+        return torch.device("mps") if hardware.mps else torch.device("cpu")
+    if name == "cpu":
+        return torch.device("cpu")
+    if name == "mps":
+        if not hardware.mps:
+            raise ConfigError("--device mps: this machine has no Apple MPS device; "
+                              "use --device cpu or auto")
+        return torch.device("mps")
+    index = int(name.partition(":")[2] or 0)
+    if not hardware.cuda_devices:
+        raise ConfigError(f"--device {name}: no CUDA device is visible (torch "
+                          f"{torch.__version__}, CUDA build: {torch.version.cuda or 'no'}); "
+                          "use --device cpu or auto")
+    if index >= hardware.cuda_devices:
+        raise ConfigError(f"--device {name}: this machine has {hardware.cuda_devices} CUDA "
+                          f"device(s), numbered 0..{hardware.cuda_devices - 1}")
+    return torch.device("cuda", index)
+
+
+def resolve_dtype(name: str, device: torch.device, hardware: Hardware) -> torch.dtype:
+    """`auto` is bf16 on CUDA that supports it, fp16 on other GPUs, float32 on the CPU.
+
+    Raises:
+        ConfigError: float16 on the CPU (slow and unstable there: use bfloat16), or bfloat16
+            on a CUDA card older than Ampere.
+    """
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if hardware.cuda_bf16 else torch.float16
+        return torch.float16 if device.type == "mps" else torch.float32
+    dtype = DTYPES[name]
+    if dtype == torch.float16 and device.type == "cpu":
+        raise ConfigError("--dtype float16 on the CPU: half-precision matmuls there are slow "
+                          "and lose accuracy; use --dtype bfloat16 or float32")
+    if dtype == torch.bfloat16 and device.type == "cuda" and not hardware.cuda_bf16:
+        raise ConfigError("--dtype bfloat16: this CUDA card does not support it (needs "
+                          "compute capability 8.0+); use --dtype float16 or auto")
+    return dtype
+
+
+def _check_quantize(kind: str, device: torch.device, hardware: Hardware) -> None:
+    if device.type != "cuda":
+        raise ConfigError(f"--quantize {kind} needs a CUDA GPU and this peer runs on "
+                          f"{device}: drop --quantize (a CPU trains faster in float32)")
+    if not hardware.bitsandbytes:
+        raise ConfigError(f"--quantize {kind} needs bitsandbytes: "
+                          "pip install 'loraswarm[gpu]'")
