@@ -75,8 +75,9 @@ class PeerConfig:
     """Everything one `loraswarm peer` daemon needs."""
 
     data_dir: Path = field(metadata={"help": "identity, checkpoints, metrics, status, export"})
-    train_path: Path = field(metadata={"help": "private training data: .jsonl, .txt, .csv, .parquet, .arrow, a folder of them, "
-        "or a hub dataset name when online"})
+    train_path: Path = field(metadata={
+        "help": "private training data: .jsonl, .txt, .csv, .parquet, .arrow, a folder of "
+        "them, or a hub dataset name when online"})
     eval_path: Path | None = field(
         default=None, metadata={"help": "held-out data; eval loss is logged each round"}
     )

@@ -17,6 +17,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ from typing import Any
 
 import torch
 
+from peer.device import ADAPTER_DTYPE, CPU_FLOAT32, Placement
 from peer.errors import ModelError
 
 logger = logging.getLogger(__name__)
@@ -199,29 +201,63 @@ def _hash_folder(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def load_base(model_dir: Path) -> tuple[Any, Any]:
-    """Load a causal LM and its tokenizer from a local folder, frozen, in float32 on CPU.
+def load_base(model_dir: Path, placement: Placement = CPU_FLOAT32) -> tuple[Any, Any]:
+    """Load a causal LM and its tokenizer from a local folder, frozen, where `placement` says.
+
+    A quantized base goes through bitsandbytes (QLoRA's recipe: nf4 with double quantization,
+    computing in `placement.dtype`) and peft's k-bit preparation, which keeps the norms in
+    float32 for stable training.
 
     Raises:
-        ModelError: the folder cannot be loaded as a causal LM.
+        ModelError: the folder cannot be loaded as a causal LM, or the device refuses it.
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+        if placement.quantize:
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, quantization_config=_bnb_config(placement),
+                device_map={"": placement.device}, dtype=placement.dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype)
+            model.to(placement.device)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: cannot load as a causal LM ({exc})") from exc
+    except (RuntimeError, torch.OutOfMemoryError) as exc:  # out of device memory, mostly
+        raise ModelError(f"{model_dir}: cannot place the model on {placement.describe()} "
+                         f"({str(exc).splitlines()[0]}); try --quantize 4bit, a smaller model "
+                         "or --device cpu") from exc
     model.requires_grad_(False)
+    if placement.quantize:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=placement.grad_checkpointing)
+    elif placement.grad_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the base is frozen).
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer
 
 
-def attach_lora(base: Any, lora: LoraSettings, seed: int, *, frozen_a: bool = False) -> Any:
-    """Wrap `base` with a LoRA adapter whose initial A/B come from the swarm seed.
+def _bnb_config(placement: Placement) -> Any:
+    from transformers import BitsAndBytesConfig
 
-    Every peer of a swarm draws the same initial factors (peft initialises A with Kaiming-uniform
-    noise from torch's global generator and B with zeros), so adapters start equal and averaging
-    them coordinate-wise is meaningful. The global RNG is forked so the caller's stream is kept.
+    if placement.quantize == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                              bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=placement.dtype)
+
+
+def attach_lora(base: Any, lora: LoraSettings, seed: int, *, frozen_a: bool = False) -> Any:
+    """Wrap `base` with a float32 LoRA adapter whose initial A/B come from the swarm seed.
+
+    Every peer of a swarm must start from the same factors, whatever its device and base dtype,
+    so that averaging them coordinate-wise is meaningful (and, with a frozen A, exact). peft
+    draws its initial A on the CPU and then casts it to the base's dtype, so a bf16 peer's A
+    would differ from a float32 peer's by bf16 rounding; `_seed_factors` therefore draws the
+    initial values itself, in float32 on the CPU, and copies them in.
 
     Args:
         frozen_a: FFA-LoRA: keep every A at its seeded value and train only B.
@@ -236,15 +272,37 @@ def attach_lora(base: Any, lora: LoraSettings, seed: int, *, frozen_a: bool = Fa
         bias="none",
         task_type="CAUSAL_LM",
     )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = get_peft_model(base, config)
+    with torch.random.fork_rng(devices=[]):  # peft's own draw must not move the caller's RNG
+        model = get_peft_model(base, config, autocast_adapter_dtype=True)
+    _check_targets(model, lora.target_modules)
+    _seed_factors(model, seed)
     if frozen_a:
         for name, param in model.named_parameters():
             if "lora_A" in name:
                 param.requires_grad_(False)
-    _check_targets(model, lora.target_modules)
     return model
+
+
+def _seed_factors(model: Any, seed: int) -> None:
+    """Set every A to peft's default init (Kaiming-uniform, a = sqrt(5)) and every B to zero.
+
+    Kaiming-uniform with a = sqrt(5) is uniform on ±1/sqrt(fan_in). The values are drawn from
+    one CPU generator, module by module in sorted-name order, so they depend on the seed and
+    the model's shape only; the factors themselves are kept in float32 on the base's device.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters(), key=lambda item: item[0]):
+            if "lora_" not in name:
+                continue
+            if param.dtype != ADAPTER_DTYPE:
+                param.data = param.data.to(ADAPTER_DTYPE)
+            if "lora_A" in name:
+                bound = 1.0 / math.sqrt(param.shape[1])
+                values = torch.empty(param.shape, dtype=ADAPTER_DTYPE)
+                param.copy_(values.uniform_(-bound, bound, generator=generator))
+            else:
+                param.zero_()
 
 
 def _check_targets(model: Any, targets: Sequence[str]) -> None:

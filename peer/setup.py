@@ -15,6 +15,7 @@ from gossip.swarm import swarm_hex, swarm_id
 from gossip.wire import encode_adapter
 from peer.config import PeerConfig
 from peer.data import TokenBatches, eval_batches, load_examples
+from peer.device import resolve
 from peer.errors import DataError, PeerError
 from peer.model import attach_lora, fingerprint, load_base, resolve_model
 from peer.shared import SharedModel
@@ -56,8 +57,10 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
     examples = load_examples(config.train_path)
     held_out = load_examples(config.eval_path) if config.eval_path else []
     if shared is None:
+        placement = resolve(config.device)
         model_dir = resolve_model(config.model)
-        base, tokenizer = load_base(model_dir)
+        logger.info("loading %s on %s", model_dir, placement.describe())
+        base, tokenizer = load_base(model_dir, placement)
         model = attach_lora(base, config.lora, config.init_seed, frozen_a=config.train.frozen_a)
         adapter, lock, model_print = "default", None, fingerprint(model_dir)
     else:

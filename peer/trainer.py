@@ -22,7 +22,8 @@ import torch
 
 from merge.types import AdapterState
 from peer.config import TrainConfig
-from peer.data import TokenBatches, mean_loss
+from peer.data import IGNORE_INDEX, TokenBatches, mean_loss
+from peer.device import ADAPTER_DTYPE
 
 
 class LocalTrainer:
@@ -55,6 +56,7 @@ class LocalTrainer:
         # dict, every adapter of a shared model included, on the event-loop thread. With 64
         # in-process peers that was a third of the loop's time (py-spy), growing as N².
         self._named = {n.replace(f".{adapter}.", "."): p for n, p in own}
+        self.device = next(p.device for _, p in own) if own else torch.device("cpu")
         self.optimizer = torch.optim.AdamW(
             self._params, lr=config.lr, weight_decay=config.weight_decay
         )
@@ -83,16 +85,33 @@ class LocalTrainer:
             if losses and stop is not None and stop.is_set():
                 break
             batch = self.batches.next_batch()
-            loss = self.model(**batch).loss
-            if not math.isfinite(loss.item()):
-                raise FloatingPointError("training loss is not finite; lower --lr")
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(self._params, 1.0)
-            self.optimizer.step()
-            self.optimizer.zero_grad(set_to_none=True)
-            losses.append(loss.item())
+            losses.append(self._step(batch))
             self.samples += int(batch["input_ids"].shape[0])
         return sum(losses) / len(losses)
+
+    def _step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One optimizer step over `batch`, in `grad_accum` micro-batches; returns its loss.
+
+        Each micro-batch's mean loss is weighted by its share of the batch's labelled tokens,
+        so the accumulated gradient equals the whole batch's (a token-weighted mean), however
+        the tokens fall into the parts.
+        """
+        parts = split_batch(batch, self.config.grad_accum)
+        total = sum(labelled_tokens(part) for part in parts)
+        loss_sum = 0.0
+        for part in parts:
+            share = labelled_tokens(part) / max(total, 1)
+            if share == 0:
+                continue
+            loss = self.model(**{k: v.to(self.device) for k, v in part.items()}).loss
+            if not math.isfinite(loss.item()):
+                raise FloatingPointError("training loss is not finite; lower --lr")
+            (loss * share).backward()
+            loss_sum += loss.item() * share
+        torch.nn.utils.clip_grad_norm_(self._params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss_sum
 
     def state(self) -> AdapterState:
         """A detached CPU copy of the adapter (peft names, no adapter name inside).
@@ -101,8 +120,8 @@ class LocalTrainer:
         swarm-seeded one, so exchanging B alone is complete, averaging it is exact
         (mean(B)·A = mean(B·A)), and the bytes on the wire shrink by A's share.
         """
-        return {k: v.detach().to("cpu", copy=True).contiguous() for k, v in self._named.items()
-                if not (self.config.frozen_a and "lora_A" in k)}
+        return {k: v.detach().to("cpu", ADAPTER_DTYPE, copy=True).contiguous()
+                for k, v in self._named.items() if not (self.config.frozen_a and "lora_A" in k)}
 
     def load_state(self, state: Mapping[str, torch.Tensor]) -> None:
         """Replace the adapter's values in place (the optimizer keeps its moments).
@@ -126,3 +145,23 @@ class LocalTrainer:
         with self._lock:
             self._activate()
             return mean_loss(self.model, batches)
+
+
+def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
+    """Cut a right-padded batch into `parts` row groups, each trimmed to its longest row."""
+    if parts == 1:
+        return [batch]
+    groups = [dict(zip(batch, rows, strict=True))
+              for rows in zip(*(torch.tensor_split(v, parts) for v in batch.values()),
+                              strict=True)]
+    return [_trim(group) for group in groups]
+
+
+def _trim(group: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    width = int(group["attention_mask"].sum(dim=1).max())
+    return {k: v[:, :width] for k, v in group.items()}
+
+
+def labelled_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the causal-LM loss averages over (position t predicts token t + 1)."""
+    return int((batch["labels"][:, 1:] != IGNORE_INDEX).sum())
