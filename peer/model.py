@@ -23,7 +23,7 @@ import shutil
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -221,7 +221,7 @@ def load_base(model_dir: Path, placement: Placement = CPU_FLOAT32) -> tuple[Any,
                 device_map={"": placement.device}, dtype=placement.dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype)
-            model.to(placement.device)
+            cast(Any, model).to(placement.device)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: cannot load as a causal LM ({exc})") from exc
     except (RuntimeError, torch.OutOfMemoryError) as exc:  # out of device memory, mostly
