@@ -54,10 +54,10 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
     """
     if config.train.threads and shared is None:
         torch.set_num_threads(config.train.threads)
+    placement = resolve(config.device)  # refuse what this machine lacks before loading
     examples = load_examples(config.train_path)
     held_out = load_examples(config.eval_path) if config.eval_path else []
     if shared is None:
-        placement = resolve(config.device)
         model_dir = resolve_model(config.model)
         logger.info("loading %s on %s", model_dir, placement.describe())
         base, tokenizer = load_base(model_dir, placement)

@@ -90,11 +90,19 @@ class LocalTrainer:
         return sum(losses) / len(losses)
 
     def _step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimizer step over `batch`, in `grad_accum` micro-batches; returns its loss.
+        """One optimizer step over `batch`; returns its loss."""
+        loss = self.accumulate(batch)
+        torch.nn.utils.clip_grad_norm_(self._params, 1.0)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    def accumulate(self, batch: dict[str, torch.Tensor]) -> float:
+        """Add the gradient of `batch`'s loss, in `grad_accum` micro-batches; return the loss.
 
         Each micro-batch's mean loss is weighted by its share of the batch's labelled tokens,
-        so the accumulated gradient equals the whole batch's (a token-weighted mean), however
-        the tokens fall into the parts.
+        so the sum of their gradients is the whole batch's (a token-weighted mean), however
+        the tokens fall into the parts: a device short of memory takes the swarm's batch.
         """
         parts = split_batch(batch, self.config.grad_accum)
         total = sum(labelled_tokens(part) for part in parts)
@@ -108,9 +116,6 @@ class LocalTrainer:
                 raise FloatingPointError("training loss is not finite; lower --lr")
             (loss * share).backward()
             loss_sum += loss.item() * share
-        torch.nn.utils.clip_grad_norm_(self._params, 1.0)
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
         return loss_sum
 
     def state(self) -> AdapterState:
