@@ -42,8 +42,8 @@ class DeviceConfig:
         "help": "load the base in 4bit (QLoRA: nf4, double quantization) or 8bit through "
         "bitsandbytes; needs CUDA and `pip install 'loraswarm[gpu]'`"})
     grad_checkpointing: bool = field(default=False, metadata={
-        "help": "recompute activations in the backward pass: less memory, about a third "
-        "more compute"})
+        "help": "keep fewer activations and recompute them in the backward pass: less "
+        "memory for one more forward pass per step"})
 
     def __post_init__(self) -> None:
         if not _is_device_name(self.device):

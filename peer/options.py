@@ -35,6 +35,22 @@ _SECTIONS: dict[str | None, type] = {
 }
 
 
+SWARM = "swarm"
+AGREE = "agree"
+_GROUPS = {
+    SWARM: ("swarm settings (every peer of a swarm must use the same)",
+            "The swarm id hashes these: a peer with another value is in another swarm, and "
+            "its peers never exchange adapters with yours."),
+    AGREE: ("training settings (should match across the swarm)",
+            "Not enforced, but peers whose steps differ in size pull the average their way; "
+            "agree on them like on the model."),
+    "own": ("this peer's own settings",
+            "Its device and data, and how it talks to the network: peers may differ freely. "
+            "The adapter travels in float32 whatever --device, --dtype or --quantize, so a GPU "
+            "peer and a CPU peer share one swarm."),
+}
+
+
 @dataclass(frozen=True)
 class Option:
     """A setting: its flag/TOML name, where it lands, and how a text value becomes its type."""
@@ -46,6 +62,7 @@ class Option:
     metavar: str = ""
     repeat: bool = False  # a flag given several times (or a TOML list) gives a tuple
     required: bool = False
+    scope: str = "own"  # SWARM: hashed into the swarm id; AGREE: should match; own: per device
 
     @property
     def flag(self) -> str:
@@ -55,7 +72,7 @@ class Option:
         spec = next(f for f in dataclasses.fields(_SECTIONS[self.section]) if f.name == self.field)
         text = str(spec.metadata.get("help", ""))
         default = _default_of(spec)
-        if default not in (None, (), dataclasses.MISSING) and not self.required:
+        if default not in (None, (), "", dataclasses.MISSING) and not self.required:
             text += f" (default: {_show(default)})"
         return text
 
@@ -96,8 +113,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("data_dir", None, "data_dir", Path, "DIR", required=True),
     Option("train", None, "train_path", Path, "FILE", required=True),
     Option("eval", None, "eval_path", Path, "FILE"),
-    Option("model", None, "model", str, "PATH"),
-    Option("init_seed", None, "init_seed", int, "N"),
+    Option("model", None, "model", str, "PATH", scope=SWARM),
+    Option("init_seed", None, "init_seed", int, "N", scope=SWARM),
     Option("rounds", None, "rounds", int, "N"),
     Option("settle_rounds", None, "settle_rounds", int, "N"),
     Option("eval_every", None, "eval_every", int, "N"),
@@ -107,17 +124,17 @@ OPTIONS: tuple[Option, ...] = (
     Option("wait_timeout", None, "wait_timeout_s", float, "SECONDS"),
     Option("attack", None, "attack", str, "NAME"),
     Option("attack_scale", None, "attack_scale", float, "X"),
-    Option("lora_rank", "lora", "rank", int, "R"),
-    Option("lora_alpha", "lora", "alpha", int, "A"),
-    Option("lora_targets", "lora", "target_modules", _names, "A,B"),
-    Option("steps_per_round", "train", "steps_per_round", int, "N"),
-    Option("batch_size", "train", "batch_size", int, "N"),
-    Option("seq_len", "train", "seq_len", int, "N"),
-    Option("lr", "train", "lr", float, "LR"),
-    Option("weight_decay", "train", "weight_decay", float, "WD"),
+    Option("lora_rank", "lora", "rank", int, "R", scope=SWARM),
+    Option("lora_alpha", "lora", "alpha", int, "A", scope=SWARM),
+    Option("lora_targets", "lora", "target_modules", _names, "A,B", scope=SWARM),
+    Option("steps_per_round", "train", "steps_per_round", int, "N", scope=AGREE),
+    Option("batch_size", "train", "batch_size", int, "N", scope=AGREE),
+    Option("seq_len", "train", "seq_len", int, "N", scope=AGREE),
+    Option("lr", "train", "lr", float, "LR", scope=AGREE),
+    Option("weight_decay", "train", "weight_decay", float, "WD", scope=AGREE),
     Option("data_seed", "train", "data_seed", int, "N"),
     Option("threads", "train", "threads", int, "N"),
-    Option("frozen_a", "train", "frozen_a", _bool, "BOOL"),
+    Option("frozen_a", "train", "frozen_a", _bool, "BOOL", scope=SWARM),
     Option("grad_accum", "train", "grad_accum", int, "N"),
     Option("text_field", "data", "text_field", str, "NAME"),
     Option("instruction_fields", "data", "instruction_fields", _names, "I,[IN,]OUT"),
@@ -128,7 +145,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("grad_checkpointing", "device", "grad_checkpointing", _bool, "BOOL"),
     Option("listen", "network", "listen", str, "MULTIADDR", repeat=True),
     Option("bootstrap", "network", "bootstrap", str, "MULTIADDR", repeat=True),
-    Option("swarm_key", "network", "psk", _swarm_key, "FILE"),
+    Option("swarm_key", "network", "psk", _swarm_key, "FILE", scope=SWARM),
     Option("max_adapter_bytes", "network", "max_adapter_bytes", int, "N"),
     Option("fetch_timeout", "network", "fetch_timeout_s", float, "SECONDS"),
     Option("min_upload_rate", "network", "min_upload_rate", float, "BYTES_PER_S"),
@@ -139,12 +156,12 @@ OPTIONS: tuple[Option, ...] = (
     Option("view_size", "topology", "view_size", int, "N"),
     Option("peer_timeout", "topology", "peer_timeout_s", float, "SECONDS"),
     Option("target_connections", "topology", "target_connections", int, "N"),
-    Option("merge_rule", "merge", "rule", str, "NAME"),
-    Option("staleness_discount", "merge", "staleness_discount", float, "X"),
-    Option("max_norm_ratio", "merge", "max_norm_ratio", float, "X"),
-    Option("trim", "merge", "trim", int, "N"),
-    Option("trim_fraction", "merge", "trim_fraction", float, "X"),
-    Option("clip_tau", "merge", "clip_tau", float, "X"),
+    Option("merge_rule", "merge", "rule", str, "NAME", scope=AGREE),
+    Option("staleness_discount", "merge", "staleness_discount", float, "X", scope=AGREE),
+    Option("max_norm_ratio", "merge", "max_norm_ratio", float, "X", scope=AGREE),
+    Option("trim", "merge", "trim", int, "N", scope=AGREE),
+    Option("trim_fraction", "merge", "trim_fraction", float, "X", scope=AGREE),
+    Option("clip_tau", "merge", "clip_tau", float, "X", scope=AGREE),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 
@@ -153,12 +170,14 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
     """Add `--config` and every option as a flag; unset flags stay absent from the namespace."""
     parser.add_argument("--config", type=Path, metavar="FILE",
                         help="TOML file with any of the settings below (flags win over it)")
+    groups = {scope: parser.add_argument_group(title, text)
+              for scope, (title, text) in _GROUPS.items()}
     for option in OPTIONS:
         kwargs: dict[str, Any] = {"dest": option.name, "metavar": option.metavar,
                                   "help": option.help(), "default": argparse.SUPPRESS}
         if option.repeat:
             kwargs["action"] = "append"
-        parser.add_argument(option.flag, **kwargs)
+        groups[option.scope].add_argument(option.flag, **kwargs)
 
 
 def config_from_args(args: argparse.Namespace) -> PeerConfig:

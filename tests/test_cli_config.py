@@ -60,6 +60,22 @@ def test_toml_is_read_and_flags_win(tmp_path: Path) -> None:
     assert config.lora.target_modules == ("q_proj",)
 
 
+def test_help_says_which_settings_a_swarm_shares() -> None:
+    from peer.cli import build_parser
+
+    peer = build_parser()._subparsers._group_actions[0].choices["peer"]  # type: ignore[union-attr]
+    text = peer.format_help()
+    swarm, agree, own = (text.index(title) for title in (
+        "swarm settings (every peer", "training settings (should match", "this peer's own"))
+    listed = {flag: text.index("\n  " + flag) for flag in (  # below the usage lines
+        "--lora-rank", "--model", "--batch-size", "--lr", "--device", "--dtype", "--quantize",
+        "--grad-accum", "--grad-checkpointing", "--threads", "--pack")}
+    assert swarm < listed["--lora-rank"] < agree and swarm < listed["--model"] < agree
+    assert agree < listed["--batch-size"] < own and agree < listed["--lr"] < own
+    assert min(listed[f] for f in ("--device", "--dtype", "--quantize", "--grad-accum",
+                                   "--grad-checkpointing", "--threads", "--pack")) > own
+
+
 def test_every_option_has_help() -> None:
     for option in OPTIONS:
         assert option.help().strip(), option.name
