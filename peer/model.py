@@ -218,7 +218,7 @@ def load_base(model_dir: Path, placement: Placement = CPU_FLOAT32) -> tuple[Any,
         if placement.quantize:
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, quantization_config=_bnb_config(placement),
-                device_map={"": placement.device}, dtype=placement.dtype)
+                device_map={"": str(placement.device)}, dtype=placement.dtype)
         else:
             model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype)
             cast(Any, model).to(placement.device)
