@@ -63,6 +63,7 @@ class Records:
         return {
             "peer_id": node.peer_id, "listen_addrs": node.listen_addrs, "topic": node.topic,
             "swarm_id": runtime.swarm_hex, "model": str(runtime.model_dir),
+            "device": runtime.placement.describe(),
             "round": round_, "version": version, "samples": runtime.trainer.samples,
             **{k: v for k, v in self.totals().items() if k != "t"},
             "peers_known": len(self.view), "peers_connected": len(node.connected_peers()),

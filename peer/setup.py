@@ -15,7 +15,7 @@ from gossip.swarm import swarm_hex, swarm_id
 from gossip.wire import encode_adapter
 from peer.config import PeerConfig
 from peer.data import TokenBatches, eval_batches, load_examples
-from peer.device import resolve
+from peer.device import CPU_FLOAT32, Placement, resolve
 from peer.errors import DataError, PeerError
 from peer.model import attach_lora, fingerprint, load_base, resolve_model
 from peer.shared import SharedModel
@@ -36,6 +36,7 @@ class Runtime:
     store: PeerStore
     shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
     resumed: Checkpoint | None
+    placement: Placement = CPU_FLOAT32  # where the base computes (a shared base: CPU float32)
 
     @property
     def swarm_hex(self) -> str:
@@ -92,6 +93,7 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
         store=store,
         shapes={k: (tuple(v.shape), v.dtype) for k, v in state.items()},
         resumed=resumed,
+        placement=placement if shared is None else CPU_FLOAT32,
     )
 
 

@@ -146,5 +146,7 @@ async def test_a_float32_peer_and_a_bf16_peer_merge_each_other(tmp_path: Path,
                     await peer.wait_rounds(peer.round + 1)
             nursery.cancel_scope.cancel()
     assert full.status()["swarm_id"] == half.status()["swarm_id"]
+    assert (full.status()["device"], half.status()["device"]) == (
+        "cpu, float32 base", "cpu, bfloat16 base")
     for peer in (full, half):
         assert not peer.stats.rejected, peer.stats.rejected
