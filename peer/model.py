@@ -233,11 +233,23 @@ def load_base(model_dir: Path, placement: Placement = CPU_FLOAT32) -> tuple[Any,
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=placement.grad_checkpointing)
+            model, use_gradient_checkpointing=placement.grad_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
     elif placement.grad_checkpointing:
-        # Non-reentrant checkpointing needs no input that requires grad (the base is frozen).
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        _checkpoint_activations(model)
     return model, tokenizer
+
+
+def _checkpoint_activations(model: Any) -> None:
+    """Non-reentrant checkpointing: it needs no input that requires grad (the base is frozen).
+
+    transformers 5 renamed the method (and its keyword); 4.x has only the old names.
+    """
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
 
 
 def _bnb_config(placement: Placement) -> Any:

@@ -88,8 +88,8 @@ def _distance(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> float:
 def test_checkpointing_recomputes_the_same_gradient(small_model_dir: Path) -> None:
     plain = _trainer(small_model_dir)
     checkpointed = _trainer(small_model_dir, Placement(grad_checkpointing=True))
-    assert checkpointed.model.base_model.model.is_gradient_checkpointing
-    assert not plain.model.base_model.model.is_gradient_checkpointing
+    assert checkpointed.model.base_model.model.is_activation_checkpointing
+    assert not plain.model.base_model.model.is_activation_checkpointing
     expected, got = _gradient(plain), _gradient(checkpointed)
     for name, grad in expected.items():
         torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-7, msg=name)
