@@ -56,8 +56,8 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
     if config.train.threads and shared is None:
         torch.set_num_threads(config.train.threads)
     placement = resolve(config.device)  # refuse what this machine lacks before loading
-    examples = load_examples(config.train_path)
-    held_out = load_examples(config.eval_path) if config.eval_path else []
+    examples = load_examples(config.train_path, config.data)
+    held_out = load_examples(config.eval_path, config.data) if config.eval_path else []
     if shared is None:
         model_dir = resolve_model(config.model)
         logger.info("loading %s on %s", model_dir, placement.describe())
@@ -72,7 +72,8 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
     lora_identity = {**config.lora.to_dict(), "frozen_a": config.train.frozen_a}
     swarm = swarm_id(model_print, lora_identity, config.init_seed)
     batches = TokenBatches(examples, tokenizer, seq_len=config.train.seq_len,
-                           batch_size=config.train.batch_size, seed=config.train.data_seed)
+                           batch_size=config.train.batch_size, seed=config.train.data_seed,
+                           pack=config.data.pack)
     store = PeerStore(config.data_dir)
     resumed = store.load_checkpoint(swarm_hex(swarm))
     trainer = LocalTrainer(model, batches, config.train,

@@ -86,7 +86,7 @@ class LocalTrainer:
                 break
             batch = self.batches.next_batch()
             losses.append(self._step(batch))
-            self.samples += int(batch["input_ids"].shape[0])
+            self.samples += self.batches.last_examples  # packed rows hold several
         return sum(losses) / len(losses)
 
     def _step(self, batch: dict[str, torch.Tensor]) -> float:

@@ -117,7 +117,7 @@ def test_folder_reads_supported_files_in_sorted_order(tmp_path: Path) -> None:
     (tmp_path / "b.txt").write_text("from b", encoding="utf-8")
     jsonl(tmp_path / "a.jsonl", {"text": "from a"})
     jsonl(tmp_path / "c.json", {"text": "from c"})
-    (tmp_path / "notes.csv").write_text("ignored", encoding="utf-8")
+    (tmp_path / "notes.xlsx").write_text("ignored", encoding="utf-8")
     (tmp_path / ".hidden.txt").write_text("ignored", encoding="utf-8")
     (tmp_path / "sub").mkdir()
     (tmp_path / "sub" / "d.txt").write_text("ignored", encoding="utf-8")
@@ -150,7 +150,7 @@ def test_bad_json_names_file_and_line(tmp_path: Path) -> None:
     ({"text": 5}, "field 'text' must be a string, got int"),
     ({"instruction": "i", "output": ["a"]}, "field 'output' must be a string"),
     ({"text": "   "}, "field 'text' is empty"),
-    ({"instruction": "", "output": "o"}, "must not be empty"),
+    ({"instruction": "", "output": "o"}, "field 'instruction' is empty"),
     (["text", "a list"], "expected a JSON object, got list"),
 ])
 def test_line_without_usable_fields(tmp_path: Path, row: Any, fragment: str) -> None:
@@ -166,13 +166,13 @@ def test_error_in_a_folder_names_the_file(tmp_path: Path) -> None:
 
 def test_empty_folder_and_folder_without_data_files(tmp_path: Path) -> None:
     raises_one_line(lambda: load_examples(tmp_path), str(tmp_path), "no .jsonl")
-    (tmp_path / "data.csv").write_text("a,b\n", encoding="utf-8")
+    (tmp_path / "data.xlsx").write_text("a,b\n", encoding="utf-8")
     raises_one_line(lambda: load_examples(tmp_path), "no .jsonl")
 
 
 def test_unsupported_suffix_and_bad_encoding(tmp_path: Path) -> None:
-    (tmp_path / "data.csv").write_text("a,b\n", encoding="utf-8")
-    raises_one_line(lambda: load_examples(tmp_path / "data.csv"), "unsupported file type '.csv'")
+    (tmp_path / "data.xlsx").write_text("a,b\n", encoding="utf-8")
+    raises_one_line(lambda: load_examples(tmp_path / "data.xlsx"), "unsupported file type '.xlsx'")
     (tmp_path / "latin.txt").write_bytes(b"caf\xe9\n")
     raises_one_line(lambda: load_examples(tmp_path / "latin.txt"), "not UTF-8", "byte 3")
 

@@ -1,0 +1,415 @@
+"""Training data files to examples: the readers behind `peer.data.load_examples`.
+
+An example is a string (plain text, or an instruction rendered by `format_example`) or a
+`Chat` record, which needs the model's tokenizer to become a string (`peer.data.render`).
+Rows of every format go through one mapping, `example_of`, set by `DataConfig`: a row with the
+text field is plain text, one with a `messages` list is a chat, one with the instruction and
+output fields is an instruction example.
+
+JSON lines and .txt files are parsed here, so that errors name the line. CSV, Parquet and Arrow
+files, folders written by `Dataset.save_to_disk` and hub datasets are read through the
+`datasets` library, imported on first use (it takes a second), and errors name the data row.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import json
+import logging
+import os
+import re
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeAlias
+
+from peer.config import DataConfig
+from peer.errors import DataError
+
+__all__ = ["Chat", "Example", "RESPONSE", "example_of", "format_example", "load_examples"]
+
+logger = logging.getLogger(__name__)
+
+RESPONSE = "\n\n### Response:\n"  # ends an instruction example's prompt
+MESSAGES = "messages"  # the field of chat records
+_DEFAULT_FIELDS = DataConfig()
+_SUFFIXES = ".jsonl, .json, .txt, .csv, .parquet or .arrow"
+# owner/name, as the hub spells dataset names; anything else that does not exist is a typo.
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+
+
+@dataclass(frozen=True)
+class Chat:
+    """A chat record: its (role, content) turns, the last one the assistant's reply.
+
+    Training covers that final reply; the turns before it are its context. `where` names the
+    record ("file: row 3") in errors raised when it is rendered, and takes no part in equality.
+    """
+
+    messages: tuple[tuple[str, str], ...]
+    where: str = field(default="", compare=False)
+
+    def as_dicts(self, upto: int | None = None) -> list[dict[str, str]]:
+        """The turns (the first `upto` of them) as chat-template messages."""
+        return [{"role": role, "content": content} for role, content in self.messages[:upto]]
+
+
+Example: TypeAlias = str | Chat
+
+
+def format_example(instruction: str, output: str, input: str = "") -> str:
+    """Render an instruction example as one training string (Alpaca-style headings).
+
+    Args:
+        instruction: the task or question.
+        output: the desired response.
+        input: optional context for the instruction; its block is left out when blank.
+    """
+    context = f"\n\n### Input:\n{input}" if input.strip() else ""
+    return f"### Instruction:\n{instruction}{context}{RESPONSE}{output}"
+
+
+def load_examples(path: Path | str, fields: DataConfig = _DEFAULT_FIELDS) -> list[Example]:
+    """Read training examples from a file, a folder of files, or a hub dataset.
+
+    Files: JSON lines (.jsonl/.json, blank lines skipped), .txt (one example per paragraph),
+    .csv (a header row; every cell is read as text), .parquet and .arrow. A folder gives the
+    examples of all its files of these kinds in sorted file-name order (hidden files and
+    subfolders are ignored); a folder written by `Dataset.save_to_disk` is read as that
+    dataset (its "train" split). A name like `owner/name` that is no local path is loaded
+    from the hub when online. Rows are mapped by `fields` (see `example_of`).
+
+    Raises:
+        DataError: one line naming the file and line (or data row): a missing, unreadable or
+            empty file, an empty folder, bad JSON, a row without usable fields, or a hub name
+            while offline.
+    """
+    path = Path(path)
+    if path.is_dir():
+        return _load_folder(path, fields)
+    if path.exists():
+        return _load_file(path, fields)
+    if _HUB_NAME.fullmatch(str(path)) and path.suffix.lower() not in _READERS:
+        return _load_hub(str(path), fields)
+    raise DataError(f"{path}: no such file or folder; pass a {_SUFFIXES} file or a folder")
+
+
+def _load_folder(path: Path, fields: DataConfig) -> list[Example]:
+    if (path / "state.json").is_file() or (path / "dataset_dict.json").is_file():
+        return _load_saved(path, fields)
+    files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")
+                   and p.suffix.lower() in _READERS)
+    if not files:
+        raise DataError(f"{path}: folder holds no {_SUFFIXES} files")
+    return [example for file in files for example in _load_file(file, fields)]
+
+
+def _load_file(path: Path, fields: DataConfig) -> list[Example]:
+    reader = _READERS.get(path.suffix.lower())
+    if reader is None:
+        raise DataError(f"{path}: unsupported file type {path.suffix or '(none)'!r}; "
+                        f"use {_SUFFIXES}")
+    examples = reader(path, fields)
+    if not examples:
+        raise DataError(f"{path}: empty file, it holds no training examples")
+    logger.debug("%s: %d examples", path, len(examples))
+    return examples
+
+
+# ---------------------------------------------------------------------------------------------
+# rows to examples
+
+
+def example_of(where: str, row: Any, fields: DataConfig = _DEFAULT_FIELDS) -> Example:
+    """One record as an example: plain text, a chat, or a rendered instruction, in that order.
+
+    Args:
+        where: names the record in errors, e.g. "data.jsonl:3" or "data.csv: row 2".
+        row: the record's fields (a JSON object or a table row).
+        fields: which fields hold text and instructions. An optional instruction input that
+            is missing or null is left out; every other value must be a non-blank string.
+
+    Raises:
+        DataError: one line "where: what is wrong", naming the fields found.
+    """
+    if not isinstance(row, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+    if fields.text_field in row:
+        return _string(where, row, fields.text_field)
+    if MESSAGES in row:
+        return _chat_of(where, row[MESSAGES])
+    instruction, *middle, output = fields.instruction_fields
+    if instruction in row and output in row:
+        context = _optional(where, row, middle[0]) if middle else ""
+        return format_example(_string(where, row, instruction), _string(where, row, output),
+                              context)
+    found = ", ".join(sorted(map(str, row))) or "none"
+    raise DataError(f"{where}: needs a {fields.text_field!r} field or {instruction!r} and "
+                    f"{output!r} fields or a {MESSAGES!r} list (found: {found})")
+
+
+def _string(where: str, row: dict[str, Any], key: str) -> str:
+    value = row[key]
+    if value is None:
+        raise DataError(f"{where}: field {key!r} is empty (null)")
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    if not value.strip():
+        raise DataError(f"{where}: field {key!r} is empty")
+    return value
+
+
+def _optional(where: str, row: dict[str, Any], key: str) -> str:
+    # A table has every column in every row, so a missing input reads as null there.
+    value = row.get(key)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise DataError(f"{where}: field {key!r} must be a string, got {type(value).__name__}")
+    return value
+
+
+def _chat_of(where: str, value: Any) -> Chat:
+    """Validate a `messages` list: string roles and contents, ending in the assistant's reply.
+
+    A reply needs a prompt, so at least one message must come before it (plain text without
+    a prompt belongs in a text field). CSV cells hold the list as JSON text.
+    """
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: field {MESSAGES!r} is not a JSON list ({exc.msg})") from None
+    if isinstance(value, dict) and set(value) >= {"role", "content"}:
+        # datasets' Sequence({...}) feature gives a dict of lists instead of a list of dicts.
+        value = [{"role": r, "content": c} for r, c in zip(value["role"], value["content"],
+                                                           strict=False)]
+    if not isinstance(value, list) or len(value) < 2:
+        raise DataError(f"{where}: field {MESSAGES!r} must be a list of at least 2 messages, "
+                        "the last one the assistant's reply")
+    turns = []
+    for number, message in enumerate(value, start=1):
+        role = message.get("role") if isinstance(message, dict) else None
+        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(role, str) or not role or not isinstance(content, str):
+            raise DataError(f"{where}: message {number} needs string 'role' and 'content' "
+                            "fields")
+        turns.append((role, content))
+    if turns[-1][0] != "assistant":
+        raise DataError(f"{where}: the last message must be the assistant's reply, "
+                        f"got role {turns[-1][0]!r}")
+    if not turns[-1][1].strip():
+        raise DataError(f"{where}: the assistant's last reply is empty")
+    return Chat(tuple(turns), where)
+
+
+# ---------------------------------------------------------------------------------------------
+# text formats, parsed here
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                        "re-save the file as UTF-8") from exc
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+
+
+def _read_jsonl(path: Path, fields: DataConfig) -> list[Example]:
+    examples = []
+    # Split on "\n" only: str.splitlines would also break inside strings holding U+2028 etc.
+    for number, line in enumerate(_read_text(path).split("\n"), start=1):
+        if not line.strip():
+            continue
+        where = f"{path}:{number}"
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise DataError(f"{where}: bad JSON ({exc.msg} at column {exc.colno}); each line "
+                            "must be one JSON object") from None
+        examples.append(example_of(where, row, fields))
+    return examples
+
+
+def _read_paragraphs(path: Path, fields: DataConfig) -> list[Example]:
+    paragraphs: list[list[str]] = [[]]
+    for line in _read_text(path).split("\n"):
+        if line.strip():
+            paragraphs[-1].append(line.rstrip())
+        elif paragraphs[-1]:
+            paragraphs.append([])
+    return ["\n".join(lines).strip() for lines in paragraphs if lines]
+
+
+# ---------------------------------------------------------------------------------------------
+# tables, read through `datasets`
+
+
+def _read_csv(path: Path, fields: DataConfig) -> list[Example]:
+    columns = _csv_columns(path)
+    if columns is None:
+        return []
+    from datasets import Features, Value
+
+    # Every cell as text: inferred types would turn an input of "007" into 7.0, and "NA" or
+    # "null" into a missing value.
+    features = Features({name: Value("string") for name in columns})
+    return _rows_of(str(path), _load_local("csv", path, features=features,
+                                           keep_default_na=False), fields)
+
+
+def _csv_columns(path: Path) -> list[str] | None:
+    """The header of a CSV file, or None when it has no data row."""
+    try:
+        with path.open(encoding="utf-8", newline="") as handle:
+            reader = csv.reader(handle)
+            header = next(reader, None)
+            first = next((row for row in reader if any(cell.strip() for cell in row)), None)
+    except UnicodeDecodeError as exc:
+        raise DataError(f"{path}: not UTF-8 text ({exc.reason}); re-save the file as UTF-8"
+                        ) from exc
+    except (OSError, csv.Error) as exc:
+        raise DataError(f"{path}: cannot read as CSV ({exc})") from exc
+    if header is None or first is None:
+        return None
+    if len(set(header)) < len(header):
+        raise DataError(f"{path}: the header row repeats a column name ({', '.join(header)})")
+    return header
+
+
+def _read_parquet(path: Path, fields: DataConfig) -> list[Example]:
+    import pyarrow.parquet as pq
+
+    return _read_table("parquet", path, fields, lambda: pq.read_metadata(path).num_rows)
+
+
+def _read_arrow(path: Path, fields: DataConfig) -> list[Example]:
+    return _read_table("arrow", path, fields, lambda: _arrow_rows(path))
+
+
+def _arrow_rows(path: Path) -> int:
+    """Rows of an Arrow IPC file, in file or stream format (memory-mapped: nothing copied)."""
+    import pyarrow as pa
+
+    with pa.memory_map(str(path)) as source:
+        try:
+            return int(pa.ipc.open_file(source).read_all().num_rows)
+        except pa.ArrowInvalid:
+            source.seek(0)
+            return int(pa.ipc.open_stream(source).read_all().num_rows)
+
+
+def _read_table(kind: str, path: Path, fields: DataConfig, count: Callable[[], int]
+                ) -> list[Example]:
+    """Rows of a Parquet or Arrow file, counted first: `datasets` fails on an empty table
+    with a message that does not say so."""
+    import pyarrow as pa
+
+    try:
+        rows = count()
+    except (pa.ArrowException, OSError) as exc:
+        raise DataError(f"{path}: cannot read as {kind.upper()} ({_reason(exc)})") from None
+    return _rows_of(str(path), _load_local(kind, path), fields) if rows else []
+
+
+def _rows_of(source: str, rows: Iterable[Any], fields: DataConfig) -> list[Example]:
+    return [example_of(f"{source}: row {n}", row, fields) for n, row in enumerate(rows, start=1)]
+
+
+def _load_local(kind: str, path: Path, **options: Any) -> Any:
+    """One local file as a `datasets` table, held in memory, its cache in a temporary folder."""
+    import datasets
+
+    with _quiet(), tempfile.TemporaryDirectory(prefix="loraswarm-datasets-") as cache:
+        try:
+            return datasets.load_dataset(kind, data_files=str(path), split="train",
+                                         cache_dir=cache, keep_in_memory=True, **options)
+        except (datasets.exceptions.DatasetsError, OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read as {kind.upper()} ({_reason(exc)})") from None
+
+
+def _load_saved(path: Path, fields: DataConfig) -> list[Example]:
+    import datasets
+
+    with _quiet():
+        try:
+            loaded = datasets.load_from_disk(str(path), keep_in_memory=True)
+        except (datasets.exceptions.DatasetsError, OSError, ValueError) as exc:
+            raise DataError(f"{path}: cannot read this saved dataset ({_reason(exc)})") from None
+    if isinstance(loaded, datasets.DatasetDict):
+        if "train" not in loaded:
+            raise DataError(f"{path}: saved dataset has no 'train' split "
+                            f"(splits: {', '.join(loaded)})")
+        loaded = loaded["train"]
+    examples = _rows_of(str(path), loaded, fields)
+    if not examples:
+        raise DataError(f"{path}: empty dataset, it holds no training examples")
+    return examples
+
+
+def _load_hub(name: str, fields: DataConfig) -> list[Example]:
+    """A hub dataset's train split; its download is cached where `datasets` keeps them."""
+    if _offline():
+        raise DataError(_unreachable(name, "offline: HF_HUB_OFFLINE or HF_DATASETS_OFFLINE "
+                                     "is set"))
+    import datasets
+
+    with _quiet():
+        try:
+            loaded = datasets.load_dataset(name, split="train", keep_in_memory=True)
+        except (datasets.exceptions.DatasetsError, OSError, ValueError) as exc:
+            raise DataError(_unreachable(name, _reason(exc))) from None
+    examples = _rows_of(name, loaded, fields)
+    if not examples:
+        raise DataError(f"{name}: empty dataset, it holds no training examples")
+    return examples
+
+
+def _unreachable(name: str, why: str) -> str:
+    return (f"{name}: not a local file or folder, and the hub could not be reached for it "
+            f"({why}); pass a local {_SUFFIXES} file or a folder")
+
+
+def _offline() -> bool:
+    # Read at call time: `datasets` reads these once, when it is first imported.
+    return any(os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of the innermost cause: `datasets` wraps the parser's own error."""
+    while exc.__cause__ is not None:
+        exc = exc.__cause__
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__
+
+
+@contextlib.contextmanager
+def _quiet() -> Iterator[None]:
+    """Without progress bars and `datasets`' own error logs: our DataError says it once."""
+    from datasets.utils import logging as datasets_logging
+
+    bars = datasets_logging.is_progress_bar_enabled()
+    verbosity = datasets_logging.get_verbosity()
+    datasets_logging.disable_progress_bar()
+    datasets_logging.set_verbosity(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        datasets_logging.set_verbosity(verbosity)
+        if bars:
+            datasets_logging.enable_progress_bar()
+
+
+_READERS: dict[str, Callable[[Path, DataConfig], list[Example]]] = {
+    ".jsonl": _read_jsonl,
+    ".json": _read_jsonl,
+    ".txt": _read_paragraphs,
+    ".csv": _read_csv,
+    ".parquet": _read_parquet,
+    ".arrow": _read_arrow,
+}
