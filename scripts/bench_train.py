@@ -25,20 +25,32 @@ even when `--device` is a GPU, so it never shares the accelerator.
 
 The JSON (`--json OUT`):
   * tokens_per_s: `bare` (timed tokens / seconds of the bare steps), `daemon` (the same
-    tokens / the peer's wall time from the end of its warm-up round to the end of its last
-    one, by the `t` of its metrics lines) and `daemon_training` (over its seconds inside
-    training steps only, the `train_s` of its metrics lines: the gap to `bare` is what the
-    event loop and the neighbour's fetches take from the training core);
+    tokens / the peer's wall time from its warm-up round's metrics line to its last round's,
+    by their `t`) and `daemon_training` (over its seconds inside training steps only, the
+    `train_s` of its metrics lines: its gap to `bare` is what the event loop, serving the
+    neighbour, took from the training core, or other processes did);
   * ratio: daemon / bare;
-  * overhead_share: the share of that wall time spent outside training steps, split in
+  * overhead_share: the share of the peer's wall time spent outside training steps, split in
     `shares`: `gather` (fetching and validating the neighbour's adapter, and waiting for it
-    if it has not trained yet), `announce_merge` (encoding, hashing and serving ours,
-    merging) and `records` (checkpoint, metrics line with its sketch, status.json); `train`
-    completes them to 1.
+    if it has not trained yet), `announce_merge` (encoding, hashing and offering ours,
+    merging) and `records` (the round before's checkpoint, metrics line with its sketch and
+    status.json); `train` completes them to 1;
+  * loop_cpu_share: CPU time of the peer's event-loop thread over the same wall time (it runs
+    beside training, so it is not in `overhead_share`);
+  * core_share: this process's CPU time over wall time x its CPUs, in each way's timed part:
+    below 1 on a CPU, other processes took the rest, and `ratio` compares unequal shares;
+    cpu_ratio compares this process's CPU seconds instead (bare / daemon), which other
+    processes do not change (nor does any wait of the daemon's);
+  * per_round_s: each timed round's seconds, to spot a round that other processes slowed;
+  * warmup_loss, tokens, merged (neighbour adapters merged in the timed rounds), settings.
+Run it on an otherwise idle machine: anything else on the pinned cores slows one way and not
+the other.
 
 Examples:
-    python scripts/bench_train.py --json bench-train.json
-    python scripts/bench_train.py --json bench-train-bf16.json --dtype bfloat16
+    python scripts/bench_train.py --json bench-train.json --device cpu
+    python scripts/bench_train.py --json bench-train-bf16.json --device cpu --dtype bfloat16
+    python scripts/bench_train.py --json gpu-fp32.json --device cuda --dtype float32
+    python scripts/bench_train.py --json gpu-bf16.json --device cuda --dtype bfloat16
     python scripts/bench_train.py --json gpu-4bit.json --device cuda --quantize 4bit
     python scripts/bench_train.py --json quick.json --model builtin-small --rounds 2 \\
         --batch-size 2 --seq-len 16 --out bench-train-out
@@ -52,6 +64,7 @@ import json
 import logging
 import math
 import os
+import platform
 import shutil
 import sys
 import tempfile
@@ -146,8 +159,8 @@ class Cores:
 
 
 def plan_cores(threads: int) -> Cores:
-    """The first `threads` CPUs for us and the next `threads` for the neighbour, if there are
-    that many; otherwise the neighbour gets whatever is left, or shares ours."""
+    """The first `threads` CPUs for us, up to `threads` of the others for the neighbour; none
+    pinned where no CPU would be left for the neighbour."""
     if not hasattr(os, "sched_getaffinity"):
         return Cores((), ())
     cpus = sorted(os.sched_getaffinity(0))
@@ -166,6 +179,28 @@ def pin_this_process(cpus: Sequence[int]) -> None:
             continue
 
 
+@dataclass(frozen=True)
+class Clocks:
+    """Wall seconds, this process's CPU seconds, and the calling thread's CPU seconds."""
+
+    wall: float
+    process: float
+    thread: float
+
+    @classmethod
+    def now(cls) -> Clocks:
+        return cls(time.perf_counter(), time.process_time(), time.thread_time())
+
+    def __sub__(self, other: Clocks) -> Clocks:
+        return Clocks(self.wall - other.wall, self.process - other.process,
+                      self.thread - other.thread)
+
+    def core_share(self, cores: int) -> float:
+        """How much of `cores` CPUs this process had: below 1, other processes took the rest
+        (or, on a GPU, it waited for the device)."""
+        return self.process / (self.wall * cores)
+
+
 # -- the daemon --------------------------------------------------------------------------------
 
 
@@ -179,7 +214,7 @@ class DaemonRun:
     round_s: list[float]  # training, announcing, gathering, merging; not writing the records
     warmup_loss: float
     merged: int  # neighbour adapters merged in the timed rounds
-    loop_cpu_s: float  # CPU seconds of the event loop's thread over the timed rounds
+    clocks: Clocks  # over the timed rounds; `thread` is the event loop's CPU time
 
 
 def peer_configs(args: argparse.Namespace, folder: Path,
@@ -223,14 +258,14 @@ async def run_daemon(measured: PeerConfig, neighbour: PeerConfig, cores: Cores,
         log(f"measured peer listening; neighbour started (pid {process.pid})")
         watch = trio.CancelScope()
         nursery.start_soon(_fail_if_exits, process, log_file, peer, watch)
-        # This task runs on the event loop's thread: its CPU time is the loop's, which shares
-        # the training core (serving the neighbour, gossipsub, membership).
+        # This task runs on the event loop's thread: `clocks.thread` is the loop's CPU time,
+        # which shares the training core (serving the neighbour, gossipsub, membership).
         await peer.wait_rounds(1)
-        loop_cpu = time.thread_time()
+        clocks = Clocks.now()
         await peer.wait_rounds(measured.rounds)
-        loop_cpu = time.thread_time() - loop_cpu
+        clocks = Clocks.now() - clocks
         watch.cancel()  # the peer's run returns by itself after its last round
-    return summarise(read_metrics(measured.data_dir), measured, loop_cpu)
+    return summarise(read_metrics(measured.data_dir), measured, clocks)
 
 
 async def _fail_if_exits(process: trio.Process, log_file: Path, peer: Peer,
@@ -243,7 +278,7 @@ async def _fail_if_exits(process: trio.Process, log_file: Path, peer: Peer,
 
 
 def summarise(lines: Sequence[dict[str, Any]], config: PeerConfig,
-              loop_cpu_s: float) -> DaemonRun:
+              clocks: Clocks) -> DaemonRun:
     """Sum the timed rounds (every round after the first) of the peer's metrics lines."""
     rounds = {line["round"]: line for line in lines}
     if sorted(rounds) != list(range(1, config.rounds + 1)):
@@ -260,7 +295,7 @@ def summarise(lines: Sequence[dict[str, Any]], config: PeerConfig,
         round_s=[rounds[number]["round_s"] for number in timed],
         warmup_loss=rounds[1]["train_loss"],
         merged=sum(rounds[number]["merged"] for number in timed),
-        loop_cpu_s=loop_cpu_s,
+        clocks=clocks,
     )
 
 
@@ -279,6 +314,7 @@ class BareRun:
     seconds: list[float]  # per round's worth of steps
     warmup_loss: float
     tokens: int  # non-padding input tokens of the timed steps (the daemon's timed rounds too)
+    clocks: Clocks  # over the timed steps
 
 
 def run_bare(config: PeerConfig, rounds: int) -> BareRun:
@@ -307,17 +343,18 @@ def run_bare(config: PeerConfig, rounds: int) -> BareRun:
         return value
 
     warmup = [step() for _ in range(train.steps_per_round)]
-    seconds = []
+    seconds, clocks = [], Clocks.now()
     for _ in range(rounds):
         started = time.perf_counter()
         for _ in range(train.steps_per_round):
             step()
         _synchronize(placement)
         seconds.append(time.perf_counter() - started)
+    clocks = Clocks.now() - clocks
     tokens = count_tokens(TokenBatches(texts, tokenizer, seq_len=train.seq_len,
                                        batch_size=train.batch_size, seed=train.data_seed),
                           skip=train.steps_per_round, take=rounds * train.steps_per_round)
-    return BareRun(seconds, sum(warmup) / len(warmup), tokens)
+    return BareRun(seconds, sum(warmup) / len(warmup), tokens, clocks)
 
 
 def count_tokens(batches: TokenBatches, *, skip: int, take: int) -> int:
@@ -356,6 +393,8 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         with _peer_log(folder / "logs" / "peer.log"):
             daemon = await run_daemon(measured, neighbour, cores, processes)
         log(f"daemon: {args.rounds} timed rounds in {sum(daemon.wall_s):.1f} s; bare loop next")
+        if not daemon.merged:
+            log("warning: the peer merged nothing in its timed rounds (see logs/peer.log)")
         gc.collect()  # the peer's model goes before the bare loop loads its own
         bare = await trio.to_thread.run_sync(run_bare, measured, args.rounds)
         log(f"bare loop: {sum(bare.seconds):.1f} s; stopping the neighbour")
@@ -373,18 +412,23 @@ def result(args: argparse.Namespace, config: PeerConfig, cores: Cores, bare: Bar
     rates = {"bare": bare.tokens / seconds["bare"], "daemon": bare.tokens / seconds["daemon"],
              "daemon_training": bare.tokens / seconds["daemon_train"]}
     wall, round_s = seconds["daemon"], sum(daemon.round_s)
+    cpus = len(cores.ours) or args.threads
     parts = {"train": seconds["daemon_train"], "gather": sum(daemon.gather_s),
              "announce_merge": round_s - seconds["daemon_train"] - sum(daemon.gather_s),
              "records": wall - round_s}
     return {
         "device": str(placement.device),
+        "device_name": device_name(placement.device),
         "dtype": str(placement.dtype).removeprefix("torch."),
         "quantize": placement.quantize,
         "tokens_per_s": {name: round(rate, 2) for name, rate in rates.items()},
         "ratio": round(rates["daemon"] / rates["bare"], 4),
         "overhead_share": round(1 - seconds["daemon_train"] / wall, 4),
         "shares": {name: round(value / wall, 4) for name, value in parts.items()},
-        "loop_cpu_share": round(daemon.loop_cpu_s / wall, 4),
+        "loop_cpu_share": round(daemon.clocks.thread / daemon.clocks.wall, 4),
+        "cpu_ratio": round(bare.clocks.process / daemon.clocks.process, 4),
+        "core_share": {"bare": round(bare.clocks.core_share(cpus), 3),
+                       "daemon": round(daemon.clocks.core_share(cpus), 3)},
         "seconds": {name: round(value, 3) for name, value in seconds.items()},
         "per_round_s": {"bare": _rounded(bare.seconds), "daemon": _rounded(daemon.wall_s),
                         "daemon_train": _rounded(daemon.train_s)},
@@ -400,6 +444,17 @@ def result(args: argparse.Namespace, config: PeerConfig, cores: Cores, bare: Bar
                      "neighbour_cores": list(cores.neighbour), "neighbour_device": "cpu",
                      "cpus": os.cpu_count()},
     }
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo where there is one."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.machine() or device.type
 
 
 def _rounded(values: Sequence[float]) -> list[float]:
@@ -438,12 +493,14 @@ def _peer_log(path: Path) -> Iterator[None]:
     handler = logging.FileHandler(path, mode="w")
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
+    level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
         yield
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
         handler.close()
 
 
