@@ -153,17 +153,21 @@ class Peer:
         runtime = parts.runtime
         self._stop.clear()
         loss: float | None = None
+        train_s: float | None = None
+        started = trio.current_time()
         if self.training():
-            started = trio.current_time()
             loss = stats.last_train_loss = await trio.to_thread.run_sync(
                 runtime.trainer.train_round, self._stop)
-            self._train_s = trio.current_time() - started
+            train_s = self._train_s = trio.current_time() - started
+            stats.train_s += train_s
         self.version += 1
         state = runtime.trainer.state()
         await parts.publisher.announce(state, version=self.version)
+        gather_started = trio.current_time()
         found = await parts.gatherer.gather(state, version=self.version,
                                             trained=runtime.trainer.samples > 0,
                                             patience_s=self._train_s)
+        gather_s = trio.current_time() - gather_started
         others = self._inputs.choose(found.accepted, version=self.version)
         if others:
             own = Contribution(state=state, samples=runtime.trainer.samples)
@@ -179,7 +183,8 @@ class Peer:
             await self._evaluate(runtime)
         await parts.records.save_round(state, round_=self.round, version=self.version, loss=loss,
                                        merged=len(found.accepted), evaluated=evaluated,
-                                       tried=found.tried)
+                                       tried=found.tried, train_s=train_s, gather_s=gather_s,
+                                       round_s=trio.current_time() - started)
         self.completed = self.round
         self._round_done.set()
         self._round_done = trio.Event()

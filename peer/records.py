@@ -44,13 +44,24 @@ class Records:
         )
 
     def metrics(self, *, round_: int, version: int, loss: float | None, merged: int,
-                evaluated: bool, tried: list[str],
+                evaluated: bool, tried: list[str], train_s: float | None = None,
+                gather_s: float | None = None, round_s: float | None = None,
                 state: Mapping[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        """One metrics line; with `state`, its sketch and norm too (see `shape_of`)."""
+        """One metrics line; with `state`, its sketch and norm too (see `shape_of`).
+
+        Args:
+            train_s: seconds this round spent in training steps (None: it did not train).
+            gather_s: seconds it spent fetching and validating neighbours' adapters, waits
+                for untrained neighbours included.
+            round_s: seconds from the round's start to this line: training, announcing,
+                gathering, merging and evaluating, not writing the checkpoint and this line.
+        """
         record = {
             "round": round_, "version": version, "samples": self.runtime.trainer.samples,
             "train_loss": loss, "eval_loss": self.stats.last_eval if evaluated else None,
             "merged": merged, **self.totals(),
+            "train_s": _seconds(train_s), "gather_s": _seconds(gather_s),
+            "round_s": _seconds(round_s),
             "peers_live": len(self.view.live(trio.current_time())),
             "tried": tried, "ts": time.time(),
         }
@@ -106,3 +117,7 @@ class Records:
     def totals(self) -> dict[str, Any]:
         return self.stats.totals(bytes_in=self.node.bytes_in,
                                  bytes_out=self.node.server.bytes_out)
+
+
+def _seconds(value: float | None) -> float | None:
+    return None if value is None else round(value, 4)

@@ -28,6 +28,7 @@ class PeerStatistics:
     rejected: Counter[str] = field(default_factory=Counter)  # failed validation, by reason
     last_eval: float | None = None
     last_train_loss: float = 0.0  # announced in settling rounds, which do not train
+    train_s: float = 0.0  # seconds spent in training steps
     before: dict[str, float] = field(default_factory=dict)  # earlier runs' carried totals
     started: float = field(default_factory=time.monotonic)
 
@@ -36,16 +37,19 @@ class PeerStatistics:
         """Continue the totals that a restarted peer's checkpoint kept."""
         return cls(merges=int(counters.get("merges", 0)),
                    adapters_received=int(counters.get("adapters_received", 0)),
+                   train_s=counters.get("t_train", 0.0),
                    before={k: counters.get(k, 0.0) for k in _CARRIED})
 
     def totals(self, *, bytes_in: int, bytes_out: int) -> dict[str, Any]:
-        """Merges, adapters received, bytes each way and seconds run, over every restart."""
+        """Merges, adapters received, bytes each way, seconds run (`t`) and seconds spent in
+        training steps (`t_train`), over every restart."""
         before = self.before
         return {
             "merges": self.merges, "adapters_received": self.adapters_received,
             "bytes_in": int(before.get("bytes_in", 0)) + bytes_in,
             "bytes_out": int(before.get("bytes_out", 0)) + bytes_out,
             "t": round(before.get("t", 0.0) + time.monotonic() - self.started, 3),
+            "t_train": round(self.train_s, 3),
         }
 
 

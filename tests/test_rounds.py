@@ -24,6 +24,7 @@ from merge.config import MergeConfig
 from peer.config import PeerConfig
 from peer.daemon import Peer
 from peer.gather import Gatherer
+from peer.stats import PeerStatistics
 from tests.fakes import NAMES, FakeNetwork, FakeNode, fake_runtime
 from topology.config import TopologyConfig
 
@@ -177,7 +178,22 @@ async def test_settling_rounds_last_as_long_as_a_training_round(
         # before it, to last as long as the last training round.
         gaps = [b - a for a, b in pairwise(settling)]
         assert len(gaps) == 2 and min(gaps) >= 0.9 * training_round, (training_round, gaps)
-        lines = (peer.config.data_dir / "metrics.jsonl").read_text().splitlines()
-        assert [json.loads(line)["merged"] for line in lines][2:] == [1, 1, 1], "settling merged"
+        lines = [json.loads(line)
+                 for line in (peer.config.data_dir / "metrics.jsonl").read_text().splitlines()]
+        assert [line["merged"] for line in lines][2:] == [1, 1, 1], "settling merged"
+        # Each line says where its round's time went: training (none when settling), gathering.
+        # (A thread slow to start under load may let the virtual clock jump a tick further.)
+        trained = [line["train_s"] for line in lines[:2]]
+        assert all(10 <= s < 13 for s in trained)
+        assert abs(lines[-1]["t_train"] - sum(trained)) < 1e-3, "training seconds add up"
+        assert [line["train_s"] for line in lines[2:]] == [None, None, None]
+        assert all(0 < line["gather_s"] <= line["round_s"] for line in lines)
+        assert all(line["round_s"] >= line["train_s"] for line in lines[:2])
         assert peer.stats.merges >= 4
         assert (peer.config.data_dir / "export").exists(), "a clean stop exports"
+
+
+def test_training_seconds_go_on_after_a_restart() -> None:
+    stats = PeerStatistics.resumed({"merges": 3, "t": 50.0, "t_train": 40.0})
+    stats.train_s += 2.5
+    assert stats.totals(bytes_in=0, bytes_out=0)["t_train"] == 42.5

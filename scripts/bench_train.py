@@ -1,0 +1,540 @@
+"""Benchmark training throughput: a peer's rounds against a bare peft + torch training loop.
+
+Both run the same LoRA training steps, one after the other in this process: the same model,
+LoRA settings and seed, the same batches (shard 0 of the built-in chat corpus, the same batch
+size, sequence length and data seed), the same optimizer and the same torch thread count.
+  * daemon: a real `peer.daemon.Peer` (libp2p on 127.0.0.1) runs `--rounds` + 1 rounds of
+    `--steps-per-round` steps and gossips with one neighbour each round: serve and announce
+    its adapter, fetch and validate the neighbour's, merge, checkpoint, append a metrics line
+    and rewrite status.json. No held-out set is given, so it does not evaluate.
+  * bare: the same base and adapter, and AdamW steps in a plain loop (`LocalTrainer`'s step
+    written out: forward, backward, clip to norm 1, step).
+Each warms up untimed: the peer's first round (in which it may also wait for the neighbour's
+first adapter), the bare loop's first `--steps-per-round` steps. Both then time the next
+`--rounds` x `--steps-per-round` batches of the same stream, so they see the same tokens,
+counted as non-padding input tokens. The peer runs first because the neighbour joins through
+it. Both first rounds must give the same mean loss (`warmup_loss`): they run the same steps.
+
+Fairness on a small CPU: the neighbour is a real peer (a `loraswarm peer` process on shard 1)
+that trains without pause from before the peer's first round to after the bare loop, so both
+measurements share the machine with the same load. With `--threads T` (default 1) this
+process is pinned to the first T CPUs and the neighbour to the next T (`os.sched_setaffinity`;
+on 2 cores, one each): the peer pays for its event loop and for serving the neighbour from
+the core its training uses, as much as the bare loop has. The neighbour computes on the CPU
+even when `--device` is a GPU, so it never shares the accelerator.
+
+The JSON (`--json OUT`):
+  * tokens_per_s: `bare` (timed tokens / seconds of the bare steps), `daemon` (the same
+    tokens / the peer's wall time from its warm-up round's metrics line to its last round's,
+    by their `t`) and `daemon_training` (over its seconds inside training steps only, the
+    `train_s` of its metrics lines: its gap to `bare` is what the event loop, serving the
+    neighbour, took from the training core, or other processes did);
+  * ratio: daemon / bare;
+  * overhead_share: the share of the peer's wall time spent outside training steps, split in
+    `shares`: `gather` (fetching and validating the neighbour's adapter, and waiting for it
+    if it has not trained yet), `announce_merge` (encoding, hashing and offering ours,
+    merging) and `records` (the round before's checkpoint, metrics line with its sketch and
+    status.json); `train` completes them to 1;
+  * loop_cpu_share: CPU time of the peer's event-loop thread over the same wall time (it runs
+    beside training, so it is not in `overhead_share`);
+  * core_share: this process's CPU time over wall time x its CPUs, in each way's timed part:
+    below 1 on a CPU, other processes took the rest, and `ratio` compares unequal shares;
+    cpu_ratio compares this process's CPU seconds instead (bare / daemon), which other
+    processes do not change (nor does any wait of the daemon's);
+  * per_round_s: each timed round's seconds, to spot a round that other processes slowed;
+  * warmup_loss, tokens, merged (neighbour adapters merged in the timed rounds), settings.
+Run it on an otherwise idle machine: anything else on the pinned cores slows one way and not
+the other.
+
+Examples:
+    python scripts/bench_train.py --json bench-train.json --device cpu
+    python scripts/bench_train.py --json bench-train-bf16.json --device cpu --dtype bfloat16
+    python scripts/bench_train.py --json gpu-fp32.json --device cuda --dtype float32
+    python scripts/bench_train.py --json gpu-bf16.json --device cuda --dtype bfloat16
+    python scripts/bench_train.py --json gpu-4bit.json --device cuda --quantize 4bit
+    python scripts/bench_train.py --json quick.json --model builtin-small --rounds 2 \\
+        --batch-size 2 --seq-len 16 --out bench-train-out
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import logging
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import trio
+from rich.console import Console
+from rich.table import Table
+from transformers.utils import logging as transformers_logging
+
+from gossip.config import NodeConfig
+from peer.config import PeerConfig, TrainConfig
+from peer.daemon import Peer
+from peer.data import TokenBatches, load_examples, write_jsonl
+from peer.device import DeviceConfig, Placement, resolve
+from peer.errors import PeerError
+from peer.model import attach_lora, load_base, resolve_model
+from scripts.backends import reap, spawn
+from scripts.peerconfigs import write_toml
+from scripts.simreport import read_metrics
+from testbed.corpora import split_builtin
+from topology.config import TopologyConfig
+
+TRAIN_DEFAULTS = TrainConfig()
+STOP_TIMEOUT_S = 120.0  # for the neighbour to finish its step and write its final checkpoint
+_STDERR = Console(stderr=True)
+
+
+class BenchError(Exception):
+    """The benchmark could not run as asked; the message is one line."""
+
+
+def log(message: str) -> None:
+    """Progress on stderr, so that stdout holds only the tables and the JSON."""
+    _STDERR.log(message)
+
+
+def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", type=Path, required=True, metavar="FILE",
+                        help="where to write {device, dtype, tokens_per_s, ratio, ...}")
+    parser.add_argument("--model", default="builtin",
+                        help="builtin, builtin-small, or a local HF model folder")
+    parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
+    parser.add_argument("--dtype", default="auto",
+                        help="dtype of the frozen base: auto, float32, bfloat16, float16")
+    parser.add_argument("--quantize", default="", choices=("", "4bit", "8bit"),
+                        help="load the base in 4 or 8 bits (CUDA and bitsandbytes)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds, after one warm-up")
+    parser.add_argument("--steps-per-round", type=int, default=TRAIN_DEFAULTS.steps_per_round,
+                        help="optimizer steps per round (the daemon's default)")
+    parser.add_argument("--batch-size", type=int, default=TRAIN_DEFAULTS.batch_size,
+                        help="examples per step (the daemon's default)")
+    parser.add_argument("--seq-len", type=int, default=TRAIN_DEFAULTS.seq_len,
+                        help="tokens per example (the daemon's default)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads, of the peer, the bare loop and the neighbour")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the corpus split")
+    parser.add_argument("--timeout", type=float, default=3600.0,
+                        help="give up after this many seconds")
+    parser.add_argument("--out", type=Path, metavar="DIR",
+                        help="keep the peers' folders and logs here (default: a temporary one)")
+    args = parser.parse_args(argv)
+    if min(args.rounds, args.steps_per_round, args.threads) < 1:
+        parser.error("--rounds, --steps-per-round and --threads must be at least 1")
+    try:
+        args.train = TrainConfig(steps_per_round=args.steps_per_round,
+                                 batch_size=args.batch_size, seq_len=args.seq_len,
+                                 threads=args.threads)
+        args.placement = DeviceConfig(device=args.device, dtype=args.dtype,
+                                      quantize=args.quantize)
+    except ValueError as exc:
+        parser.error(str(exc))
+    return args
+
+
+# -- the machine -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Cores:
+    """The CPUs this process and the neighbour run on (empty: not pinned)."""
+
+    ours: tuple[int, ...]
+    neighbour: tuple[int, ...]
+
+
+def plan_cores(threads: int) -> Cores:
+    """The first `threads` CPUs for us, up to `threads` of the others for the neighbour; none
+    pinned where no CPU would be left for the neighbour."""
+    if not hasattr(os, "sched_getaffinity"):
+        return Cores((), ())
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) <= threads:
+        return Cores((), ())
+    return Cores(tuple(cpus[:threads]), tuple(cpus[threads : 2 * threads]))
+
+
+def pin_this_process(cpus: Sequence[int]) -> None:
+    """Every thread of this process, and so every thread it starts later, on `cpus`."""
+    tasks = Path("/proc/self/task")
+    for tid in (int(name) for name in os.listdir(tasks)) if tasks.is_dir() else [0]:
+        try:
+            os.sched_setaffinity(tid, cpus)
+        except ProcessLookupError:  # a thread that ended meanwhile
+            continue
+
+
+@dataclass(frozen=True)
+class Clocks:
+    """Wall seconds, this process's CPU seconds, and the calling thread's CPU seconds."""
+
+    wall: float
+    process: float
+    thread: float
+
+    @classmethod
+    def now(cls) -> Clocks:
+        return cls(time.perf_counter(), time.process_time(), time.thread_time())
+
+    def __sub__(self, other: Clocks) -> Clocks:
+        return Clocks(self.wall - other.wall, self.process - other.process,
+                      self.thread - other.thread)
+
+    def core_share(self, cores: int) -> float:
+        """How much of `cores` CPUs this process had: below 1, other processes took the rest
+        (or, on a GPU, it waited for the device)."""
+        return self.process / (self.wall * cores)
+
+
+# -- the daemon --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DaemonRun:
+    """The measured peer's timed rounds (all but its first), read from its metrics lines."""
+
+    wall_s: list[float]  # per round: from the end of the round before to the end of this one
+    train_s: list[float]
+    gather_s: list[float]
+    round_s: list[float]  # training, announcing, gathering, merging; not writing the records
+    warmup_loss: float
+    merged: int  # neighbour adapters merged in the timed rounds
+    clocks: Clocks  # over the timed rounds; `thread` is the event loop's CPU time
+
+
+def peer_configs(args: argparse.Namespace, folder: Path,
+                 shards: Sequence[Path]) -> tuple[PeerConfig, PeerConfig]:
+    """The measured peer (a swarm of its own until the neighbour joins) and the neighbour.
+
+    The measured peer keeps every daemon default but these: one neighbour per round, a last
+    round, and waiting for the neighbour before its first round. The neighbour trains until
+    stopped, on the CPU (in our dtype when we are on the CPU too).
+    """
+    topology = TopologyConfig(fanout=1)
+    measured = PeerConfig(
+        data_dir=folder / "peer", train_path=shards[0], model=args.model,
+        rounds=args.rounds + 1, wait_peers=1, train=args.train, device=args.placement,
+        topology=topology)
+    on_cpu = resolve(args.placement).device.type == "cpu" and not args.quantize
+    neighbour = PeerConfig(
+        data_dir=folder / "neighbour", train_path=shards[1], model=args.model,
+        train=args.train, topology=topology,
+        device=DeviceConfig(device="cpu", dtype=args.dtype if on_cpu else "auto"))
+    return measured, neighbour
+
+
+async def run_daemon(measured: PeerConfig, neighbour: PeerConfig, cores: Cores,
+                     processes: list[trio.Process]) -> DaemonRun:
+    """Start the measured peer, then the neighbour joining it; return after the last round.
+
+    The neighbour goes on training (it is appended to `processes`, which the caller stops).
+    """
+    peer = Peer(measured)
+    async with trio.open_nursery() as nursery:
+        node = await nursery.start(peer.run)
+        joining = replace(neighbour, network=NodeConfig(bootstrap=(node.listen_addrs[0],)))
+        toml = write_toml(joining, neighbour.data_dir.parent / "neighbour.toml")
+        log_file = neighbour.data_dir.parent / "logs" / "neighbour.log"
+        process = await spawn([sys.executable, "-m", "peer.cli", "-v", "peer",
+                               "--config", str(toml)], log_file)
+        processes.append(process)
+        if cores.neighbour:
+            os.sched_setaffinity(process.pid, cores.neighbour)
+        log(f"measured peer listening; neighbour started (pid {process.pid})")
+        watch = trio.CancelScope()
+        nursery.start_soon(_fail_if_exits, process, log_file, peer, watch)
+        # This task runs on the event loop's thread: `clocks.thread` is the loop's CPU time,
+        # which shares the training core (serving the neighbour, gossipsub, membership).
+        await peer.wait_rounds(1)
+        clocks = Clocks.now()
+        await peer.wait_rounds(measured.rounds)
+        clocks = Clocks.now() - clocks
+        watch.cancel()  # the peer's run returns by itself after its last round
+    return summarise(read_metrics(measured.data_dir), measured, clocks)
+
+
+async def _fail_if_exits(process: trio.Process, log_file: Path, peer: Peer,
+                         scope: trio.CancelScope) -> None:
+    with scope:
+        code = await process.wait()
+        tail = " | ".join(log_file.read_text(errors="replace").splitlines()[-3:])
+        raise BenchError(f"the neighbour exited ({code}) in the peer's round "
+                         f"{peer.completed + 1}: {tail}")
+
+
+def summarise(lines: Sequence[dict[str, Any]], config: PeerConfig,
+              clocks: Clocks) -> DaemonRun:
+    """Sum the timed rounds (every round after the first) of the peer's metrics lines."""
+    rounds = {line["round"]: line for line in lines}
+    if sorted(rounds) != list(range(1, config.rounds + 1)):
+        raise BenchError(f"{config.data_dir}: metrics lines for rounds {sorted(rounds)}, "
+                         f"expected 1..{config.rounds}")
+    steps = config.rounds * config.train.steps_per_round
+    if rounds[config.rounds]["samples"] != steps * config.train.batch_size:
+        raise BenchError("the peer trained fewer steps than asked (was it stopped?)")
+    timed = range(2, config.rounds + 1)
+    return DaemonRun(
+        wall_s=[rounds[number]["t"] - rounds[number - 1]["t"] for number in timed],
+        train_s=[rounds[number]["train_s"] for number in timed],
+        gather_s=[rounds[number]["gather_s"] for number in timed],
+        round_s=[rounds[number]["round_s"] for number in timed],
+        warmup_loss=rounds[1]["train_loss"],
+        merged=sum(rounds[number]["merged"] for number in timed),
+        clocks=clocks,
+    )
+
+
+async def stop(process: trio.Process) -> None:
+    """SIGTERM, as a user stops a peer: it finishes its step and writes its final records."""
+    process.terminate()
+    with trio.move_on_after(STOP_TIMEOUT_S):
+        await process.wait()
+
+
+# -- the bare loop -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BareRun:
+    seconds: list[float]  # per round's worth of steps
+    warmup_loss: float
+    tokens: int  # non-padding input tokens of the timed steps (the daemon's timed rounds too)
+    clocks: Clocks  # over the timed steps
+
+
+def run_bare(config: PeerConfig, rounds: int) -> BareRun:
+    """The peer's model, adapter, batches and optimizer, stepped in a plain loop."""
+    placement = resolve(config.device)
+    base, tokenizer = load_base(resolve_model(config.model), placement)
+    model = attach_lora(base, config.lora, config.init_seed)
+    train = config.train
+    texts = load_examples(config.train_path)
+    batches = TokenBatches(texts, tokenizer, seq_len=train.seq_len,
+                           batch_size=train.batch_size, seed=train.data_seed)
+    params = [p for n, p in model.named_parameters() if "lora_" in n]  # LocalTrainer's order
+    optimizer = torch.optim.AdamW(params, lr=train.lr, weight_decay=train.weight_decay)
+    model.train()
+
+    def step() -> float:
+        batch = batches.next_batch()
+        loss = model(**{k: v.to(placement.device) for k, v in batch.items()}).loss
+        value = loss.item()
+        if not math.isfinite(value):
+            raise BenchError("the bare loop's training loss is not finite")
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return value
+
+    warmup = [step() for _ in range(train.steps_per_round)]
+    seconds, clocks = [], Clocks.now()
+    for _ in range(rounds):
+        started = time.perf_counter()
+        for _ in range(train.steps_per_round):
+            step()
+        _synchronize(placement)
+        seconds.append(time.perf_counter() - started)
+    clocks = Clocks.now() - clocks
+    tokens = count_tokens(TokenBatches(texts, tokenizer, seq_len=train.seq_len,
+                                       batch_size=train.batch_size, seed=train.data_seed),
+                          skip=train.steps_per_round, take=rounds * train.steps_per_round)
+    return BareRun(seconds, sum(warmup) / len(warmup), tokens, clocks)
+
+
+def count_tokens(batches: TokenBatches, *, skip: int, take: int) -> int:
+    """Non-padding input tokens of batches skip .. skip + take - 1 of a fresh stream."""
+    for _ in range(skip):
+        batches.next_batch()
+    return sum(int(batches.next_batch()["attention_mask"].sum()) for _ in range(take))
+
+
+def _synchronize(placement: Placement) -> None:
+    if placement.device.type == "cuda":
+        torch.cuda.synchronize(placement.device)
+
+
+# -- the run -----------------------------------------------------------------------------------
+
+
+def write_shards(folder: Path, seed: int) -> list[Path]:
+    """Two shards of the built-in chat corpus: ours (for both ways) and the neighbour's."""
+    split = split_builtin(2, seed=seed)
+    paths = [folder / "data" / f"shard{index}.jsonl" for index in range(2)]
+    for path, shard in zip(paths, split.shards, strict=True):
+        write_jsonl(path, shard)
+    return paths
+
+
+async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    for name in ("peer", "neighbour", "logs"):  # a peer would resume from an earlier run's
+        shutil.rmtree(folder / name, ignore_errors=True)
+    cores = plan_cores(args.threads)
+    if cores.ours:
+        pin_this_process(cores.ours)
+    measured, neighbour = peer_configs(args, folder, write_shards(folder, args.seed))
+    processes: list[trio.Process] = []
+    try:
+        with _peer_log(folder / "logs" / "peer.log"):
+            daemon = await run_daemon(measured, neighbour, cores, processes)
+        log(f"daemon: {args.rounds} timed rounds in {sum(daemon.wall_s):.1f} s; bare loop next")
+        if not daemon.merged:
+            log("warning: the peer merged nothing in its timed rounds (see logs/peer.log)")
+        gc.collect()  # the peer's model goes before the bare loop loads its own
+        bare = await trio.to_thread.run_sync(run_bare, measured, args.rounds)
+        log(f"bare loop: {sum(bare.seconds):.1f} s; stopping the neighbour")
+        await stop(processes[0])
+    finally:
+        await reap(processes)
+    return result(args, measured, cores, bare, daemon)
+
+
+def result(args: argparse.Namespace, config: PeerConfig, cores: Cores, bare: BareRun,
+           daemon: DaemonRun) -> dict[str, Any]:
+    placement = resolve(config.device)
+    seconds = {"bare": sum(bare.seconds), "daemon": sum(daemon.wall_s),
+               "daemon_train": sum(daemon.train_s)}
+    rates = {"bare": bare.tokens / seconds["bare"], "daemon": bare.tokens / seconds["daemon"],
+             "daemon_training": bare.tokens / seconds["daemon_train"]}
+    wall, round_s = seconds["daemon"], sum(daemon.round_s)
+    cpus = len(cores.ours) or args.threads
+    parts = {"train": seconds["daemon_train"], "gather": sum(daemon.gather_s),
+             "announce_merge": round_s - seconds["daemon_train"] - sum(daemon.gather_s),
+             "records": wall - round_s}
+    return {
+        "device": str(placement.device),
+        "device_name": device_name(placement.device),
+        "dtype": str(placement.dtype).removeprefix("torch."),
+        "quantize": placement.quantize,
+        "tokens_per_s": {name: round(rate, 2) for name, rate in rates.items()},
+        "ratio": round(rates["daemon"] / rates["bare"], 4),
+        "overhead_share": round(1 - seconds["daemon_train"] / wall, 4),
+        "shares": {name: round(value / wall, 4) for name, value in parts.items()},
+        "loop_cpu_share": round(daemon.clocks.thread / daemon.clocks.wall, 4),
+        "cpu_ratio": round(bare.clocks.process / daemon.clocks.process, 4),
+        "core_share": {"bare": round(bare.clocks.core_share(cpus), 3),
+                       "daemon": round(daemon.clocks.core_share(cpus), 3)},
+        "seconds": {name: round(value, 3) for name, value in seconds.items()},
+        "per_round_s": {"bare": _rounded(bare.seconds), "daemon": _rounded(daemon.wall_s),
+                        "daemon_train": _rounded(daemon.train_s)},
+        "tokens": bare.tokens,
+        "tokens_counted": "non-padding input tokens of the timed steps",
+        "warmup_loss": {"bare": round(bare.warmup_loss, 6),
+                        "daemon": round(daemon.warmup_loss, 6)},
+        "merged": daemon.merged,
+        "settings": {"model": args.model, "rounds": args.rounds,
+                     "steps_per_round": args.train.steps_per_round,
+                     "batch_size": args.train.batch_size, "seq_len": args.train.seq_len,
+                     "threads": args.threads, "cores": list(cores.ours),
+                     "neighbour_cores": list(cores.neighbour), "neighbour_device": "cpu",
+                     "cpus": os.cpu_count()},
+    }
+
+
+def device_name(device: torch.device) -> str:
+    """The GPU's name, or the CPU's model name from /proc/cpuinfo where there is one."""
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []:
+        if line.startswith("model name"):
+            return line.partition(":")[2].strip()
+    return platform.machine() or device.type
+
+
+def _rounded(values: Sequence[float]) -> list[float]:
+    return [round(value, 3) for value in values]
+
+
+def show(console: Console, result: dict[str, Any]) -> None:
+    rates, seconds = result["tokens_per_s"], result["seconds"]
+    settings = result["settings"]
+    table = Table(title=f"LoRA training on {result['device']} ({result['dtype']}"
+                        f"{', ' + result['quantize'] if result['quantize'] else ''}), "
+                        f"{settings['model']}, {settings['rounds']} rounds x "
+                        f"{settings['steps_per_round']} steps of {settings['batch_size']} x "
+                        f"{settings['seq_len']} tokens, {settings['threads']} thread(s)")
+    for column in ("way", "seconds", "tokens/s", "x bare"):
+        table.add_column(column, justify="right")
+    for name, label, time_key in (("bare", "bare peft + torch loop", "bare"),
+                                  ("daemon", "daemon, whole rounds", "daemon"),
+                                  ("daemon_training", "daemon, training steps only",
+                                   "daemon_train")):
+        table.add_row(label, f"{seconds[time_key]:.2f}", f"{rates[name]:.1f}",
+                      f"{rates[name] / rates['bare']:.3f}")
+    console.print(table)
+    shares = Table(title="the daemon's wall time (timed rounds)")
+    for column in ("part", "share"):
+        shares.add_column(column, justify="right")
+    for name, value in result["shares"].items():
+        shares.add_row(name.replace("_", " + "), f"{100 * value:.1f} %")
+    console.print(shares)
+
+
+@contextmanager
+def _peer_log(path: Path) -> Iterator[None]:
+    """The measured peer's INFO lines go to `path` while the block runs, not to the console."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handler = logging.FileHandler(path, mode="w")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        handler.close()
+
+
+async def _limited(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
+    with trio.fail_after(args.timeout):
+        return await measure(args, folder)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    torch.set_num_threads(args.threads)
+    transformers_logging.disable_progress_bar()
+    failed: BaseException | None = None
+    with tempfile.TemporaryDirectory(prefix="bench-train-") as scratch:
+        try:
+            measured = trio.run(_limited, args, args.out or Path(scratch))
+        except* trio.TooSlowError:
+            failed = BenchError(f"not done within --timeout {args.timeout:.0f} s")
+        except* (BenchError, PeerError) as group:
+            failed = _first(group)
+    if failed is not None:
+        _STDERR.print(f"bench_train.py: error: {failed}", style="red", highlight=False)
+        return 2
+    show(Console(), measured)
+    args.json.write_text(json.dumps(measured, indent=2) + "\n")
+    print(json.dumps(measured))
+    return 0
+
+
+def _first(error: BaseException) -> BaseException:
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    return error
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
