@@ -289,6 +289,9 @@ def show(console: Console, result: Mapping[str, Any]) -> None:
     if result["speed"]:
         show_speed(console, result)
     console.print(f"[bold]decision:[/bold] {result['decision']}")
+    if result["model"] == "builtin-small":
+        console.print("(builtin-small's gain mostly repairs its 4-layer cut: decide on "
+                      "--model builtin)")
 
 
 def show_speed(console: Console, result: Mapping[str, Any]) -> None:
