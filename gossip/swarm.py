@@ -5,11 +5,13 @@ model, the LoRA shape, the initialisation seed and the wire protocol. The swarm 
 four, names the pubsub topic and prefixes every wire envelope, so that peers of different swarms
 never even decode each other's messages.
 
-What the id leaves out is as deliberate as what it hashes. The device, the base's dtype, a
-4/8-bit base, gradient accumulation and checkpointing are each peer's own business: LoRA
-factors, optimizer state, merges and the wire are float32 on every device, and the initial
-factors are drawn in float32 on the CPU, so a bf16 GPU peer and a float32 CPU peer start from
-the same adapter and average each other's (the validator still refuses any other dtype).
+What the id leaves out is as deliberate as what it hashes. The device, the base's dtype,
+gradient accumulation and checkpointing are each peer's own business: LoRA factors, optimizer
+state, merges and the wire are float32 on every device, and the initial factors are drawn in
+float32 on the CPU, so a bf16 GPU peer and a float32 CPU peer start from the same adapter and
+average each other's (the validator still refuses any other dtype). A 4-bit or 8-bit base is
+not: it is another function of the weights, so the peer passes a model fingerprint that names
+the quantization (measured in the README's "Design decisions").
 """
 
 from __future__ import annotations

@@ -3,7 +3,10 @@
 These are a device's own business. Only the LoRA factors travel, and they stay float32 on every
 device (peft keeps adapter weights in float32 over a bf16 or fp16 base, and the trainer reads
 them back as float32), so a bf16 GPU peer and a float32 CPU peer share one swarm id and average
-each other's adapters. The swarm id therefore hashes none of the settings below.
+each other's adapters. The swarm id therefore hashes none of the settings below but one: a
+4-bit or 8-bit base is another function of the same weights, and adapters trained on it do not
+average well with those of a bf16 base (README, "Design decisions, measured"), so `--quantize`
+puts a peer in a swarm of its own kind.
 
 Resolution is a pure function of the request and of what the machine offers (`Hardware`), so
 every rule is testable on a CPU-only machine by describing a machine that has a GPU.
@@ -40,7 +43,8 @@ class DeviceConfig:
         "the wire stay float32"})
     quantize: str = field(default="", metadata={
         "help": "load the base in 4bit (QLoRA: nf4, double quantization) or 8bit through "
-        "bitsandbytes; needs CUDA and `pip install 'loraswarm[gpu]'`"})
+        "bitsandbytes; needs CUDA and `pip install 'loraswarm[gpu]'`. A quantized peer only "
+        "joins peers with the same --quantize (it is part of the swarm id)"})
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "keep fewer activations and recompute them in the backward pass: less "
         "memory for one more forward pass per step"})
@@ -171,7 +175,9 @@ def resolve_dtype(name: str, device: torch.device, hardware: Hardware) -> torch.
 def _check_quantize(kind: str, device: torch.device, hardware: Hardware) -> None:
     if device.type != "cuda":
         raise ConfigError(f"--quantize {kind} needs a CUDA GPU and this peer runs on "
-                          f"{device}: drop --quantize (a CPU trains faster in float32)")
+                          f"{device}: drop --quantize, and try --dtype bfloat16 (on a CPU, "
+                          "bitsandbytes trained slower than bf16 and stops training after "
+                          "its first evaluation)")
     if not hardware.bitsandbytes:
         raise ConfigError(f"--quantize {kind} needs bitsandbytes: "
                           "pip install 'loraswarm[gpu]'")

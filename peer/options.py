@@ -46,8 +46,8 @@ _GROUPS = {
             "agree on them like on the model."),
     "own": ("this peer's own settings",
             "Its device and data, and how it talks to the network: peers may differ freely. "
-            "The adapter travels in float32 whatever --device, --dtype or --quantize, so a GPU "
-            "peer and a CPU peer share one swarm."),
+            "The adapter travels in float32 whatever --device or --dtype, so a GPU peer and a "
+            "CPU peer share one swarm."),
 }
 
 
@@ -141,7 +141,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("pack", "data", "pack", _bool, "BOOL"),
     Option("device", "device", "device", str, "DEV"),
     Option("dtype", "device", "dtype", str, "DTYPE"),
-    Option("quantize", "device", "quantize", str, "4bit|8bit"),
+    Option("quantize", "device", "quantize", str, "4bit|8bit", scope=SWARM),
     Option("grad_checkpointing", "device", "grad_checkpointing", _bool, "BOOL"),
     Option("listen", "network", "listen", str, "MULTIADDR", repeat=True),
     Option("bootstrap", "network", "bootstrap", str, "MULTIADDR", repeat=True),

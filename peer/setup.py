@@ -64,6 +64,10 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
         base, tokenizer = load_base(model_dir, placement)
         model = attach_lora(base, config.lora, config.init_seed, frozen_a=config.train.frozen_a)
         adapter, lock, model_print = "default", None, fingerprint(model_dir)
+        if placement.quantize:
+            # A 4-bit base is another function of the same weights, and averaging with bf16
+            # peers cost a 4-bit peer an eighth of its gain (README: "Design decisions").
+            model_print += f"/{placement.quantize}"
     else:
         model, tokenizer, lock = shared.model, shared.tokenizer, shared.lock
         model_dir, model_print = shared.model_dir, shared.fingerprint

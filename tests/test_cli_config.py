@@ -71,8 +71,9 @@ def test_help_says_which_settings_a_swarm_shares() -> None:
         "--lora-rank", "--model", "--batch-size", "--lr", "--device", "--dtype", "--quantize",
         "--grad-accum", "--grad-checkpointing", "--threads", "--pack")}
     assert swarm < listed["--lora-rank"] < agree and swarm < listed["--model"] < agree
+    assert swarm < listed["--quantize"] < agree  # a 4-bit base is a swarm of its own
     assert agree < listed["--batch-size"] < own and agree < listed["--lr"] < own
-    assert min(listed[f] for f in ("--device", "--dtype", "--quantize", "--grad-accum",
+    assert min(listed[f] for f in ("--device", "--dtype", "--grad-accum",
                                    "--grad-checkpointing", "--threads", "--pack")) > own
 
 

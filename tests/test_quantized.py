@@ -95,9 +95,6 @@ def test_a_round_on_4bit_trains_and_merges_with_a_bf16_peer(nf4_peer: Any,
         assert torch.allclose(value, (ours[key] + theirs[key]) / 2), key  # equal samples
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "issue 13: peer/setup.py does not yet put --quantize into the swarm id; drop this marker "
-    "with that change"))
 def test_a_4bit_peer_gets_its_own_swarm_id(small_model_dir: Path, tmp_path: Path,
                                            monkeypatch: pytest.MonkeyPatch) -> None:
     """Separate swarms, the decision of scripts/bench_quant.py, pinned.
