@@ -61,7 +61,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import logging
 import math
 import os
 import platform
@@ -69,8 +68,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -89,6 +87,7 @@ from peer.device import DeviceConfig, Placement, resolve
 from peer.errors import PeerError
 from peer.model import attach_lora, load_base, resolve_model
 from scripts.backends import reap, spawn
+from scripts.inprocess import logging_to
 from scripts.peerconfigs import write_toml
 from scripts.simreport import read_metrics
 from testbed.corpora import split_builtin
@@ -390,7 +389,7 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     measured, neighbour = peer_configs(args, folder, write_shards(folder, args.seed))
     processes: list[trio.Process] = []
     try:
-        with _peer_log(folder / "logs" / "peer.log"):
+        with logging_to(folder / "logs" / "peer.log", mode="w"):
             daemon = await run_daemon(measured, neighbour, cores, processes)
         log(f"daemon: {args.rounds} timed rounds in {sum(daemon.wall_s):.1f} s; bare loop next")
         if not daemon.merged:
@@ -484,24 +483,6 @@ def show(console: Console, result: dict[str, Any]) -> None:
     for name, value in result["shares"].items():
         shares.add_row(name.replace("_", " + "), f"{100 * value:.1f} %")
     console.print(shares)
-
-
-@contextmanager
-def _peer_log(path: Path) -> Iterator[None]:
-    """The measured peer's INFO lines go to `path` while the block runs, not to the console."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path, mode="w")
-    handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
-    root = logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        yield
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-        handler.close()
 
 
 async def _limited(args: argparse.Namespace, folder: Path) -> dict[str, Any]:

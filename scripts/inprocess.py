@@ -70,7 +70,7 @@ class InProcessBackend:
     async def open(cls, folders: Sequence[Path], log: Path,
                    first: PeerConfig) -> AsyncIterator[InProcessBackend]:
         """Load the base model of `first` (and use its torch threads, 0: all); log to `log`."""
-        with _logging_to(log):
+        with logging_to(log):
             torch.set_num_threads(first.train.threads or torch.get_num_threads())
             shared = await trio.to_thread.run_sync(
                 lambda: SharedModel.load(first.model, first.lora, first.init_seed,
@@ -153,16 +153,18 @@ async def _serve(slot: _Slot, *, task_status: Any = trio.TASK_STATUS_IGNORED) ->
 
 
 @contextmanager
-def _logging_to(path: Path) -> Iterator[None]:
-    """Every logger's INFO lines go to `path` while the block runs: the peers' log."""
+def logging_to(path: Path, *, mode: str = "a") -> Iterator[None]:
+    """Every logger's INFO lines go to `path` while the block runs (the peers' log)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handler = logging.FileHandler(path)
+    handler = logging.FileHandler(path, mode=mode)
     handler.setFormatter(logging.Formatter("%(asctime)s %(name)s %(levelname)s %(message)s"))
     root = logging.getLogger()
+    level = root.level
     root.addHandler(handler)
     root.setLevel(logging.INFO)
     try:
         yield
     finally:
         root.removeHandler(handler)
+        root.setLevel(level)
         handler.close()
