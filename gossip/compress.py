@@ -201,10 +201,7 @@ class Codec:
 
     def decode(self, data: bytes, *, shapes: Shapes, max_bytes: int) -> dict[str, torch.Tensor]:
         """Decode a payload that must be of this codec; see `decode_payload`."""
-        codec, state = decode_payload(data, shapes=shapes, max_bytes=max_bytes)
-        if codec != self:
-            raise WireError("bad_codec", f"a payload of {codec.spec}, expected {self.spec}")
-        return state
+        return decode_payload(data, shapes=shapes, max_bytes=max_bytes, expect=self)[1]
 
 
 def parse_codec(spec: str) -> Codec:
@@ -255,9 +252,9 @@ def _checked_state(state: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]
 # Decoding untrusted payloads.
 
 
-def decode_payload(data: bytes, *, shapes: Shapes,
-                   max_bytes: int) -> tuple[Codec, dict[str, torch.Tensor]]:
-    """Decode an untrusted payload of any registered codec into float32 tensors.
+def decode_payload(data: bytes, *, shapes: Shapes, max_bytes: int,
+                   expect: Codec | None = None) -> tuple[Codec, dict[str, torch.Tensor]]:
+    """Decode an untrusted payload of a registered codec (`expect`, if given) into float32.
 
     1. Refuse more than `max_bytes` before looking inside; check the magic and header length.
     2. Parse the msgpack header: a known codec, and exactly the names and shapes of `shapes`.
@@ -270,18 +267,24 @@ def decode_payload(data: bytes, *, shapes: Shapes,
         data: the bytes received.
         shapes: the tensors expected, {name: (rows, cols)}: our own adapter's, never the sender's.
         max_bytes: the size cap on `data`.
+        expect: the only codec accepted; None accepts any.
 
     Returns:
         The payload's codec and {name: float32 CPU tensor}.
 
     Raises:
         WireError: with the reason of the rejection.
+        ValueError: `shapes` is empty or holds a dimension below 1 (our bug, not the sender's).
     """
+    if not shapes or any(r < 1 or c < 1 for r, c in shapes.values()):
+        raise ValueError("the expected shapes are 1..MAX_TENSORS (rows, cols), each >= 1")
     if not isinstance(data, bytes | bytearray):
         raise WireError("malformed", f"expected bytes, got {type(data).__name__}")
     check_cap("payload size", len(data), max_bytes)
     view = memoryview(bytes(data))
     codec, body_start = _read_header(view, shapes)
+    if expect is not None and codec != expect:
+        raise WireError("bad_codec", f"a payload of {codec.spec}, expected {expect.spec}")
     body = _read_body(view[body_start:], codec, codec.body_size(shapes))
     kind = KINDS[codec.kind]
     state: dict[str, torch.Tensor] = {}

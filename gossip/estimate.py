@@ -149,6 +149,10 @@ def decode_update(data: bytes, *, max_bytes: int,
     return steps
 
 
+def _copy(state: State) -> State:
+    return {name: t.clone() for name, t in state.items()}
+
+
 def _trusted_state(state: Mapping[str, torch.Tensor]) -> State:
     return {name: t.detach().to("cpu", torch.float32).contiguous().clone()
             for name, t in sorted(state.items())}
@@ -175,6 +179,8 @@ class PublicEstimate:
         version: the version of `initial`.
         keep: the most steps kept for answering deltas.
         max_history_bytes: the most payload bytes kept; the oldest steps go first.
+
+    Memory: x̂, at most `max_history_bytes` of steps, and one cached keyframe of x̂ now.
     """
 
     def __init__(self, initial: Mapping[str, torch.Tensor], codec: Codec, *, version: int = 0,
@@ -204,8 +210,8 @@ class PublicEstimate:
 
     @property
     def estimate(self) -> State:
-        """x̂ now. Its tensors are replaced, never changed in place, by later steps."""
-        return dict(self._state)
+        """A copy of x̂ now (changing it in place must not break the digest it is named by)."""
+        return _copy(self._state)
 
     def step(self, x: Mapping[str, torch.Tensor], *, version: int | None = None) -> EstimateStep:
         """Move x̂ towards `x` by one compressed step and return that step.
@@ -219,6 +225,8 @@ class PublicEstimate:
                     for name in self._state}
         payload = self.codec.encode(residual)
         moved = self.codec.decode(payload, shapes=self._shapes, max_bytes=len(payload))
+        # From here on x̂ moves by exactly what a receiver decodes: the residual x - x̂ left
+        # over is the error that the next step feeds back.
         new_version = self._version + 1 if version is None else version
         if not self._version < new_version <= MAX_VERSION:
             raise ValueError(f"version {new_version} does not follow {self._version}")
@@ -300,8 +308,8 @@ class EstimateReplica:
 
     @property
     def estimate(self) -> State | None:
-        """The last estimate rebuilt and verified, or None before the first keyframe."""
-        return None if self._state is None else dict(self._state)
+        """A copy of the last estimate rebuilt and verified, or None before the first keyframe."""
+        return None if self._state is None else _copy(self._state)
 
     @property
     def version(self) -> tuple[int, bytes] | None:

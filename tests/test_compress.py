@@ -228,3 +228,10 @@ def test_mutated_payloads_raise_only_wire_errors(spec: str, data: st.DataObject)
         if not good:
             break
     expect_only_wire_errors(bytes(good), shapes_of(state))
+
+
+def test_our_own_shapes_must_be_sane() -> None:
+    data = parse_codec("int8").encode(adapter())
+    for shapes in ({}, {"m.lora_A.weight": (0, 40)}):
+        with pytest.raises(ValueError):
+            decode_payload(data, shapes=shapes, max_bytes=CAP)

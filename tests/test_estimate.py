@@ -229,3 +229,15 @@ def test_hostile_updates_raise_only_wire_errors(data: bytes, magic: bool) -> Non
         decode_update(b"LSE1" + data if magic else data, max_bytes=CAP)
     except WireError as exc:
         assert exc.reason in WIRE_REASONS
+
+
+def test_estimates_are_handed_out_as_copies() -> None:
+    x = adapter(torch.Generator().manual_seed(9))
+    server = PublicEstimate(x, parse_codec("int8"))
+    replica = replica_of(x)
+    sync(server, replica)
+    for held in (server.estimate, replica.estimate):
+        assert held is not None
+        for t in held.values():
+            t.add_(1.0)  # a caller merging in place must not move x̂ under its digest
+    assert identical(server, replica) and server.digest == estimate_digest(server.estimate)
