@@ -157,9 +157,10 @@ def test_bad_scales_and_indices_are_refused() -> None:
         spoiled = struct.pack("<f", scale) + body[4:]
         assert reason(rebuild(header, spoiled), shapes) == "bad_codec"
     header, body = header_and_body(parse_codec("topk:0.1").encode(state))  # 20 of 200
-    index = np.frombuffer(body[:80], "<u4").copy()
-    for spoil in ({0: index[1]}, {19: 200}, {5: index[4]}):
-        bad = index.copy()
+    gaps = np.frombuffer(body[:80], "<u4").copy()
+    assert np.cumsum(gaps)[-1] < 200 and (gaps[1:] >= 1).all()
+    for spoil in ({3: 0}, {19: 200}, {0: 2**32 - 1}, {5: 0, 6: 0}):
+        bad = gaps.copy()
         for at, value in spoil.items():
             bad[at] = value
         assert reason(rebuild(header, bad.astype("<u4").tobytes() + body[80:]), shapes) == \
