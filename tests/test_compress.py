@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import struct
+import tracemalloc
 
 import msgpack
 import numpy as np
@@ -178,7 +179,13 @@ def test_a_zstd_bomb_is_refused_before_decompression() -> None:
     stream = zstandard.ZstdCompressor(level=1).compressobj(size=64 << 20)
     bomb = b"".join(stream.compress(b"\0" * (1 << 20)) for _ in range(64)) + stream.flush()
     assert len(bomb) < 4096
-    assert reason(rebuild(header, bomb), shapes) == "oversized"
+    tracemalloc.start()
+    try:
+        assert reason(rebuild(header, bomb), shapes) == "oversized"
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20  # refused on the frame header: 64 MiB were never allocated
     unsized = zstandard.ZstdCompressor(write_content_size=False).compress(raw_body)
     assert reason(rebuild(header, unsized), shapes) == "bad_codec"
     short = zstandard.ZstdCompressor().compress(raw_body[:-1])
