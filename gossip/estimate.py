@@ -187,6 +187,8 @@ class PublicEstimate:
                  keep: int = 8, max_history_bytes: int = 64 << 20) -> None:
         if keep < 0 or max_history_bytes < 0:
             raise ValueError("keep and max_history_bytes are >= 0")
+        if type(version) is not int or not 0 <= version < MAX_VERSION:
+            raise ValueError(f"an estimate version is an int in 0..{MAX_VERSION - 1}")
         self.codec = codec
         self._state = _trusted_state(initial)
         self._shapes = shapes_of(self._state)
@@ -221,15 +223,15 @@ class PublicEstimate:
         """
         if shapes_of(x) != self._shapes:
             raise ValueError("x has other tensors or shapes than the estimate")
+        new_version = self._version + 1 if version is None else version
+        if not self._version < new_version <= MAX_VERSION:
+            raise ValueError(f"version {new_version} does not follow {self._version}")
         residual = {name: x[name].detach().to("cpu", torch.float32) - self._state[name]
                     for name in self._state}
         payload = self.codec.encode(residual)
         moved = self.codec.decode(payload, shapes=self._shapes, max_bytes=len(payload))
         # From here on x̂ moves by exactly what a receiver decodes: the residual x - x̂ left
         # over is the error that the next step feeds back.
-        new_version = self._version + 1 if version is None else version
-        if not self._version < new_version <= MAX_VERSION:
-            raise ValueError(f"version {new_version} does not follow {self._version}")
         state = {name: self._state[name] + moved[name] for name in self._state}
         step = EstimateStep(self._version, self._digest, new_version, estimate_digest(state),
                             payload)
