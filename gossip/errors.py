@@ -16,6 +16,9 @@ WIRE_REASONS = frozenset({
     "truncated",  # shorter than its own framing says
     "bad_tensor",  # a safetensors entry that is inconsistent or unsupported
     "non_finite",  # NaN or Inf in a tensor
+    "bad_codec",  # a compressed payload of an unknown codec, or whose layout contradicts its header
+    "wrong_base",  # a delta against an estimate version the receiver does not hold
+    "estimate_mismatch",  # the estimate a delta or keyframe rebuilds is not the digest claimed
 })
 
 TRANSFER_REASONS = frozenset({
