@@ -21,6 +21,7 @@ from libp2p.peer.id import ID
 
 from gossip.config import NodeConfig
 from gossip.errors import TransferError
+from gossip.fetcher import link_stats
 from gossip.node import Heard, Received
 from gossip.transfer import Offer
 from gossip.wire import Announcement, decode_adapter
@@ -53,6 +54,7 @@ class FakeNode:
         self.published_at = -math.inf
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
+        self.links = link_stats(config)
         self.server = _Server()
         self.adapter_sizes = (0, 0)
         self.offered: tuple[int, int, bytes] | None = None  # version, samples, data
