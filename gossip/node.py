@@ -123,6 +123,7 @@ class GossipNode:
             max_concurrent=config.max_uploads,
             min_interval_s=config.min_upload_interval_s,
             timeout_s=cap_s(config),  # a slow link's upload may take as long as its fetch
+            request_timeout_s=config.fetch_timeout_s,
             min_rate=config.min_upload_rate,
         )
         # The sizes an adapter of our swarm may have, (least, most) bytes; None: any up to the

@@ -145,7 +145,9 @@ class AdapterServer:
         peer: this peer's id (inside what is signed).
         max_concurrent: uploads in flight at once; more get a "busy" header.
         min_interval_s: per remote peer, the least time between two served uploads.
-        timeout_s: the most time one exchange may take.
+        timeout_s: the most time one exchange may take (a slow link's whole upload).
+        request_timeout_s: the most time the request may take to arrive (default `timeout_s`):
+            a stream that asks for nothing is closed then, however long uploads may take.
         min_rate: bytes/s below which a reader is dropped and its slot freed.
         clock: monotonic clock (trio.current_time in the daemon; injectable for tests).
     """
@@ -159,6 +161,7 @@ class AdapterServer:
         max_concurrent: int = 4,
         min_interval_s: float = 0.5,
         timeout_s: float = 30.0,
+        request_timeout_s: float | None = None,
         min_rate: float = 64 * 1024,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
@@ -168,6 +171,7 @@ class AdapterServer:
         self._slots = trio.Semaphore(max_concurrent)
         self._min_interval_s = min_interval_s
         self._timeout_s = timeout_s
+        self._request_timeout_s = timeout_s if request_timeout_s is None else request_timeout_s
         self._min_rate = min_rate
         self._clock = clock
         self._last_served: dict[str, float] = {}
@@ -213,9 +217,10 @@ class AdapterServer:
                 await _close_quietly(stream)
 
     async def _serve(self, stream: Any, remote: str) -> None:
-        request = FetchRequest.from_wire(
-            await read_frame(stream, max_len=MAX_CONTROL_FRAME), swarm=self._swarm
-        )
+        with trio.fail_after(self._request_timeout_s):
+            request = FetchRequest.from_wire(
+                await read_frame(stream, max_len=MAX_CONTROL_FRAME), swarm=self._swarm
+            )
         status = self._admit(remote)
         offer = self._offer
         if status == "ok" and offer is None:

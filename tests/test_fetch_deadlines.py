@@ -7,8 +7,10 @@ stalled or trickling one fails in bounded virtual time, with its own reason.
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Awaitable, Callable
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -19,7 +21,7 @@ from gossip.config import NodeConfig
 from gossip.errors import TransferError
 from gossip.fetcher import link_stats, patience
 from gossip.linkstats import LinkStats
-from gossip.transfer import Fetched, Patience, fetch_adapter, read_frame
+from gossip.transfer import AdapterServer, Fetched, Offer, Patience, fetch_adapter, read_frame
 from gossip.wire import FetchHeader, digest, frame
 
 SWARM = digest(b"deadlines")[:16]
@@ -67,10 +69,8 @@ async def _exchange(serve: Callable[[_Stream], Awaitable[None]], rules: Patience
     result: Fetched | TransferError | None = None
 
     async def serving() -> None:
-        try:
-            await serve(_Stream(server))
-        except (trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # the client hung up
+        with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+            await serve(_Stream(server))  # until the client hangs up
 
     async def open_stream() -> _Stream:
         return _Stream(client)
@@ -175,3 +175,23 @@ async def test_deadline_grows_with_size_and_the_estimate(nbytes: int) -> None:
     if nbytes == 8 * MIB:
         assert slow == pytest.approx(4 * 0.5 + 8 * MIB / (0.5 * 64 * KIB)) and fast == 30.0
     assert math.isfinite(patience(CONFIG, links, "slow").budget(nbytes))
+
+
+
+class _Served(_Stream):
+    """The server's end, with the remote peer's id where libp2p keeps it."""
+
+    muxed_conn = SimpleNamespace(peer_id="client")
+
+
+async def test_the_server_waits_for_a_request_no_longer_than_the_fetch_timeout(
+        autojump_clock: trio.testing.MockClock) -> None:
+    # Uploads may take `max_fetch_s` on a slow link; a stream that asks for nothing may not.
+    server = AdapterServer(SWARM, lambda data: b"s", "me", timeout_s=CONFIG.max_fetch_s,
+                           request_timeout_s=CONFIG.fetch_timeout_s)
+    server.publish(Offer(version=1, samples=4, data=b"x" * 64, digest=digest(b"x" * 64)))
+    _mute, stream = trio.testing.memory_stream_pair()
+    started = trio.current_time()
+    await server.handle(_Served(stream))
+    assert trio.current_time() - started == pytest.approx(CONFIG.fetch_timeout_s)
+    assert server.refused == {"timeout": 1}

@@ -28,7 +28,8 @@ def test_budget_grows_with_size_and_stays_within_floor_and_cap(
         assert FLOOR <= shorter <= longer <= CAP
 
 
-@given(fast=st.floats(min_value=1e3, max_value=1e9), slower_by=st.floats(min_value=1, max_value=1e3))
+@given(fast=st.floats(min_value=1e3, max_value=1e9),
+       slower_by=st.floats(min_value=1, max_value=1e3))
 def test_a_slower_link_gets_at_least_as_long(fast: float, slower_by: float) -> None:
     links = stats()
     links.record("fast", 1 << 20, (1 << 20) / fast, 0.1)
