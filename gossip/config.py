@@ -22,7 +22,9 @@ class NodeConfig:
         default=None, repr=False, metadata={"help": "64 hex chars: private swarm key"}
     )
     max_adapter_bytes: int = field(default=256 << 20, metadata={"help": "largest adapter taken"})
-    fetch_timeout_s: float = field(default=30.0, metadata={"help": "limit for one transfer"})
+    fetch_timeout_s: float = field(
+        default=30.0, metadata={"help": "limit for a fetch's download slot, dial and header, and "
+                                        "the least time its body gets"})
     dial_timeout_s: float = field(default=10.0, metadata={"help": "limit for one dial"})
     max_uploads: int = field(default=4, metadata={"help": "concurrent adapter uploads"})
     max_downloads: int = field(default=4, metadata={"help": "concurrent adapter downloads"})
@@ -47,7 +49,7 @@ class NodeConfig:
                           "(0: never; then a frozen peer's connection is never noticed)"},
     )
     ping_timeout_s: float = field(default=5.0, metadata={"help": "limit for one health ping"})
-    # Fetch deadlines that follow the link (gossip.linkstats, gossip.transfer): fetch_timeout_s
+    # Fetch deadlines that follow the link (gossip.linkstats, gossip.fetcher): fetch_timeout_s
     # bounds the setup (download slot, dial, header) and is the least time a body may take.
     max_fetch_s: float = field(
         default=300.0,

@@ -8,7 +8,7 @@ sample) of a peer's throughput (body bytes / body seconds) and its latency (requ
 header received, dial excluded). A peer never measured gets the prior: a home uplink
 (`PRIOR_RATE`, `PRIOR_RTT_S`). The prior is optimistic on purpose: every unknown identity gets
 it, so a slow prior would hand a sybil that trickles a long deadline; an honest slow link
-keeps its transfer alive by progressing (see `gossip.transfer`), not by its prior.
+keeps its transfer alive by progressing (see `gossip.fetcher`), not by its prior.
 
 The body budget of a fetch of `n` bytes is::
 

@@ -19,9 +19,9 @@ import trio.testing
 
 from gossip.config import NodeConfig
 from gossip.errors import TransferError
-from gossip.fetcher import link_stats, patience
+from gossip.fetcher import Patience, fetch_adapter, link_stats, patience
 from gossip.linkstats import LinkStats
-from gossip.transfer import AdapterServer, Fetched, Offer, Patience, fetch_adapter, read_frame
+from gossip.transfer import AdapterServer, Fetched, Offer, read_frame
 from gossip.wire import FetchHeader, digest, frame
 
 SWARM = digest(b"deadlines")[:16]
