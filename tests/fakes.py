@@ -94,6 +94,7 @@ class FakeNode:
             raise TransferError("unreachable", "no such node")
         version, samples, data = other.offered
         self.bytes_in += len(data)
+        self.links.record(other.peer_id, len(data), self.network.fetch_s, 0.0)
         other.server.bytes_out += len(data)
         state = decode_adapter(data, max_bytes=self.config.max_adapter_bytes)
         return Received(peer=other.peer_id, version=version, samples=samples, state=state,

@@ -191,6 +191,11 @@ async def test_settling_rounds_last_as_long_as_a_training_round(
         assert all(line["round_s"] >= line["train_s"] for line in lines[:2])
         assert peer.stats.merges >= 4
         assert (peer.config.data_dir / "export").exists(), "a clean stop exports"
+        # status.json reports the links its fetches measured, of live neighbours only.
+        status = json.loads((peer.config.data_dir / "status.json").read_text())
+        assert status["links"] and set(status["links"]) <= set(status["live_peers"])
+        assert all(link["transfers"] >= 1 and link["rate_bps"] > 0
+                   for link in status["links"].values())
 
 
 def test_training_seconds_go_on_after_a_restart() -> None:
