@@ -88,6 +88,16 @@ async def _inline(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
+def test_a_slow_or_stalled_link_is_a_network_failure_not_a_lie() -> None:
+    # An honest peer behind a slow or congested link keeps its place in the view.
+    network = FakeNetwork()
+    gatherer, neighbours = _gatherer(network, [])
+    for reason in ("stalled", "too_slow", "timeout"):
+        gatherer._judge(reason, reason)
+    assert neighbours.verdicts["failed"] == ["stalled", "too_slow", "timeout"]
+    assert neighbours.verdicts["distrust"] == []
+
+
 async def test_failed_and_invalid_neighbours_are_replaced_in_later_waves(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
