@@ -22,7 +22,9 @@ class NodeConfig:
         default=None, repr=False, metadata={"help": "64 hex chars: private swarm key"}
     )
     max_adapter_bytes: int = field(default=256 << 20, metadata={"help": "largest adapter taken"})
-    fetch_timeout_s: float = field(default=30.0, metadata={"help": "limit for one transfer"})
+    fetch_timeout_s: float = field(
+        default=30.0, metadata={"help": "limit for a fetch's download slot, dial and header, and "
+                                        "the least time its body gets"})
     dial_timeout_s: float = field(default=10.0, metadata={"help": "limit for one dial"})
     max_uploads: int = field(default=4, metadata={"help": "concurrent adapter uploads"})
     max_downloads: int = field(default=4, metadata={"help": "concurrent adapter downloads"})
@@ -47,6 +49,22 @@ class NodeConfig:
                           "(0: never; then a frozen peer's connection is never noticed)"},
     )
     ping_timeout_s: float = field(default=5.0, metadata={"help": "limit for one health ping"})
+    # Fetch deadlines that follow the link (gossip.linkstats, gossip.fetcher): fetch_timeout_s
+    # bounds the setup (download slot, dial, header) and is the least time a body may take.
+    max_fetch_s: float = field(
+        default=300.0,
+        metadata={"help": "the most time one fetch may take, however slow the link (never "
+                          "below the fetch timeout)"},
+    )
+    stall_s: float = field(
+        default=10.0,
+        metadata={"help": "a fetch that receives no byte for this long fails (stalled)"},
+    )
+    min_fetch_rate: float = field(
+        default=32 * 1024,
+        metadata={"help": "bytes/s: past its estimated time, a fetch goes on only while its "
+                          "average rate stays above this"},
+    )
 
     def __post_init__(self) -> None:
         for addr in (*self.listen, *self.bootstrap):
@@ -72,6 +90,10 @@ class NodeConfig:
             raise ValueError("min_upload_rate must be a positive number of bytes/s")
         if self.health_check_s < 0:
             raise ValueError("health_check_s must be >= 0 (0 turns health checks off)")
+        if not (self.max_fetch_s > 0 and self.stall_s > 0):
+            raise ValueError("max_fetch_s and stall_s must be positive")
+        if not self.min_fetch_rate > 0:
+            raise ValueError("min_fetch_rate must be a positive number of bytes/s")
 
 
 def _is_hex(text: str) -> bool:

@@ -28,6 +28,8 @@ TRANSFER_REASONS = frozenset({
     "size_mismatch",  # the adapter is not the exact size our own shapes give
     "equivocation",  # two different adapters signed for one version
     "slow_reader",  # (server side) a client read slower than the minimum rate
+    "stalled",  # no byte of the body came for `stall_s`
+    "too_slow",  # past its expected time, the body averaged less than `min_fetch_rate`
 })
 
 

@@ -31,11 +31,12 @@ from gossip.binding import SignedOffers
 from gossip.config import NodeConfig, connection_config
 from gossip.dialer import Dialer
 from gossip.errors import GossipError, TransferError, WireError
+from gossip.fetcher import cap_s, fetch_from, link_stats
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
 from gossip.router import FloodPublishGossipSub
 from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
-from gossip.transfer import AdapterServer, Fetched, Offer, fetch_adapter
+from gossip.transfer import AdapterServer, Fetched, Offer
 from gossip.wire import Announcement, decode_adapter
 from gossip.wire import digest as sha256
 
@@ -121,7 +122,8 @@ class GossipNode:
             self.peer_id,
             max_concurrent=config.max_uploads,
             min_interval_s=config.min_upload_interval_s,
-            timeout_s=config.fetch_timeout_s,
+            timeout_s=cap_s(config),  # a slow link's upload may take as long as its fetch
+            request_timeout_s=config.fetch_timeout_s,
             min_rate=config.min_upload_rate,
         )
         # The sizes an adapter of our swarm may have, (least, most) bytes; None: any up to the
@@ -133,6 +135,7 @@ class GossipNode:
         self.downloads_in_flight = 0
         self.downloads_peak = 0
         self._downloads = trio.Semaphore(config.max_downloads)
+        self.links = link_stats(config)  # each neighbour's throughput and latency, measured
         self.current: Announcement | None = None  # what a re-announcement publishes
         self.published_at = -float("inf")  # trio time of the last publish
         self._send, self.announcements = trio.open_memory_channel[Heard](_ANNOUNCEMENT_QUEUE)
@@ -330,15 +333,17 @@ class GossipNode:
     async def fetch(self, announcement: Announcement) -> Fetched:
         """Pull the adapter a neighbour announced, checked against the signed announcement.
 
-        At most `max_downloads` fetches run at once; waiting for a slot counts against the
-        same `fetch_timeout_s` as the transfer, so a round never waits longer than that.
+        At most `max_downloads` fetches run at once. Waiting for a slot counts against the
+        same `fetch_timeout_s` as the dial and the header; the body then gets what the
+        neighbour's link earned (`gossip.fetcher`), and a completed fetch updates that
+        estimate (`links`).
 
         Raises:
             TransferError / WireError: with a reason; also counted in `rejected`.
         """
-        deadline = trio.current_time() + self.config.fetch_timeout_s
+        started = trio.current_time()
         try:
-            with trio.fail_at(deadline):
+            with trio.fail_at(started + self.config.fetch_timeout_s):
                 await self._downloads.acquire()
         except trio.TooSlowError as exc:
             error = TransferError("timeout", "no free download slot within the fetch timeout")
@@ -347,7 +352,7 @@ class GossipNode:
         self.downloads_in_flight += 1
         self.downloads_peak = max(self.downloads_peak, self.downloads_in_flight)
         try:
-            fetched = await self._fetch(announcement, deadline - trio.current_time())
+            fetched = await self._fetch(announcement, started)
         except (TransferError, WireError) as exc:
             self.rejected[exc.reason] += 1
             raise
@@ -355,39 +360,15 @@ class GossipNode:
             self.downloads_in_flight -= 1
             self._downloads.release()
         self.bytes_in += len(fetched.data)
+        self.links.record(fetched.peer, len(fetched.data), fetched.body_s, fetched.rtt_s)
         return fetched
 
-    async def _fetch(self, announcement: Announcement, timeout_s: float) -> Fetched:
-        peer = ID.from_base58(announcement.peer)
-        # A connection opened only for this fetch is closed after it: kept, every peer ends up
-        # connected to most of the swarm, whose upkeep then costs a core (see the README).
-        transient = peer not in self.host.get_connected_peers()
-
-        async def open_stream() -> Any:
-            if peer not in self.host.get_connected_peers():
-                await self.dial(announcement.peer)  # with per-address backoff
-            return await self.host.new_stream(peer, [_TRANSFER])
-
-        try:
-            return await fetch_adapter(
-                open_stream,
-                announcement.peer,
-                self.swarm,
-                max_bytes=self.config.max_adapter_bytes,
-                timeout_s=max(timeout_s, 1e-3),
-                check=lambda header: self._signed.check(announcement, header,
-                                                        self.adapter_sizes),
-            )
-        finally:
-            if transient:
-                await self._hang_up(peer)
-
-    async def _hang_up(self, peer: ID) -> None:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            try:
-                await self.host.disconnect(peer)
-            except Exception as exc:  # closing a broken connection may raise anything
-                logger.debug("closing the connection to %s: %s", peer, exc)
+    async def _fetch(self, announcement: Announcement, started: float) -> Fetched:
+        return await fetch_from(
+            self.host, self.dial, announcement, swarm=self.swarm, config=self.config,
+            links=self.links, started=started,
+            check=lambda header: self._signed.check(announcement, header, self.adapter_sizes),
+        )
 
     async def receive(self, announcement: Announcement) -> Received:
         """Fetch a neighbour's adapter and check its format, decoding it in a worker thread.

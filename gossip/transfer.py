@@ -9,11 +9,12 @@ adapters travel over a raw stream of our own protocol (`TRANSFER_PROTOCOL`):
 3. the client checks the header (its signature, the exact size it expects) before reading a
    byte of the body, then the byte count and the sha256 digest, then closes.
 
-Every read is bounded (frame size, byte count) and every exchange runs under a cancel scope, so a
-slow or silent peer costs at most `timeout_s`. The server bounds concurrent uploads, gives each
-remote peer at most one of them at a time and serves it at most once per `min_interval_s`, and
-drops a reader slower than `min_rate` bytes/s: a client that requests and never reads would
-otherwise hold an upload slot for the whole `timeout_s`.
+Every read is bounded (frame size, byte count) and every exchange runs under cancel scopes. The
+server bounds concurrent uploads, gives each remote peer at most one of them at a time and serves
+it at most once per `min_interval_s`, and drops a reader slower than `min_rate` bytes/s: a client
+that requests and never reads would otherwise hold an upload slot for the whole `timeout_s`.
+
+The client side, with time limits that follow the link, is `gossip.fetcher`.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from typing import Any
 import trio
 
 from gossip.errors import TransferError, WireError
-from gossip.wire import FetchHeader, FetchRequest, digest, frame, frame_length, signed_offer
+from gossip.wire import FetchHeader, FetchRequest, frame, frame_length, signed_offer
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +57,8 @@ class Fetched:
     version: int
     samples: int
     data: bytes
+    rtt_s: float = 0.0  # request sent to header received
+    body_s: float = 0.0  # header received to last body byte
 
 
 async def read_exactly(stream: Any, n: int) -> bytes:
@@ -107,7 +110,9 @@ class AdapterServer:
         peer: this peer's id (inside what is signed).
         max_concurrent: uploads in flight at once; more get a "busy" header.
         min_interval_s: per remote peer, the least time between two served uploads.
-        timeout_s: the most time one exchange may take.
+        timeout_s: the most time one exchange may take (a slow link's whole upload).
+        request_timeout_s: the most time the request may take to arrive (default `timeout_s`):
+            a stream that asks for nothing is closed then, however long uploads may take.
         min_rate: bytes/s below which a reader is dropped and its slot freed.
         clock: monotonic clock (trio.current_time in the daemon; injectable for tests).
     """
@@ -121,6 +126,7 @@ class AdapterServer:
         max_concurrent: int = 4,
         min_interval_s: float = 0.5,
         timeout_s: float = 30.0,
+        request_timeout_s: float | None = None,
         min_rate: float = 64 * 1024,
         clock: Callable[[], float] = trio.current_time,
     ) -> None:
@@ -130,6 +136,7 @@ class AdapterServer:
         self._slots = trio.Semaphore(max_concurrent)
         self._min_interval_s = min_interval_s
         self._timeout_s = timeout_s
+        self._request_timeout_s = timeout_s if request_timeout_s is None else request_timeout_s
         self._min_rate = min_rate
         self._clock = clock
         self._last_served: dict[str, float] = {}
@@ -172,12 +179,13 @@ class AdapterServer:
             logger.info("adapter upload to %s failed: %s: %s", remote, type(exc).__name__, exc)
         finally:
             with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await _close_quietly(stream)
+                await close_quietly(stream)
 
     async def _serve(self, stream: Any, remote: str) -> None:
-        request = FetchRequest.from_wire(
-            await read_frame(stream, max_len=MAX_CONTROL_FRAME), swarm=self._swarm
-        )
+        with trio.fail_after(self._request_timeout_s):
+            request = FetchRequest.from_wire(
+                await read_frame(stream, max_len=MAX_CONTROL_FRAME), swarm=self._swarm
+            )
         status = self._admit(remote)
         offer = self._offer
         if status == "ok" and offer is None:
@@ -233,80 +241,9 @@ class AdapterServer:
         self.refused[reason] = self.refused.get(reason, 0) + 1
 
 
-async def _close_quietly(stream: Any) -> None:
+async def close_quietly(stream: Any) -> None:
+    """Close a transfer stream, ignoring whatever a broken one raises."""
     try:
         await stream.close()
     except Exception as exc:  # closing a broken stream may raise anything; nothing to do about it
         logger.debug("closing a transfer stream: %s", exc)
-
-
-async def fetch_adapter(
-    open_stream: Callable[[], Any],
-    peer: str,
-    swarm: bytes,
-    *,
-    max_bytes: int,
-    timeout_s: float,
-    check: Callable[[FetchHeader], None] | None = None,
-) -> Fetched:
-    """Pull a neighbour's adapter bytes.
-
-    Args:
-        open_stream: coroutine function that opens a stream to the neighbour on
-            `TRANSFER_PROTOCOL` (dialling it if needed).
-        peer: the neighbour's peer id, for the result and for messages.
-        max_bytes: refuse adapters larger than this before reading them.
-        timeout_s: the whole exchange, dial included, must finish within this.
-        check: called with an "ok" header before a byte of the body is read; raises
-            TransferError to refuse it (signature, exact size, what was announced).
-
-    Raises:
-        TransferError: with reason "timeout", "unreachable", "refused", "oversized",
-            "truncated", "digest_mismatch" or whatever `check` raises.
-        WireError: the neighbour's header was malformed.
-    """
-    try:
-        with trio.fail_after(timeout_s):
-            return await _fetch(open_stream, peer, swarm, max_bytes, check)
-    except trio.TooSlowError as exc:
-        raise TransferError("timeout", f"{peer} did not deliver within {timeout_s:.0f} s") from exc
-
-
-async def _fetch(
-    open_stream: Callable[[], Any],
-    peer: str,
-    swarm: bytes,
-    max_bytes: int,
-    check: Callable[[FetchHeader], None] | None,
-) -> Fetched:
-    try:
-        stream = await open_stream()
-    except (OSError, trio.BrokenResourceError) as exc:
-        raise TransferError("unreachable", f"cannot open a stream to {peer}: {exc}") from exc
-    except Exception as exc:  # libp2p raises StreamFailure, SwarmException and others
-        # py-libp2p's message is generic ("failed to open a stream"); the cause says why.
-        cause = f" ({type(exc.__cause__).__name__}: {exc.__cause__})" if exc.__cause__ else ""
-        raise TransferError("unreachable",
-                            f"cannot open a stream to {peer}: {exc}{cause}") from exc
-    try:
-        await stream.write(frame(FetchRequest(swarm=swarm, version=-1).to_wire()))
-        header = FetchHeader.from_wire(
-            await read_frame(stream, max_len=MAX_CONTROL_FRAME), swarm=swarm, max_nbytes=max_bytes
-        )
-        if header.status != "ok":
-            raise TransferError("refused", f"{peer} answered {header.status}")
-        if check is not None:
-            check(header)
-        data = await read_exactly(stream, header.nbytes)
-    except (TransferError, WireError):
-        raise
-    except Exception as exc:  # a reset or closed libp2p stream
-        raise TransferError("truncated", f"stream from {peer} broke: {exc}") from exc
-    finally:
-        with trio.CancelScope(shield=True), trio.move_on_after(2):
-            await _close_quietly(stream)
-    # Hashing megabytes would stall every other task of the event loop: a worker thread does it.
-    actual = await trio.to_thread.run_sync(digest, data)
-    if actual != header.digest:  # the header's digest is the signed one
-        raise TransferError("digest_mismatch", f"adapter bytes from {peer} do not match its digest")
-    return Fetched(peer=peer, version=header.version, samples=header.samples, data=data)

@@ -36,7 +36,7 @@ PATIENCE_FIRST_S = 1.0
 # Fetch failures that say nothing about a neighbour's honesty: it was busy, or the network
 # failed it (see `Gatherer._judge`).
 _BUSY = frozenset({"refused"})
-_NETWORK = frozenset({"timeout", "unreachable", "truncated"})
+_NETWORK = frozenset({"timeout", "unreachable", "truncated", "stalled", "too_slow"})
 
 State = Mapping[str, torch.Tensor]
 T = TypeVar("T")

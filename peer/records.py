@@ -71,6 +71,7 @@ class Records:
         """The status.json document: what this peer is and how it is doing."""
         runtime, node, now = self.runtime, self.node, trio.current_time()
         view_stats = self.view.statistics(now)
+        live = [info.peer_id for info in self.view.live(now)]
         return {
             "peer_id": node.peer_id, "listen_addrs": node.listen_addrs, "topic": node.topic,
             "swarm_id": runtime.swarm_hex, "model": str(runtime.model_dir),
@@ -78,12 +79,15 @@ class Records:
             "round": round_, "version": version, "samples": runtime.trainer.samples,
             **{k: v for k, v in self.totals().items() if k != "t"},
             "peers_known": len(self.view), "peers_connected": len(node.connected_peers()),
-            "live_peers": [info.peer_id for info in self.view.live(now)],
+            "live_peers": live,
             "peers_trusted": view_stats.trusted, "peers_refused": view_stats.refused,
             # What we refused from others (the node counts the wire, the gatherer validation:
             # disjoint), and the uploads our server refused, by reason.
             "rejected": dict(self.stats.rejected + node.rejected),
             "uploads_refused": dict(node.server.refused),
+            # Each live neighbour's link as our fetches measured it (the deadlines follow it).
+            "links": {peer: link.to_status()
+                      for peer, link in node.links.statistics(live).items()},
             "eval_loss": self.stats.last_eval, "updated": time.time(),
         }
 

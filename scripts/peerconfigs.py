@@ -71,9 +71,11 @@ def in_process_defaults(peers: int) -> dict[str, Any]:
     Health pings find frozen peers, which one process cannot have (a crashed peer closes its
     sockets), and under load they failed by the thousand at 64 peers, each aborting a healthy
     connection that was then dialled again: new connections took a fifth of the loop (py-spy).
+    A body that gets no byte for a while there is the one loop starving, not a link that
+    stalled: the stall timeout grows like the fetch timeout (not measured yet).
     """
     return {"peer_timeout": max(30, 10 * peers), "fetch_timeout": max(30, peers),
-            "health_check": 0}
+            "stall_timeout": max(10, peers), "health_check": 0}
 
 
 def peer_arg_values(argv: Sequence[str]) -> dict[str, Any]:

@@ -21,6 +21,7 @@ from libp2p.peer.id import ID
 
 from gossip.config import NodeConfig
 from gossip.errors import TransferError
+from gossip.fetcher import link_stats
 from gossip.node import Heard, Received
 from gossip.transfer import Offer
 from gossip.wire import Announcement, decode_adapter
@@ -53,6 +54,7 @@ class FakeNode:
         self.published_at = -math.inf
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
+        self.links = link_stats(config)
         self.server = _Server()
         self.adapter_sizes = (0, 0)
         self.offered: tuple[int, int, bytes] | None = None  # version, samples, data
@@ -92,6 +94,7 @@ class FakeNode:
             raise TransferError("unreachable", "no such node")
         version, samples, data = other.offered
         self.bytes_in += len(data)
+        self.links.record(other.peer_id, len(data), self.network.fetch_s, 0.0)
         other.server.bytes_out += len(data)
         state = decode_adapter(data, max_bytes=self.config.max_adapter_bytes)
         return Received(peer=other.peer_id, version=version, samples=samples, state=state,

@@ -55,6 +55,9 @@ async def test_fetch_moves_the_exact_bytes() -> None:
             fetched = await client.fetch(announce(server, data))
         assert fetched.data == data and fetched.version == 1 and fetched.samples == 16
         assert client.bytes_in == len(data) and server.server.bytes_out == len(data)
+        # The completed fetch measured the link: its next deadline follows it.
+        link = client.links.statistics()[server.peer_id]
+        assert link.transfers == 1 and link.rate_bps > 0 and 0 <= link.rtt_s < 20
 
 
 async def test_large_adapter_crosses_the_stream() -> None:

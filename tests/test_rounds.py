@@ -88,6 +88,16 @@ async def _inline(fn: Callable[[], Any]) -> Any:
     return fn()
 
 
+def test_a_slow_or_stalled_link_is_a_network_failure_not_a_lie() -> None:
+    # An honest peer behind a slow or congested link keeps its place in the view.
+    network = FakeNetwork()
+    gatherer, neighbours = _gatherer(network, [])
+    for reason in ("stalled", "too_slow", "timeout"):
+        gatherer._judge(reason, reason)
+    assert neighbours.verdicts["failed"] == ["stalled", "too_slow", "timeout"]
+    assert neighbours.verdicts["distrust"] == []
+
+
 async def test_failed_and_invalid_neighbours_are_replaced_in_later_waves(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
@@ -191,6 +201,11 @@ async def test_settling_rounds_last_as_long_as_a_training_round(
         assert all(line["round_s"] >= line["train_s"] for line in lines[:2])
         assert peer.stats.merges >= 4
         assert (peer.config.data_dir / "export").exists(), "a clean stop exports"
+        # status.json reports the links its fetches measured, of live neighbours only.
+        status = json.loads((peer.config.data_dir / "status.json").read_text())
+        assert status["links"] and set(status["links"]) <= set(status["live_peers"])
+        assert all(link["transfers"] >= 1 and link["rate_bps"] > 0
+                   for link in status["links"].values())
 
 
 def test_training_seconds_go_on_after_a_restart() -> None:

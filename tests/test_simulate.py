@@ -117,6 +117,7 @@ def test_in_process_timeouts_grow_with_the_swarm_unless_given(tmp_path: Path) ->
 
     grown = config()
     assert grown.topology.peer_timeout_s == 640 and grown.network.fetch_timeout_s == 64
+    assert grown.network.stall_s == 64
     given = config("--peer-arg=--peer-timeout=90")
     assert given.topology.peer_timeout_s == 90, "a --peer-arg wins over the default"
     assert grown.network.health_check_s == 0
