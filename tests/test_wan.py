@@ -19,6 +19,7 @@ from gossip.node import GossipNode, NodeConfig
 from gossip.swarm import swarm_id
 from gossip.wire import Announcement, digest, encode_adapter
 from testbed.wan import Link, LinkProxy
+from topology.config import TopologyConfig
 
 SWARM = swarm_id("wan-model", {"r": 4}, 0)
 
@@ -210,4 +211,49 @@ async def test_libp2p_fetch_through_the_link() -> None:
         assert connected - started >= 2 * 2 * link.delay_s  # Noise and muxer: 2 RTTs at least
         assert finished - connected >= len(data) * 8 / link.rate_bps + 2 * link.delay_s
         assert proxy.statistics().bytes_up >= len(data)
+        nursery.cancel_scope.cancel()
+
+
+def test_announce_flag_and_its_checks(tmp_path) -> None:
+    from peer.cli import build_parser
+    from peer.options import config_from_args
+
+    config = config_from_args(build_parser().parse_args([
+        "peer", "--data-dir", str(tmp_path), "--train", "t.jsonl",
+        "--announce", "/ip4/203.0.113.7/tcp/4001", "--announce", "/ip4/127.0.0.1/tcp/9"]))
+    assert config.network.announce == ("/ip4/203.0.113.7/tcp/4001", "/ip4/127.0.0.1/tcp/9")
+    with pytest.raises(ValueError, match="leave out /p2p/"):
+        NodeConfig(announce=("/ip4/127.0.0.1/tcp/9/p2p/"
+                             "12D3KooWGzh5vWxgfEdpHPtvS6BWGKHWmRAZyrcpkUqdrH8kBLkG",))
+
+
+async def test_announcements_carry_the_proxy_address_and_fetches_use_it() -> None:
+    """A peer behind a proxy announces the proxy's address; a peer that joined through that
+    address hears it and fetches through the link."""
+    from testbed.loopback import LoopbackSwarm
+
+    server: list[GossipNode] = []
+
+    async def target() -> tuple[str, int]:  # the peer listens once it runs, after the proxy
+        parts = server[0].listen_addrs[0].split("/")
+        return parts[2], int(parts[4])
+
+    async with trio.open_nursery() as nursery:
+        proxy = await nursery.start(LinkProxy(Link(delay_s=0.02), target).run)
+        swarm = LoopbackSwarm(nursery, NodeConfig(), TopologyConfig(), seed=0)
+        behind = await swarm.add(network=NodeConfig(announce=(proxy.multiaddr,)), bootstrap=())
+        server.append(behind.node)
+        joiner = await swarm.add(bootstrap=(f"{proxy.multiaddr}/p2p/{behind.peer_id}",))
+        behind.hold(3)
+        joiner.hold(0)
+        with trio.fail_after(20):
+            await swarm.announce_all()
+            await joiner.membership.wait_until(lambda: joiner.membership.latest(
+                behind.peer_id) is not None)
+        heard = joiner.membership.latest(behind.peer_id)
+        assert heard is not None
+        assert heard.addrs == (f"{proxy.multiaddr}/p2p/{behind.peer_id}",)
+        with trio.fail_after(20):
+            assert await joiner.pull_round(1) == 1
+        assert joiner.version == 3 and proxy.statistics().bytes_up > 0
         nursery.cancel_scope.cancel()
