@@ -16,6 +16,10 @@ The model of one direction of one link, per chunk of bytes read from the sender:
    uniformly from [-jitter, +jitter]; release times never go backwards within a connection,
    so bytes are never reordered (TCP's in-order delivery).
 
+The TCP handshake costs its round trip too: the kernel accepts the dialler's connection at once,
+so the proxy dials the peer one delay later (the SYN's way there), lets the peer's bytes flow
+from then on, and the dialler's from a round trip after the accept (the SYN-ACK's way back).
+
 Only the listener side is shaped: a connection is shaped by the link of the peer it was dialled
 to, both ways, and a peer's own outbound dials do not pass its proxy.
 """
@@ -188,18 +192,22 @@ class LinkProxy:
 
     async def _handle(self, client: trio.SocketStream) -> None:
         self.stats.connections += 1
+        accepted = trio.current_time()
         with trio.CancelScope() as scope:
             self._connections.add(scope)
             try:
                 async with client:
+                    await trio.sleep_until(accepted + self.link.delay_s)  # the SYN's way
                     server = await self._dial()
                     if server is None:
                         return
                     self.stats.open += 1
                     try:
                         async with server, trio.open_nursery() as nursery:
-                            nursery.start_soon(self._pipe, client, server, self._down, scope)
-                            nursery.start_soon(self._pipe, server, client, self._up, scope)
+                            nursery.start_soon(self._pipe, client, server, self._down, scope,
+                                               accepted + 2 * self.link.delay_s)
+                            nursery.start_soon(self._pipe, server, client, self._up, scope,
+                                               accepted)
                     finally:
                         self.stats.open -= 1
             finally:
@@ -217,8 +225,10 @@ class LinkProxy:
             return None
 
     async def _pipe(self, source: trio.SocketStream, sink: trio.SocketStream, pacer: _Pacer,
-                    connection: trio.CancelScope) -> None:
-        """One direction: read, pace, stamp, and a writer that releases each chunk on time."""
+                    connection: trio.CancelScope, opens_at: float) -> None:
+        """One direction: read, pace, stamp, and a writer that releases each chunk on time;
+        nothing is read before `opens_at` (the sender's end of the handshake)."""
+        await trio.sleep_until(opens_at)
         send, receive = trio.open_memory_channel[tuple[float, bytes]](QUEUED_CHUNKS)
         up = pacer is self._up
         try:
