@@ -26,6 +26,7 @@ to, both ways, and a peer's own outbound dials do not pass its proxy.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import random
@@ -116,7 +117,12 @@ class ProxyStatistics:
 
 
 class _Pacer:
-    """One direction of the link: when the link is free again, shared by every connection."""
+    """One direction of the link: when the link is free again, shared by every connection.
+
+    A token bucket in virtual time: each chunk is done `bytes * 8 / rate` after the previous
+    one (or after now, if the link was idle), and its sender waits until then. Unlike a bucket
+    that fills while idle, it never lets a burst through faster than the rate.
+    """
 
     def __init__(self, rate_bps: float) -> None:
         self._rate = rate_bps
@@ -158,7 +164,7 @@ class LinkProxy:
         self._up = _Pacer(link.rate_bps)
         self._connections: set[trio.CancelScope] = set()
         self._port: int | None = None
-        self.stats = ProxyStatistics()
+        self._stats = ProxyStatistics()
 
     @property
     def port(self) -> int:
@@ -172,7 +178,8 @@ class LinkProxy:
         return f"/ip4/127.0.0.1/tcp/{self.port}"
 
     def statistics(self) -> ProxyStatistics:
-        return self.stats
+        """A copy of the counters as they are now."""
+        return dataclasses.replace(self._stats)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Listen, signal readiness (with self), forward until cancelled."""
@@ -187,11 +194,11 @@ class LinkProxy:
         scopes = list(self._connections)
         for scope in scopes:
             scope.cancel()
-        self.stats.cut += len(scopes)
+        self._stats.cut += len(scopes)
         return len(scopes)
 
     async def _handle(self, client: trio.SocketStream) -> None:
-        self.stats.connections += 1
+        self._stats.connections += 1
         accepted = trio.current_time()
         with trio.CancelScope() as scope:
             self._connections.add(scope)
@@ -201,7 +208,7 @@ class LinkProxy:
                     server = await self._dial()
                     if server is None:
                         return
-                    self.stats.open += 1
+                    self._stats.open += 1
                     try:
                         async with server, trio.open_nursery() as nursery:
                             nursery.start_soon(self._pipe, client, server, self._down, scope,
@@ -209,7 +216,7 @@ class LinkProxy:
                             nursery.start_soon(self._pipe, server, client, self._up, scope,
                                                accepted)
                     finally:
-                        self.stats.open -= 1
+                        self._stats.open -= 1
             finally:
                 self._connections.discard(scope)
 
@@ -220,7 +227,7 @@ class LinkProxy:
                               else await self._target())
                 return await trio.open_tcp_stream(host, port)
         except (OSError, trio.TooSlowError) as exc:
-            self.stats.failed_dials += 1
+            self._stats.failed_dials += 1
             logger.info("proxy :%s: target unreachable: %s", self._port, exc)
             return None
 
@@ -255,9 +262,9 @@ class LinkProxy:
                     return
                 await sink.send_all(data)
                 if up:
-                    self.stats.bytes_up += len(data)
+                    self._stats.bytes_up += len(data)
                 else:
-                    self.stats.bytes_down += len(data)
+                    self._stats.bytes_down += len(data)
 
     def _delay(self) -> float:
         jitter = self.link.jitter_s
