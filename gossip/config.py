@@ -18,6 +18,11 @@ class NodeConfig:
     bootstrap: tuple[str, ...] = field(
         default=(), metadata={"help": "multiaddrs (with /p2p/<id>) of peers to join through"}
     )
+    announce: tuple[str, ...] = field(
+        default=(),
+        metadata={"help": "multiaddrs to announce instead of the listen addresses, e.g. a "
+                          "proxy's or a NAT's public address (/p2p/<our id> is added)"},
+    )
     psk: str | None = field(  # a secret: kept out of repr, and so out of logs and tracebacks
         default=None, repr=False, metadata={"help": "64 hex chars: private swarm key"}
     )
@@ -67,11 +72,15 @@ class NodeConfig:
     )
 
     def __post_init__(self) -> None:
-        for addr in (*self.listen, *self.bootstrap):
+        for addr in (*self.listen, *self.bootstrap, *self.announce):
             try:
                 multiaddr.Multiaddr(addr)
             except Exception as exc:  # multiaddr raises several unrelated types
                 raise ValueError(f"not a multiaddr: {addr!r} ({exc})") from exc
+        for addr in self.announce:
+            if "/p2p/" in addr:
+                raise ValueError(f"announce address {addr!r}: leave out /p2p/<id>, the peer "
+                                 "adds its own")
         for addr in self.bootstrap:
             if "/p2p/" not in addr:
                 raise ValueError(

@@ -159,6 +159,15 @@ class GossipNode:
             self._last_addrs = current
         return current or self._last_addrs
 
+    @property
+    def announce_addrs(self) -> list[str]:
+        """Full multiaddrs our announcements carry: `config.announce` if set, else where we
+        listen. A peer behind a proxy or a NAT is dialled at an address it does not listen on.
+        """
+        if not self.config.announce:
+            return self.listen_addrs
+        return [f"{addr}/p2p/{self.peer_id}" for addr in self.config.announce]
+
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the host, pubsub and transfer handler; signal readiness; serve until cancelled.
 

@@ -104,7 +104,7 @@ async def _run_peer(config: PeerConfig) -> int:
         node = await nursery.start(_run_then_stop, peer, nursery.cancel_scope)
         print(f"peer {node.peer_id} is up in swarm {node.topic}", flush=True)
         print("others join with:", flush=True)
-        for addr in node.listen_addrs:
+        for addr in node.announce_addrs:  # --announce's, or where it listens
             print(f"  --bootstrap {addr}", flush=True)
     return 0
 

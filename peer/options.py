@@ -145,6 +145,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("grad_checkpointing", "device", "grad_checkpointing", _bool, "BOOL"),
     Option("listen", "network", "listen", str, "MULTIADDR", repeat=True),
     Option("bootstrap", "network", "bootstrap", str, "MULTIADDR", repeat=True),
+    Option("announce", "network", "announce", str, "MULTIADDR", repeat=True),
     Option("swarm_key", "network", "psk", _swarm_key, "FILE", scope=SWARM),
     Option("max_adapter_bytes", "network", "max_adapter_bytes", int, "N"),
     Option("fetch_timeout", "network", "fetch_timeout_s", float, "SECONDS"),

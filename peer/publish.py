@@ -59,7 +59,7 @@ class Publisher:
         announcement = Announcement(
             swarm=self.swarm, peer=node.peer_id, version=version, samples=samples,
             digest=offer.digest, nbytes=len(data), train_loss=self.stats.last_train_loss,
-            addrs=tuple(node.listen_addrs),
+            addrs=tuple(node.announce_addrs),
         )
         if node.current is not None:
             node.update(announcement)

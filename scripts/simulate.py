@@ -8,6 +8,7 @@ chatterbot-corpus categories) and the shared held-out eval set.
     python scripts/simulate.py --mode local --out OUT   # same peers, no exchange (baseline)
     python scripts/simulate.py --mode central --out OUT # one peer with all the data (baseline)
     python scripts/simulate.py --split dirichlet --alpha 0.1 --out OUT  # skewed topic mixes
+    python scripts/simulate.py --link delay=50ms,rate=20mbit --out OUT  # peers across a WAN
 
 Writes OUT/result.json, the plots OUT/eval_loss.png, OUT/consensus.png (how far apart the
 peers' adapters are, per round) and OUT/bytes.png (bytes each peer sent), and, per peer,
@@ -31,6 +32,7 @@ from peer.config import PeerConfig
 from peer.errors import PeerError
 from peer.options import build_config
 from scripts.churn import annotate, plan_churn
+from scripts.links import assign_links, read_profile
 from scripts.peerconfigs import (
     SIMULATED,
     add_simulated_options,
@@ -46,6 +48,7 @@ from scripts.simreport import (
     swarm_consensus,
 )
 from scripts.swarm import Settings, SimulationError, run_swarm
+from testbed.wan import Link
 
 console = Console()
 MODES = ("gossip", "local", "central")
@@ -96,6 +99,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --in-process: spread the peers over K processes, each with "
                         "its own copy of the base model and its own event loop (use up to one "
                         "per core for 32 peers and more)")
+    parser.add_argument("--link", metavar="LINK",
+                        help="put every peer behind a wide-area link emulated by a proxy in "
+                        "this process, e.g. delay=50ms,rate=20mbit,jitter=10ms (units: us, ms, "
+                        "s; bit, kbit, mbit, gbit per second, each way)")
+    parser.add_argument("--link-profile", type=Path, metavar="FILE",
+                        help="TOML file of [[links]] entries (share = 0.25, link = \"...\"): "
+                        "that share of the peers, drawn by --seed, gets that link; the rest get "
+                        "--link (or none)")
     parser.add_argument("--peer-arg", action="append", default=[], metavar="ARG",
                         help="extra argument passed to every peer (repeatable), e.g. "
                         "--peer-arg=--merge-rule=product")
@@ -117,7 +128,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         peer_arg_values(args.peer_arg)  # a bad --peer-arg fails here, before anything runs
     except PeerError as exc:
         parser.error(str(exc))
+    if (args.link or args.link_profile) and args.workers > 1:
+        parser.error("--link and --link-profile run proxies in this process: not with --workers")
+    try:
+        peer_links(args, args.peers)  # a bad link or profile fails here too
+    except ValueError as exc:
+        parser.error(str(exc))
     return args
+
+
+def peer_links(args: argparse.Namespace, peers: int) -> tuple[str, ...]:
+    """Each peer's link as text ("": none), from --link and --link-profile.
+
+    Raises:
+        ValueError: a bad link or profile file, in one line.
+    """
+    default = Link.parse(args.link) if args.link else None
+    profile = read_profile(args.link_profile) if args.link_profile else []
+    return tuple(str(link) if link else "" for link in assign_links(peers, default, profile,
+                                                                    args.seed))
 
 
 def write_data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
@@ -200,7 +229,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       downtime_s=args.churn_downtime)
     settings = Settings(rounds=configs[0].total_rounds, timeout=args.timeout,
                         bootstrap=args.mode == "gossip", in_process=args.in_process,
-                        workers=min(args.workers, len(configs)), out=out)
+                        workers=min(args.workers, len(configs)), out=out,
+                        links=peer_links(args, len(configs)))
     swarm = run_swarm(configs, plan, settings, console)
     folders = [config.data_dir for config in configs]
     summaries = peer_summaries(folders)
@@ -223,6 +253,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     }
     if swarm.memory is not None:
         result["memory"] = swarm.memory
+    if swarm.links is not None:
+        result["links"] = swarm.links
     result.update(swarm_consensus(folders, trained_rounds=args.rounds))
     (out / "result.json").write_text(json.dumps(result, indent=2))
     plot_eval_loss(summaries, out / "eval_loss.png", title=f"{args.mode}: eval loss per peer")

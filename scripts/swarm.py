@@ -22,6 +22,7 @@ from peer.config import PeerConfig
 from peer.errors import PeerError
 from scripts.backends import Backend, ProcessBackend, SimulationError, Watched
 from scripts.churn import Churn, ChurnPlan
+from scripts.links import LinkedSwarm, linked_swarm
 from scripts.peerconfigs import with_bootstrap
 from scripts.simreport import progress_columns
 
@@ -39,12 +40,14 @@ class Settings:
     in_process: bool
     workers: int  # with in_process: processes the peers are spread over
     out: Path  # logs go to OUT/logs
+    links: tuple[str, ...] = ()  # peer i's link (`testbed.wan.Link` text; "": none)
 
 
 @dataclass(frozen=True)
 class SwarmRun:
     churn: dict[str, dict[str, Any]]  # each churned peer's record (`churn_record`), by name
     memory: dict[str, Any] | None  # resident MiB, for peers run in process
+    links: list[dict[str, Any]] | None = None  # each linked peer's link and proxy statistics
 
 
 def run_swarm(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Settings,
@@ -66,23 +69,32 @@ def run_swarm(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Settings
 
 async def _run(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Settings,
                console: Console) -> SwarmRun:
-    peers, logs = dict(enumerate(configs)), settings.out / "logs"
-    folders = [config.data_dir for config in configs]
-    if not settings.in_process:
-        async with ProcessBackend(logs) as processes:
-            records = await drive(processes, peers, folders, plan, settings, console)
-        return SwarmRun(records, None)
-    from scripts.inprocess import InProcessBackend
+    logs, folders = settings.out / "logs", [config.data_dir for config in configs]
+    # The proxies outlive the peers: they close only after every peer has exited.
+    async with linked_swarm(settings.links, folders, seed=0) as linked:
+        peers = {index: linked.configure(index, config) for index, config in enumerate(configs)}
+        if not settings.in_process:
+            async with ProcessBackend(logs) as processes:
+                records = await drive(processes, peers, folders, plan, settings, console,
+                                      linked=linked)
+            memory = None
+        else:
+            from scripts.inprocess import InProcessBackend
 
-    async with InProcessBackend.open(folders, logs / "inprocess.log", configs[0]) as backend:
-        records = await drive(backend, peers, folders, plan, settings, console)
-    return SwarmRun(records, backend.memory(len(configs)))
+            async with InProcessBackend.open(folders, logs / "inprocess.log",
+                                             configs[0]) as backend:
+                records = await drive(backend, peers, folders, plan, settings, console,
+                                      linked=linked)
+            memory = backend.memory(len(configs))
+        return SwarmRun(records, memory, linked.statistics() if linked.proxies else None)
 
 
 async def drive(backend: Backend, peers: Mapping[int, PeerConfig], folders: Sequence[Path],
-                plan: ChurnPlan, settings: Settings,
-                console: Console) -> dict[str, dict[str, Any]]:
+                plan: ChurnPlan, settings: Settings, console: Console, *,
+                linked: LinkedSwarm | None = None) -> dict[str, dict[str, Any]]:
     """Launch `peers` (index -> config; some or all of `folders`), then watch and churn them.
+
+    With `linked`, the others join peer 0 through its link proxy, if it has one.
 
     Returns:
         the churn record of each churned peer, by name.
@@ -92,6 +104,8 @@ async def drive(backend: Backend, peers: Mapping[int, PeerConfig], folders: Sequ
     rest = {index: config for index, config in peers.items() if index != 0}
     if settings.bootstrap and rest:
         address = await wait_for_address(folders[0], check=backend.check)
+        if linked is not None:
+            address = linked.bootstrap_address(0, address)
         rest = {index: with_bootstrap(config, address) for index, config in rest.items()}
     if rest:
         await backend.start(rest)

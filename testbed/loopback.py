@@ -81,7 +81,7 @@ class SyntheticPeer:
         await self.node.publish(Announcement(
             swarm=self.node.swarm, peer=self.peer_id, version=offer.version,
             samples=offer.samples, digest=offer.digest, nbytes=len(offer.data), train_loss=1.0,
-            addrs=tuple(self.node.listen_addrs),
+            addrs=tuple(self.node.announce_addrs),
         ))
 
     async def pull_round(self, fanout: int) -> int:

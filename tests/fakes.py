@@ -50,6 +50,7 @@ class FakeNode:
         self.peer_id = fake_peer_id()
         self.topic = "fake"
         self.listen_addrs = [f"/ip4/127.0.0.1/tcp/1/p2p/{self.peer_id}"]
+        self.announce_addrs = self.listen_addrs
         self.current: Announcement | None = None
         self.published_at = -math.inf
         self.rejected: Counter[str] = Counter()
