@@ -304,6 +304,6 @@ def test_error_shape() -> None:
     assert str(copy.copy(TransferError("timeout", "slow"))) == "timeout: slow"
     assert {"timeout", "digest_mismatch", "oversized", "refused", "unreachable", "truncated",
             "header_mismatch", "bad_signature", "size_mismatch", "equivocation",
-            "slow_reader"} == TRANSFER_REASONS
+            "slow_reader", "stalled", "too_slow"} == TRANSFER_REASONS
     with pytest.raises(ValueError):
         WireError("timeout", "a transfer reason is not a wire reason")
