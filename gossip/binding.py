@@ -1,8 +1,8 @@
 """Binding what a fetch delivers to what its server signed.
 
 A transfer header carries the serving peer's signature over (swarm, peer, version, samples,
-nbytes, digest): a merge's age and weight come from the peer's signed word, never from an
-unsigned field. `SignedOffers` checks each header before a byte of the body is read, and
+nbytes, digest, body_digest): a merge's age and weight come from the peer's signed word, never
+from an unsigned field. `SignedOffers` checks each header before a byte of the body is read, and
 remembers per peer the highest version it signed, so that it cannot roll back or sign two
 adapters for one version (showing each client a different one).
 """
@@ -33,12 +33,13 @@ class SignedOffers:
         self._signed.pop(peer, None)
 
     def check(self, announcement: Announcement, header: FetchHeader,
-              sizes: tuple[int, int] | None) -> None:
+              max_bytes: int | None) -> None:
         """Bind what a fetch delivers to what its server signed, before reading the body.
 
         1. The header is signed by the serving peer's own key: version (so the merge's age),
            samples, size and digest are its signed word, not an unsigned field.
-        2. The size is one an adapter of our swarm can have (exactly ours, unless ranks vary).
+        2. The body is no larger than an update of our swarm can be (`max_bytes`: a keyframe
+           of our shapes plus framing; None: any up to the node's cap).
         3. It does not go back behind what the peer signed before (its announcement or an
            earlier header), nor sign two different adapters for one version (equivocation:
            showing each client another adapter).
@@ -47,12 +48,9 @@ class SignedOffers:
         key = _public_key(self._host, peer)
         if key is None or not _verifies(key, header.signed_part(peer), header.signature):
             raise TransferError("bad_signature", f"{peer}'s transfer header is not signed by it")
-        if sizes is not None:
-            low, high = sizes
-            if not low <= header.nbytes <= high:
-                wanted = f"{low}" if low == high else f"{low}..{high}"
-                raise TransferError("size_mismatch", f"{peer} offers {header.nbytes} bytes; an "
-                                    f"adapter of this swarm has {wanted}")
+        if max_bytes is not None and not 0 < header.nbytes <= max_bytes:
+            raise TransferError("size_mismatch", f"{peer} offers {header.nbytes} bytes; an "
+                                f"update of this swarm has at most {max_bytes}")
         signed = [(announcement.version, announcement.digest, announcement.samples)]
         if peer in self._signed:
             signed.append((*self._signed[peer], -1))

@@ -304,8 +304,37 @@ def decode_payload(data: bytes, *, shapes: Shapes, max_bytes: int,
     return codec, state
 
 
-def _read_header(view: memoryview, shapes: Shapes) -> tuple[Codec, int]:
-    """Check the prefix and the header against `shapes`; return the codec and the body offset."""
+def payload_shapes(data: bytes, *, max_elements: int) -> dict[str, tuple[int, int]]:
+    """The tensor names and shapes an untrusted payload's header declares, for a receiver that
+    does not know them in advance (a neighbour whose rank may differ from ours).
+
+    Args:
+        max_elements: the most elements the declared tensors may hold in all: what bounds the
+            buffer a later `decode_payload` against these shapes decompresses into.
+
+    Raises:
+        WireError: a malformed header, a bad name or shape, or too many elements.
+    """
+    if not isinstance(data, bytes | bytearray):
+        raise WireError("malformed", f"expected bytes, got {type(data).__name__}")
+    header = _parse_header(memoryview(bytes(data)))[0]
+    tensors = header["tensors"]
+    if type(tensors) is not list or not 1 <= len(tensors) <= MAX_TENSORS:
+        raise WireError("bad_codec", f"a payload of 1..{MAX_TENSORS} tensors expected")
+    shapes: dict[str, tuple[int, int]] = {}
+    for entry in tensors:
+        if (type(entry) is not list or len(entry) != 3 or type(entry[0]) is not str
+                or not 1 <= len(entry[0]) <= MAX_NAME_LEN
+                or not all(type(d) is int and 1 <= d <= 2**31 for d in entry[1:])):
+            raise WireError("bad_codec", "a tensor entry is [name, rows, cols]")
+        shapes[entry[0]] = (entry[1], entry[2])
+    if len(shapes) != len(tensors) or sum(r * c for r, c in shapes.values()) > max_elements:
+        raise WireError("bad_codec", "repeated tensor names, or more elements than the cap")
+    return shapes
+
+
+def _parse_header(view: memoryview) -> tuple[dict[str, object], int]:
+    """Check the prefix and parse the header map; return it and the body offset."""
     if len(view) < _PREFIX:
         raise WireError("truncated", f"{len(view)} bytes, shorter than the payload prefix")
     if view[: len(MAGIC)] != MAGIC:
@@ -321,7 +350,15 @@ def _read_header(view: memoryview, shapes: Shapes) -> tuple[Codec, int]:
         raise WireError("malformed", f"undecodable msgpack: {type(exc).__name__}") from exc
     if not isinstance(header, dict) or header.keys() != {"codec", "tensors"}:
         raise WireError("malformed", "the payload header is not a {codec, tensors} map")
+    return header, _PREFIX + length
+
+
+def _read_header(view: memoryview, shapes: Shapes) -> tuple[Codec, int]:
+    """Check the prefix and the header against `shapes`; return the codec and the body offset."""
+    header, body_start = _parse_header(view)
     spec = header["codec"]
+    if not isinstance(spec, str):
+        raise WireError("bad_codec", "the codec spec is not a str")
     try:
         codec = parse_codec(spec)
     except ValueError as exc:
@@ -332,7 +369,7 @@ def _read_header(view: memoryview, shapes: Shapes) -> tuple[Codec, int]:
     # Only our own shapes size anything below; the header must merely name the same tensors.
     if header["tensors"] != expected:
         raise WireError("bad_codec", "the payload's tensor names or shapes are not ours")
-    return codec, _PREFIX + length
+    return codec, body_start
 
 
 def _read_body(body: memoryview, codec: Codec, size: int) -> memoryview:

@@ -7,6 +7,8 @@ from dataclasses import dataclass, field, replace
 import multiaddr
 from libp2p.network.config import ConnectionConfig
 
+from gossip.compress import parse_codec
+
 
 @dataclass(frozen=True)
 class NodeConfig:
@@ -70,6 +72,11 @@ class NodeConfig:
         metadata={"help": "bytes/s: past its estimated time, a fetch goes on only while its "
                           "average rate stays above this"},
     )
+    wire_codec: str = field(
+        default="fp32",
+        metadata={"help": "codec of the steps of the public estimate this peer serves (fp32, "
+                          "bf16, int8, topk:F, each +zstd); neighbours take any"},
+    )
 
     def __post_init__(self) -> None:
         for addr in (*self.listen, *self.bootstrap, *self.announce):
@@ -89,6 +96,10 @@ class NodeConfig:
                 )
         if self.psk is not None and (len(self.psk) != 64 or not _is_hex(self.psk)):
             raise ValueError("a swarm key is 64 hex characters; make one with `loraswarm keygen`")
+        try:
+            parse_codec(self.wire_codec)
+        except ValueError as exc:
+            raise ValueError(f"wire_codec: {exc}") from exc
         if self.max_adapter_bytes < 1024:
             raise ValueError("max_adapter_bytes must be at least 1024")
         if self.fetch_timeout_s <= 0 or self.dial_timeout_s <= 0 or self.ping_timeout_s <= 0:

@@ -115,8 +115,12 @@ def check_chain(steps: Sequence[EstimateStep], *, max_steps: int = MAX_CHAIN) ->
 
 
 def encode_update(steps: Sequence[EstimateStep]) -> bytes:
-    """``UPDATE_MAGIC + msgpack [[base_version, base_digest, version, digest, payload], ...]``."""
-    check_chain(steps, max_steps=len(steps) or 1)
+    """``UPDATE_MAGIC + msgpack [[base_version, base_digest, version, digest, payload], ...]``.
+
+    An empty list says "you are up to date" (the transfer header still names the version).
+    """
+    if steps:
+        check_chain(steps, max_steps=len(steps))
     rows = [[s.base_version, s.base_digest, s.version, s.digest, s.payload] for s in steps]
     return UPDATE_MAGIC + msgpack.packb(rows, use_bin_type=True)
 
@@ -145,8 +149,39 @@ def decode_update(data: bytes, *, max_bytes: int,
     if type(rows) is not tuple or not all(type(r) is tuple and len(r) == 5 for r in rows):
         raise WireError("malformed", "an update is a list of 5-field steps")
     steps = tuple(EstimateStep(*row) for row in rows)
-    check_chain(steps, max_steps=max_steps)
+    if steps:  # () is "up to date"
+        check_chain(steps, max_steps=max_steps)
     return steps
+
+
+def _update_for(held: tuple[int, bytes] | None, target: tuple[int, bytes],
+                history: Sequence[EstimateStep],
+                keyframe: EstimateStep) -> tuple[tuple[EstimateStep, ...], bool]:
+    """The steps for a holder of `held`, and whether they are a chain (see `update_for`)."""
+    if held == target:
+        return (), False
+    chain: list[EstimateStep] = []
+    for step in history:
+        if chain or step.base == held:
+            chain.append(step)
+    if chain and sum(len(s.payload) for s in chain) < len(keyframe.payload):
+        return tuple(chain), True
+    return (keyframe,), False
+
+
+@dataclass(frozen=True)
+class EstimateSnapshot:
+    """A `PublicEstimate` frozen at one version: what a server hands out while the next step
+    is computed in a worker thread (the live estimate is not safe to read then)."""
+
+    version: int
+    digest: bytes
+    history: tuple[EstimateStep, ...]
+    keyframe: EstimateStep
+
+    def update_for(self, held: tuple[int, bytes] | None) -> tuple[EstimateStep, ...]:
+        """As `PublicEstimate.update_for`, at this snapshot's version."""
+        return _update_for(held, (self.version, self.digest), self.history, self.keyframe)[0]
 
 
 def _copy(state: State) -> State:
@@ -254,18 +289,16 @@ class PublicEstimate:
         Returns () when it is up to date, the chain of steps since its version when we still
         have it and it is smaller than a keyframe, and (keyframe,) otherwise.
         """
-        if held == (self._version, self._digest):
-            return ()
-        chain: list[EstimateStep] = []
-        for step in self._history:
-            if chain or step.base == held:
-                chain.append(step)
-        keyframe = self.keyframe()
-        if chain and sum(len(s.payload) for s in chain) < len(keyframe.payload):
-            self._counts["chains"] += 1
-            return tuple(chain)
-        self._counts["keyframes"] += 1
-        return (keyframe,)
+        steps, is_chain = _update_for(held, (self._version, self._digest), self._history,
+                                      self.keyframe())
+        if steps:
+            self._counts["chains" if is_chain else "keyframes"] += 1
+        return steps
+
+    def snapshot(self) -> EstimateSnapshot:
+        """This version, frozen (its keyframe encoded now, so call it off the event loop)."""
+        return EstimateSnapshot(self._version, self._digest, tuple(self._history),
+                                self.keyframe())
 
     def statistics(self) -> EstimateStatistics:
         """Counters and the history's size now."""

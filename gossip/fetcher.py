@@ -88,13 +88,15 @@ def patience(config: NodeConfig, links: LinkStats, peer: str) -> Patience:
 async def fetch_from(host: Any, dial: Callable[[str], Awaitable[None]],
                      announcement: Announcement, *, swarm: bytes, config: NodeConfig,
                      links: LinkStats, started: float,
-                     check: Callable[[FetchHeader], None]) -> Fetched:
-    """Pull `announcement`'s adapter from its peer, within the limits its link earned.
+                     check: Callable[[FetchHeader], None],
+                     held: tuple[int, bytes] | None = None) -> Fetched:
+    """Pull `announcement`'s peer's estimate update, within the limits its link earned.
 
     Args:
         dial: connects to a peer at its remembered addresses (with per-address backoff).
         started: trio time the fetch started, its wait for a download slot included.
         check: binds the header to the signed announcement before the body is read.
+        held: (version, digest) of the peer's estimate we hold, or None (send a keyframe).
     """
     peer = ID.from_base58(announcement.peer)
     # A connection opened only for this fetch is closed after it: kept, every peer ends up
@@ -110,7 +112,7 @@ async def fetch_from(host: Any, dial: Callable[[str], Awaitable[None]],
         return await fetch_adapter(
             open_stream, announcement.peer, swarm, max_bytes=config.max_adapter_bytes,
             timeout_s=config.fetch_timeout_s, check=check,
-            patience=patience(config, links, announcement.peer), started=started,
+            patience=patience(config, links, announcement.peer), started=started, held=held,
         )
     finally:
         if transient:
@@ -136,8 +138,9 @@ async def fetch_adapter(
     check: Callable[[FetchHeader], None] | None = None,
     patience: Patience | None = None,
     started: float | None = None,
+    held: tuple[int, bytes] | None = None,
 ) -> Fetched:
-    """Pull a neighbour's adapter bytes.
+    """Pull a neighbour's estimate update bytes (`gossip.estimate.encode_update`).
 
     Args:
         open_stream: coroutine function that opens a stream to the neighbour on
@@ -149,6 +152,7 @@ async def fetch_adapter(
             TransferError to refuse it (signature, exact size, what was announced).
         patience: the body's limits; None: the whole exchange within `timeout_s`.
         started: trio time the fetch started (a slot's wait counts); None: now.
+        held: (version, digest) of the neighbour's estimate we hold; None: send a keyframe.
 
     Raises:
         TransferError: with reason "timeout", "stalled", "too_slow", "unreachable", "refused",
@@ -158,7 +162,10 @@ async def fetch_adapter(
     start = trio.current_time() if started is None else started
     rules = patience if patience is not None else Patience.fixed(timeout_s)
     try:
-        return await _fetch(open_stream, peer, swarm, max_bytes, check, rules, start,
+        request = FetchRequest(swarm=swarm, version=-1,
+                               held_version=held[0] if held else -1,
+                               held_digest=held[1] if held else b"")
+        return await _fetch(open_stream, peer, request, max_bytes, check, rules, start,
                             start + timeout_s)
     except trio.TooSlowError as exc:
         raise TransferError("timeout", f"{peer} sent no header within {timeout_s:.0f} s") from exc
@@ -179,7 +186,7 @@ async def _open(open_stream: Callable[[], Any], peer: str) -> Any:
 async def _fetch(
     open_stream: Callable[[], Any],
     peer: str,
-    swarm: bytes,
+    request: FetchRequest,
     max_bytes: int,
     check: Callable[[FetchHeader], None] | None,
     rules: Patience,
@@ -191,9 +198,9 @@ async def _fetch(
     try:
         with trio.fail_at(setup_at):
             sent = trio.current_time()
-            await stream.write(frame(FetchRequest(swarm=swarm, version=-1).to_wire()))
+            await stream.write(frame(request.to_wire()))
             header = FetchHeader.from_wire(await read_frame(stream, max_len=MAX_CONTROL_FRAME),
-                                           swarm=swarm, max_nbytes=max_bytes)
+                                           swarm=request.swarm, max_nbytes=max_bytes)
         body_start = trio.current_time()
         if header.status != "ok":
             raise TransferError("refused", f"{peer} answered {header.status}")
@@ -213,10 +220,10 @@ async def _fetch(
             await close_quietly(stream)
     # Hashing megabytes would stall every other task of the event loop: a worker thread does it.
     actual = await trio.to_thread.run_sync(digest, data)
-    if actual != header.digest:  # the header's digest is the signed one
-        raise TransferError("digest_mismatch", f"adapter bytes from {peer} do not match its digest")
+    if actual != header.body_digest:  # the header's body digest is the signed one
+        raise TransferError("digest_mismatch", f"update bytes from {peer} do not match its digest")
     return Fetched(peer=peer, version=header.version, samples=header.samples, data=data,
-                   rtt_s=body_start - sent, body_s=body_s)
+                   digest=header.digest, rtt_s=body_start - sent, body_s=body_s)
 
 
 async def read_body(stream: Any, n: int, *, peer: str, budget_at: float, cap_at: float,

@@ -1,8 +1,9 @@
 """A swarm member on the network: libp2p host, gossipsub announcements, adapter transfers.
 
 `GossipNode.run` owns every network task in one nursery. The daemon talks to it through a few
-calls: `publish` an announcement, receive validated ones (`Heard`) from `announcements`, `offer`
-the adapter it serves, and `fetch` (or `receive`: fetch and decode) a neighbour's adapter.
+calls: `publish` an announcement, receive validated ones (`Heard`) from `announcements`, `serve`
+the public estimate it offers (`gossip.estimate`), and `fetch` (or `receive`: fetch and apply)
+a neighbour's estimate update, kept per neighbour in an `EstimateReplica`.
 Who is in the swarm and whom to dial is `gossip.membership.Membership`'s business.
 """
 
@@ -10,9 +11,8 @@ from __future__ import annotations
 
 import logging
 from collections import Counter, OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +28,18 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from gossip.addresses import Scope, address_scope
 from gossip.binding import SignedOffers
+from gossip.compress import Codec, Shapes, payload_shapes
 from gossip.config import NodeConfig, connection_config
 from gossip.dialer import Dialer
 from gossip.errors import GossipError, TransferError, WireError
+from gossip.estimate import MAX_CHAIN, EstimateReplica, PublicEstimate, decode_update
 from gossip.fetcher import cap_s, fetch_from, link_stats
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
 from gossip.router import FloodPublishGossipSub
 from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
 from gossip.transfer import AdapterServer, Fetched, Offer
-from gossip.wire import Announcement, decode_adapter
-from gossip.wire import digest as sha256
+from gossip.wire import Announcement
 
 __all__ = ["GossipNode", "Heard", "NodeConfig", "Received"]
 
@@ -46,6 +47,22 @@ logger = logging.getLogger(__name__)
 
 _ANNOUNCEMENT_QUEUE = 256
 _TRANSFER = TProtocol(TRANSFER_PROTOCOL)
+# Neighbours whose estimate we keep (each an adapter's size): more than a view's fetch partners.
+MAX_REPLICAS = 64
+# What framing an update adds to its payloads: per step a msgpack row (two digests, two versions)
+# under 128 bytes, a chain at most MAX_CHAIN steps; per payload its header (names and shapes).
+_STEP_FRAMING = 128
+_HEADER_SLACK = 1024
+
+
+def max_update_bytes(shapes: Shapes, *, rank_factor: int = 1) -> int:
+    """The largest update a neighbour with tensors of `shapes` (each up to `rank_factor` times
+    as large, when ranks may differ) can send. A server sends a chain of steps only when its
+    payloads are smaller than the keyframe's, so the bound is a float32 keyframe (zstd's
+    worst-case expansion of incompressible bytes is under 1/128 of them) plus framing."""
+    body = rank_factor * Codec("fp32").body_size(shapes)
+    header = sum(len(name) + 16 for name in shapes) + _HEADER_SLACK
+    return body + body // 64 + header + MAX_CHAIN * _STEP_FRAMING
 
 
 @dataclass(frozen=True)
@@ -64,7 +81,8 @@ class Heard:
 
 @dataclass(frozen=True)
 class Received:
-    """A neighbour's adapter, fetched, digest-checked and decoded; its format is sound."""
+    """A neighbour's public estimate, rebuilt from the update fetched and checked against the
+    signed digest; its format is sound. `nbytes` counts the update's bytes on the wire."""
 
     peer: str
     version: int
@@ -126,9 +144,11 @@ class GossipNode:
             request_timeout_s=config.fetch_timeout_s,
             min_rate=config.min_upload_rate,
         )
-        # The sizes an adapter of our swarm may have, (least, most) bytes; None: any up to the
-        # cap. The daemon sets it from its own encoded adapter (the encoding is deterministic).
-        self.adapter_sizes: tuple[int, int] | None = None
+        # Our adapter's shapes and how much larger a neighbour's tensors may be (ranks that
+        # differ); None: any a keyframe declares, up to the cap. Set with `expect_shapes`.
+        self.adapter_shapes: dict[str, tuple[int, int]] | None = None
+        self.rank_factor = 1
+        self._replicas: OrderedDict[str, EstimateReplica] = OrderedDict()  # LRU, per neighbour
         self._signed = SignedOffers(self.host)  # what each peer signed: `forget` drops it
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
@@ -297,6 +317,7 @@ class GossipNode:
     def forget(self, peer: str) -> None:
         """Drop what we hold for `peer`, which left the membership view."""
         self._signed.forget(peer)
+        self._replicas.pop(peer, None)
         self.dialer.forget(peer)
 
     def connected_peers(self) -> list[str]:
@@ -328,19 +349,41 @@ class GossipNode:
         """Make `announcement` the one the next re-announcement publishes; send nothing now."""
         self.current = announcement
 
-    def offer(self, version: int, samples: int, data: bytes, *,
-              digest: bytes | None = None) -> Offer:
-        """Serve `data` (safetensors bytes of our adapter) to neighbours from now on.
-
-        `digest` is its sha256 when the caller already computed it (off the event loop).
-        """
-        offer = Offer(version=version, samples=samples, data=data,
-                      digest=digest if digest is not None else sha256(data))
+    def serve(self, offer: Offer) -> Offer:
+        """Serve `offer` (a snapshot of our public estimate) to neighbours from now on."""
         self.server.publish(offer)
         return offer
 
-    async def fetch(self, announcement: Announcement) -> Fetched:
-        """Pull the adapter a neighbour announced, checked against the signed announcement.
+    def offer(self, version: int, samples: int, state: Mapping[str, torch.Tensor]) -> Offer:
+        """Serve `state` itself as a keyframe-only float32 estimate (x̂ = x exactly).
+
+        Encodes on the event loop: for tests and small adapters; the daemon steps a
+        `PublicEstimate` in a worker thread and calls `serve`.
+        """
+        snapshot = PublicEstimate(state, Codec("fp32"), version=version, keep=0).snapshot()
+        return self.serve(Offer(version=version, samples=samples, estimate=snapshot))
+
+    def expect_shapes(self, shapes: Shapes, *, rank_factor: int = 1) -> None:
+        """Our adapter's shapes: what a neighbour's keyframe must declare (each tensor up to
+        `rank_factor` times as large) and what bounds an update's size."""
+        shapes = dict(shapes)
+        if shapes != self.adapter_shapes or rank_factor != self.rank_factor:
+            self._replicas.clear()
+        self.adapter_shapes, self.rank_factor = shapes, rank_factor
+
+    @property
+    def max_update_bytes(self) -> int:
+        """The largest update body taken from a neighbour (`max_update_bytes` of our shapes)."""
+        if self.adapter_shapes is None:
+            return self.config.max_adapter_bytes
+        return min(self.config.max_adapter_bytes,
+                   max_update_bytes(self.adapter_shapes, rank_factor=self.rank_factor))
+
+    async def fetch(self, announcement: Announcement, *,
+                    held: tuple[int, bytes] | None = None) -> Fetched:
+        """Pull a neighbour's estimate update, checked against the signed announcement.
+
+        `held` is the (version, digest) of its estimate we hold (None: ask for a keyframe).
 
         At most `max_downloads` fetches run at once. Waiting for a slot counts against the
         same `fetch_timeout_s` as the dial and the header; the body then gets what the
@@ -361,7 +404,7 @@ class GossipNode:
         self.downloads_in_flight += 1
         self.downloads_peak = max(self.downloads_peak, self.downloads_in_flight)
         try:
-            fetched = await self._fetch(announcement, started)
+            fetched = await self._fetch(announcement, started, held)
         except (TransferError, WireError) as exc:
             self.rejected[exc.reason] += 1
             raise
@@ -372,34 +415,79 @@ class GossipNode:
         self.links.record(fetched.peer, len(fetched.data), fetched.body_s, fetched.rtt_s)
         return fetched
 
-    async def _fetch(self, announcement: Announcement, started: float) -> Fetched:
+    async def _fetch(self, announcement: Announcement, started: float,
+                     held: tuple[int, bytes] | None) -> Fetched:
+        bound = None if self.adapter_shapes is None else self.max_update_bytes
         return await fetch_from(
             self.host, self.dial, announcement, swarm=self.swarm, config=self.config,
-            links=self.links, started=started,
-            check=lambda header: self._signed.check(announcement, header, self.adapter_sizes),
+            links=self.links, started=started, held=held,
+            check=lambda header: self._signed.check(announcement, header, bound),
         )
 
     async def receive(self, announcement: Announcement) -> Received:
-        """Fetch a neighbour's adapter and check its format, decoding it in a worker thread.
+        """Fetch a neighbour's estimate update and apply it to our replica of its estimate.
 
-        Only the format is checked here (header, sizes, dtypes, finite values): whether it fits
-        our adapter is `merge.validate`'s to say. Every rejection is logged once with its reason
-        and counted once, in `rejected`.
+        1. Ask for the steps since the version our replica holds (a keyframe when none).
+        2. In a worker thread: decode the update, check it leads to the signed (version,
+           digest) of the header, and apply it all or nothing (`EstimateReplica.apply`
+           decodes every payload against the expected shapes and checks the digest rebuilt).
+        3. A rejection drops the replica, so that the next fetch asks for a keyframe.
+
+        Only the format is checked here: whether it fits our adapter is `merge.validate`'s to
+        say. Every rejection is logged once with its reason and counted once, in `rejected`.
 
         Raises:
             TransferError / WireError: with the reason.
         """
+        peer = announcement.peer
+        replica = self._replicas.get(peer)
         try:
-            fetched = await self.fetch(announcement)  # counted by `fetch`
-        except (TransferError, WireError) as exc:
-            logger.info("no adapter from %s: %s", announcement.peer, exc)
+            fetched = await self.fetch(announcement, held=replica.held() if replica else None)
+        except (TransferError, WireError) as exc:  # counted by `fetch`
+            logger.info("no adapter from %s: %s", peer, exc)
             raise
-        decode = partial(decode_adapter, fetched.data, max_bytes=self.config.max_adapter_bytes)
         try:
-            state = await trio.to_thread.run_sync(decode)
+            applied, state = await trio.to_thread.run_sync(self._apply, replica, fetched)
         except WireError as exc:
-            self._reject(exc.reason, "adapter from %s: %s", announcement.peer, exc)
+            self._replicas.pop(peer, None)
+            self._reject(exc.reason, "update from %s: %s", peer, exc)
             raise
+        self._replicas[peer] = applied
+        self._replicas.move_to_end(peer)
+        while len(self._replicas) > MAX_REPLICAS:
+            self._replicas.popitem(last=False)
         return Received(peer=fetched.peer, version=fetched.version, samples=fetched.samples,
                         state=state, nbytes=len(fetched.data))
 
+    def _apply(self, replica: EstimateReplica | None,
+               fetched: Fetched) -> tuple[EstimateReplica, dict[str, torch.Tensor]]:
+        """Decode and apply an update (in a worker thread); returns the replica and x̂."""
+        bound = self.max_update_bytes
+        steps = decode_update(fetched.data, max_bytes=bound)
+        target = (fetched.version, fetched.digest)
+        leads_to = steps[-1].target if steps else replica.version if replica else None
+        if leads_to != target:
+            raise WireError("estimate_mismatch", f"the update does not lead to the signed "
+                            f"version {fetched.version}")
+        if steps and steps[0].is_keyframe:  # a keyframe replaces all: a fresh replica
+            replica = EstimateReplica(self._keyframe_shapes(steps[0].payload, bound),
+                                      max_payload_bytes=bound)
+        if replica is None:
+            raise WireError("wrong_base", "a delta, and we hold none of this peer's estimate")
+        replica.apply(steps)
+        state = replica.estimate
+        assert state is not None  # applied, or up to date with a version held
+        return replica, state
+
+    def _keyframe_shapes(self, payload: bytes, bound: int) -> Shapes:
+        """Our shapes, or (ranks that differ, or none known) those the keyframe declares, each
+        tensor within `rank_factor` of ours and all within the update bound."""
+        ours = self.adapter_shapes
+        if ours is not None and self.rank_factor == 1:
+            return ours
+        theirs = payload_shapes(payload, max_elements=bound // 4)
+        if ours is not None and (theirs.keys() != ours.keys() or any(
+                r * c > self.rank_factor * ours[n][0] * ours[n][1]
+                for n, (r, c) in theirs.items())):
+            raise WireError("bad_codec", "a keyframe of other tensors, or too large ones")
+        return theirs

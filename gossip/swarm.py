@@ -21,9 +21,9 @@ import json
 import math
 from collections.abc import Mapping
 
-PROTOCOL_VERSION: int = 2
+PROTOCOL_VERSION: int = 3
 SWARM_ID_BYTES = 16
-TRANSFER_PROTOCOL = "/loraswarm/adapter/2"
+TRANSFER_PROTOCOL = "/loraswarm/adapter/3"
 
 # Domain separation: a swarm id can never equal the hash of some other loraswarm structure.
 _DOMAIN = b"loraswarm/swarm-id\0"

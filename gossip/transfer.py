@@ -5,9 +5,11 @@ adapters travel over a raw stream of our own protocol (`TRANSFER_PROTOCOL`):
 
 1. client -> server: `frame(FetchRequest)`;
 2. server -> client: `frame(FetchHeader)`; when its status is "ok", exactly `nbytes` bytes of
-   safetensors follow, written in 1 MiB chunks;
-3. the client checks the header (its signature, the exact size it expects) before reading a
-   byte of the body, then the byte count and the sha256 digest, then closes.
+   an estimate update follow (`gossip.estimate.encode_update`: the steps since the version the
+   request says the client holds, or a keyframe), written in 1 MiB chunks;
+3. the client checks the header (its signature, a size within its bound) before reading a
+   byte of the body, then the byte count and the body's sha256, then closes; applying the
+   update and checking the estimate digest it rebuilds is `gossip.node`'s.
 
 Every read is bounded (frame size, byte count) and every exchange runs under cancel scopes. The
 server bounds concurrent uploads, gives each remote peer at most one of them at a time and serves
@@ -27,7 +29,8 @@ from typing import Any
 import trio
 
 from gossip.errors import TransferError, WireError
-from gossip.wire import FetchHeader, FetchRequest, frame, frame_length, signed_offer
+from gossip.estimate import EstimateSnapshot, encode_update
+from gossip.wire import FetchHeader, FetchRequest, digest, frame, frame_length, signed_offer
 
 logger = logging.getLogger(__name__)
 
@@ -37,26 +40,51 @@ CHUNK_BYTES = 1 << 20
 # py-libp2p's yamux gives up on a window that stays shut for 5 s anyway (a "stream_error").
 SLOW_READER_GRACE_S = 5.0
 MAX_CONTROL_FRAME = 4096
+# Bodies (and their signatures) kept per offer, one per distinct `held` asked for: a round's
+# clients hold a handful of versions, so a round signs a few times, not once per fetch.
+MAX_CACHED_BODIES = 16
 
 
 @dataclass(frozen=True)
 class Offer:
-    """The adapter a peer currently serves: immutable bytes, swapped whole at round boundaries."""
+    """The estimate a peer currently serves: a frozen snapshot, swapped whole at round
+    boundaries, with the sample count its version embodies."""
 
     version: int
     samples: int
+    estimate: EstimateSnapshot
+
+    @property
+    def digest(self) -> bytes:
+        """The estimate digest that names this version."""
+        return self.estimate.digest
+
+    @property
+    def keyframe_bytes(self) -> int:
+        """The size of this version's keyframe: what an announcement's `nbytes` says, the
+        most a neighbour's first fetch of it takes (less the update's framing)."""
+        return len(self.estimate.keyframe.payload)
+
+
+@dataclass(frozen=True)
+class Body:
+    """The update bytes served for one `held`, their sha256 and the header's signature."""
+
     data: bytes
     digest: bytes
+    signature: bytes
 
 
 @dataclass(frozen=True)
 class Fetched:
-    """An adapter received from a neighbour, its bytes already checked against the digest."""
+    """An update received from a neighbour, its bytes already checked against `body_digest`;
+    `digest` is the (signed) estimate digest it must rebuild."""
 
     peer: str
     version: int
     samples: int
     data: bytes
+    digest: bytes
     rtt_s: float = 0.0  # request sent to header received
     body_s: float = 0.0  # header received to last body byte
 
@@ -141,18 +169,34 @@ class AdapterServer:
         self._clock = clock
         self._last_served: dict[str, float] = {}
         self._serving: set[str] = set()  # remote peers with an upload in flight
-        self._signatures: dict[bytes, bytes] = {}  # digest -> signature of the current offer
+        self._bodies: dict[tuple[int, bytes] | None, Body] = {}  # held -> body of the offer
         self._offer: Offer | None = None
         self.served = 0
         self.bytes_out = 0
         self.refused: dict[str, int] = {}
 
     def publish(self, offer: Offer) -> None:
-        """Make `offer` the adapter handed to every later request (signed once, here)."""
-        self._signatures = {offer.digest: self._sign(signed_offer(
-            self._swarm, self._peer, offer.version, offer.samples, len(offer.data),
-            offer.digest))}
+        """Make `offer` the estimate handed to every later request."""
+        self._bodies = {}
         self._offer = offer
+
+    async def body_for(self, offer: Offer, held: tuple[int, bytes] | None) -> Body:
+        """The update for a client holding `held`, signed; cached per offer and `held`."""
+        body = self._bodies.get(held)
+        if body is None:
+            # Encoding and hashing megabytes would stall the event loop: a worker thread does it.
+            data = await trio.to_thread.run_sync(
+                lambda: encode_update(offer.estimate.update_for(held)))
+            body_digest = await trio.to_thread.run_sync(digest, data)
+            signature = self._sign(signed_offer(self._swarm, self._peer, offer.version,
+                                                offer.samples, len(data), offer.digest,
+                                                body_digest))
+            body = Body(data, body_digest, signature)
+            if self._offer is offer:  # not cached for an offer replaced meanwhile
+                if len(self._bodies) >= MAX_CACHED_BODIES:
+                    self._bodies.pop(next(iter(self._bodies)))
+                self._bodies[held] = body
+        return body
 
     @property
     def current(self) -> Offer | None:
@@ -194,7 +238,7 @@ class AdapterServer:
             await stream.write(frame(self._header(status, None)))
             self._count(status)
             return
-        del request  # the newest adapter is always served; `version` is advisory for now
+        # The newest estimate is always served; `version` is advisory for now.
         if remote in self._serving:  # one upload at a time per peer: one id cannot hold them all
             await stream.write(frame(self._header("busy", None)))
             self._count("busy")
@@ -207,10 +251,11 @@ class AdapterServer:
             return
         self._serving.add(remote)
         try:
-            await stream.write(frame(self._header("ok", offer)))
-            await write_all(stream, offer.data, min_rate=self._min_rate)
+            body = await self.body_for(offer, request.held)
+            await stream.write(frame(self._header("ok", offer, body)))
+            await write_all(stream, body.data, min_rate=self._min_rate)
             self.served += 1
-            self.bytes_out += len(offer.data)
+            self.bytes_out += len(body.data)
         finally:
             self._serving.discard(remote)
             self._slots.release()
@@ -226,15 +271,14 @@ class AdapterServer:
                 del self._last_served[key]
         return "ok"
 
-    def _header(self, status: str, offer: Offer | None) -> bytes:
+    def _header(self, status: str, offer: Offer | None, body: Body | None = None) -> bytes:
+        if offer is None or body is None:
+            return FetchHeader(swarm=self._swarm, status=status, version=-1, samples=0, nbytes=0,
+                               digest=b"\0" * 32).to_wire()
         return FetchHeader(
-            swarm=self._swarm,
-            status=status,
-            version=offer.version if offer else -1,
-            samples=offer.samples if offer else 0,
-            nbytes=len(offer.data) if offer else 0,
-            digest=offer.digest if offer else b"\0" * 32,
-            signature=self._signatures[offer.digest] if offer else b"",
+            swarm=self._swarm, status=status, version=offer.version, samples=offer.samples,
+            nbytes=len(body.data), digest=offer.digest, body_digest=body.digest,
+            signature=body.signature,
         ).to_wire()
 
     def _count(self, reason: str) -> None:

@@ -204,19 +204,33 @@ class Announcement(_Envelope):
 
 @dataclass(frozen=True)
 class FetchRequest(_Envelope):
-    """Client to server on a transfer stream: "send me adapter `version`" (-1: your latest)."""
+    """Client to server on a transfer stream: "send me your estimate `version`" (-1: latest).
+
+    `held_version` and `held_digest` name the server's estimate the client holds (-1 and b"":
+    none), so that the server can send the steps since then instead of a keyframe.
+    """
 
     swarm: bytes
     version: int
+    held_version: int = -1
+    held_digest: bytes = b""
     protocol: int = PROTOCOL_VERSION
 
     KIND: ClassVar[str] = "fetch_request"
-    FIELDS: ClassVar[frozenset[str]] = frozenset({"protocol", "version"})
+    FIELDS: ClassVar[frozenset[str]] = frozenset(
+        {"protocol", "version", "held_version", "held_digest"})
 
     def __post_init__(self) -> None:
         _check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
         _check_protocol(self.protocol)
         _check_int("version", self.version, -1, MAX_VERSION)
+        _check_int("held_version", self.held_version, -1, MAX_VERSION)
+        _check_bytes("held_digest", self.held_digest, 0 if self.held_version < 0 else DIGEST_BYTES)
+
+    @property
+    def held(self) -> tuple[int, bytes] | None:
+        """(version, digest) of the estimate the client holds, or None."""
+        return None if self.held_version < 0 else (self.held_version, self.held_digest)
 
     @classmethod
     def from_wire(cls, data: bytes, *, swarm: bytes) -> FetchRequest:
@@ -231,12 +245,14 @@ class FetchRequest(_Envelope):
 
 @dataclass(frozen=True)
 class FetchHeader(_Envelope):
-    """Server to client, before the adapter bytes (which follow only when `status` is "ok").
+    """Server to client, before the update bytes (which follow only when `status` is "ok").
 
     A refusal ("busy", "none", "rate_limited") carries version -1, nbytes 0 and no signature.
     An "ok" header carries the server's libp2p signature over `signed_offer(...)`: the version
-    (and so the age a merge gives it), sample count, size and digest of what it serves are
-    bound to its key, whether or not an announcement of that version was heard.
+    (and so the age a merge gives it), sample count and `digest` (the estimate digest that
+    names the version, `gossip.estimate`) of what it serves, and the length and sha256
+    (`body_digest`) of the update bytes that follow, are bound to its key, whether or not an
+    announcement of that version was heard.
     """
 
     swarm: bytes
@@ -245,12 +261,14 @@ class FetchHeader(_Envelope):
     samples: int
     nbytes: int
     digest: bytes
+    body_digest: bytes = b"\0" * DIGEST_BYTES
     signature: bytes = b""
     protocol: int = PROTOCOL_VERSION
 
     KIND: ClassVar[str] = "fetch_header"
     FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"protocol", "status", "version", "samples", "nbytes", "digest", "signature"}
+        {"protocol", "status", "version", "samples", "nbytes", "digest", "body_digest",
+         "signature"}
     )
 
     def __post_init__(self) -> None:
@@ -264,6 +282,7 @@ class FetchHeader(_Envelope):
         _check_int("nbytes", self.nbytes, 1 if ok else 0, MAX_FRAME_LEN if ok else 0)
         _check_int("samples", self.samples, 0, MAX_SAMPLES)
         _check_bytes("digest", self.digest, DIGEST_BYTES)
+        _check_bytes("body_digest", self.body_digest, DIGEST_BYTES)
         if type(self.signature) is not bytes:
             raise _bad("signature", f"expected bytes, got {type(self.signature).__name__}")
         low = 1 if ok else 0
@@ -273,7 +292,7 @@ class FetchHeader(_Envelope):
     def signed_part(self, peer: str) -> bytes:
         """What the signature covers; see `signed_offer`."""
         return signed_offer(self.swarm, peer, self.version, self.samples, self.nbytes,
-                            self.digest)
+                            self.digest, self.body_digest)
 
     @classmethod
     def from_wire(cls, data: bytes, *, swarm: bytes, max_nbytes: int) -> FetchHeader:
@@ -289,13 +308,14 @@ class FetchHeader(_Envelope):
 
 
 def signed_offer(swarm: bytes, peer: str, version: int, samples: int, nbytes: int,
-                 digest: bytes) -> bytes:
+                 digest: bytes, body_digest: bytes) -> bytes:
     """The bytes a server signs for an offer: a domain tag, then every field a merge relies on.
 
     The peer id is inside, so a signature cannot be replayed by another peer; the swarm id is
-    inside, so it cannot be replayed into another swarm.
+    inside, so it cannot be replayed into another swarm. `digest` names the estimate version;
+    `nbytes` and `body_digest` bind the update bytes sent for it (one signature per body).
     """
-    fields = [swarm, peer, version, samples, nbytes, digest]
+    fields = [swarm, peer, version, samples, nbytes, digest, body_digest]
     return _SIGNING_TAG + msgpack.packb(fields, use_bin_type=True)
 
 

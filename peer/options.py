@@ -156,6 +156,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("max_fetch", "network", "max_fetch_s", float, "SECONDS"),
     Option("stall_timeout", "network", "stall_s", float, "SECONDS"),
     Option("min_fetch_rate", "network", "min_fetch_rate", float, "BYTES_PER_S"),
+    Option("wire_codec", "network", "wire_codec", str, "CODEC"),
     Option("fanout", "topology", "fanout", int, "K"),
     Option("view_size", "topology", "view_size", int, "N"),
     Option("peer_timeout", "topology", "peer_timeout_s", float, "SECONDS"),

@@ -1,5 +1,9 @@
 """Serving a peer's adapter and telling the swarm about it, and waiting for the swarm to form.
 
+A peer serves its public estimate x̂ (`gossip.estimate.PublicEstimate`), not its adapter x: each
+round x̂ moves towards x by one step of `--wire-codec`, and neighbours fetch the steps since the
+version they hold. With an exact codec (fp32) x̂ is x itself, rebuilt each round as a keyframe.
+
 Only a peer's first announcement is published at once: it tells the swarm that the peer has an
 adapter to fetch. Later ones ride on the next re-announcement (every third of
 `--peer-timeout`), because a fetch always returns the newest adapter, with its version, samples
@@ -15,10 +19,13 @@ from collections.abc import Mapping
 import torch
 import trio
 
+from gossip.compress import Codec, parse_codec, shapes_of
 from gossip.errors import GossipError
+from gossip.estimate import EstimateSnapshot, PublicEstimate
 from gossip.membership import Membership
 from gossip.node import GossipNode
-from gossip.wire import Announcement, digest, encode_adapter
+from gossip.transfer import Offer
+from gossip.wire import Announcement
 from merge.validate import MAX_RANK_FACTOR
 from peer.attacks import poison
 from peer.config import PeerConfig
@@ -26,9 +33,6 @@ from peer.setup import Runtime
 from peer.stats import PeerStatistics
 
 logger = logging.getLogger(__name__)
-
-# Room for a safetensors header to grow with a neighbour's other rank (rank-free rules only).
-_HEADER_SLACK = 64 * 1024
 
 
 class Publisher:
@@ -43,23 +47,40 @@ class Publisher:
         self.swarm = runtime.swarm
         self.stats = stats  # says the last training loss
         self.rank_free = rank_free
+        self.codec: Codec = parse_codec(config.network.wire_codec)
+        self.estimate: PublicEstimate | None = None  # created at the first announce
+
+    def step(self, state: Mapping[str, torch.Tensor], version: int) -> EstimateSnapshot:
+        """Move the public estimate to `version` (in a worker thread: it encodes the adapter).
+
+        The first version is a keyframe of `state`; so is every one under an exact codec, since
+        a float32 step x̂ + (x - x̂) may round away from x, and a keyframe is no larger.
+        """
+        if self.estimate is None or self.codec.exact:
+            self.estimate = PublicEstimate(state, self.codec, version=version,
+                                           keep=0 if self.codec.exact else 8)
+        else:
+            self.estimate.step(state, version=version)
+        return self.estimate.snapshot()
 
     async def announce(self, state: Mapping[str, torch.Tensor], *, version: int) -> None:
-        """Serve this version's adapter (poisoned, for an attacker) and describe it, signed."""
+        """Step the public estimate towards this version's adapter (poisoned, for an attacker),
+        serve it and describe it, signed."""
         node, config, samples = self.node, self.config, self.trainer.samples
         served = state if not config.attack else poison(
             dict(state), config.attack, scale=config.attack_scale, seed=version)
-        data = await trio.to_thread.run_sync(encode_adapter, served)
-        offer = node.offer(version, samples, data,
-                           digest=await trio.to_thread.run_sync(digest, data))
-        # The encoding is deterministic: a neighbour's adapter has exactly our size, unless
-        # ranks may differ (up to MAX_RANK_FACTOR x ours, plus a header's slack).
-        node.adapter_sizes = (len(data), len(data)) if not self.rank_free else (
-            1, MAX_RANK_FACTOR * len(data) + _HEADER_SLACK)
+        snapshot = await trio.to_thread.run_sync(self.step, served, version)
+        offer = node.serve(Offer(version=version, samples=samples, estimate=snapshot))
+        # A neighbour's tensors have exactly our shapes, unless ranks may differ (up to
+        # MAX_RANK_FACTOR x ours): what bounds the size of an update taken from it.
+        shapes = shapes_of(served)
+        node.expect_shapes(shapes, rank_factor=MAX_RANK_FACTOR if self.rank_free else 1)
+        # nbytes: the size of this version's keyframe (float32, +zstd with the codec), the most
+        # a neighbour's first fetch of it costs; the digest names the estimate version.
         announcement = Announcement(
             swarm=self.swarm, peer=node.peer_id, version=version, samples=samples,
-            digest=offer.digest, nbytes=len(data), train_loss=self.stats.last_train_loss,
-            addrs=tuple(node.announce_addrs),
+            digest=offer.digest, nbytes=offer.keyframe_bytes,
+            train_loss=self.stats.last_train_loss, addrs=tuple(node.announce_addrs),
         )
         if node.current is not None:
             node.update(announcement)

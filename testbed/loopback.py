@@ -14,7 +14,7 @@ import contextlib
 import logging
 import random
 from collections import Counter
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -67,10 +67,10 @@ class SyntheticPeer:
         """Whether a connected peer has subscribed to the swarm topic (publishes can leave)."""
         return bool(self.node.topic_peers())
 
-    def hold(self, version: int, data: bytes | None = None, samples: int = 16) -> None:
-        """Serve adapter `version` from now on (synthetic bytes unless `data` is given)."""
-        data = data if data is not None else encode_adapter(synthetic_state(version))
-        self.node.offer(version, samples, data)
+    def hold(self, version: int, state: Mapping[str, torch.Tensor] | None = None,
+             samples: int = 16) -> None:
+        """Serve adapter `version` from now on (a synthetic one unless `state` is given)."""
+        self.node.offer(version, samples, state if state is not None else synthetic_state(version))
         self.version, self.samples = version, samples
 
     async def announce(self) -> None:
@@ -80,7 +80,7 @@ class SyntheticPeer:
             raise RuntimeError("hold an adapter before announcing it")
         await self.node.publish(Announcement(
             swarm=self.node.swarm, peer=self.peer_id, version=offer.version,
-            samples=offer.samples, digest=offer.digest, nbytes=len(offer.data), train_loss=1.0,
+            samples=offer.samples, digest=offer.digest, nbytes=offer.keyframe_bytes, train_loss=1.0,
             addrs=tuple(self.node.announce_addrs),
         ))
 
@@ -104,7 +104,7 @@ class SyntheticPeer:
                 nursery.start_soon(pull, announcement)
         newest = max(received, key=lambda r: r.version, default=None)
         if newest is not None and newest.version > self.version:
-            self.hold(newest.version, encode_adapter(newest.state), newest.samples)
+            self.hold(newest.version, newest.state, newest.samples)
         return len(received)
 
     def _fits(self, adapter: Received) -> bool:

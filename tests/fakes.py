@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import Counter
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,12 +20,14 @@ import trio
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
+from gossip.compress import Codec, payload_shapes
 from gossip.config import NodeConfig
 from gossip.errors import TransferError
+from gossip.estimate import EstimateReplica, PublicEstimate, decode_update, encode_update
 from gossip.fetcher import link_stats
 from gossip.node import Heard, Received
 from gossip.transfer import Offer
-from gossip.wire import Announcement, decode_adapter
+from gossip.wire import Announcement
 from gossip.wire import digest as sha256
 from peer.setup import Runtime
 from peer.store import PeerStore
@@ -57,8 +60,8 @@ class FakeNode:
         self.bytes_in = 0
         self.links = link_stats(config)
         self.server = _Server()
-        self.adapter_sizes = (0, 0)
-        self.offered: tuple[int, int, bytes] | None = None  # version, samples, data
+        self.adapter_shapes: dict[str, tuple[int, int]] | None = None
+        self.offered: Offer | None = None
         self.up = True  # a node that is down refuses every fetch
         self._seqno = 0
         self._send, self.announcements = trio.open_memory_channel[Heard](256)
@@ -70,11 +73,16 @@ class FakeNode:
         finally:
             self.up = False
 
-    def offer(self, version: int, samples: int, data: bytes, *,
-              digest: bytes | None = None) -> Offer:
-        self.offered = (version, samples, data)
-        return Offer(version=version, samples=samples, data=data,
-                     digest=digest or sha256(data))
+    def serve(self, offer: Offer) -> Offer:
+        self.offered = offer
+        return offer
+
+    def offer(self, version: int, samples: int, state: Mapping[str, torch.Tensor]) -> Offer:
+        snapshot = PublicEstimate(state, Codec("fp32"), version=version, keep=0).snapshot()
+        return self.serve(Offer(version=version, samples=samples, estimate=snapshot))
+
+    def expect_shapes(self, shapes: Any, *, rank_factor: int = 1) -> None:
+        self.adapter_shapes = dict(shapes)
 
     async def publish(self, announcement: Announcement) -> None:
         self.update(announcement)
@@ -93,13 +101,19 @@ class FakeNode:
         if other is None or not other.up or other.offered is None:
             self.rejected["unreachable"] += 1
             raise TransferError("unreachable", "no such node")
-        version, samples, data = other.offered
+        offer = other.offered
+        data = encode_update(offer.estimate.update_for(None))  # always a keyframe
         self.bytes_in += len(data)
         self.links.record(other.peer_id, len(data), self.network.fetch_s, 0.0)
         other.server.bytes_out += len(data)
-        state = decode_adapter(data, max_bytes=self.config.max_adapter_bytes)
-        return Received(peer=other.peer_id, version=version, samples=samples, state=state,
-                        nbytes=len(data))
+        keyframe = offer.estimate.keyframe.payload
+        replica = EstimateReplica(payload_shapes(keyframe, max_elements=len(data) * 64),
+                                  max_payload_bytes=len(data))
+        replica.apply(decode_update(data, max_bytes=len(data)))
+        state = replica.estimate
+        assert state is not None
+        return Received(peer=other.peer_id, version=offer.version, samples=offer.samples,
+                        state=state, nbytes=len(data))
 
     def connected_peers(self) -> list[str]:
         return [p for p, node in self.network.nodes.items() if node is not self and node.up]

@@ -14,11 +14,14 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+import torch
 import trio
 import trio.testing
 
+from gossip.compress import Codec
 from gossip.config import NodeConfig
 from gossip.errors import TransferError
+from gossip.estimate import PublicEstimate
 from gossip.fetcher import Patience, fetch_adapter, link_stats, patience
 from gossip.linkstats import LinkStats
 from gossip.transfer import AdapterServer, Fetched, Offer, read_frame
@@ -54,8 +57,8 @@ async def _serve(stream: _Stream, data: bytes, *, chunk: int, every_s: float,
     """Answer one request, then send `chunk` bytes every `every_s`, going silent at `stop_after`."""
     await read_frame(stream, max_len=4096)
     await stream.write(frame(FetchHeader(
-        swarm=SWARM, status="ok", version=1, samples=4, nbytes=len(data), digest=digest(data),
-        signature=b"s").to_wire()))
+        swarm=SWARM, status="ok", version=1, samples=4, nbytes=len(data), digest=digest(b"x"),
+        body_digest=digest(data), signature=b"s").to_wire()))
     for start in range(0, len(data), chunk):
         if stop_after is not None and start >= stop_after:
             await trio.sleep_forever()
@@ -189,7 +192,8 @@ async def test_the_server_waits_for_a_request_no_longer_than_the_fetch_timeout(
     # Uploads may take `max_fetch_s` on a slow link; a stream that asks for nothing may not.
     server = AdapterServer(SWARM, lambda data: b"s", "me", timeout_s=CONFIG.max_fetch_s,
                            request_timeout_s=CONFIG.fetch_timeout_s)
-    server.publish(Offer(version=1, samples=4, data=b"x" * 64, digest=digest(b"x" * 64)))
+    estimate = PublicEstimate({"m": torch.ones(2, 2)}, Codec("fp32"), version=1).snapshot()
+    server.publish(Offer(version=1, samples=4, estimate=estimate))
     _mute, stream = trio.testing.memory_stream_pair()
     started = trio.current_time()
     await server.handle(_Served(stream))

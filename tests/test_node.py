@@ -14,9 +14,10 @@ from libp2p.peer.id import ID
 
 from gossip.addresses import Scope
 from gossip.errors import GossipError, TransferError, WireError
+from gossip.estimate import encode_update
 from gossip.node import GossipNode, NodeConfig
 from gossip.swarm import TRANSFER_PROTOCOL, swarm_id
-from gossip.wire import Announcement, FetchRequest, digest, encode_adapter, frame
+from gossip.wire import Announcement, FetchRequest, decode_adapter, digest, encode_adapter, frame
 
 SWARM = swarm_id("model-fingerprint", {"r": 4}, 0)
 
@@ -42,6 +43,18 @@ def announce(node: GossipNode, data: bytes, version: int = 1, **changes) -> Anno
     return Announcement(**fields)
 
 
+def state_of(data: bytes) -> dict[str, torch.Tensor]:
+    """The adapter whose float32 safetensors bytes are `data`."""
+    return decode_adapter(data, max_bytes=len(data))
+
+
+def served(node: GossipNode) -> bytes:
+    """The update `node` sends a client that holds nothing of its estimate: a keyframe."""
+    offer = node.server.current
+    assert offer is not None
+    return encode_update(offer.estimate.update_for(None))
+
+
 def adapter_bytes(scale: float = 1.0) -> bytes:
     return encode_adapter({"m.lora_A.weight": torch.full((4, 64), scale),
                            "m.lora_B.weight": torch.zeros(64, 4)})
@@ -50,11 +63,13 @@ def adapter_bytes(scale: float = 1.0) -> bytes:
 async def test_fetch_moves_the_exact_bytes() -> None:
     async with running(NodeConfig(), NodeConfig()) as (server, client):
         data = adapter_bytes()
-        server.offer(1, 16, data)
+        server.offer(1, 16, state_of(data))
         with trio.fail_after(20):
             fetched = await client.fetch(announce(server, data))
-        assert fetched.data == data and fetched.version == 1 and fetched.samples == 16
-        assert client.bytes_in == len(data) and server.server.bytes_out == len(data)
+        assert fetched.data == served(server) and fetched.version == 1 and fetched.samples == 16
+        assert fetched.digest == digest(data)  # fp32: the estimate digest is the adapter's
+        nbytes = len(served(server))
+        assert client.bytes_in == nbytes and server.server.bytes_out == nbytes
         # The completed fetch measured the link: its next deadline follows it.
         link = client.links.statistics()[server.peer_id]
         assert link.transfers == 1 and link.rate_bps > 0 and 0 <= link.rtt_s < 20
@@ -64,28 +79,28 @@ async def test_large_adapter_crosses_the_stream() -> None:
     # 12 MiB: above gossipsub's 1 MiB frame and request_response's ~6.5 MiB failure point.
     async with running(NodeConfig(), NodeConfig()) as (server, client):
         data = encode_adapter({"big.lora_A.weight": torch.randn(8, 393216)})
-        server.offer(3, 1, data)
+        server.offer(3, 1, state_of(data))
         with trio.fail_after(60):
             fetched = await client.fetch(announce(server, data, version=3, samples=1))
-        assert fetched.data == data
+        assert fetched.data == served(server)
 
 
 async def test_serving_other_bytes_than_announced_is_equivocation() -> None:
     # Both the announcement and the transfer header are signed: two adapters for one version.
     async with running(NodeConfig(), NodeConfig()) as (server, client):
         data = adapter_bytes()
-        server.offer(1, 16, data)
+        server.offer(1, 16, state_of(data))
         forged = announce(server, data, digest=digest(adapter_bytes(2.0)))
         with trio.fail_after(20), pytest.raises(TransferError, match="equivocation"):
             await client.fetch(forged)
         assert client.rejected == {"equivocation": 1} and client.bytes_in == 0
 
 
-async def test_an_adapter_of_another_size_is_refused_before_reading() -> None:
+async def test_an_update_larger_than_our_shapes_allow_is_refused_before_reading() -> None:
     async with running(NodeConfig(), NodeConfig()) as (server, client):
-        data = adapter_bytes()
-        server.offer(1, 16, data)
-        client.adapter_sizes = (len(data) + 8, len(data) + 8)
+        data = encode_adapter({"m.lora_A.weight": torch.ones(64, 256)})
+        server.offer(1, 16, state_of(data))
+        client.expect_shapes({"m.lora_A.weight": (4, 64)})  # a keyframe's 1 KiB, plus framing
         with trio.fail_after(20), pytest.raises(TransferError, match="size_mismatch"):
             await client.fetch(announce(server, data))
         assert client.rejected == {"size_mismatch": 1} and client.bytes_in == 0
@@ -95,11 +110,11 @@ async def test_a_signed_newer_version_is_bound_and_cannot_roll_back() -> None:
     # The header's version (and so a merge's age) is signed; once seen, it cannot go back.
     async with running(NodeConfig(min_upload_interval_s=0), NodeConfig()) as (server, client):
         old, new = adapter_bytes(), adapter_bytes(2.0)
-        server.offer(5, 16, new)
+        server.offer(5, 16, state_of(new))
         with trio.fail_after(20):
             fetched = await client.fetch(announce(server, old, version=1))
-        assert fetched.version == 5 and fetched.data == new
-        server.offer(3, 16, old)  # a peer that signs a lower version after a higher one
+        assert fetched.version == 5 and fetched.data == served(server)
+        server.offer(3, 16, state_of(old))  # a peer that signs a lower version after a higher one
         with trio.fail_after(20), pytest.raises(TransferError, match="header_mismatch"):
             await client.fetch(announce(server, old, version=1))
         assert client.rejected == {"header_mismatch": 1}
@@ -108,7 +123,7 @@ async def test_a_signed_newer_version_is_bound_and_cannot_roll_back() -> None:
 async def test_oversized_adapter_is_refused_before_reading() -> None:
     async with running(NodeConfig(), NodeConfig(max_adapter_bytes=2048)) as (server, client):
         data = encode_adapter({"m.lora_A.weight": torch.zeros(64, 64)})
-        server.offer(1, 16, data)
+        server.offer(1, 16, state_of(data))
         with trio.fail_after(20), pytest.raises(WireError, match="oversized"):
             await client.fetch(announce(server, data, nbytes=1024))
         assert client.bytes_in == 0
@@ -117,7 +132,7 @@ async def test_oversized_adapter_is_refused_before_reading() -> None:
 async def test_per_peer_rate_limit() -> None:
     async with running(NodeConfig(min_upload_interval_s=30), NodeConfig()) as (server, client):
         data = adapter_bytes()
-        server.offer(1, 16, data)
+        server.offer(1, 16, state_of(data))
         with trio.fail_after(20):
             await client.fetch(announce(server, data))
             with pytest.raises(TransferError, match="rate_limited"):
@@ -131,7 +146,7 @@ async def test_one_peer_holds_one_upload_slot_and_a_reader_that_stalls_loses_it(
     server_config = NodeConfig(min_upload_interval_s=0, min_upload_rate=1 << 20)
     async with running(server_config, NodeConfig(), NodeConfig()) as (server, greedy, honest):
         data = encode_adapter({"m.lora_A.weight": torch.ones(4, 512 << 10)})
-        server.offer(1, 16, data)
+        server.offer(1, 16, state_of(data))
         stalled = []
         with trio.fail_after(30):
             for _ in range(4):
@@ -142,7 +157,7 @@ async def test_one_peer_holds_one_upload_slot_and_a_reader_that_stalls_loses_it(
             while server.server.refused.get("busy", 0) < 3:  # the other three, at once
                 await trio.sleep(0.05)
             # Another peer still gets the adapter while the greedy one sits on its slot.
-            assert (await honest.fetch(announce(server, data))).data == data
+            assert (await honest.fetch(announce(server, data))).data == served(server)
             # Dropped below the minimum rate, or by yamux once its window stayed shut for 5 s.
             while not (server.server.refused.get("slow_reader", 0)
                        or server.server.refused.get("stream_error", 0)):
@@ -222,7 +237,7 @@ async def test_outgoing_fetches_are_bounded() -> None:
             return handle
 
         for server in nodes:
-            server.offer(1, 16, data)
+            server.offer(1, 16, state_of(data))
             server.host.set_stream_handler(TProtocol(TRANSFER_PROTOCOL), slow(server))
         fetched = []
 
@@ -233,7 +248,7 @@ async def test_outgoing_fetches_are_bounded() -> None:
             async with trio.open_nursery() as nursery:
                 for server in nodes:
                     nursery.start_soon(fetch_one, server)
-        assert len(fetched) == 5 and all(f.data == data for f in fetched)
+        assert len(fetched) == 5 and all(f.data == served(nodes[0]) for f in fetched)
         assert held["peak"] == 2 and client.downloads_peak == 2
         assert client.downloads_in_flight == 0
 
@@ -262,15 +277,15 @@ async def test_a_connection_opened_for_a_fetch_is_closed_after_it() -> None:
         for node in (server, client):
             await nursery.start(node.run)
         data = adapter_bytes()
-        server.offer(1, 16, data)
+        server.offer(1, 16, state_of(data))
         client.remember(server.peer_id, server.listen_addrs, via=Scope.LOOPBACK)
         with trio.fail_after(20):
-            assert (await client.fetch(announce(server, data))).data == data
+            assert (await client.fetch(announce(server, data))).data == served(server)
         assert client.connected_peers() == [], "the fetch's own connection was kept"
         # A connection that was there before the fetch stays.
         with trio.fail_after(10):
             await client.dial(server.peer_id)
             await trio.sleep(0.6)  # the server serves a peer at most every 0.5 s
-            assert (await client.fetch(announce(server, data))).data == data
+            assert (await client.fetch(announce(server, data))).data == served(server)
         assert client.connected_peers() == [server.peer_id]
         nursery.cancel_scope.cancel()

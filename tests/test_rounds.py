@@ -18,7 +18,7 @@ import trio
 import trio.testing
 
 from gossip.config import NodeConfig
-from gossip.wire import Announcement, encode_adapter
+from gossip.wire import Announcement
 from gossip.wire import digest as sha256
 from merge.config import MergeConfig
 from peer.config import PeerConfig
@@ -39,15 +39,16 @@ def _state(value: float, shape: tuple[int, int] = (2, 2)) -> dict[str, torch.Ten
 def _serving(network: FakeNetwork, value: float, *, samples: int = 4,
              shape: tuple[int, int] = (2, 2)) -> FakeNode:
     node = network.node(NETWORK, SWARM, None)
-    node.offer(1, samples, encode_adapter(_state(value, shape)))
+    node.offer(1, samples, _state(value, shape))
     return node
 
 
 def _announcement(node: FakeNode) -> Announcement:
-    assert node.offered is not None
-    version, samples, data = node.offered
-    return Announcement(swarm=SWARM, peer=node.peer_id, version=version, samples=samples,
-                        digest=sha256(data), nbytes=len(data), train_loss=1.0,
+    offer = node.offered
+    assert offer is not None
+    return Announcement(swarm=SWARM, peer=node.peer_id, version=offer.version,
+                        samples=offer.samples, digest=offer.digest,
+                        nbytes=offer.keyframe_bytes, train_loss=1.0,
                         addrs=tuple(node.listen_addrs))
 
 
@@ -129,7 +130,7 @@ async def test_an_untrained_neighbour_is_fetched_again_until_it_has_trained(
 
     async def train_at(when: float) -> None:
         await trio.sleep_until(when)
-        late.offer(2, 4, encode_adapter(_state(0.2)))
+        late.offer(2, 4, _state(0.2))
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(train_at, 2.5)

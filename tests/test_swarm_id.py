@@ -19,8 +19,10 @@ def test_shape_and_stability() -> None:
     assert isinstance(sid, bytes) and len(sid) == 16
     assert swarm_id("model-fp", dict(LORA), 7, PROTOCOL_VERSION) == sid
     # Pinned: the id must not drift between releases, or upgraded peers would split the swarm.
-    # sha256(b"loraswarm/swarm-id\0" + b'{"lora":{"r":8},"model":"fp","protocol":1,"seed":0}')
-    assert swarm_hex(swarm_id("fp", {"r": 8}, 0)) == "fb12cbe0a87df4d92c45f408d6ffdaad"
+    # sha256(b"loraswarm/swarm-id\0" + b'{"lora":{"r":8},"model":"fp","protocol":2,"seed":0}');
+    # a protocol bump moves it on purpose: peers that cannot talk must not share a topic.
+    assert swarm_hex(swarm_id("fp", {"r": 8}, 0, 2)) == "fb12cbe0a87df4d92c45f408d6ffdaad"
+    assert swarm_hex(swarm_id("fp", {"r": 8}, 0, 3)) == "026ffba2763f35bcaec43f780f4066e8"
 
 
 def test_each_input_changes_the_id() -> None:
@@ -86,7 +88,7 @@ def test_names() -> None:
     sid = bytes(range(16))
     assert swarm_hex(sid) == "000102030405060708090a0b0c0d0e0f"
     assert topic_name(sid) == "/loraswarm/000102030405060708090a0b0c0d0e0f/adapters/1"
-    assert TRANSFER_PROTOCOL == "/loraswarm/adapter/2"
+    assert TRANSFER_PROTOCOL == "/loraswarm/adapter/3"
     for bad in (sid[:15], sid + b"\0", sid.hex()):
         with pytest.raises(ValueError):
             swarm_hex(bad)  # type: ignore[arg-type]

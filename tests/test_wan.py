@@ -15,6 +15,7 @@ import pytest
 import torch
 import trio
 
+from gossip.estimate import encode_update
 from gossip.node import GossipNode, NodeConfig
 from gossip.swarm import swarm_id
 from gossip.wire import Announcement, digest, encode_adapter
@@ -194,14 +195,15 @@ async def test_libp2p_fetch_through_the_link() -> None:
     """A 1 MiB adapter over 50 ms / 20 Mbit/s: Noise authenticates the real peer behind the
     proxy, and the fetch takes at least the bytes' time on the link plus a round trip."""
     link = Link(delay_s=0.05, rate_bps=20e6)
-    data = encode_adapter({"m.lora_A.weight": torch.full((4, 65536), 0.5),
-                           "m.lora_B.weight": torch.zeros(65536, 4)})
+    state = {"m.lora_A.weight": torch.full((4, 65536), 0.5),
+             "m.lora_B.weight": torch.zeros(65536, 4)}
+    data = encode_adapter(state)
     async with trio.open_nursery() as nursery:
         server = await nursery.start(GossipNode(NodeConfig(), SWARM, identity_dir=None).run)
         client = await nursery.start(GossipNode(NodeConfig(), SWARM, identity_dir=None).run)
         real = server.listen_addrs[0].split("/")
         proxy = await nursery.start(LinkProxy(link, (real[2], int(real[4]))).run)
-        server.offer(1, 16, data)
+        offer = server.offer(1, 16, state)  # an fp32 keyframe: these bytes, framed
         started = trio.current_time()
         with trio.fail_after(20):
             assert await client.connect(f"{proxy.multiaddr}/p2p/{server.peer_id}") \
@@ -213,7 +215,8 @@ async def test_libp2p_fetch_through_the_link() -> None:
         with trio.fail_after(20):
             fetched = await client.fetch(announcement)
         finished = trio.current_time()
-        assert fetched.data == data
+        assert fetched.data == encode_update(offer.estimate.update_for(None))
+        assert fetched.digest == digest(data)  # fp32: the estimate digest is the adapter's
         assert connected - started >= 2 * 2 * link.delay_s  # Noise and muxer: 2 RTTs at least
         assert finished - connected >= len(data) * 8 / link.rate_bps + 2 * link.delay_s
         assert proxy.statistics().bytes_up >= len(data)

@@ -87,6 +87,13 @@ def test_announcement_round_trip() -> None:
     assert message.protocol == PROTOCOL_VERSION
 
 
+def test_fetch_request_with_a_held_estimate_round_trips() -> None:
+    message = FetchRequest(swarm=SWARM, version=-1, held_version=4, held_digest=digest(b"e"))
+    decoded = FetchRequest.from_wire(message.to_wire(), swarm=SWARM)
+    assert decoded == message and decoded.held == (4, digest(b"e"))
+    assert FetchRequest(swarm=SWARM, version=-1).held is None
+
+
 def test_fetch_request_round_trip() -> None:
     for version in (-1, 0, MAX_VERSION):
         message = FetchRequest(swarm=SWARM, version=version)
@@ -202,15 +209,21 @@ def test_announced_size_above_our_cap_is_oversized() -> None:
 
 
 def test_fetch_request_and_header_rejections() -> None:
-    assert reason_of(envelope({"kind": "fetch_request", "protocol": PROTOCOL_VERSION,
-                               "version": -2}),
-                     "request") == "bad_field"
+    request = {"kind": "fetch_request", "protocol": PROTOCOL_VERSION, "version": -1,
+               "held_version": -1, "held_digest": b""}
+    assert FetchRequest.from_wire(envelope(request), swarm=SWARM).held is None
+    for spoil in ({"version": -2}, {"held_version": -2}, {"held_digest": b"\0" * 32},
+                  {"held_version": 3}, {"held_version": 3, "held_digest": b"\0" * 31},
+                  {"held_version": 3, "held_digest": "a" * 32}, {"held_version": None}):
+        assert reason_of(envelope({**request, **spoil}), "request") == "bad_field", spoil
     header = {"kind": "fetch_header", "protocol": PROTOCOL_VERSION, "status": "ok", "version": 1,
-              "samples": 0, "nbytes": CAP + 1, "digest": b"\0" * 32, "signature": bytes(64)}
+              "samples": 0, "nbytes": CAP + 1, "digest": b"\0" * 32, "body_digest": b"\1" * 32,
+              "signature": bytes(64)}
     assert reason_of(envelope(header), "header") == "oversized"
     for spoil in ({"status": "maybe"}, {"nbytes": 0}, {"version": -1},
                   {"status": "busy"},  # a refusal with a version and bytes promised
-                  {"signature": b""}, {"signature": bytes(2000)}, {"signature": "sig"}):
+                  {"signature": b""}, {"signature": bytes(2000)}, {"signature": "sig"},
+                  {"body_digest": b"\1" * 31}, {"body_digest": None}):
         assert reason_of(envelope({**header, "nbytes": 10, **spoil}), "header") == "bad_field"
 
 
