@@ -33,6 +33,10 @@ def test_network_and_settling_flags(tmp_path: Path) -> None:
                       "--settle-rounds", "3", "--health-check", "0", "--ping-timeout", "20"])
     assert (config.rounds, config.settle_rounds, config.total_rounds) == (5, 3, 8)
     assert config.network.health_check_s == 0 and config.network.ping_timeout_s == 20
+    assert config.network.wire_codec == "fp32"  # the default: x-hat is the adapter itself
+    config = _config(["--data-dir", str(tmp_path), "--train", "t.jsonl",
+                      "--wire-codec", "topk:0.05+zstd"])
+    assert config.network.wire_codec == "topk:0.05+zstd"
 
 
 def test_libp2p_settings_follow_the_network_flags() -> None:
@@ -96,6 +100,8 @@ def test_every_option_has_help() -> None:
         (["--health-check", "-1"], "health_check"),
         (["--linger", "-5"], "linger_s"),
         (["--settle-rounds", "2"], "settle_rounds"),  # without --rounds there is nothing to settle
+        (["--wire-codec", "gzip"], "wire_codec"),
+        (["--wire-codec", "topk:2+zstd"], "wire_codec"),
     ],
 )
 def test_bad_values_are_one_line_errors(tmp_path: Path, argv: list[str], message: str) -> None:
