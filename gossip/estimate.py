@@ -289,6 +289,8 @@ class PublicEstimate:
         Returns () when it is up to date, the chain of steps since its version when we still
         have it and it is smaller than a keyframe, and (keyframe,) otherwise.
         """
+        if held == (self._version, self._digest):
+            return ()  # before `keyframe()`, which encodes the whole estimate
         steps, is_chain = _update_for(held, (self._version, self._digest), self._history,
                                       self.keyframe())
         if steps:

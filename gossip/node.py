@@ -28,13 +28,14 @@ from libp2p.tools.anyio_service import background_trio_service
 
 from gossip.addresses import Scope, address_scope
 from gossip.binding import SignedOffers
-from gossip.compress import Codec, Shapes, payload_shapes
+from gossip.compress import Codec, Shapes
 from gossip.config import NodeConfig, connection_config
 from gossip.dialer import Dialer
 from gossip.errors import GossipError, TransferError, WireError
-from gossip.estimate import MAX_CHAIN, EstimateReplica, PublicEstimate, decode_update
+from gossip.estimate import PublicEstimate
 from gossip.fetcher import cap_s, fetch_from, link_stats
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
+from gossip.replicas import Replicas
 from gossip.router import FloodPublishGossipSub
 from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
@@ -47,22 +48,6 @@ logger = logging.getLogger(__name__)
 
 _ANNOUNCEMENT_QUEUE = 256
 _TRANSFER = TProtocol(TRANSFER_PROTOCOL)
-# Neighbours whose estimate we keep (each an adapter's size): more than a view's fetch partners.
-MAX_REPLICAS = 64
-# What framing an update adds to its payloads: per step a msgpack row (two digests, two versions)
-# under 128 bytes, a chain at most MAX_CHAIN steps; per payload its header (names and shapes).
-_STEP_FRAMING = 128
-_HEADER_SLACK = 1024
-
-
-def max_update_bytes(shapes: Shapes, *, rank_factor: int = 1) -> int:
-    """The largest update a neighbour with tensors of `shapes` (each up to `rank_factor` times
-    as large, when ranks may differ) can send. A server sends a chain of steps only when its
-    payloads are smaller than the keyframe's, so the bound is a float32 keyframe (zstd's
-    worst-case expansion of incompressible bytes is under 1/128 of them) plus framing."""
-    body = rank_factor * Codec("fp32").body_size(shapes)
-    header = sum(len(name) + 16 for name in shapes) + _HEADER_SLACK
-    return body + body // 64 + header + MAX_CHAIN * _STEP_FRAMING
 
 
 @dataclass(frozen=True)
@@ -144,11 +129,8 @@ class GossipNode:
             request_timeout_s=config.fetch_timeout_s,
             min_rate=config.min_upload_rate,
         )
-        # Our adapter's shapes and how much larger a neighbour's tensors may be (ranks that
-        # differ); None: any a keyframe declares, up to the cap. Set with `expect_shapes`.
-        self.adapter_shapes: dict[str, tuple[int, int]] | None = None
-        self.rank_factor = 1
-        self._replicas: OrderedDict[str, EstimateReplica] = OrderedDict()  # LRU, per neighbour
+        # Each neighbour's estimate as we rebuilt it; our shapes bound what we take.
+        self.replicas = Replicas(cap_bytes=config.max_adapter_bytes)
         self._signed = SignedOffers(self.host)  # what each peer signed: `forget` drops it
         self.rejected: Counter[str] = Counter()
         self.bytes_in = 0
@@ -317,7 +299,7 @@ class GossipNode:
     def forget(self, peer: str) -> None:
         """Drop what we hold for `peer`, which left the membership view."""
         self._signed.forget(peer)
-        self._replicas.pop(peer, None)
+        self.replicas.forget(peer)
         self.dialer.forget(peer)
 
     def connected_peers(self) -> list[str]:
@@ -364,20 +346,8 @@ class GossipNode:
         return self.serve(Offer(version=version, samples=samples, estimate=snapshot))
 
     def expect_shapes(self, shapes: Shapes, *, rank_factor: int = 1) -> None:
-        """Our adapter's shapes: what a neighbour's keyframe must declare (each tensor up to
-        `rank_factor` times as large) and what bounds an update's size."""
-        shapes = dict(shapes)
-        if shapes != self.adapter_shapes or rank_factor != self.rank_factor:
-            self._replicas.clear()
-        self.adapter_shapes, self.rank_factor = shapes, rank_factor
-
-    @property
-    def max_update_bytes(self) -> int:
-        """The largest update body taken from a neighbour (`max_update_bytes` of our shapes)."""
-        if self.adapter_shapes is None:
-            return self.config.max_adapter_bytes
-        return min(self.config.max_adapter_bytes,
-                   max_update_bytes(self.adapter_shapes, rank_factor=self.rank_factor))
+        """Our adapter's shapes: what bounds a neighbour's update (`Replicas.expect`)."""
+        self.replicas.expect(shapes, rank_factor=rank_factor)
 
     async def fetch(self, announcement: Announcement, *,
                     held: tuple[int, bytes] | None = None) -> Fetched:
@@ -417,7 +387,7 @@ class GossipNode:
 
     async def _fetch(self, announcement: Announcement, started: float,
                      held: tuple[int, bytes] | None) -> Fetched:
-        bound = None if self.adapter_shapes is None else self.max_update_bytes
+        bound = self.replicas.bound
         return await fetch_from(
             self.host, self.dial, announcement, swarm=self.swarm, config=self.config,
             links=self.links, started=started, held=held,
@@ -440,54 +410,18 @@ class GossipNode:
             TransferError / WireError: with the reason.
         """
         peer = announcement.peer
-        replica = self._replicas.get(peer)
+        replica = self.replicas.get(peer)
         try:
             fetched = await self.fetch(announcement, held=replica.held() if replica else None)
         except (TransferError, WireError) as exc:  # counted by `fetch`
             logger.info("no adapter from %s: %s", peer, exc)
             raise
         try:
-            applied, state = await trio.to_thread.run_sync(self._apply, replica, fetched)
+            applied, state = await trio.to_thread.run_sync(self.replicas.apply, replica, fetched)
         except WireError as exc:
-            self._replicas.pop(peer, None)
+            self.replicas.forget(peer)
             self._reject(exc.reason, "update from %s: %s", peer, exc)
             raise
-        self._replicas[peer] = applied
-        self._replicas.move_to_end(peer)
-        while len(self._replicas) > MAX_REPLICAS:
-            self._replicas.popitem(last=False)
+        self.replicas.keep(peer, applied)
         return Received(peer=fetched.peer, version=fetched.version, samples=fetched.samples,
                         state=state, nbytes=len(fetched.data))
-
-    def _apply(self, replica: EstimateReplica | None,
-               fetched: Fetched) -> tuple[EstimateReplica, dict[str, torch.Tensor]]:
-        """Decode and apply an update (in a worker thread); returns the replica and x̂."""
-        bound = self.max_update_bytes
-        steps = decode_update(fetched.data, max_bytes=bound)
-        target = (fetched.version, fetched.digest)
-        leads_to = steps[-1].target if steps else replica.version if replica else None
-        if leads_to != target:
-            raise WireError("estimate_mismatch", f"the update does not lead to the signed "
-                            f"version {fetched.version}")
-        if steps and steps[0].is_keyframe:  # a keyframe replaces all: a fresh replica
-            replica = EstimateReplica(self._keyframe_shapes(steps[0].payload, bound),
-                                      max_payload_bytes=bound)
-        if replica is None:
-            raise WireError("wrong_base", "a delta, and we hold none of this peer's estimate")
-        replica.apply(steps)
-        state = replica.estimate
-        assert state is not None  # applied, or up to date with a version held
-        return replica, state
-
-    def _keyframe_shapes(self, payload: bytes, bound: int) -> Shapes:
-        """Our shapes, or (ranks that differ, or none known) those the keyframe declares, each
-        tensor within `rank_factor` of ours and all within the update bound."""
-        ours = self.adapter_shapes
-        if ours is not None and self.rank_factor == 1:
-            return ours
-        theirs = payload_shapes(payload, max_elements=bound // 4)
-        if ours is not None and (theirs.keys() != ours.keys() or any(
-                r * c > self.rank_factor * ours[n][0] * ours[n][1]
-                for n, (r, c) in theirs.items())):
-            raise WireError("bad_codec", "a keyframe of other tensors, or too large ones")
-        return theirs

@@ -13,8 +13,9 @@ import trio
 
 from gossip.compress import parse_codec
 from gossip.errors import WireError
-from gossip.estimate import PublicEstimate
-from gossip.node import GossipNode, NodeConfig, max_update_bytes
+from gossip.estimate import EstimateReplica, PublicEstimate
+from gossip.node import GossipNode, NodeConfig
+from gossip.replicas import Replicas, max_update_bytes
 from gossip.swarm import swarm_id
 from gossip.transfer import Body, Offer
 from gossip.wire import Announcement, digest, signed_offer
@@ -140,3 +141,16 @@ async def test_an_update_bound_follows_our_shapes() -> None:
         keyframe = len(PublicEstimate(adapter(3), parse_codec(codec)).keyframe().payload)
         assert keyframe < max_update_bytes(SHAPES) < fp32 * 1.02 + 16 * 1024
     assert max_update_bytes(SHAPES, rank_factor=4) > 4 * fp32
+
+
+def test_replicas_are_bounded_and_forgotten() -> None:
+    replicas = Replicas(cap_bytes=1 << 20, max_replicas=2)
+    replicas.expect(SHAPES)
+    made = [EstimateReplica(SHAPES, max_payload_bytes=1024) for _ in range(3)]
+    for peer, replica in zip("abc", made, strict=True):
+        replicas.keep(peer, replica)
+    assert len(replicas) == 2 and replicas.get("a") is None  # the least recent went first
+    replicas.forget("b")
+    assert replicas.get("b") is None and replicas.get("c") is made[2]
+    replicas.expect({"m.lora_A.weight": (4, 256)})  # other shapes: nothing held still fits
+    assert len(replicas) == 0 and replicas.bound == max_update_bytes({"m.lora_A.weight": (4, 256)})
