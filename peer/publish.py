@@ -49,14 +49,18 @@ class Publisher:
         self.rank_free = rank_free
         self.codec: Codec = parse_codec(config.network.wire_codec)
         self.estimate: PublicEstimate | None = None  # created at the first announce
+        self._shapes: dict[str, tuple[int, int]] = {}  # of the estimate's tensors
 
     def step(self, state: Mapping[str, torch.Tensor], version: int) -> EstimateSnapshot:
         """Move the public estimate to `version` (in a worker thread: it encodes the adapter).
 
         The first version is a keyframe of `state`; so is every one under an exact codec, since
-        a float32 step x̂ + (x - x̂) may round away from x, and a keyframe is no larger.
+        a float32 step x̂ + (x - x̂) may round away from x, and a keyframe is no larger; and so is
+        one whose tensors changed shape (a step only moves an estimate of the same shapes).
         """
-        if self.estimate is None or self.codec.exact:
+        shapes = shapes_of(state)
+        if self.estimate is None or self.codec.exact or shapes != self._shapes:
+            self._shapes = shapes
             self.estimate = PublicEstimate(state, self.codec, version=version,
                                            keep=0 if self.codec.exact else 8)
         else:
