@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING
 import torch
 
 from peer.errors import ConfigError, DataError
-from peer.formats import RESPONSE, Chat, Example, format_example, load_examples
+from peer.examples import RESPONSE, Chat, Example, format_example
+from peer.formats import load_examples
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
