@@ -20,8 +20,9 @@ holds, links step to step, and rebuilds exactly the target digest of its last st
 
 A server (`PublicEstimate`) keeps its last `keep` steps, at most `max_history_bytes` of
 payloads, and answers "I hold (v, d)" with the steps since v, or a float32 keyframe when v is
-gone, unknown, or the chain would not be smaller. A receiver (`EstimateReplica`) applies either
-atomically; a rejection leaves its estimate as it was and makes it ask for a keyframe next.
+gone, unknown, or the chain would not be smaller. A receiver
+(`gossip.replicas.EstimateReplica`) applies either atomically; a rejection leaves its
+estimate as it was and makes it ask for a keyframe next.
 """
 
 from __future__ import annotations
@@ -29,13 +30,13 @@ from __future__ import annotations
 import hashlib
 from collections import deque
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import msgpack
 import torch
 
 from gossip.codec import encode_adapter
-from gossip.compress import Codec, Shapes, decode_payload, shapes_of
+from gossip.compress import Codec, shapes_of
 from gossip.errors import WireError
 
 DIGEST_BYTES = 32
@@ -184,7 +185,7 @@ class EstimateSnapshot:
         return _update_for(held, (self.version, self.digest), self.history, self.keyframe)[0]
 
 
-def _copy(state: State) -> State:
+def copy_state(state: State) -> State:
     return {name: t.clone() for name, t in state.items()}
 
 
@@ -248,7 +249,7 @@ class PublicEstimate:
     @property
     def estimate(self) -> State:
         """A copy of x̂ now (changing it in place must not break the digest it is named by)."""
-        return _copy(self._state)
+        return copy_state(self._state)
 
     def step(self, x: Mapping[str, torch.Tensor], *, version: int | None = None) -> EstimateStep:
         """Move x̂ towards `x` by one compressed step and return that step.
@@ -315,90 +316,3 @@ class PublicEstimate:
         while self._history and (len(self._history) > self._keep
                                  or total > self._max_history_bytes):
             total -= len(self._history.popleft().payload)
-
-
-@dataclass
-class ReplicaStatistics:
-    """Counters of an `EstimateReplica`: updates applied, and rejections by reason."""
-
-    keyframes: int = 0
-    chains: int = 0
-    steps: int = 0
-    rejected: dict[str, int] = field(default_factory=dict)
-
-
-class EstimateReplica:
-    """The receiver's side: a neighbour's x̂, rebuilt from its keyframes and steps.
-
-    Args:
-        shapes: our own adapter's {name: (rows, cols)}; a payload of other tensors is refused.
-        max_payload_bytes: the cap on one step's payload.
-    """
-
-    def __init__(self, shapes: Shapes, *, max_payload_bytes: int) -> None:
-        self._shapes = dict(shapes)
-        self._max_payload_bytes = max_payload_bytes
-        self._state: State | None = None
-        self._target: tuple[int, bytes] | None = None
-        self._want_keyframe = True
-        self.stats = ReplicaStatistics()
-
-    @property
-    def estimate(self) -> State | None:
-        """A copy of the last estimate rebuilt and verified, or None before the first keyframe."""
-        return None if self._state is None else _copy(self._state)
-
-    @property
-    def version(self) -> tuple[int, bytes] | None:
-        """(version, digest) of `estimate`, or None."""
-        return self._target
-
-    def held(self) -> tuple[int, bytes] | None:
-        """What to tell the server we hold: None (send a keyframe) after a rejection."""
-        return None if self._want_keyframe else self._target
-
-    def apply(self, steps: Sequence[EstimateStep]) -> None:
-        """Apply a keyframe or a chain of steps, all or nothing; () is "up to date".
-
-        1. The chain must link and start at a keyframe or at the version we hold ("wrong_base").
-        2. Each payload is decoded against our shapes (any codec) and added, in float32.
-        3. The result must have the digest of the last step's target ("estimate_mismatch").
-
-        Raises:
-            WireError: the update is rejected and counted; the estimate stays as it was and
-                `held()` returns None until a keyframe is applied.
-        """
-        if not steps:
-            return
-        try:
-            state = self._rebuild(steps)
-        except WireError as exc:
-            self._want_keyframe = True
-            self.stats.rejected[exc.reason] = self.stats.rejected.get(exc.reason, 0) + 1
-            raise
-        self._state, self._target, self._want_keyframe = state, steps[-1].target, False
-        if steps[0].is_keyframe:
-            self.stats.keyframes += 1
-        else:
-            self.stats.chains += 1
-        self.stats.steps += len(steps)
-
-    def _rebuild(self, steps: Sequence[EstimateStep]) -> State:
-        check_chain(steps, max_steps=len(steps))
-        first = steps[0]
-        if not first.is_keyframe and (self._state is None or first.base != self._target):
-            raise WireError("wrong_base", f"a delta from version {first.base_version}, we hold "
-                            f"{self._target[0] if self._target else 'nothing'}")
-        state: State = {}
-        for step in steps:
-            _, moved = decode_payload(step.payload, shapes=self._shapes,
-                                      max_bytes=self._max_payload_bytes)
-            if step.is_keyframe:
-                state = moved
-            else:
-                base = state or self._state or {}
-                state = {name: base[name] + moved[name] for name in moved}
-        if estimate_digest(state) != steps[-1].digest:
-            raise WireError("estimate_mismatch",
-                            f"version {steps[-1].version} does not rebuild its digest")
-        return state

@@ -11,15 +11,25 @@ first.
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import torch
 
-from gossip.compress import Codec, Shapes, payload_shapes
+from gossip.compress import Codec, Shapes, decode_payload, payload_shapes
 from gossip.errors import WireError
-from gossip.estimate import MAX_CHAIN, EstimateReplica, decode_update
+from gossip.estimate import (
+    MAX_CHAIN,
+    EstimateStep,
+    State,
+    check_chain,
+    copy_state,
+    decode_update,
+    estimate_digest,
+)
 from gossip.transfer import Fetched
 
-__all__ = ["MAX_REPLICAS", "Replicas", "max_update_bytes"]
+__all__ = ["MAX_REPLICAS", "EstimateReplica", "ReplicaStatistics", "Replicas", "max_update_bytes"]
 
 # Neighbours whose estimate we keep (each an adapter's size): more than a view's fetch partners.
 MAX_REPLICAS = 64
@@ -37,6 +47,93 @@ def max_update_bytes(shapes: Shapes, *, rank_factor: int = 1) -> int:
     body = rank_factor * Codec("fp32").body_size(shapes)
     header = sum(len(name) + 16 for name in shapes) + _HEADER_SLACK
     return body + body // 64 + header + MAX_CHAIN * _STEP_FRAMING
+
+
+@dataclass
+class ReplicaStatistics:
+    """Counters of an `EstimateReplica`: updates applied, and rejections by reason."""
+
+    keyframes: int = 0
+    chains: int = 0
+    steps: int = 0
+    rejected: dict[str, int] = field(default_factory=dict)
+
+
+class EstimateReplica:
+    """The receiver's side: a neighbour's x̂, rebuilt from its keyframes and steps.
+
+    Args:
+        shapes: our own adapter's {name: (rows, cols)}; a payload of other tensors is refused.
+        max_payload_bytes: the cap on one step's payload.
+    """
+
+    def __init__(self, shapes: Shapes, *, max_payload_bytes: int) -> None:
+        self._shapes = dict(shapes)
+        self._max_payload_bytes = max_payload_bytes
+        self._state: State | None = None
+        self._target: tuple[int, bytes] | None = None
+        self._want_keyframe = True
+        self.stats = ReplicaStatistics()
+
+    @property
+    def estimate(self) -> State | None:
+        """A copy of the last estimate rebuilt and verified, or None before the first keyframe."""
+        return None if self._state is None else copy_state(self._state)
+
+    @property
+    def version(self) -> tuple[int, bytes] | None:
+        """(version, digest) of `estimate`, or None."""
+        return self._target
+
+    def held(self) -> tuple[int, bytes] | None:
+        """What to tell the server we hold: None (send a keyframe) after a rejection."""
+        return None if self._want_keyframe else self._target
+
+    def apply(self, steps: Sequence[EstimateStep]) -> None:
+        """Apply a keyframe or a chain of steps, all or nothing; () is "up to date".
+
+        1. The chain must link and start at a keyframe or at the version we hold ("wrong_base").
+        2. Each payload is decoded against our shapes (any codec) and added, in float32.
+        3. The result must have the digest of the last step's target ("estimate_mismatch").
+
+        Raises:
+            WireError: the update is rejected and counted; the estimate stays as it was and
+                `held()` returns None until a keyframe is applied.
+        """
+        if not steps:
+            return
+        try:
+            state = self._rebuild(steps)
+        except WireError as exc:
+            self._want_keyframe = True
+            self.stats.rejected[exc.reason] = self.stats.rejected.get(exc.reason, 0) + 1
+            raise
+        self._state, self._target, self._want_keyframe = state, steps[-1].target, False
+        if steps[0].is_keyframe:
+            self.stats.keyframes += 1
+        else:
+            self.stats.chains += 1
+        self.stats.steps += len(steps)
+
+    def _rebuild(self, steps: Sequence[EstimateStep]) -> State:
+        check_chain(steps, max_steps=len(steps))
+        first = steps[0]
+        if not first.is_keyframe and (self._state is None or first.base != self._target):
+            raise WireError("wrong_base", f"a delta from version {first.base_version}, we hold "
+                            f"{self._target[0] if self._target else 'nothing'}")
+        state: State = {}
+        for step in steps:
+            _, moved = decode_payload(step.payload, shapes=self._shapes,
+                                      max_bytes=self._max_payload_bytes)
+            if step.is_keyframe:
+                state = moved
+            else:
+                base = state or self._state or {}
+                state = {name: base[name] + moved[name] for name in moved}
+        if estimate_digest(state) != steps[-1].digest:
+            raise WireError("estimate_mismatch",
+                            f"version {steps[-1].version} does not rebuild its digest")
+        return state
 
 
 class Replicas:

@@ -23,9 +23,10 @@ from libp2p.peer.id import ID
 from gossip.compress import Codec, payload_shapes
 from gossip.config import NodeConfig
 from gossip.errors import TransferError
-from gossip.estimate import EstimateReplica, PublicEstimate, decode_update, encode_update
+from gossip.estimate import PublicEstimate, decode_update, encode_update
 from gossip.fetcher import link_stats
 from gossip.node import Heard, Received
+from gossip.replicas import EstimateReplica
 from gossip.transfer import Offer
 from gossip.wire import Announcement
 from gossip.wire import digest as sha256

@@ -14,13 +14,13 @@ from gossip.compress import parse_codec, shapes_of
 from gossip.errors import WIRE_REASONS, WireError
 from gossip.estimate import (
     NO_DIGEST,
-    EstimateReplica,
     EstimateStep,
     PublicEstimate,
     decode_update,
     encode_update,
     estimate_digest,
 )
+from gossip.replicas import EstimateReplica
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CAP = 1 << 22

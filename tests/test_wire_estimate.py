@@ -13,9 +13,9 @@ import trio
 
 from gossip.compress import parse_codec
 from gossip.errors import WireError
-from gossip.estimate import EstimateReplica, PublicEstimate
+from gossip.estimate import PublicEstimate
 from gossip.node import GossipNode, NodeConfig
-from gossip.replicas import Replicas, max_update_bytes
+from gossip.replicas import EstimateReplica, Replicas, max_update_bytes
 from gossip.swarm import swarm_id
 from gossip.transfer import Body, Offer
 from gossip.wire import Announcement, digest, signed_offer
