@@ -77,8 +77,7 @@ class Publisher:
         offer = node.serve(Offer(version=version, samples=samples, estimate=snapshot))
         # A neighbour's tensors have exactly our shapes, unless ranks may differ (up to
         # MAX_RANK_FACTOR x ours): what bounds the size of an update taken from it.
-        shapes = shapes_of(served)
-        node.expect_shapes(shapes, rank_factor=MAX_RANK_FACTOR if self.rank_free else 1)
+        node.expect_shapes(self._shapes, rank_factor=MAX_RANK_FACTOR if self.rank_free else 1)
         # nbytes: the size of this version's keyframe (float32, +zstd with the codec), the most
         # a neighbour's first fetch of it costs; the digest names the estimate version.
         announcement = Announcement(

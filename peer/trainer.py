@@ -105,17 +105,18 @@ class LocalTrainer:
         the tokens fall into the parts: a device short of memory takes the swarm's batch.
         """
         parts = split_batch(batch, self.config.grad_accum)
-        total = sum(labelled_tokens(part) for part in parts)
+        tokens = [labelled_tokens(part) for part in parts]
+        total = max(sum(tokens), 1)
         loss_sum = 0.0
-        for part in parts:
-            share = labelled_tokens(part) / max(total, 1)
-            if share == 0:
+        for part, count in zip(parts, tokens, strict=True):
+            if count == 0:
                 continue
             loss = self.model(**{k: v.to(self.device) for k, v in part.items()}).loss
-            if not math.isfinite(loss.item()):
+            value = loss.item()  # one device sync per micro-batch
+            if not math.isfinite(value):
                 raise FloatingPointError("training loss is not finite; lower --lr")
-            (loss * share).backward()
-            loss_sum += loss.item() * share
+            (loss * (count / total)).backward()
+            loss_sum += value * count / total
         return loss_sum
 
     def state(self) -> AdapterState:
