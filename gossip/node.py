@@ -345,9 +345,11 @@ class GossipNode:
         snapshot = PublicEstimate(state, Codec("fp32"), version=version, keep=0).snapshot()
         return self.serve(Offer(version=version, samples=samples, estimate=snapshot))
 
-    def expect_shapes(self, shapes: Shapes, *, rank_factor: int = 1) -> None:
-        """Our adapter's shapes: what bounds a neighbour's update (`Replicas.expect`)."""
-        self.replicas.expect(shapes, rank_factor=rank_factor)
+    def expect_shapes(self, shapes: Shapes, *, rank_factor: int = 1,
+                      origin: Mapping[str, torch.Tensor] | None = None) -> None:
+        """Our adapter's shapes: what bounds a neighbour's update, and the swarm-seeded
+        estimate every neighbour's starts from, if any (`Replicas.expect`)."""
+        self.replicas.expect(shapes, rank_factor=rank_factor, origin=origin)
 
     async def fetch(self, announcement: Announcement, *,
                     held: tuple[int, bytes] | None = None) -> Fetched:
@@ -410,18 +412,20 @@ class GossipNode:
             TransferError / WireError: with the reason.
         """
         peer = announcement.peer
-        replica = self.replicas.get(peer)
-        try:
-            fetched = await self.fetch(announcement, held=replica.held() if replica else None)
-        except (TransferError, WireError) as exc:  # counted by `fetch`
-            logger.info("no adapter from %s: %s", peer, exc)
-            raise
-        try:
-            applied, state = await trio.to_thread.run_sync(self.replicas.apply, replica, fetched)
-        except WireError as exc:
-            self.replicas.forget(peer)
-            self._reject(exc.reason, "update from %s: %s", peer, exc)
-            raise
-        self.replicas.keep(peer, applied)
+        async with self.replicas.receiving(peer):  # one update of a peer's at a time
+            replica = self.replicas.get(peer)
+            try:
+                fetched = await self.fetch(announcement, held=self.replicas.held(peer))
+            except (TransferError, WireError) as exc:  # counted by `fetch`
+                logger.info("no adapter from %s: %s", peer, exc)
+                raise
+            try:
+                applied, state = await trio.to_thread.run_sync(self.replicas.apply, replica,
+                                                               fetched)
+            except WireError as exc:
+                self.replicas.refuse(peer)
+                self._reject(exc.reason, "update from %s: %s", peer, exc)
+                raise
+            self.replicas.keep(peer, applied)
         return Received(peer=fetched.peer, version=fetched.version, samples=fetched.samples,
                         state=state, nbytes=len(fetched.data))

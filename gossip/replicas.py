@@ -11,10 +11,13 @@ first.
 from __future__ import annotations
 
 from collections import OrderedDict
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import torch
+import trio
 
 from gossip.compress import Codec, Shapes, decode_payload, payload_shapes
 from gossip.errors import WireError
@@ -85,6 +88,11 @@ class EstimateReplica:
         """(version, digest) of `estimate`, or None."""
         return self._target
 
+    def start_at(self, version: tuple[int, bytes], state: State) -> None:
+        """Hold `state` (not copied: it is never changed in place) as the estimate at
+        `version`, with no update applied yet: where chains from a shared origin begin."""
+        self._state, self._target, self._want_keyframe = state, version, False
+
     def held(self) -> tuple[int, bytes] | None:
         """What to tell the server we hold: None (send a keyframe) after a rejection."""
         return None if self._want_keyframe else self._target
@@ -148,6 +156,9 @@ class Replicas:
         self._cap_bytes = cap_bytes
         self._max_replicas = max_replicas
         self._held: OrderedDict[str, EstimateReplica] = OrderedDict()  # least recent first
+        self._receiving: dict[str, trio.Lock] = {}  # peers with an update being received
+        self.totals = ReplicaStatistics()  # over every replica, dropped ones included
+        self._origin: tuple[tuple[int, bytes], State] | None = None  # (version 0, digest), x̂
         # Our adapter's shapes and how much larger a neighbour's tensors may be (ranks that
         # differ); None: any a keyframe declares, up to the cap.
         self.shapes: dict[str, tuple[int, int]] | None = None
@@ -156,13 +167,28 @@ class Replicas:
     def __len__(self) -> int:
         return len(self._held)
 
-    def expect(self, shapes: Shapes, *, rank_factor: int = 1) -> None:
+    def expect(self, shapes: Shapes, *, rank_factor: int = 1,
+               origin: Mapping[str, torch.Tensor] | None = None) -> None:
         """Our adapter's shapes: what a neighbour's keyframe must declare (each tensor up to
-        `rank_factor` times as large) and what bounds an update's size."""
+        `rank_factor` times as large) and what bounds an update's size; and `origin`, the
+        estimate every neighbour's starts from (version 0: the swarm-seeded adapter), if any."""
         shapes = dict(shapes)
         if shapes != self.shapes or rank_factor != self.rank_factor:
             self._held.clear()
         self.shapes, self.rank_factor = shapes, rank_factor
+        if origin is None:
+            self._origin = None
+        elif self._origin is None:  # set once: digesting an adapter each round costs
+            state = copy_state({name: t.detach().float().cpu() for name, t in origin.items()})
+            self._origin = (0, estimate_digest(state)), state
+
+    def held(self, peer: str) -> tuple[int, bytes] | None:
+        """What to tell `peer` we hold of its estimate: our replica's version, else the
+        origin's, else nothing (a keyframe)."""
+        replica = self._held.get(peer)
+        if replica is not None:
+            return replica.held()
+        return None if self._origin is None else self._origin[0]
 
     @property
     def max_update_bytes(self) -> int:
@@ -177,6 +203,26 @@ class Replicas:
         our shapes are known."""
         return None if self.shapes is None else self.max_update_bytes
 
+    @asynccontextmanager
+    async def receiving(self, peer: str) -> AsyncIterator[None]:
+        """Hold `peer`'s replica for one fetch-and-apply: two at once would both ask for the
+        steps since the same version, and the second chain, based on a version the first one
+        replaced, would be refused as "wrong_base" and cost a keyframe."""
+        lock = self._receiving.setdefault(peer, trio.Lock())
+        async with lock:
+            try:
+                yield
+            finally:
+                if not lock.statistics().tasks_waiting:
+                    self._receiving.pop(peer, None)
+
+    def statistics(self) -> dict[str, Any]:
+        """For status.json: replicas held, and the updates applied since the start (their
+        rejections are the node's to count, with every other one)."""
+        totals = asdict(self.totals)
+        del totals["rejected"]
+        return {"held": len(self._held), **totals}
+
     def get(self, peer: str) -> EstimateReplica | None:
         """`peer`'s replica, or None (the next fetch from it asks for a keyframe)."""
         return self._held.get(peer)
@@ -184,6 +230,13 @@ class Replicas:
     def forget(self, peer: str) -> None:
         """Drop `peer`'s replica: it left the view, or its last update was rejected."""
         self._held.pop(peer, None)
+
+    def refuse(self, peer: str) -> None:
+        """`peer`'s last update was rejected: drop what we hold of its estimate and ask it for
+        a keyframe next (not a chain from the origin, which may be what went wrong)."""
+        self.forget(peer)
+        if self.shapes is not None:
+            self.keep(peer, EstimateReplica(self.shapes, max_payload_bytes=self.max_update_bytes))
 
     def keep(self, peer: str, replica: EstimateReplica) -> None:
         """Hold `replica` for `peer` as its most recent one; drop the least recent past the cap."""
@@ -196,7 +249,8 @@ class Replicas:
               fetched: Fetched) -> tuple[EstimateReplica, dict[str, torch.Tensor]]:
         """Decode and apply an update (call in a worker thread); returns the replica and x̂.
 
-        1. Decode the update and check that it leads to the signed (version, digest).
+        1. Decode the update and check that it leads to the signed (version, digest); with no
+           replica of this peer's yet, from the origin when there is one.
         2. A keyframe starts a fresh replica (of our shapes, or those it declares when ranks
            may differ); a delta needs the replica it is based on ("wrong_base").
         3. `EstimateReplica.apply` decodes every payload and checks the digest rebuilt.
@@ -206,6 +260,10 @@ class Replicas:
         """
         bound = self.max_update_bytes
         steps = decode_update(fetched.data, max_bytes=bound)
+        if replica is None and self._origin is not None:  # we asked from the origin (`held`)
+            assert self.shapes is not None  # set with the origin
+            replica = EstimateReplica(self.shapes, max_payload_bytes=bound)
+            replica.start_at(*self._origin)
         leads_to = steps[-1].target if steps else replica.version if replica else None
         if leads_to != (fetched.version, fetched.digest):
             raise WireError("estimate_mismatch", f"the update does not lead to the signed "
@@ -216,9 +274,16 @@ class Replicas:
         if replica is None:
             raise WireError("wrong_base", "a delta, and we hold none of this peer's estimate")
         replica.apply(steps)
+        self._count(steps)
         state = replica.estimate
         assert state is not None  # applied, or up to date with a version held
         return replica, state
+
+    def _count(self, steps: Sequence[EstimateStep]) -> None:
+        if steps:
+            kind = "keyframes" if steps[0].is_keyframe else "chains"
+            setattr(self.totals, kind, getattr(self.totals, kind) + 1)
+            self.totals.steps += len(steps)
 
     def _keyframe_shapes(self, payload: bytes, bound: int) -> Shapes:
         """Our shapes, or (ranks that differ, or none known) those the keyframe declares, each

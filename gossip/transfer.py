@@ -68,11 +68,13 @@ class Offer:
 
 @dataclass(frozen=True)
 class Body:
-    """The update bytes served for one `held`, their sha256 and the header's signature."""
+    """The update bytes served for one `held`, their sha256, the header's signature, and what
+    kind of update they are: "keyframe", "delta" (a chain of steps) or "current" (none)."""
 
     data: bytes
     digest: bytes
     signature: bytes
+    kind: str = "keyframe"
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,7 @@ class AdapterServer:
         self.served = 0
         self.bytes_out = 0
         self.refused: dict[str, int] = {}
+        self.served_kinds: dict[str, int] = {}  # uploads by `Body.kind`
 
     def publish(self, offer: Offer) -> None:
         """Make `offer` the estimate handed to every later request."""
@@ -185,13 +188,14 @@ class AdapterServer:
         body = self._bodies.get(held)
         if body is None:
             # Encoding and hashing megabytes would stall the event loop: a worker thread does it.
-            data = await trio.to_thread.run_sync(
-                lambda: encode_update(offer.estimate.update_for(held)))
+            steps = await trio.to_thread.run_sync(offer.estimate.update_for, held)
+            data = await trio.to_thread.run_sync(encode_update, steps)
             body_digest = await trio.to_thread.run_sync(digest, data)
             signature = self._sign(signed_offer(self._swarm, self._peer, offer.version,
                                                 offer.samples, len(data), offer.digest,
                                                 body_digest))
-            body = Body(data, body_digest, signature)
+            kind = "current" if not steps else "keyframe" if steps[0].is_keyframe else "delta"
+            body = Body(data, body_digest, signature, kind)
             if self._offer is offer:  # not cached for an offer replaced meanwhile
                 if len(self._bodies) >= MAX_CACHED_BODIES:
                     self._bodies.pop(next(iter(self._bodies)))
@@ -256,6 +260,7 @@ class AdapterServer:
             await write_all(stream, body.data, min_rate=self._min_rate)
             self.served += 1
             self.bytes_out += len(body.data)
+            self.served_kinds[body.kind] = self.served_kinds.get(body.kind, 0) + 1
         finally:
             self._serving.discard(remote)
             self._slots.release()

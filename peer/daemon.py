@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from gossip.node import GossipNode
-from merge.rules import merge_states
+from merge.rules import merge_estimates
 from merge.types import Contribution
 from peer.config import PeerConfig
 from peer.inputs import MergeInputs
@@ -171,8 +171,10 @@ class Peer:
         others = self._inputs.choose(found.accepted, version=self.version)
         if others:
             own = Contribution(state=state, samples=runtime.trainer.samples)
-            # merge_states returns a fresh copy, so it also feeds the checkpoint and the sketch.
-            state = await trio.to_thread.run_sync(merge_states, own, others, self.config.merge)
+            # The merge returns a fresh copy, so it also feeds the checkpoint and the sketch.
+            state = await trio.to_thread.run_sync(merge_estimates, own,
+                                                  parts.publisher.public_estimate(), others,
+                                                  self.config.merge)
             runtime.trainer.load_state(state)
             stats.merges += len(found.accepted)
         self.round += 1

@@ -3,6 +3,7 @@
 A peer serves its public estimate x̂ (`gossip.estimate.PublicEstimate`), not its adapter x: each
 round x̂ moves towards x by one step of `--wire-codec`, and neighbours fetch the steps since the
 version they hold. With an exact codec (fp32) x̂ is x itself, rebuilt each round as a keyframe.
+A lossy estimate starts at version 0, the swarm-seeded adapter every peer holds already.
 
 Only a peer's first announcement is published at once: it tells the swarm that the peer has an
 adapter to fetch. Later ones ride on the next re-announcement (every third of
@@ -19,9 +20,9 @@ from collections.abc import Mapping
 import torch
 import trio
 
-from gossip.compress import Codec, parse_codec, shapes_of
+from gossip.compress import Codec, Shapes, parse_codec, shapes_of
 from gossip.errors import GossipError
-from gossip.estimate import EstimateSnapshot, PublicEstimate
+from gossip.estimate import MAX_CHAIN, EstimateSnapshot, PublicEstimate
 from gossip.membership import Membership
 from gossip.node import GossipNode
 from gossip.transfer import Offer
@@ -45,6 +46,7 @@ class Publisher:
         self.config = config
         self.trainer = runtime.trainer  # says how many samples the adapter embodies
         self.swarm = runtime.swarm
+        self.initial = runtime.initial
         self.stats = stats  # says the last training loss
         self.rank_free = rank_free
         self.codec: Codec = parse_codec(config.network.wire_codec)
@@ -54,18 +56,42 @@ class Publisher:
     def step(self, state: Mapping[str, torch.Tensor], version: int) -> EstimateSnapshot:
         """Move the public estimate to `version` (in a worker thread: it encodes the adapter).
 
-        The first version is a keyframe of `state`; so is every one under an exact codec, since
-        a float32 step x̂ + (x - x̂) may round away from x, and a keyframe is no larger; and so is
-        one whose tensors changed shape (a step only moves an estimate of the same shapes).
+        Under a lossy codec the first version is a step from the swarm-seeded adapter (version
+        0, see `origin`); a keyframe of `state` when there is no origin. Every version is a
+        keyframe under an exact codec, since a float32 step x̂ + (x - x̂) may round away from x,
+        and a keyframe is no larger; and so is one whose tensors changed shape (a step only
+        moves an estimate of the same shapes).
         """
         shapes = shapes_of(state)
         if self.estimate is None or self.codec.exact or shapes != self._shapes:
             self._shapes = shapes
-            self.estimate = PublicEstimate(state, self.codec, version=version,
-                                           keep=0 if self.codec.exact else 8)
-        else:
-            self.estimate.step(state, version=version)
+            origin = self.origin(shapes) if version > 0 else None
+            start, at = (state, version) if origin is None else (origin, 0)
+            # Chains longer than a keyframe are never sent: no use keeping more history.
+            self.estimate = PublicEstimate(start, self.codec, version=at,
+                                           keep=0 if self.codec.exact else MAX_CHAIN,
+                                           max_history_bytes=Codec("fp32").body_size(shapes))
+            if origin is None:
+                return self.estimate.snapshot()
+        self.estimate.step(state, version=version)
         return self.estimate.snapshot()
+
+    def public_estimate(self) -> dict[str, torch.Tensor] | None:
+        """Our x̂ now (a copy), when neighbours hold it instead of our adapter (a lossy codec);
+        None when they hold the adapter itself. Merges take it for ours (`merge_estimates`)."""
+        if self.estimate is None or self.codec.exact or self.config.attack:
+            return None  # (an attacker's estimate follows its poisoned adapter, not x)
+        return self.estimate.estimate
+
+    def origin(self, shapes: Shapes) -> Mapping[str, torch.Tensor] | None:
+        """Where a lossy estimate starts: the swarm-seeded adapter as version 0, which every
+        neighbour holds already, so that even its first fetch from us is a chain of steps (as
+        long as our history reaches back to it and is smaller than a keyframe). None for an
+        exact codec (each version a keyframe) or an adapter of other shapes."""
+        initial = self.initial
+        if self.codec.exact or initial is None or shapes_of(initial) != shapes:
+            return None
+        return initial
 
     async def announce(self, state: Mapping[str, torch.Tensor], *, version: int) -> None:
         """Step the public estimate towards this version's adapter (poisoned, for an attacker),
@@ -77,7 +103,8 @@ class Publisher:
         offer = node.serve(Offer(version=version, samples=samples, estimate=snapshot))
         # A neighbour's tensors have exactly our shapes, unless ranks may differ (up to
         # MAX_RANK_FACTOR x ours): what bounds the size of an update taken from it.
-        node.expect_shapes(self._shapes, rank_factor=MAX_RANK_FACTOR if self.rank_free else 1)
+        node.expect_shapes(self._shapes, rank_factor=MAX_RANK_FACTOR if self.rank_free else 1,
+                           origin=self.origin(self._shapes))
         # nbytes: the size of this version's keyframe (float32, +zstd with the codec), the most
         # a neighbour's first fetch of it costs; the digest names the estimate version.
         announcement = Announcement(

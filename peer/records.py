@@ -88,6 +88,7 @@ class Records:
             # Each live neighbour's link as our fetches measured it (the deadlines follow it).
             "links": {peer: link.to_status()
                       for peer, link in node.links.statistics(live).items()},
+            "wire": wire_status(node),
             "eval_loss": self.stats.last_eval, "updated": time.time(),
         }
 
@@ -121,6 +122,19 @@ class Records:
     def totals(self) -> dict[str, Any]:
         return self.stats.totals(bytes_in=self.node.bytes_in,
                                  bytes_out=self.node.server.bytes_out)
+
+
+def wire_status(node: GossipNode) -> dict[str, Any]:
+    """The codec, our public estimate (its version and the steps kept for deltas), the uploads
+    by kind (keyframe, delta, current), and what we hold of neighbours' estimates."""
+    offer = node.server.current
+    estimate = None if offer is None else {
+        "version": offer.version, "history_steps": len(offer.estimate.history),
+        "history_bytes": sum(len(step.payload) for step in offer.estimate.history),
+        "keyframe_bytes": offer.keyframe_bytes,
+    }
+    return {"codec": node.config.wire_codec, "estimate": estimate,
+            "served": dict(node.server.served_kinds), "replicas": node.replicas.statistics()}
 
 
 def _seconds(value: float | None) -> float | None:

@@ -37,6 +37,9 @@ class Runtime:
     shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
     resumed: Checkpoint | None
     placement: Placement = CPU_FLOAT32  # where the base computes (a shared base: CPU float32)
+    # The adapter as the swarm seed draws it, before any checkpoint: every peer of the swarm
+    # starts from it, so it is version 0 of every peer's public estimate (publish.py).
+    initial: dict[str, torch.Tensor] | None = None
 
     @property
     def swarm_hex(self) -> str:
@@ -82,6 +85,7 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
     resumed = store.load_checkpoint(swarm_hex(swarm))
     trainer = LocalTrainer(model, batches, config.train,
                            samples=resumed.samples if resumed else 0, adapter=adapter, lock=lock)
+    initial = trainer.state()
     if resumed is not None:
         _check_fits(store.root / CHECKPOINT, resumed.state, trainer.state())
         trainer.load_state(resumed.state)
@@ -99,6 +103,7 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
         shapes={k: (tuple(v.shape), v.dtype) for k, v in state.items()},
         resumed=resumed,
         placement=placement if shared is None else CPU_FLOAT32,
+        initial=initial,
     )
 
 

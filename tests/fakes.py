@@ -26,7 +26,7 @@ from gossip.errors import TransferError
 from gossip.estimate import PublicEstimate, decode_update, encode_update
 from gossip.fetcher import link_stats
 from gossip.node import Heard, Received
-from gossip.replicas import EstimateReplica
+from gossip.replicas import EstimateReplica, Replicas
 from gossip.transfer import Offer
 from gossip.wire import Announcement
 from gossip.wire import digest as sha256
@@ -43,7 +43,9 @@ def fake_peer_id() -> str:
 @dataclass
 class _Server:
     refused: Counter[str] = field(default_factory=Counter)
+    served_kinds: Counter[str] = field(default_factory=Counter)
     bytes_out: int = 0
+    current: Offer | None = None
 
 
 class FakeNode:
@@ -61,6 +63,7 @@ class FakeNode:
         self.bytes_in = 0
         self.links = link_stats(config)
         self.server = _Server()
+        self.replicas = Replicas(cap_bytes=config.max_adapter_bytes)  # unused: keyframes only
         self.adapter_shapes: dict[str, tuple[int, int]] | None = None
         self.offered: Offer | None = None
         self.up = True  # a node that is down refuses every fetch
@@ -75,14 +78,14 @@ class FakeNode:
             self.up = False
 
     def serve(self, offer: Offer) -> Offer:
-        self.offered = offer
+        self.offered = self.server.current = offer
         return offer
 
     def offer(self, version: int, samples: int, state: Mapping[str, torch.Tensor]) -> Offer:
         snapshot = PublicEstimate(state, Codec("fp32"), version=version, keep=0).snapshot()
         return self.serve(Offer(version=version, samples=samples, estimate=snapshot))
 
-    def expect_shapes(self, shapes: Any, *, rank_factor: int = 1) -> None:
+    def expect_shapes(self, shapes: Any, *, rank_factor: int = 1, origin: Any = None) -> None:
         self.adapter_shapes = dict(shapes)
 
     async def publish(self, announcement: Announcement) -> None:
@@ -107,6 +110,7 @@ class FakeNode:
         self.bytes_in += len(data)
         self.links.record(other.peer_id, len(data), self.network.fetch_s, 0.0)
         other.server.bytes_out += len(data)
+        other.server.served_kinds["keyframe"] += 1
         keyframe = offer.estimate.keyframe.payload
         replica = EstimateReplica(payload_shapes(keyframe, max_elements=len(data) * 64),
                                   max_payload_bytes=len(data))

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from merge.config import MergeConfig
 from merge.registry import RULES
-from merge.rules import merge_states
+from merge.rules import merge_estimates, merge_states
 from merge.tensors import lora_pairs
 from merge.types import Contribution
 from merge.weights import merge_weights
@@ -188,3 +188,20 @@ def test_config_rejects_bad_values(kwargs: dict[str, object]) -> None:
 def test_unknown_rule_error_lists_the_known_ones() -> None:
     with pytest.raises(ValueError, match="average, clipped, median, product, trimmed-mean"):
         MergeConfig(rule="fedavg")
+
+
+def test_merge_estimates_merges_like_with_like_and_keeps_our_residual() -> None:
+    """x' = rule(x̂, x̂ⱼ...) + (x - x̂): what our steps have not sent yet is not averaged away."""
+    gen = torch.Generator().manual_seed(5)
+    x, x_hat, theirs = (adapter(gen) for _ in range(3))
+    own = Contribution(state=x, samples=10)
+    others = [Contribution(state=theirs, samples=10, peer="b")]
+    config = MergeConfig(rule="average")
+    merged = merge_estimates(own, x_hat, others, config)
+    for key in x:
+        expected = (x_hat[key] + theirs[key]) / 2 + (x[key] - x_hat[key])
+        assert torch.allclose(merged[key], expected, atol=1e-6)
+        assert not torch.allclose(merged[key], (x[key] + theirs[key]) / 2, atol=1e-3)
+    # An exact codec (no estimate apart from x) merges as merge_states does.
+    plain = merge_states(own, others, config)
+    assert all(torch.equal(merge_estimates(own, None, others, config)[k], plain[k]) for k in x)

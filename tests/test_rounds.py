@@ -207,6 +207,10 @@ async def test_settling_rounds_last_as_long_as_a_training_round(
         assert status["links"] and set(status["links"]) <= set(status["live_peers"])
         assert all(link["transfers"] >= 1 and link["rate_bps"] > 0
                    for link in status["links"].values())
+        # ... and its wire: the codec, the estimate it serves, the uploads by kind.
+        wire = status["wire"]
+        assert wire["codec"] == "fp32" and wire["estimate"]["version"] == status["version"]
+        assert wire["served"]["keyframe"] >= 1 and wire["replicas"]["held"] == 0
 
 
 def test_training_seconds_go_on_after_a_restart() -> None:

@@ -81,6 +81,32 @@ async def test_a_delta_chain_rebuilds_the_estimate_bit_for_bit(codec: str) -> No
         assert client.bytes_in == first.nbytes + fifth.nbytes and not client.rejected
 
 
+async def test_two_fetches_from_one_peer_at_once_take_turns() -> None:
+    """Both would ask for the steps since the same version (and the server refuses a second
+    upload to one peer as "busy"): the second waits, then finds its replica up to date."""
+    async with pair() as (server, client):
+        x = adapter(3)
+        estimate = PublicEstimate(x, parse_codec("int8+zstd"), version=1)
+        with trio.fail_after(20):
+            await client.receive(serve(server, estimate))
+        estimate.step(trained(x, 2), version=2)
+        announcement = serve(server, estimate)
+        got: list[Any] = []
+
+        async def receive() -> None:
+            got.append(await client.receive(announcement))
+
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(receive)
+                nursery.start_soon(receive)
+        assert [r.version for r in got] == [2, 2] and not client.rejected
+        assert all(same(r.state, estimate.estimate) for r in got)
+        assert server.server.served_kinds == {"keyframe": 1, "delta": 1, "current": 1}
+        assert client.replicas.statistics() == {"held": 1, "keyframes": 1, "chains": 1,
+                                                "steps": 2}
+
+
 async def test_a_client_whose_base_is_gone_gets_a_keyframe() -> None:
     async with pair() as (server, client):
         x = adapter(1)
@@ -154,3 +180,53 @@ def test_replicas_are_bounded_and_forgotten() -> None:
     assert replicas.get("b") is None and replicas.get("c") is made[2]
     replicas.expect({"m.lora_A.weight": (4, 256)})  # other shapes: nothing held still fits
     assert len(replicas) == 0 and replicas.bound == max_update_bytes({"m.lora_A.weight": (4, 256)})
+
+
+async def test_a_first_fetch_is_a_chain_from_the_swarm_seeded_origin() -> None:
+    """Every peer starts at the same seeded adapter (version 0), so a neighbour we never
+    fetched from still sends only its steps; one whose origin differs sends a keyframe."""
+    async with pair() as (server, client):
+        origin = adapter(4)
+        client.expect_shapes(SHAPES, origin=origin)
+        estimate = PublicEstimate(origin, parse_codec("topk:0.05+zstd"), version=0)
+        x = origin
+        for version in range(1, 4):
+            x = trained(x, version)
+            estimate.step(x, version=version)
+        with trio.fail_after(20):
+            first = await client.receive(serve(server, estimate))
+        assert first.version == 3 and same(first.state, estimate.estimate)
+        assert first.nbytes < len(estimate.keyframe().payload) / 3
+        assert server.server.served_kinds == {"delta": 1}
+        assert client.replicas.statistics()["chains"] == 1 and not client.rejected
+
+        stranger = PublicEstimate(adapter(5), parse_codec("topk:0.05+zstd"), version=0)
+        stranger.step(trained(adapter(5), 1), version=4)  # another origin: a chain from it
+        client.replicas.forget(server.peer_id)  # would not rebuild ours, so a keyframe comes
+        with trio.fail_after(20):
+            other = await client.receive(serve(server, stranger))
+        assert other.version == 4 and same(other.state, stranger.estimate)
+        assert server.server.served_kinds == {"delta": 1, "keyframe": 1}
+
+
+def test_after_a_rejection_a_peer_is_asked_for_a_keyframe_not_a_chain() -> None:
+    replicas = Replicas(cap_bytes=1 << 20)
+    origin = adapter(6)
+    replicas.expect(SHAPES, origin=origin)
+    start = PublicEstimate(origin, parse_codec("fp32"))
+    assert replicas.held("a") == (0, start.digest)  # nothing of a's yet: the origin
+    replicas.refuse("a")
+    assert replicas.held("a") is None and replicas.held("b") == (0, start.digest)
+
+
+async def test_a_neighbour_still_at_the_origin_is_up_to_date_at_once() -> None:
+    """A peer that joined and has not trained serves version 0, the origin itself: a client
+    that holds only the origin gets an empty update, and takes it."""
+    async with pair() as (server, client):
+        origin = adapter(7)
+        client.expect_shapes(SHAPES, origin=origin)
+        estimate = PublicEstimate(origin, parse_codec("topk:0.05+zstd"), version=0)
+        with trio.fail_after(20):
+            got = await client.receive(serve(server, estimate))
+        assert got.version == 0 and same(got.state, origin) and not client.rejected
+        assert server.server.served_kinds == {"current": 1}
