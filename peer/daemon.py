@@ -141,7 +141,8 @@ class Peer:
             # after round 1's training, it reached the neighbours too late for their round 1.
             # A restarted peer announces after its next round, as before its crash.
             await publisher.wait_for_topic_peer()
-            await publisher.announce(runtime.trainer.state(), version=self.version)
+            await publisher.announce(runtime.trainer.state(), version=self.version,
+                                     round_=self.round)
         if self.round == 0 and runtime.eval_batches:
             await self._evaluate(runtime)
             runtime.store.append_metrics(parts.records.metrics(
@@ -162,7 +163,7 @@ class Peer:
             stats.train_s += train_s
         self.version += 1
         state = runtime.trainer.state()
-        await parts.publisher.announce(state, version=self.version)
+        await parts.publisher.announce(state, version=self.version, round_=self.round + 1)
         gather_started = trio.current_time()
         found = await parts.gatherer.gather(state, version=self.version,
                                             trained=runtime.trainer.samples > 0,
