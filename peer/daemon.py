@@ -28,6 +28,7 @@ from merge.rules import merge_states
 from merge.types import Contribution
 from peer.config import PeerConfig
 from peer.inputs import MergeInputs
+from peer.logs import PEER_LOG_FIELDS
 from peer.parts import NodeFactory, Parts, assemble
 from peer.setup import Runtime, build_runtime
 from peer.shared import SharedModel
@@ -91,6 +92,8 @@ class Peer:
             self.stats = PeerStatistics.resumed(runtime.resumed.counters)
         parts = self.parts = assemble(self.config, runtime, self.stats, self.rng,
                                       self.node_factory)
+        # Our tasks and worker threads inherit this: their log lines name us and our round.
+        PEER_LOG_FIELDS.set(lambda: {"peer_id": parts.node.peer_id, "round": self.round})
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
