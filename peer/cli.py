@@ -16,6 +16,15 @@ Read the same settings from a file (flags win over it):
 Make a key for a private swarm, then pass `--swarm-key swarm.key` to every peer:
 
     loraswarm keygen swarm.key
+
+Watch a peer, and the swarm as it sees it, from its data folder (running or stopped):
+
+    loraswarm status ./peer1
+    loraswarm swarm ./peer1 --json
+
+Write its adapter merged into the base model (loadable with from_pretrained):
+
+    loraswarm export ./peer1 --merged ./merged-model
 """
 
 from __future__ import annotations
@@ -32,6 +41,7 @@ import trio
 
 from gossip.errors import GossipError
 from gossip.keyfile import write_swarm_key
+from peer.commands import add_commands
 from peer.config import PeerConfig
 from peer.errors import PeerError
 from peer.logs import configure_logging
@@ -67,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "connect to peers holding the same key; others cannot connect at all.",
     )
     keygen.add_argument("path", type=Path, metavar="FILE", help="where to write the key (0600)")
+    add_commands(commands)  # status, swarm, export: each sets its `handler`
     return parser
 
 
@@ -75,6 +86,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     configure_logging(args.verbose)
     try:
+        if getattr(args, "handler", None) is not None:
+            return int(args.handler(args))
         if args.command == "keygen":
             write_swarm_key(args.path)
             print(f"wrote a new swarm key to {args.path}; give it to every peer "
@@ -102,7 +115,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run_peer(config: PeerConfig) -> int:
-    from peer.daemon import Peer  # torch and transformers: only when a peer runs
+    from peer.daemon import Peer  # torch and transformers: not for the folder commands
 
     peer = Peer(config)
     async with trio.open_nursery() as nursery:

@@ -63,8 +63,14 @@ class JsonLines(logging.Formatter):
         return json.dumps(line, default=str)
 
 
+class _CliHandler(logging.StreamHandler):
+    """The handler `configure_logging` installs (and replaces when called again)."""
+
+
 def configure_logging(verbose: int, log_format: str = "text") -> None:
-    """Send log records to stderr as text or JSON lines, replacing any handler set before.
+    """Send log records to stderr as text or JSON lines, replacing the handler of an earlier
+    call. A root logger that someone else configured (an embedding program, pytest) keeps its
+    handlers: only our loggers' levels are set then, as `logging.basicConfig` would.
 
     Args:
         verbose: 0 warnings (and the peer's own info lines), 1 info, 2 or more debug.
@@ -73,9 +79,16 @@ def configure_logging(verbose: int, log_format: str = "text") -> None:
     if log_format not in LOG_FORMATS:
         raise ValueError(f"log format must be one of {', '.join(LOG_FORMATS)}, got {log_format!r}")
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.addFilter(PeerFields())
-    handler.setFormatter(JsonLines() if log_format == "json" else logging.Formatter(TEXT_FORMAT))
-    logging.basicConfig(level=level, handlers=[handler], force=True)
+    root = logging.getLogger()
+    ours = [handler for handler in root.handlers if isinstance(handler, _CliHandler)]
+    if len(ours) == len(root.handlers):
+        for handler in ours:
+            root.removeHandler(handler)
+        handler = _CliHandler(sys.stderr)
+        handler.addFilter(PeerFields())
+        handler.setFormatter(JsonLines() if log_format == "json"
+                             else logging.Formatter(TEXT_FORMAT))
+        root.addHandler(handler)
+        root.setLevel(level)
     logging.getLogger("loraswarm").setLevel(min(level, logging.INFO))
     logging.getLogger("peer").setLevel(min(level, logging.INFO))

@@ -23,6 +23,7 @@ from topology.config import TopologyConfig
 
 @pytest.fixture
 def restore_logging() -> Iterator[None]:
+    """Put back the root logger's handlers (pytest's capture) and level after the test."""
     root = logging.getLogger()
     handlers, level = root.handlers[:], root.level
     yield
@@ -38,6 +39,7 @@ async def test_json_lines_name_the_peer_and_its_round(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_logging: None,
     autojump_clock: trio.testing.MockClock,
 ) -> None:
+    logging.getLogger().handlers[:] = []  # as in a fresh process (pytest's are put back)
     configure_logging(1, "json")
     log = logging.getLogger("peer.test")
     log.info("before any peer runs")
@@ -69,7 +71,23 @@ def test_log_format_is_a_peer_option_and_text_stays_the_default(tmp_path: Path) 
 def test_an_unknown_log_format_is_one_line_and_exit_2(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], restore_logging: None,
 ) -> None:
+    logging.getLogger().handlers[:] = []
     code = main(["peer", "--data-dir", str(tmp_path), "--train", "t.jsonl",
                  "--log-format", "xml"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "log_format must be text or json" in err
+
+
+def test_a_second_call_replaces_our_handler_and_a_foreign_one_is_left_alone(
+    restore_logging: None,
+) -> None:
+    root = logging.getLogger()
+    root.handlers[:] = []
+    configure_logging(0)
+    configure_logging(2, "json")
+    assert len(root.handlers) == 1 and root.level == logging.DEBUG
+    assert type(root.handlers[0].formatter).__name__ == "JsonLines"
+    foreign = logging.NullHandler()
+    root.handlers[:] = [foreign]  # an embedding program configured logging itself
+    configure_logging(1, "json")
+    assert root.handlers == [foreign] and logging.getLogger("peer").level == logging.INFO
