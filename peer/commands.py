@@ -104,7 +104,7 @@ def swarm_table(document: Mapping[str, Any]) -> Table:
     """The swarm as a table, this peer first and marked with *."""
     table = Table(title="swarm (self-reported by each peer, unverified)", title_justify="left",
                   box=box.SIMPLE_HEAD, pad_edge=False, collapse_padding=True)
-    columns = ("peer", "round", "version", "samples", "train", "eval", "device", "rank", "rule",
+    columns = ("peer", "round", "ver", "samples", "train", "eval", "device", "rank", "rule",
                "age s")
     for name in columns:
         table.add_column(name, justify="left" if name in ("peer", "device", "rule") else "right",

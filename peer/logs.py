@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 from collections.abc import Callable
 from contextvars import ContextVar
@@ -90,5 +91,10 @@ def configure_logging(verbose: int, log_format: str = "text") -> None:
                              else logging.Formatter(TEXT_FORMAT))
         root.addHandler(handler)
         root.setLevel(level)
+    if log_format == "json":
+        # Every stderr line must parse: Python warnings become records, and the progress bars
+        # of transformers and the hub (read when they are first imported: after this) stay off.
+        logging.captureWarnings(True)
+        os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     logging.getLogger("loraswarm").setLevel(min(level, logging.INFO))
     logging.getLogger("peer").setLevel(min(level, logging.INFO))

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,8 +20,11 @@ from peer.config import PeerConfig
 from peer.daemon import Peer
 from peer.logs import configure_logging
 from peer.options import config_from_args
+from tests.conftest import write_jsonl
 from tests.fakes import FakeNetwork, fake_runtime
 from topology.config import TopologyConfig
+
+ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture
@@ -29,6 +35,7 @@ def restore_logging() -> Iterator[None]:
     yield
     root.handlers[:] = handlers
     root.setLevel(level)
+    logging.captureWarnings(False)
 
 
 def _lines(text: str) -> list[dict]:
@@ -91,3 +98,23 @@ def test_a_second_call_replaces_our_handler_and_a_foreign_one_is_left_alone(
     root.handlers[:] = [foreign]  # an embedding program configured logging itself
     configure_logging(1, "json")
     assert root.handlers == [foreign] and logging.getLogger("peer").level == logging.INFO
+
+
+@pytest.mark.slow
+def test_a_real_daemon_writes_only_json_lines(tmp_path: Path, small_model_dir: Path) -> None:
+    """Warnings and the model loader's progress bar too: a log collector parses every line."""
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"line {j} of text"} for j in range(4)])
+    done = subprocess.run(
+        [sys.executable, "-m", "peer.cli", "-v", "peer", "--data-dir", str(tmp_path / "p"),
+         "--train", str(train), "--model", str(small_model_dir), "--rounds", "1",
+         "--steps-per-round", "1", "--batch-size", "2", "--seq-len", "16", "--threads", "1",
+         "--log-format", "json"],
+        capture_output=True, env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=300,
+        check=False)
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    lines = _lines(done.stderr.decode())  # raises on any line that is not JSON
+    assert lines and all({"ts", "level", "logger", "message"} <= set(line) for line in lines)
+    peer_id = json.loads((tmp_path / "p" / "status.json").read_text())["peer_id"]
+    tagged = [line for line in lines if "peer_id" in line]
+    assert tagged and all(line["peer_id"] == peer_id for line in tagged)
+    assert tagged[-1]["round"] == 1
