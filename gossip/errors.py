@@ -19,6 +19,7 @@ WIRE_REASONS = frozenset({
     "bad_codec",  # a compressed payload of an unknown codec, or whose layout contradicts its header
     "wrong_base",  # a delta against an estimate version the receiver does not hold
     "estimate_mismatch",  # the estimate a delta or keyframe rebuilds is not the digest claimed
+    "bad_telemetry",  # an announcement's self-reported figures are missing, mistyped or absurd
 })
 
 TRANSFER_REASONS = frozenset({

@@ -133,6 +133,17 @@ class Membership:
         """Ids of the peers heard from within the timeout, sorted."""
         return [info.peer_id for info in self.view.live(trio.current_time())]
 
+    def reports(self) -> list[tuple[Announcement, float]]:
+        """Each live peer's newest announcement (its telemetry with it) and its age in seconds,
+        sorted by peer id. Self-reported figures: for operators, never for merge weights."""
+        now, found = trio.current_time(), []
+        for info in self.view.live(now):
+            announcement = self._latest.get(info.peer_id)
+            if announcement is not None:
+                _, heard = self._seqnos.get(info.peer_id, (0, info.last_heard))
+                found.append((announcement, max(0.0, now - heard)))
+        return found
+
     def neighbours(self) -> list[str]:
         """Live peers we hold a connection to, sorted."""
         connected = set(self.node.connected_peers())

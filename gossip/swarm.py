@@ -21,9 +21,9 @@ import json
 import math
 from collections.abc import Mapping
 
-PROTOCOL_VERSION: int = 3
+PROTOCOL_VERSION: int = 4  # 4: announcements carry telemetry
 SWARM_ID_BYTES = 16
-TRANSFER_PROTOCOL = "/loraswarm/adapter/3"
+TRANSFER_PROTOCOL = "/loraswarm/adapter/4"
 
 # Domain separation: a swarm id can never equal the hash of some other loraswarm structure.
 _DOMAIN = b"loraswarm/swarm-id\0"

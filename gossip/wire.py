@@ -18,6 +18,7 @@ import msgpack
 from gossip.codec import ADAPTER_DTYPES, check_cap, decode_adapter, encode_adapter
 from gossip.errors import WireError
 from gossip.swarm import PROTOCOL_VERSION, SWARM_ID_BYTES
+from gossip.telemetry import Telemetry
 
 MAGIC = b"LSW1"
 MAX_ENVELOPE_BYTES = 16 * 1024
@@ -140,9 +141,14 @@ class _Envelope:
 
     def to_wire(self) -> bytes:
         """Encode as an envelope of this message's swarm."""
-        fields = {name: getattr(self, name) for name in self.FIELDS}
+        fields = {name: _plain(getattr(self, name)) for name in self.FIELDS}
         payload = msgpack.packb({"kind": self.KIND, **fields}, use_bin_type=True)
         return MAGIC + self.swarm + payload
+
+
+def _plain(value: Any) -> Any:
+    """A field as msgpack takes it: a nested record becomes its map."""
+    return value.to_wire() if isinstance(value, Telemetry) else value
 
 
 def _swarm_arg(swarm: object) -> bytes:
@@ -153,7 +159,11 @@ def _swarm_arg(swarm: object) -> bytes:
 
 @dataclass(frozen=True)
 class Announcement(_Envelope):
-    """Published on the swarm topic each round: "I have adapter `version`; fetch it from me"."""
+    """Published on the swarm topic each round: "I have adapter `version`; fetch it from me".
+
+    `telemetry` is what the peer says about itself for operators (`gossip.telemetry`): always
+    on the wire, nil when a sender has nothing to report (a synthetic test peer).
+    """
 
     swarm: bytes
     peer: str
@@ -163,11 +173,13 @@ class Announcement(_Envelope):
     nbytes: int
     train_loss: float
     addrs: tuple[str, ...]
+    telemetry: Telemetry | None = None
     protocol: int = PROTOCOL_VERSION
 
     KIND: ClassVar[str] = "announce"
     FIELDS: ClassVar[frozenset[str]] = frozenset(
-        {"protocol", "peer", "version", "samples", "digest", "nbytes", "train_loss", "addrs"}
+        {"protocol", "peer", "version", "samples", "digest", "nbytes", "train_loss", "addrs",
+         "telemetry"}
     )
 
     def __post_init__(self) -> None:
@@ -183,6 +195,9 @@ class Announcement(_Envelope):
         if self.train_loss < 0:
             raise _bad("train_loss", f"{self.train_loss} is negative")
         _check_addrs(self.addrs)
+        if self.telemetry is not None and not isinstance(self.telemetry, Telemetry):
+            raise WireError("bad_telemetry", f"expected a Telemetry, got "
+                            f"{type(self.telemetry).__name__}")
 
     @classmethod
     def from_wire(cls, data: bytes, *, swarm: bytes, max_nbytes: int) -> Announcement:
@@ -197,6 +212,7 @@ class Announcement(_Envelope):
             WireError: with the reason of the rejection.
         """
         fields = _open(data, swarm=_swarm_arg(swarm), kind=cls.KIND, keys=cls.FIELDS)
+        fields["telemetry"] = Telemetry.from_wire(fields["telemetry"])
         message = cls(swarm=swarm, **fields)
         check_cap("nbytes", message.nbytes, max_nbytes)
         return message

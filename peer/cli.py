@@ -16,6 +16,15 @@ Read the same settings from a file (flags win over it):
 Make a key for a private swarm, then pass `--swarm-key swarm.key` to every peer:
 
     loraswarm keygen swarm.key
+
+Watch a peer, and the swarm as it sees it, from its data folder (running or stopped):
+
+    loraswarm status ./peer1
+    loraswarm swarm ./peer1 --json
+
+Write its adapter merged into the base model (loadable with from_pretrained):
+
+    loraswarm export ./peer1 --merged ./merged-model
 """
 
 from __future__ import annotations
@@ -26,16 +35,20 @@ import signal
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import trio
 
 from gossip.errors import GossipError
 from gossip.keyfile import write_swarm_key
+from peer.commands import add_commands
 from peer.config import PeerConfig
-from peer.daemon import Peer
 from peer.errors import PeerError
+from peer.logs import configure_logging
 from peer.options import add_peer_arguments, config_from_args
+
+if TYPE_CHECKING:
+    from peer.daemon import Peer
 
 logger = logging.getLogger("loraswarm")
 
@@ -64,20 +77,24 @@ def build_parser() -> argparse.ArgumentParser:
         "connect to peers holding the same key; others cannot connect at all.",
     )
     keygen.add_argument("path", type=Path, metavar="FILE", help="where to write the key (0600)")
+    add_commands(commands)  # status, swarm, export: each sets its `handler`
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `loraswarm` console script; returns the exit code."""
     args = build_parser().parse_args(argv)
-    _configure_logging(args.verbose)
+    configure_logging(args.verbose)
     try:
+        if getattr(args, "handler", None) is not None:
+            return int(args.handler(args))
         if args.command == "keygen":
             write_swarm_key(args.path)
             print(f"wrote a new swarm key to {args.path}; give it to every peer "
                   f"with --swarm-key {args.path}")
             return 0
         config = config_from_args(args)
+        configure_logging(args.verbose, config.log_format)
         _hold_stop_signals()
         try:
             return trio.run(_run_peer, config)
@@ -98,6 +115,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 async def _run_peer(config: PeerConfig) -> int:
+    from peer.daemon import Peer  # torch and transformers: not for the folder commands
+
     peer = Peer(config)
     async with trio.open_nursery() as nursery:
         await nursery.start(_stop_on_signal, peer, nursery.cancel_scope)
@@ -159,13 +178,6 @@ def _first_user_error(group: BaseExceptionGroup) -> Exception | None:
     while isinstance(found, BaseExceptionGroup):
         found = found.exceptions[0]
     return found if isinstance(found, Exception) else None
-
-
-def _configure_logging(verbose: int) -> None:
-    level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("loraswarm").setLevel(min(level, logging.INFO))
-    logging.getLogger("peer").setLevel(min(level, logging.INFO))
 
 
 if __name__ == "__main__":

@@ -104,6 +104,9 @@ class PeerConfig:
         "help": "for robustness experiments only: serve a poisoned adapter "
         "(scale, noise or signflip) while training honestly"})
     attack_scale: float = field(default=50.0, metadata={"help": "strength of --attack"})
+    log_format: str = field(default="text", metadata={
+        "help": "log lines as text, or json: one object per line with ts, level, logger, "
+        "message, and peer_id and round once known"})
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,5 +132,7 @@ class PeerConfig:
             raise ValueError("round_pause_s and linger_s must be >= 0")
         if self.wait_peers < 0 or self.wait_timeout_s < 0:
             raise ValueError("wait_peers and wait_timeout must be >= 0")
+        if self.log_format not in ("text", "json"):
+            raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
         if self.attack and self.attack not in ATTACKS:
             raise ValueError(f"unknown attack {self.attack!r}; known: {', '.join(ATTACKS)}")

@@ -28,6 +28,7 @@ from merge.rules import merge_estimates
 from merge.types import Contribution
 from peer.config import PeerConfig
 from peer.inputs import MergeInputs
+from peer.logs import PEER_LOG_FIELDS
 from peer.parts import NodeFactory, Parts, assemble
 from peer.setup import Runtime, build_runtime
 from peer.shared import SharedModel
@@ -91,6 +92,8 @@ class Peer:
             self.stats = PeerStatistics.resumed(runtime.resumed.counters)
         parts = self.parts = assemble(self.config, runtime, self.stats, self.rng,
                                       self.node_factory)
+        # Our tasks and worker threads inherit this: their log lines name us and our round.
+        PEER_LOG_FIELDS.set(lambda: {"peer_id": parts.node.peer_id, "round": self.round})
         try:
             with self._scope:
                 async with trio.open_nursery() as nursery:
@@ -141,7 +144,8 @@ class Peer:
             # after round 1's training, it reached the neighbours too late for their round 1.
             # A restarted peer announces after its next round, as before its crash.
             await publisher.wait_for_topic_peer()
-            await publisher.announce(runtime.trainer.state(), version=self.version)
+            await publisher.announce(runtime.trainer.state(), version=self.version,
+                                     round_=self.round)
         if self.round == 0 and runtime.eval_batches:
             await self._evaluate(runtime)
             runtime.store.append_metrics(parts.records.metrics(
@@ -162,7 +166,7 @@ class Peer:
             stats.train_s += train_s
         self.version += 1
         state = runtime.trainer.state()
-        await parts.publisher.announce(state, version=self.version)
+        await parts.publisher.announce(state, version=self.version, round_=self.round + 1)
         gather_started = trio.current_time()
         found = await parts.gatherer.gather(state, version=self.version,
                                             trained=runtime.trainer.samples > 0,

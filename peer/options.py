@@ -124,6 +124,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("wait_timeout", None, "wait_timeout_s", float, "SECONDS"),
     Option("attack", None, "attack", str, "NAME"),
     Option("attack_scale", None, "attack_scale", float, "X"),
+    Option("log_format", None, "log_format", str, "text|json"),
     Option("lora_rank", "lora", "rank", int, "R", scope=SWARM),
     Option("lora_alpha", "lora", "alpha", int, "A", scope=SWARM),
     Option("lora_targets", "lora", "target_modules", _names, "A,B", scope=SWARM),

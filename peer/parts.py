@@ -49,5 +49,5 @@ def assemble(config: PeerConfig, runtime: Runtime, stats: PeerStatistics, rng: r
     return Parts(
         runtime=runtime, node=node, membership=membership, gatherer=gatherer,
         publisher=Publisher(node, membership, config, runtime, stats, rank_free=rank_free),
-        records=Records(runtime, node, view, stats),
+        records=Records(runtime, node, membership, stats),
     )

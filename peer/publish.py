@@ -32,6 +32,7 @@ from peer.attacks import poison
 from peer.config import PeerConfig
 from peer.setup import Runtime
 from peer.stats import PeerStatistics
+from peer.telemetry import own_telemetry
 
 logger = logging.getLogger(__name__)
 
@@ -44,7 +45,8 @@ class Publisher:
         self.node = node
         self.membership = membership
         self.config = config
-        self.trainer = runtime.trainer  # says how many samples the adapter embodies
+        self.runtime = runtime  # its trainer says how many samples the adapter embodies
+        self.trainer = runtime.trainer
         self.swarm = runtime.swarm
         self.initial = runtime.initial
         self.stats = stats  # says the last training loss
@@ -93,9 +95,11 @@ class Publisher:
             return None
         return initial
 
-    async def announce(self, state: Mapping[str, torch.Tensor], *, version: int) -> None:
+    async def announce(self, state: Mapping[str, torch.Tensor], *, version: int,
+                       round_: int) -> None:
         """Step the public estimate towards this version's adapter (poisoned, for an attacker),
-        serve it and describe it, signed."""
+        serve it and describe it, signed, with our telemetry for the round `round_` it ends
+        (0: before the first)."""
         node, config, samples = self.node, self.config, self.trainer.samples
         served = state if not config.attack else poison(
             dict(state), config.attack, scale=config.attack_scale, seed=version)
@@ -111,6 +115,7 @@ class Publisher:
             swarm=self.swarm, peer=node.peer_id, version=version, samples=samples,
             digest=offer.digest, nbytes=offer.keyframe_bytes,
             train_loss=self.stats.last_train_loss, addrs=tuple(node.announce_addrs),
+            telemetry=own_telemetry(config, self.runtime, self.stats, round_),
         )
         if node.current is not None:
             node.update(announcement)

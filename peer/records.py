@@ -8,6 +8,8 @@ the disk.
 from __future__ import annotations
 
 import logging
+import os
+import socket
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -16,11 +18,12 @@ from typing import Any
 import torch
 import trio
 
+from gossip.membership import Membership
 from gossip.node import GossipNode
 from peer.setup import Runtime
 from peer.stats import PeerStatistics, shape_of
 from peer.store import Checkpoint
-from topology.view import MembershipView
+from peer.telemetry import swarm_status
 
 logger = logging.getLogger(__name__)
 
@@ -31,7 +34,7 @@ class Records:
 
     runtime: Runtime
     node: GossipNode
-    view: MembershipView
+    membership: Membership
     stats: PeerStatistics
 
     def checkpoint(self, state: Mapping[str, torch.Tensor] | None, *, round_: int,
@@ -62,23 +65,28 @@ class Records:
             "merged": merged, **self.totals(),
             "train_s": _seconds(train_s), "gather_s": _seconds(gather_s),
             "round_s": _seconds(round_s),
-            "peers_live": len(self.view.live(trio.current_time())),
+            "peers_live": len(self.membership.view.live(trio.current_time())),
             "tried": tried, "ts": time.time(),
         }
         return record if state is None else {**record, **shape_of(state)}
 
     def status(self, *, round_: int, version: int) -> dict[str, Any]:
-        """The status.json document: what this peer is and how it is doing."""
+        """The status.json document: what this peer is and how it is doing.
+
+        `pid`, `host` and `running` (False once it stopped cleanly) let `loraswarm status` tell
+        a running peer from a stopped or crashed one.
+        """
         runtime, node, now = self.runtime, self.node, trio.current_time()
-        view_stats = self.view.statistics(now)
-        live = [info.peer_id for info in self.view.live(now)]
+        view = self.membership.view
+        view_stats = view.statistics(now)
+        live = [info.peer_id for info in view.live(now)]
         return {
             "peer_id": node.peer_id, "listen_addrs": node.listen_addrs, "topic": node.topic,
             "swarm_id": runtime.swarm_hex, "model": str(runtime.model_dir),
             "device": runtime.placement.describe(),
             "round": round_, "version": version, "samples": runtime.trainer.samples,
             **{k: v for k, v in self.totals().items() if k != "t"},
-            "peers_known": len(self.view), "peers_connected": len(node.connected_peers()),
+            "peers_known": len(view), "peers_connected": len(node.connected_peers()),
             "live_peers": live,
             "peers_trusted": view_stats.trusted, "peers_refused": view_stats.refused,
             # What we refused from others (the node counts the wire, the gatherer validation:
@@ -89,7 +97,11 @@ class Records:
             "links": {peer: link.to_status()
                       for peer, link in node.links.statistics(live).items()},
             "wire": wire_status(node),
-            "eval_loss": self.stats.last_eval, "updated": time.time(),
+            "eval_loss": self.stats.last_eval,
+            # What each live peer, and we, last announced about ourselves (peer.telemetry).
+            "swarm": swarm_status(node.current, self.membership.reports()),
+            "pid": os.getpid(), "host": socket.gethostname(), "running": True,
+            "updated": time.time(),
         }
 
     async def save_round(self, state: Mapping[str, torch.Tensor], *, round_: int, version: int,
@@ -116,7 +128,7 @@ class Records:
         store, trainer = self.runtime.store, self.runtime.trainer
         store.save_checkpoint(self.checkpoint(None, round_=round_, version=version))
         store.export(trainer.model, trainer.adapter)
-        store.write_status(status)
+        store.write_status({**status, "running": False})
         logger.info("final checkpoint and export written to %s", store.root)
 
     def totals(self) -> dict[str, Any]:

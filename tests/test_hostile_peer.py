@@ -141,6 +141,11 @@ def _pubsub_cases(hostile: SyntheticPeer, other: str) -> list[tuple[str, bytes]]
         ("wrong_swarm", _envelope("announce", swarm=other_swarm, protocol=PROTOCOL_VERSION)),
         ("oversized", MAGIC + LOOPBACK_SWARM + bytes(20_000)),
         ("signer_mismatch", _raw_announcement(hostile, peer=other)),
+        # Self-reported figures are bounded like every field: a terminal escape as the device.
+        ("bad_telemetry", _raw_announcement(hostile, telemetry={
+            "round": 3, "eval_loss": None, "device": "cpu\x1b[2J", "rank": 8,
+            "merge_rule": "average"})),
+        ("bad_telemetry", _raw_announcement(hostile, telemetry={"round": -1})),
     ]
 
 

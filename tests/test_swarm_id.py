@@ -88,7 +88,7 @@ def test_names() -> None:
     sid = bytes(range(16))
     assert swarm_hex(sid) == "000102030405060708090a0b0c0d0e0f"
     assert topic_name(sid) == "/loraswarm/000102030405060708090a0b0c0d0e0f/adapters/1"
-    assert TRANSFER_PROTOCOL == "/loraswarm/adapter/3"
+    assert TRANSFER_PROTOCOL == "/loraswarm/adapter/4"
     for bad in (sid[:15], sid + b"\0", sid.hex()):
         with pytest.raises(ValueError):
             swarm_hex(bad)  # type: ignore[arg-type]

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from gossip.errors import TRANSFER_REASONS, WIRE_REASONS, GossipError, TransferError, WireError
 from gossip.swarm import PROTOCOL_VERSION
+from gossip.telemetry import MAX_RANK, MAX_ROUND, MAX_RULE_LEN, Telemetry
 from gossip.wire import (
     MAGIC,
     MAX_ADDR_LEN,
@@ -32,12 +33,13 @@ OTHER = bytes(range(1, 17))
 PEER = "12D3KooWGzXKrLVBzgqQZ3uMCfNiVRxk3gAXZpETYPHbCpbyT3Sq"
 CAP = 1 << 20
 FAST = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+TELEMETRY = Telemetry(round=3, eval_loss=2.5, device="cuda", rank=8, merge_rule="trimmed-mean")
 
 
 def announcement(**overrides: Any) -> Announcement:
     fields: dict[str, Any] = dict(
         swarm=SWARM, peer=PEER, version=3, samples=1200, digest=digest(b"adapter"), nbytes=4096,
-        train_loss=2.25, addrs=("/ip4/127.0.0.1/tcp/4001/p2p/" + PEER,),
+        train_loss=2.25, addrs=("/ip4/127.0.0.1/tcp/4001/p2p/" + PEER,), telemetry=TELEMETRY,
     )
     fields.update(overrides)
     return Announcement(**fields)
@@ -87,6 +89,14 @@ def test_announcement_round_trip() -> None:
     assert message.protocol == PROTOCOL_VERSION
 
 
+def test_telemetry_round_trips_and_may_be_nil() -> None:
+    for telemetry in (None, TELEMETRY, Telemetry(round=0, eval_loss=None, device="cpu", rank=1,
+                                                 merge_rule="average")):
+        message = announcement(telemetry=telemetry)
+        decoded = Announcement.from_wire(message.to_wire(), swarm=SWARM, max_nbytes=CAP)
+        assert decoded == message and decoded.telemetry == telemetry
+
+
 def test_fetch_request_with_a_held_estimate_round_trips() -> None:
     message = FetchRequest(swarm=SWARM, version=-1, held_version=4, held_digest=digest(b"e"))
     decoded = FetchRequest.from_wire(message.to_wire(), swarm=SWARM)
@@ -128,8 +138,10 @@ def test_announcement_round_trip_generated(
 
 def test_largest_legal_announcement_fits_one_envelope() -> None:
     addr = "/" + "a" * (MAX_ADDR_LEN - 1)
+    telemetry = Telemetry(round=MAX_ROUND, eval_loss=1e6, device="x" * 16, rank=MAX_RANK,
+                          merge_rule="y" * MAX_RULE_LEN)
     message = announcement(addrs=(addr,) * MAX_ADDRS, version=MAX_VERSION, samples=MAX_SAMPLES,
-                           peer="z" * 128)
+                           peer="z" * 128, telemetry=telemetry)
     assert len(message.to_wire()) <= MAX_ENVELOPE_BYTES
     assert Announcement.from_wire(message.to_wire(), swarm=SWARM, max_nbytes=CAP) == message
 
@@ -194,6 +206,34 @@ def test_unknown_protocol_versions() -> None:
 ])
 def test_bad_fields(spoil: dict[str, Any]) -> None:
     assert reason_of(envelope(announce_fields(**spoil))) == "bad_field"
+
+
+GOOD_TELEMETRY = TELEMETRY.to_wire()
+
+
+@pytest.mark.parametrize("spoil", [
+    {"round": -1}, {"round": MAX_ROUND + 1}, {"round": True}, {"round": 2.0},
+    {"eval_loss": float("nan")}, {"eval_loss": float("-inf")}, {"eval_loss": -0.1},
+    {"eval_loss": 1e7}, {"eval_loss": 3}, {"eval_loss": "2.5"},
+    {"device": ""}, {"device": "CUDA"}, {"device": "cuda:0"}, {"device": "d" * 17},
+    {"device": "gpu\x1b[31m"}, {"device": b"cpu"}, {"device": None},
+    {"rank": 0}, {"rank": MAX_RANK + 1}, {"rank": "8"},
+    {"merge_rule": "r" * (MAX_RULE_LEN + 1)}, {"merge_rule": "trimmed mean"},
+    {"merge_rule": "médian"}, {"extra": 1},
+])
+def test_bad_telemetry(spoil: dict[str, Any]) -> None:
+    telemetry = {**GOOD_TELEMETRY, **spoil}
+    assert reason_of(envelope(announce_fields(telemetry=telemetry))) == "bad_telemetry"
+
+
+@pytest.mark.parametrize("telemetry", [
+    {k: v for k, v in GOOD_TELEMETRY.items() if k != "rank"}, [3, None, "cpu", 8, "average"],
+    "cpu", 7, b"\x80", {},
+])
+def test_telemetry_that_is_not_the_exact_map_is_refused(telemetry: Any) -> None:
+    assert reason_of(envelope(announce_fields(telemetry=telemetry))) == "bad_telemetry"
+    # Int keys are refused while decoding, before any field is looked at.
+    assert reason_of(envelope(announce_fields(telemetry={1: 2}))) == "malformed"
 
 
 def test_missing_field() -> None:
