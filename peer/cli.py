@@ -106,6 +106,8 @@ async def _run_peer(config: PeerConfig) -> int:
         print("others join with:", flush=True)
         for addr in node.announce_addrs:  # --announce's, or where it listens
             print(f"  --bootstrap {addr}", flush=True)
+        if peer.parts is not None and peer.parts.records.http:
+            print(f"dashboard and metrics: {peer.parts.records.http}", flush=True)
     return 0
 
 

@@ -9,6 +9,7 @@ from gossip.node import NodeConfig
 from merge.config import MergeConfig
 from peer.attacks import ATTACKS
 from peer.device import DeviceConfig
+from peer.http import http_listen
 from peer.model import LoraSettings
 from topology.config import TopologyConfig
 
@@ -104,6 +105,10 @@ class PeerConfig:
         "help": "for robustness experiments only: serve a poisoned adapter "
         "(scale, noise or signflip) while training honestly"})
     attack_scale: float = field(default=50.0, metadata={"help": "strength of --attack"})
+    http: str = field(default="", metadata={
+        "help": "serve a dashboard, /status.json and Prometheus /metrics on [HOST:]PORT: a "
+        "bare port listens on 127.0.0.1 only, port 0 on any free one (logged and put in "
+        "status.json); another HOST, e.g. 0.0.0.0, opens it to other machines"})
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -129,5 +134,7 @@ class PeerConfig:
             raise ValueError("round_pause_s and linger_s must be >= 0")
         if self.wait_peers < 0 or self.wait_timeout_s < 0:
             raise ValueError("wait_peers and wait_timeout must be >= 0")
+        if self.http:
+            http_listen(self.http)  # raises ValueError naming the fix
         if self.attack and self.attack not in ATTACKS:
             raise ValueError(f"unknown attack {self.attack!r}; known: {', '.join(ATTACKS)}")

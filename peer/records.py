@@ -33,6 +33,7 @@ class Records:
     node: GossipNode
     view: MembershipView
     stats: PeerStatistics
+    http: str | None = None  # the URL that --http serves on, once it listens
 
     def checkpoint(self, state: Mapping[str, torch.Tensor] | None, *, round_: int,
                    version: int) -> Checkpoint:
@@ -89,6 +90,7 @@ class Records:
             "links": {peer: link.to_status()
                       for peer, link in node.links.statistics(live).items()},
             "eval_loss": self.stats.last_eval, "updated": time.time(),
+            **({"http": self.http} if self.http else {}),
         }
 
     async def save_round(self, state: Mapping[str, torch.Tensor], *, round_: int, version: int,
