@@ -31,8 +31,9 @@ from tests.fakes import fake_runtime
 from topology.config import TopologyConfig
 
 
-def _peer(tmp_path: Path, name: str, *, rounds: int, bootstrap: tuple[str, ...] = (),
+def http_peer(tmp_path: Path, name: str, *, rounds: int, bootstrap: tuple[str, ...] = (),
           http: str = "127.0.0.1:0") -> Peer:
+    """A peer with the model-free trainer and a real libp2p node, serving --http."""
     config = PeerConfig(
         data_dir=tmp_path / name, train_path=tmp_path / "unused.jsonl", rounds=rounds,
         linger_s=600, round_pause_s=0.05, http=http,
@@ -50,9 +51,9 @@ def _peer(tmp_path: Path, name: str, *, rounds: int, bootstrap: tuple[str, ...] 
 async def _swarm(tmp_path: Path, *, rounds: int) -> AsyncIterator[list[Peer]]:
     """Two real peers, the second bootstrapped from the first, both serving --http."""
     async with trio.open_nursery() as nursery:
-        first = _peer(tmp_path, "p0", rounds=rounds)
+        first = http_peer(tmp_path, "p0", rounds=rounds)
         node = await nursery.start(first.run)
-        second = _peer(tmp_path, "p1", rounds=rounds, bootstrap=(node.listen_addrs[0],))
+        second = http_peer(tmp_path, "p1", rounds=rounds, bootstrap=(node.listen_addrs[0],))
         await nursery.start(second.run)
         yield [first, second]
         nursery.cancel_scope.cancel()
