@@ -38,11 +38,14 @@ _HTTP_HELP = ("give PORT (on 127.0.0.1), HOST:PORT or [IPv6]:PORT with HOST an I
 def http_listen(value: Any) -> str:
     """Check an `--http` value and return it as HOST:PORT ("8080" -> "127.0.0.1:8080").
 
-    A bare port listens on loopback only; another host is taken only when spelled out.
+    A bare port listens on loopback only; another host is taken only when spelled out. An
+    empty value is "" (off), as the default is.
 
     Raises:
         ValueError: one line that says what to give instead.
     """
+    if not str(value).strip():
+        return ""
     host, port = split_listen(str(value))
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 

@@ -38,7 +38,8 @@ MAX_TAIL_BYTES = 4 << 20  # of metrics.jsonl read for them (a line with its sket
 ROUND_FIELDS = ("round", "version", "samples", "train_loss", "eval_loss", "merged", "merges",
                 "bytes_in", "bytes_out", "peers_live", "round_s", "train_s", "gather_s", "ts")
 JSON = "application/json"
-LIMITS = HttpLimits()  # what one HTTP client may cost the peer
+LIMITS = HttpLimits()
+STATUS_TTL_S = 0.5  # what one HTTP client may cost the peer
 
 
 def dashboard_html() -> bytes:
@@ -63,18 +64,16 @@ class RoundsReader:
         self._limiter = trio.CapacityLimiter(1)  # many clients, still one reader thread
 
     async def last(self, count: int) -> list[dict[str, Any]]:
-        self._tail = await trio.to_thread.run_sync(self._refresh, self._tail,
-                                                   limiter=self._limiter)
+        try:
+            stat = os.stat(self.path)  # a few microseconds: no thread needed to see no change
+        except FileNotFoundError:
+            return []
+        if (stat.st_size, stat.st_mtime_ns) != self._tail.key:
+            self._tail = await trio.to_thread.run_sync(self._read, stat, limiter=self._limiter)
         return list(self._tail.rounds[-count:]) if count else []
 
-    def _refresh(self, tail: _Tail) -> _Tail:
-        try:
-            stat = os.stat(self.path)
-        except FileNotFoundError:
-            return _Tail()
+    def _read(self, stat: os.stat_result) -> _Tail:
         key = (stat.st_size, stat.st_mtime_ns)
-        if key == tail.key:
-            return tail
         with open(self.path, "rb") as handle:
             start = max(0, stat.st_size - MAX_TAIL_BYTES)
             handle.seek(start)
@@ -121,12 +120,13 @@ class PeerWeb:
         self.registry = peer_registry(self._values)
         self.rounds_reader = RoundsReader(peer.config.data_dir / "metrics.jsonl")
         self._page = dashboard_html()
+        self._cached: tuple[float, dict[str, Any]] | None = None  # (when, status document)
 
     async def dashboard(self, query: str) -> Response:
         return Response(200, self._page, "text/html; charset=utf-8")
 
     async def status(self, query: str) -> Response:
-        return _json(self.peer.status())
+        return _json(self._status())
 
     async def metrics(self, query: str) -> Response:
         return Response(200, exposition(self.registry), "text/plain; version=0.0.4; "
@@ -135,8 +135,16 @@ class PeerWeb:
     async def rounds(self, query: str) -> Response:
         return _json({"rounds": await self.rounds_reader.last(_count(query))})
 
+    def _status(self) -> dict[str, Any]:
+        """The peer's status document, built at most every `STATUS_TTL_S` (clients may poll
+        far faster than anything in it changes)."""
+        now = trio.current_time()
+        if self._cached is None or now - self._cached[0] >= STATUS_TTL_S:
+            self._cached = (now, self.peer.status())
+        return self._cached[1]
+
     def _values(self) -> dict[str, Any]:
-        status, stats = self.peer.status(), self.peer.stats
+        status, stats = self._status(), self.peer.stats
         trained = status.get("samples", 0) > 0
         return {**status, "peers_live": len(status.get("live_peers", [])),
                 "train_loss": stats.last_train_loss if trained else None,
