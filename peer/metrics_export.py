@@ -29,7 +29,6 @@ COUNTERS = {
     "bytes_in": ("loraswarm_bytes_received", "Adapter bytes fetched from neighbours."),
     "bytes_out": ("loraswarm_bytes_sent", "Adapter bytes served to neighbours."),
     "samples": ("loraswarm_samples", "Training examples this peer's adapter has seen."),
-    "t": ("loraswarm_run_seconds", "Seconds this data folder's peer has run."),
     "t_train": ("loraswarm_train_seconds", "Seconds spent in training steps."),
 }
 # status.json key -> (metric name, help) for values that go up and down.

@@ -14,10 +14,11 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 from urllib.parse import parse_qs
 
 import trio
@@ -39,7 +40,8 @@ ROUND_FIELDS = ("round", "version", "samples", "train_loss", "eval_loss", "merge
                 "bytes_in", "bytes_out", "peers_live", "round_s", "train_s", "gather_s", "ts")
 JSON = "application/json"
 LIMITS = HttpLimits()
-STATUS_TTL_S = 0.5  # what one HTTP client may cost the peer
+STATUS_TTL_S = 0.5  # status and metrics are rebuilt at most this often
+T = TypeVar("T")  # what one HTTP client may cost the peer
 
 
 def dashboard_html() -> bytes:
@@ -109,6 +111,20 @@ def _count(query: str) -> int:
         return DEFAULT_ROUNDS
 
 
+class Fresh(Generic[T]):
+    """A value built by `build` at most once every `ttl_s` seconds (trio's clock)."""
+
+    def __init__(self, build: Callable[[], T], ttl_s: float) -> None:
+        self.build, self.ttl_s = build, ttl_s
+        self._value: tuple[float, T] | None = None  # (when built, value)
+
+    def get(self) -> T:
+        now = trio.current_time()
+        if self._value is None or now - self._value[0] >= self.ttl_s:
+            self._value = (now, self.build())
+        return self._value[1]
+
+
 class PeerWeb:
     """The routes of one peer's HTTP server, read from the peer at each request."""
 
@@ -120,34 +136,30 @@ class PeerWeb:
         self.registry = peer_registry(self._values)
         self.rounds_reader = RoundsReader(peer.config.data_dir / "metrics.jsonl")
         self._page = dashboard_html()
-        self._cached: tuple[float, dict[str, Any]] | None = None  # (when, status document)
+        # Clients may poll far faster than anything in these changes.
+        self._status = Fresh(peer.status, STATUS_TTL_S)
+        self._status_reply = Fresh(lambda: _json(self._status.get()), STATUS_TTL_S)
+        self._metrics_reply = Fresh(lambda: Response(
+            200, exposition(self.registry), "text/plain; version=0.0.4; charset=utf-8"),
+            STATUS_TTL_S)
 
     async def dashboard(self, query: str) -> Response:
         return Response(200, self._page, "text/html; charset=utf-8")
 
     async def status(self, query: str) -> Response:
-        return _json(self._status())
+        return self._status_reply.get()
 
     async def metrics(self, query: str) -> Response:
-        return Response(200, exposition(self.registry), "text/plain; version=0.0.4; "
-                        "charset=utf-8")
+        return self._metrics_reply.get()
 
     async def rounds(self, query: str) -> Response:
         return _json({"rounds": await self.rounds_reader.last(_count(query))})
 
-    def _status(self) -> dict[str, Any]:
-        """The peer's status document, built at most every `STATUS_TTL_S` (clients may poll
-        far faster than anything in it changes)."""
-        now = trio.current_time()
-        if self._cached is None or now - self._cached[0] >= STATUS_TTL_S:
-            self._cached = (now, self.peer.status())
-        return self._cached[1]
-
     def _values(self) -> dict[str, Any]:
-        status, stats = self._status(), self.peer.stats
-        trained = status.get("samples", 0) > 0
+        status, loss = self._status.get(), self.peer.stats.last_train_loss
+        # 0.0 is the statistics' "no training round in this run yet": a cross-entropy never is.
         return {**status, "peers_live": len(status.get("live_peers", [])),
-                "train_loss": stats.last_train_loss if trained else None,
+                "train_loss": loss if loss > 0 else None,
                 "http_dropped": dict(self.server.statistics().dropped)}
 
 

@@ -13,6 +13,10 @@ The JSON (`--json OUT`):
     per-round seconds from its metrics lines (the whole round; its training steps; fetching
     and validating the neighbour's adapter);
   * ratio: on / off of each (1.0: no cost; above 1: the scraping slowed the peer);
+  * cpu_s_per_round: the measured peer's CPU seconds (user + system, from /proc) per round,
+    the median over each kind of phase, their ratio, and each phase's value: what serving
+    costs the peer, which other processes on a shared machine do not change as they change
+    wall time (Linux only);
   * requests: per path, how many were answered, failed, and the median and 95th percentile
     of their seconds, as the client saw them.
 
@@ -24,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import statistics
 import sys
@@ -119,6 +124,7 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     seconds: dict[str, list[float]] = defaultdict(list)
     failed: dict[str, int] = defaultdict(int)
     phases: list[tuple[str, int, int]] = []  # (off|on, first round, last round)
+    cpu_per_round: dict[str, list[float]] = defaultdict(list)
     try:
         processes.append(await spawn(peer_command(measured, shards[0], args, "--http", "0"),
                                      folder / "peer.log"))
@@ -130,11 +136,13 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
         await wait_for(measured, done, processes[0])
         for phase in range(args.phases):
             kind = "on" if phase % 2 else "off"
+            started_cpu = cpu_seconds(processes[0].pid)
             async with trio.open_nursery() as nursery:
                 if kind == "on":
                     nursery.start_soon(scrape, status["http"], args.interval, seconds, failed)
                 await wait_for(measured, done + args.rounds, processes[0])
                 nursery.cancel_scope.cancel()
+            cpu_per_round[kind].append((cpu_seconds(processes[0].pid) - started_cpu) / args.rounds)
             phases.append((kind, done + 1, done + args.rounds))
             print(f"phase {phase + 1} ({kind}): rounds {done + 1}..{done + args.rounds}",
                   file=sys.stderr)
@@ -146,7 +154,23 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             for process in processes:
                 await process.wait()
         await reap(processes)
-    return summarise(read_metrics(measured), phases, seconds, failed, args)
+    result = summarise(read_metrics(measured), phases, seconds, failed, args)
+    medians = {kind: statistics.median(values) for kind, values in cpu_per_round.items()}
+    result["cpu_s_per_round"] = {**{k: round(v, 4) for k, v in medians.items()},
+                                 "ratio": round(medians["on"] / medians["off"], 3),
+                                 "phases": {k: _rounded(v) for k, v in cpu_per_round.items()}}
+    return result
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds (user + system) a process has used: what serving costs it, whatever else
+    runs on the machine (its wall time is at the mercy of the other processes)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _rounded(values: Sequence[float]) -> list[float]:
+    return [round(value, 4) for value in values]
 
 
 def summarise(lines: Sequence[dict[str, Any]], phases: Sequence[tuple[str, int, int]],
