@@ -4,9 +4,11 @@ Two `loraswarm peer` processes on 127.0.0.1, as a user runs them: the measured p
 `--http 0`, the neighbour joins it, both train and gossip (one neighbour a round) until
 stopped. After `--warmup` rounds, the measured peer's rounds are split in phases that
 alternate off, on, off, on (`--phases`, each `--rounds` rounds): in an "on" phase a client in
-this process fetches /metrics, /, /status.json and /rounds.json every `--interval` seconds
-(the dashboard itself asks for two of them every 3 s: this is a far heavier client). Phases
-alternate so that a machine whose load drifts slows both kinds alike.
+this process fetches `--paths` (default /metrics and /) every `--interval` seconds (default
+0.1: an open dashboard asks for /status.json and /rounds.json every 3 s, Prometheus for
+/metrics every 15 s or so, so this is a far heavier client). Phases alternate so that a
+machine whose load drifts slows both kinds alike. The measured peer runs on CPU 0, its
+neighbour and this process on CPU 1 (where there are two): its serving costs it its own CPU.
 
 The JSON (`--json OUT`):
   * round_s, train_s, gather_s: the median, over each kind of phase, of the measured peer's
@@ -44,7 +46,7 @@ from scripts.backends import reap, spawn
 from scripts.bench_train import write_shards
 from scripts.simreport import read_metrics
 
-PATHS = ("/metrics", "/", "/status.json", "/rounds.json")
+PATHS = ("/metrics", "/")
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
@@ -56,6 +58,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=2, help="untimed rounds first")
     parser.add_argument("--interval", type=float, default=0.1, help="seconds between scrapes")
     parser.add_argument("--steps-per-round", type=int, default=2)
+    parser.add_argument("--paths", default=",".join(PATHS),
+                        help="what the client fetches each time, e.g. /metrics,/,/rounds.json")
     parser.add_argument("--timeout", type=float, default=900.0, help="give up after this")
     parser.add_argument("--out", type=Path, metavar="DIR", help="keep the peers' folders here")
     return parser.parse_args(argv)
@@ -66,6 +70,16 @@ def peer_command(folder: Path, train: Path, args: argparse.Namespace, *extra: st
             "--train", str(train), "--model", args.model, "--threads", "1", "--fanout", "1",
             "--steps-per-round", str(args.steps_per_round), "--batch-size", "4",
             "--seq-len", "32", *extra]
+
+
+def paths(args: argparse.Namespace) -> list[str]:
+    return [path.strip() for path in args.paths.split(",") if path.strip()]
+
+
+def pin(pid: int, cpus: set[int]) -> None:
+    """Keep a process on `cpus`, where the machine has them (Linux)."""
+    if hasattr(os, "sched_setaffinity") and cpus <= set(os.sched_getaffinity(0)):
+        os.sched_setaffinity(pid, cpus)
 
 
 def read_status(folder: Path) -> dict[str, Any]:
@@ -95,12 +109,12 @@ async def get(host: str, port: int, path: str) -> bytes:
     return reply.split(b"\r\n", 1)[0]
 
 
-async def scrape(url: str, interval: float, seconds: dict[str, list[float]],
-                 failed: dict[str, int]) -> None:
+async def scrape(url: str, paths: Sequence[str], interval: float,
+                 seconds: dict[str, list[float]], failed: dict[str, int]) -> None:
     """Fetch every path, then sleep `interval`; until cancelled."""
     host, port = url.split("//")[1].rstrip("/").rsplit(":", 1)
     while True:
-        for path in PATHS:
+        for path in paths:
             started = trio.current_time()
             try:
                 with trio.fail_after(10):
@@ -128,6 +142,10 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
     try:
         processes.append(await spawn(peer_command(measured, shards[0], args, "--http", "0"),
                                      folder / "peer.log"))
+        # The measured peer alone on CPU 0; its neighbour and the scraping client on CPU 1, so
+        # that what the peer's serving costs shows in the peer's own rounds.
+        pin(processes[0].pid, {0})
+        pin(0, {1})
         status = await wait_for(measured, 0, processes[0])
         processes.append(await spawn(peer_command(
             neighbour, shards[1], args, "--bootstrap", status["listen_addrs"][0]),
@@ -139,7 +157,8 @@ async def measure(args: argparse.Namespace, folder: Path) -> dict[str, Any]:
             started_cpu = cpu_seconds(processes[0].pid)
             async with trio.open_nursery() as nursery:
                 if kind == "on":
-                    nursery.start_soon(scrape, status["http"], args.interval, seconds, failed)
+                    nursery.start_soon(scrape, status["http"], paths(args), args.interval,
+                                       seconds, failed)
                 await wait_for(measured, done + args.rounds, processes[0])
                 nursery.cancel_scope.cancel()
             cpu_per_round[kind].append((cpu_seconds(processes[0].pid) - started_cpu) / args.rounds)
@@ -184,12 +203,12 @@ def summarise(lines: Sequence[dict[str, Any]], phases: Sequence[tuple[str, int, 
             for r in range(first, last + 1) if by_round[r].get(key) is not None)
             for kind in ("off", "on")}
         result[key] = {kind: round(value, 4) for kind, value in kinds.items()}
-        result[key]["ratio"] = round(kinds["on"] / kinds["off"], 3)
+        result[key]["ratio"] = round(kinds["on"] / kinds["off"], 3) if kinds["off"] else None
     result["requests"] = {path: {
         "answered": len(seconds[path]), "failed": failed[path],
         "median_s": round(statistics.median(seconds[path]), 5) if seconds[path] else None,
         "p95_s": round(sorted(seconds[path])[int(0.95 * (len(seconds[path]) - 1))], 5)
-        if seconds[path] else None} for path in PATHS}
+        if seconds[path] else None} for path in paths(args)}
     return result
 
 
