@@ -205,3 +205,20 @@ def test_bad_http_value_is_a_one_line_error(tmp_path: Path, capsys, value: str) 
     assert err.startswith("loraswarm: error: --http") and err.count("\n") == 1
     assert "--http 8080" in err or "0..65535" in err, "the message names the fix"
     assert "Traceback" not in err
+
+
+async def test_a_taken_port_is_a_one_line_error(tmp_path: Path) -> None:
+    with trio.socket.socket() as taken:
+        await taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        peer = http_peer(tmp_path, "p0", rounds=1, http=f"127.0.0.1:{port}")
+        with trio.fail_after(60), pytest.raises(BaseExceptionGroup) as caught:
+            await peer.run()
+    errors = caught.value.split(ConfigError)[0]
+    assert errors is not None
+    error = errors.exceptions[0]
+    while isinstance(error, BaseExceptionGroup):
+        error = error.exceptions[0]
+    assert f"--http 127.0.0.1:{port}: cannot listen there" in str(error)
+    assert "pick another port, or 0" in str(error) and "\n" not in str(error)
