@@ -13,6 +13,10 @@ Read the same settings from a file (flags win over it):
 
     loraswarm peer --config peer.toml
 
+Watch it in a browser at http://127.0.0.1:8080/ (Prometheus scrapes /metrics there):
+
+    loraswarm peer --data-dir ./peer1 --train my-data.jsonl --http 8080
+
 Make a key for a private swarm, then pass `--swarm-key swarm.key` to every peer:
 
     loraswarm keygen swarm.key

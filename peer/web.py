@@ -3,9 +3,10 @@
     loraswarm peer --data-dir ./peer1 --train my-data.jsonl --http 8080
     # then open http://127.0.0.1:8080/ , or scrape http://127.0.0.1:8080/metrics
 
-Pages are built on the event loop from the peer's live records (a few dicts: well under a
-millisecond); only reading metrics.jsonl goes to a worker thread, one read at a time, and only
-when the file has grown since the last read.
+Pages are built on the event loop from the peer's live records (a few dicts: under a
+millisecond), at most every `STATUS_TTL_S`, however fast clients poll; only reading
+metrics.jsonl goes to a worker thread, one read at a time, and only when the file has changed
+since the last read. What serving costs the peer is measured by `scripts/bench_http.py`.
 """
 
 from __future__ import annotations
@@ -39,9 +40,9 @@ MAX_TAIL_BYTES = 4 << 20  # of metrics.jsonl read for them (a line with its sket
 ROUND_FIELDS = ("round", "version", "samples", "train_loss", "eval_loss", "merged", "merges",
                 "bytes_in", "bytes_out", "peers_live", "round_s", "train_s", "gather_s", "ts")
 JSON = "application/json"
-LIMITS = HttpLimits()
+LIMITS = HttpLimits()  # what one HTTP client may cost the peer
 STATUS_TTL_S = 0.5  # status and metrics are rebuilt at most this often
-T = TypeVar("T")  # what one HTTP client may cost the peer
+T = TypeVar("T")
 
 
 def dashboard_html() -> bytes:
