@@ -13,6 +13,10 @@ Read the same settings from a file (flags win over it):
 
     loraswarm peer --config peer.toml
 
+Watch it in a browser at http://127.0.0.1:8080/ (Prometheus scrapes /metrics there):
+
+    loraswarm peer --data-dir ./peer1 --train my-data.jsonl --http 8080
+
 Make a key for a private swarm, then pass `--swarm-key swarm.key` to every peer:
 
     loraswarm keygen swarm.key
@@ -125,6 +129,8 @@ async def _run_peer(config: PeerConfig) -> int:
         print("others join with:", flush=True)
         for addr in node.announce_addrs:  # --announce's, or where it listens
             print(f"  --bootstrap {addr}", flush=True)
+        if peer.parts is not None and peer.parts.records.http:
+            print(f"dashboard and metrics: {peer.parts.records.http}", flush=True)
     return 0
 
 

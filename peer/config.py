@@ -9,6 +9,7 @@ from gossip.node import NodeConfig
 from merge.config import MergeConfig
 from peer.attacks import ATTACKS
 from peer.device import DeviceConfig
+from peer.http import http_listen
 from peer.model import LoraSettings
 from topology.config import TopologyConfig
 
@@ -107,6 +108,10 @@ class PeerConfig:
     log_format: str = field(default="text", metadata={
         "help": "log lines as text, or json: one object per line with ts, level, logger, "
         "message, and peer_id and round once known"})
+    http: str = field(default="", metadata={
+        "help": "serve a dashboard, /status.json and Prometheus /metrics on [HOST:]PORT: a "
+        "bare port listens on 127.0.0.1 only, port 0 on any free one (logged and put in "
+        "status.json); another HOST, e.g. 0.0.0.0, opens it to other machines"})
     lora: LoraSettings = field(default_factory=LoraSettings)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
@@ -134,5 +139,7 @@ class PeerConfig:
             raise ValueError("wait_peers and wait_timeout must be >= 0")
         if self.log_format not in ("text", "json"):
             raise ValueError(f"log_format must be text or json, got {self.log_format!r}")
+        if self.http:
+            http_listen(self.http)  # raises ValueError naming the fix
         if self.attack and self.attack not in ATTACKS:
             raise ValueError(f"unknown attack {self.attack!r}; known: {', '.join(ATTACKS)}")

@@ -33,6 +33,7 @@ from peer.parts import NodeFactory, Parts, assemble
 from peer.setup import Runtime, build_runtime
 from peer.shared import SharedModel
 from peer.stats import PeerStatistics
+from peer.web import serve_peer_http
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,9 @@ class Peer:
                 async with trio.open_nursery() as nursery:
                     await nursery.start(parts.node.run)
                     await nursery.start(parts.membership.run)
+                    if self.config.http:
+                        parts.records.http = await nursery.start(
+                            serve_peer_http, self, self.config.http)
                     runtime.store.write_status(self.status())
                     task_status.started(parts.node)
                     await self._rounds()

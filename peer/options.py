@@ -20,6 +20,7 @@ from merge.config import MergeConfig
 from peer.config import DataConfig, PeerConfig, TrainConfig
 from peer.device import DeviceConfig
 from peer.errors import ConfigError
+from peer.http import http_listen
 from peer.model import LoraSettings
 from topology.config import TopologyConfig
 
@@ -122,6 +123,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("linger", None, "linger_s", float, "SECONDS"),
     Option("wait_peers", None, "wait_peers", int, "N"),
     Option("wait_timeout", None, "wait_timeout_s", float, "SECONDS"),
+    Option("http", None, "http", http_listen, "[HOST:]PORT"),
     Option("attack", None, "attack", str, "NAME"),
     Option("attack_scale", None, "attack_scale", float, "X"),
     Option("log_format", None, "log_format", str, "text|json"),

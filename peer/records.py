@@ -36,6 +36,7 @@ class Records:
     node: GossipNode
     membership: Membership
     stats: PeerStatistics
+    http: str | None = None  # the URL that --http serves on, once it listens
 
     def checkpoint(self, state: Mapping[str, torch.Tensor] | None, *, round_: int,
                    version: int) -> Checkpoint:
@@ -102,6 +103,7 @@ class Records:
             "swarm": swarm_status(node.current, self.membership.reports()),
             "pid": os.getpid(), "host": socket.gethostname(), "running": True,
             "updated": time.time(),
+            **({"http": self.http} if self.http else {}),
         }
 
     async def save_round(self, state: Mapping[str, torch.Tensor], *, round_: int, version: int,
