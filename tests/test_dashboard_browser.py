@@ -84,7 +84,9 @@ def test_dashboard_renders_the_peers_numbers(tmp_path: Path, small_model_dir: Pa
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert f'<div class="v" id="train-loss">{lines[-1]["train_loss"]:.4f}</div>' in dom
     assert html.escape(status["device"]) in dom
-    assert '<p class="empty" id="swarm-empty">no swarm telemetry yet</p>' in dom
+    # The swarm table: a lone peer's telemetry is its own row, in bold, with its real id.
+    assert '<table id="swarm-table">' in dom and 'id="swarm-empty"' not in dom
+    assert f'<tr style="font-weight:600"><td title="{status["peer_id"]}">' in dom
     assert dom.count("<path ") >= 2, "the loss chart drew its train and eval lines"
     assert screenshot.stat().st_size > 10_000
 
