@@ -1,11 +1,11 @@
-"""Wire codecs for adapter steps and keyframes: fp32, bf16, int8, topk, each optionally +zstd.
+"""Wire codecs for adapter steps and keyframes: fp32, bf16, int8, topk, ternary, sign; +zstd or not.
 
 A codec turns a dict of 2-D float32 tensors (a full estimate, or a step added to one) into bytes
 and back. Decoding is deterministic: every peer that decodes the same bytes gets bit-identical
 tensors, which is what lets the public estimates of `gossip.estimate` agree everywhere.
 
 Spec strings (`parse_codec`): ``fp32``, ``bf16``, ``int8``, ``topk:FRACTION`` (0 < FRACTION <= 1),
-each optionally followed by ``+zstd``. Per tensor x of shape (rows, cols), n = rows * cols, with
+``ternary:FRACTION``, ``sign``, each optionally followed by ``+zstd``. Per tensor x of shape (rows, cols), n = rows * cols, with
 y the decoded tensor and every array little-endian:
 
 - ``fp32``: y = x. Body: n float32.
@@ -18,6 +18,13 @@ y the decoded tensor and every array little-endian:
   I_0 < ... < I_(k-1) < n; one s = max |x_I| / 127 for the tensor, y_I = round(x_I / s) s, and
   y = 0 elsewhere. Body: k uint32 gaps g (I_0 = g_0, I_i = I_(i-1) + g_i with g_i >= 1), then one
   float32 s, then k int8.
+- ``ternary:F``: the same k entries and gaps as ``topk:F``, sent as signs at one scale
+  s = mean |x_I| (ComPEFT's sparse ternary step): y_I = s where x_I >= 0, -s elsewhere, 0 off I.
+  Body: k uint32 gaps, one float32 s, then the k sign bits packed as for ``sign`` below.
+- ``sign``: per line l along the longer side (each row when rows <= cols, else each column),
+  s_l = mean |x_l| (float32; the s that minimises |x_l - s sign(x_l)|) and y = s_l where x >= 0,
+  -s_l elsewhere. Body: min(rows, cols) float32 s_l, then the n sign bits (1 = non-negative),
+  row-major, packed 8 to a byte from the least significant bit, the last byte padded with 0.
 
 A payload is ``MAGIC | u32 LE header length | msgpack header | body``. The header is
 ``{"codec": canonical spec, "tensors": [[name, rows, cols], ...]}`` in sorted name order; the
@@ -52,7 +59,7 @@ _MSGPACK_ERRORS = (ValueError, TypeError, msgpack.UnpackException)
 
 
 # ---------------------------------------------------------------------------------------------
-# The four kinds: per tensor, its body size, how it is packed and how it is unpacked.
+# The kinds: per tensor, its body size, how it is packed and how it is unpacked.
 
 
 def _topk_count(n: int, fraction: float) -> int:
@@ -102,32 +109,81 @@ def _unpack_int8(buf: memoryview, rows: int, cols: int, _: float) -> np.ndarray:
         return q.astype(np.float32) * scale[:, None]
 
 
-def _pack_topk(x: torch.Tensor, fraction: float) -> bytes:
+def _largest(x: torch.Tensor, fraction: float) -> tuple[torch.Tensor, bytes]:
+    """The flat entries of largest |x| (at increasing indices) and their index gaps, packed."""
     flat = x.flatten()
-    k = _topk_count(flat.numel(), fraction)
-    index = torch.topk(flat.abs(), k, sorted=False).indices.sort().values
-    kept = flat[index]
+    index = torch.topk(flat.abs(), _topk_count(flat.numel(), fraction),
+                       sorted=False).indices.sort().values
+    # Gaps rather than indices: mostly small numbers, which zstd packs ~40 % tighter.
+    return flat[index], np.diff(index.numpy(), prepend=0).astype("<u4").tobytes()
+
+
+def _pack_topk(x: torch.Tensor, fraction: float) -> bytes:
+    kept, gaps = _largest(x, fraction)
     scale = kept.abs().max() / 127
     q = _int8(kept, scale)
-    # Gaps rather than indices: mostly small numbers, which zstd packs ~40 % tighter.
-    gaps = np.diff(index.numpy(), prepend=0)
-    return (gaps.astype("<u4").tobytes() + scale.reshape(1).numpy().astype("<f4").tobytes()
-            + q.numpy().tobytes())
+    return gaps + scale.reshape(1).numpy().astype("<f4").tobytes() + q.numpy().tobytes()
+
+
+def _pack_ternary(x: torch.Tensor, fraction: float) -> bytes:
+    kept, gaps = _largest(x, fraction)
+    scale = kept.abs().mean()  # the s minimising ||x_I - s sign(x_I)||
+    bits = np.packbits((kept >= 0).numpy(), bitorder="little")
+    return gaps + scale.reshape(1).numpy().astype("<f4").tobytes() + bits.tobytes()
+
+
+def _unpack_indices(buf: memoryview, n: int, k: int) -> np.ndarray:
+    gaps = np.frombuffer(buf, "<u4", count=k).astype(np.int64)
+    index = np.cumsum(gaps)  # k < 2^31 gaps below 2^32: no int64 overflow
+    if index[-1] >= n or not (gaps[1:] > 0).all():
+        raise WireError("bad_codec", "topk indices out of range or not strictly increasing")
+    return index
 
 
 def _unpack_topk(buf: memoryview, rows: int, cols: int, fraction: float) -> np.ndarray:
     n = rows * cols
     k = _topk_count(n, fraction)
-    gaps = np.frombuffer(buf, "<u4", count=k).astype(np.int64)
-    index = np.cumsum(gaps)  # k < 2^31 gaps below 2^32: no int64 overflow
-    if index[-1] >= n or not (gaps[1:] > 0).all():
-        raise WireError("bad_codec", "topk indices out of range or not strictly increasing")
+    index = _unpack_indices(buf, n, k)
     scale = _scales(buf[4 * k :], 1)
     q = np.frombuffer(buf, np.int8, offset=4 * k + 4)
     out = np.zeros(n, np.float32)
     with np.errstate(over="ignore"):
         out[index] = q.astype(np.float32) * scale[0]
     return out.reshape(rows, cols)
+
+
+def _unpack_ternary(buf: memoryview, rows: int, cols: int, fraction: float) -> np.ndarray:
+    n = rows * cols
+    k = _topk_count(n, fraction)
+    index = _unpack_indices(buf, n, k)
+    scale = _scales(buf[4 * k :], 1)
+    bits = np.unpackbits(np.frombuffer(buf, np.uint8, offset=4 * k + 4), count=k,
+                         bitorder="little")
+    out = np.zeros(n, np.float32)
+    out[index] = (bits.astype(np.float32) * 2 - 1) * scale[0]
+    return out.reshape(rows, cols)
+
+
+def _sign_size(rows: int, cols: int, _: float) -> int:
+    return 4 * min(rows, cols) + (rows * cols + 7) // 8
+
+
+def _pack_sign(x: torch.Tensor, _: float) -> bytes:
+    # One scale per line along the long side (a LoRA B is tall, an A wide): the s minimising
+    # ||x_line - s sign(x_line)||, its mean magnitude.
+    scale = x.abs().mean(dim=1 if x.shape[0] <= x.shape[1] else 0)
+    bits = np.packbits((x >= 0).numpy().reshape(-1), bitorder="little")
+    return scale.numpy().astype("<f4").tobytes() + bits.tobytes()
+
+
+def _unpack_sign(buf: memoryview, rows: int, cols: int, _: float) -> np.ndarray:
+    lines = min(rows, cols)
+    scale = _scales(buf, lines)
+    bits = np.unpackbits(np.frombuffer(buf, np.uint8, offset=4 * lines), count=rows * cols,
+                         bitorder="little").reshape(rows, cols)
+    signs = bits.astype(np.float32) * 2 - 1
+    with np.errstate(over="ignore"):
+        return signs * (scale[:, None] if rows <= cols else scale[None, :])
 
 
 @dataclass(frozen=True)
@@ -145,7 +201,11 @@ KINDS: dict[str, _Kind] = {
     "bf16": _Kind(lambda r, c, f: 2 * r * c, _pack_bf16, _unpack_bf16),
     "int8": _Kind(lambda r, c, f: 4 * r + r * c, _pack_int8, _unpack_int8),
     "topk": _Kind(lambda r, c, f: 5 * _topk_count(r * c, f) + 4, _pack_topk, _unpack_topk),
+    "sign": _Kind(_sign_size, _pack_sign, _unpack_sign),
+    "ternary": _Kind(lambda r, c, f: 4 * _topk_count(r * c, f) + 4
+                     + (_topk_count(r * c, f) + 7) // 8, _pack_ternary, _unpack_ternary),
 }
+SPARSE = ("topk", "ternary")  # the kinds that take a fraction
 
 
 # ---------------------------------------------------------------------------------------------
@@ -168,13 +228,13 @@ class Codec:
             raise ValueError(f"unknown codec kind {self.kind!r}; one of {sorted(KINDS)}")
         if not (math.isfinite(self.fraction) and 0 < self.fraction <= 1):
             raise ValueError(f"a topk fraction is in (0, 1], got {self.fraction!r}")
-        if self.kind != "topk" and self.fraction != 1.0:
-            raise ValueError(f"only topk takes a fraction, not {self.kind}")
+        if self.kind not in SPARSE and self.fraction != 1.0:
+            raise ValueError(f"only {' and '.join(SPARSE)} take a fraction, not {self.kind}")
 
     @property
     def spec(self) -> str:
         """The canonical spec string, e.g. ``topk:0.05+zstd``."""
-        base = f"topk:{self.fraction!r}" if self.kind == "topk" else self.kind
+        base = f"{self.kind}:{self.fraction!r}" if self.kind in SPARSE else self.kind
         return base + ("+zstd" if self.zstd else "")
 
     @property
@@ -209,7 +269,7 @@ class Codec:
 
 
 def parse_codec(spec: str) -> Codec:
-    """Parse ``fp32``, ``bf16``, ``int8`` or ``topk:FRACTION``, optionally with ``+zstd``.
+    """Parse ``fp32``, ``bf16``, ``int8``, ``topk:F``, ``sign`` or ``ternary:F``, each maybe ``+zstd``.
 
     Raises:
         ValueError: a one-line reason.
@@ -222,8 +282,8 @@ def parse_codec(spec: str) -> Codec:
     kind, colon, arg = base.partition(":")
     if kind not in KINDS:
         raise ValueError(f"{spec!r}: unknown codec {kind!r}; one of {sorted(KINDS)}")
-    if (kind == "topk") != bool(colon):
-        raise ValueError(f"{spec!r}: topk takes a fraction (topk:0.05); other codecs none")
+    if (kind in SPARSE) != bool(colon):
+        raise ValueError(f"{spec!r}: topk and ternary take a fraction (topk:0.05); others none")
     try:
         fraction = float(arg) if colon else 1.0
     except ValueError:

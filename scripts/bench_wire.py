@@ -9,8 +9,8 @@ schedule), then reads its result.json:
   * eval_loss: the mean over peers of the final eval loss, in the first link's run;
   * consensus: the consensus distance after the last round (settling rounds included);
   * wall_s: {link: seconds} of each run;
-  * merged_every_round: whether every peer merged `--fanout` neighbours in every round of
-    every link's run.
+  * merged_every_round: whether every peer merged `--fanout` neighbours in every training
+    round of every link's run.
 
 Then, for the Qwen2-0.5B adapter shape of `bench_merge` (r = 16 on q, k, v, o), the bytes of
 one round's update per codec (a keyframe for fp32, one error-feedback step otherwise, as
@@ -68,6 +68,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="run up to this many of a codec's link runs at once (their wall "
                              "times then share the machine)")
+    parser.add_argument("--resume", action="store_true",
+                        help="read the result.json of a run already in --out instead of running "
+                             "it again (a bench cut short, or more codecs later)")
     parser.add_argument("--qwen-only", action="store_true",
                         help="only the Qwen2-0.5B-shape fetch times (seconds, no swarm)")
     parser.add_argument("simulate", nargs="*", metavar="-- SIMULATE_ARG",
@@ -78,6 +81,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 def run_swarm(args: argparse.Namespace, codec: str, rate: str) -> dict[str, Any]:
     """One simulated swarm; returns its result.json (raises if the run failed)."""
     out = args.out / codec.replace(":", "_").replace("+", "_") / rate
+    if args.resume and (out / "result.json").exists():
+        print(f"{codec} over {rate}: kept {out / 'result.json'}", flush=True)
+        return json.loads((out / "result.json").read_text())
     command = [sys.executable, str(SIMULATE), "--in-process", "--peers", str(args.peers),
                "--model", args.model, "--fanout", str(args.fanout),
                "--settle-rounds", str(args.settle_rounds), "--seed", str(args.seed),
@@ -94,8 +100,10 @@ def run_swarm(args: argparse.Namespace, codec: str, rate: str) -> dict[str, Any]
 
 
 def merged_every_round(result: dict[str, Any], fanout: int) -> bool:
-    """Whether every peer merged `fanout` neighbours in every round after round 0."""
-    rounds = [r for peer in result["peers"] for r in peer["round_series"] if r["round"] >= 1]
+    """Whether every peer merged `fanout` neighbours in every training round (settling rounds
+    skip a neighbour whose version they merged already)."""
+    rounds = [r for peer in result["peers"] for r in peer["round_series"]
+              if r["round"] >= 1 and r.get("train_loss") is not None]
     return bool(rounds) and all(r["merged"] >= fanout for r in rounds)
 
 

@@ -18,7 +18,8 @@ from gossip.errors import WIRE_REASONS, WireError
 
 FAST = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 SPECS = ["fp32", "bf16", "int8", "topk:0.05", "fp32+zstd", "bf16+zstd", "int8+zstd",
-         "topk:0.05+zstd", "topk:1.0", "topk:0.001+zstd"]
+         "topk:0.05+zstd", "topk:1.0", "topk:0.001+zstd", "sign", "sign+zstd",
+         "ternary:0.1", "ternary:0.013+zstd", "ternary:1.0"]
 CAP = 1 << 22
 
 
@@ -120,6 +121,38 @@ def test_topk_keeps_the_largest_entries_and_zeroes_the_rest(fraction: float, see
         assert bool(((got[mask] - flat[mask]).abs() <= step / 2 * (1 + 1e-5)).all())
 
 
+@given(seed=st.integers(0, 2**16), cols=st.integers(1, 13))
+@FAST
+def test_sign_sends_signs_at_each_long_lines_mean_magnitude(seed: int, cols: int) -> None:
+    state = adapter(seed, cols=cols)  # rows * cols often not a multiple of 8: padded bits
+    state["m.lora_B.weight"][:, 2] = 0.0  # a zero line has scale 0 and decodes to zeros
+    for k, y in round_trip("sign", state).items():
+        x = state[k]  # A (8 x cols): a scale per row when cols >= 8; B (24 x 8): per column
+        scale = x.abs().mean(dim=1 if x.shape[0] <= x.shape[1] else 0, keepdim=True)
+        assert torch.allclose(y, torch.where(x >= 0, scale, -scale))
+    assert not round_trip("sign+zstd", state)["m.lora_B.weight"][:, 2].any()
+    # 1 bit an entry and a float32 per line: about a 32nd of fp32 for long thin factors.
+    x = adapter(seed, rows=256)["m.lora_B.weight"]  # 256 x 8
+    body = len(parse_codec("sign").encode({"x": x})) - len(parse_codec("fp32").encode({"x": x}))
+    assert body == (4 * 8 + 256 * 8 // 8) - 4 * 256 * 8
+
+
+@pytest.mark.parametrize("fraction", [0.001, 0.1, 1.0])
+@given(seed=st.integers(0, 2**16))
+@FAST
+def test_ternary_sends_the_largest_entries_signs_at_their_mean_magnitude(
+        fraction: float, seed: int) -> None:
+    state = adapter(seed)
+    decoded = round_trip(f"ternary:{fraction}+zstd", state)
+    for k, x in state.items():
+        flat, got = x.flatten(), decoded[k].flatten()
+        kept = torch.topk(flat.abs(), max(1, int(fraction * flat.numel()))).indices
+        scale = flat[kept].abs().mean()
+        expected = torch.zeros_like(flat)
+        expected[kept] = torch.where(flat[kept] >= 0, scale, -scale)
+        assert torch.allclose(got, expected)
+
+
 def test_encode_refuses_what_no_decoder_could_accept() -> None:
     codec = parse_codec("int8")
     for bad in ({}, {"a": torch.zeros(3)}, {"a": torch.zeros(2, 2, dtype=torch.float64)},
@@ -168,6 +201,17 @@ def test_bad_scales_and_indices_are_refused() -> None:
             "bad_codec"
     huge = body[:80] + struct.pack("<f", 3e38) + body[84:]  # int8 x 3e38 overflows float32
     assert reason(rebuild(header, huge), shapes) == "non_finite"
+    header, body = header_and_body(parse_codec("ternary:0.1").encode(state))  # 20 of 200
+    bad = np.frombuffer(body[:80], "<u4").copy()
+    bad[7] = 0
+    assert reason(rebuild(header, bad.astype("<u4").tobytes() + body[80:]), shapes) == "bad_codec"
+    assert reason(rebuild(header, body[:80] + struct.pack("<f", -2.0) + body[84:]), shapes) == \
+        "bad_codec"
+    header, body = header_and_body(parse_codec("sign").encode(state))  # 4 scales, 25 bytes
+    for scale in (float("nan"), float("inf"), -1.0):
+        spoiled = body[:4] + struct.pack("<f", scale) + body[8:]
+        assert reason(rebuild(header, spoiled), shapes) == "bad_codec"
+    assert reason(rebuild(header, body[:-1]), shapes) == "truncated"
 
 
 def test_a_zstd_bomb_is_refused_before_decompression() -> None:
