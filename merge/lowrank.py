@@ -1,10 +1,11 @@
 """Best rank-r factors of B A for a batch of thin factor pairs, from small Gram matrices.
 
 `product` needs, per LoRA module, the best rank-r approximation of dW = B A, where B (d_out x K)
-and A (K x d_in) stack every neighbour's factors (K = sum of their ranks, about 144 for 9 rank-16
-adapters). Householder QR of the d x K stacks was 90 % of the rule's time; here everything of
-size d runs as batched matrix products (BLAS-3) over all modules of one shape, and the only
-factorisations are of K x K and r x d matrices.
+and A (K x d_in) stack every neighbour's factors (K = sum of their ranks, 144 for 9 rank-16
+adapters). Householder QR of the d x K stacks took most of the rule's time (68x a bare weighted
+sum in `scripts/bench_merge.py`); here every product of size d is a batched BLAS-3 product over
+all modules of one shape, and the only factorisations are of K x K, r x r and thin d x r
+matrices.
 """
 
 from __future__ import annotations
@@ -20,48 +21,41 @@ NULL_RTOL = 1e-6
 
 # Diagonal load of the A Gram before its Cholesky factor, relative to its mean eigenvalue: the
 # Gram of float32 factors is semi-definite only to about K float32 roundings, and a rank-deficient
-# stack (identical neighbours, zero factors) is singular. The load only tilts the subspace search
-# of step 2; the factors of step 3 are an exact projection of B A, whatever subspace it found.
+# stack (identical neighbours, zero factors) is singular. The load only tilts the subspace search;
+# `project` is exact for whatever subspace that finds.
 GRAM_LOAD = {torch.float32: 1e-5, torch.float64: 1e-12}
 
 
 @dataclass(frozen=True)
-class Truncation:
-    """Balanced best rank-r factors of a batch of products (all float64).
+class Projection:
+    """dW projected onto an r-dimensional subspace of its columns: U C = U U^T dW.
 
     Attributes:
-        b: (n, d_out, r); columns that carry no singular value are zero.
-        a: (n, r, d_in); rows that carry no singular value are zero.
-        live: (n, r) bool, the directions whose singular value is above `NULL_RTOL` s_1.
-        kept_sq: (n,) squared Frobenius norm of each b @ a.
-        total_sq: (n,) squared Frobenius norm of each product.
+        basis: U, (n, d_out, m) orthonormal columns (float64), m = min(r, d_out, K).
+        coeffs: C = U^T dW, (n, m, d_in) float64.
+        total_sq: (n,) ||dW||_F^2.
     """
 
-    b: torch.Tensor
-    a: torch.Tensor
-    live: torch.Tensor
-    kept_sq: torch.Tensor
+    basis: torch.Tensor
+    coeffs: torch.Tensor
     total_sq: torch.Tensor
 
 
-def truncate(b_cat: torch.Tensor, a_cat: torch.Tensor, weights: torch.Tensor,
-             rank: int) -> Truncation:
-    """Best rank-`rank` approximation b @ a of each dW = b_cat[j] diag(c) a_cat[j], balanced.
+def project(b_cat: torch.Tensor, a_cat: torch.Tensor, weights: torch.Tensor,
+            rank: int) -> Projection:
+    """Project each dW = b_cat[j] diag(c) a_cat[j] onto its top `rank` left singular vectors.
 
     Math, per batch entry, with D = diag(sqrt(c)), B = b_cat D and A = D a_cat (none of B, A
     and dW = B A is formed: D is folded into the small matrices):
-      1. Grams G_B = B^T B and G_A = A A^T (K x K, batched BLAS-3);
-      2. a basis U (d_out x r, orthonormal) of the top left singular subspace of dW, from the
-         smaller of two symmetric eigenproblems: dW dW^T = B G_A B^T itself when d_out <= K;
-         else, with G_A + eps I = L L^T, B L W where W holds the top r eigenvectors of the
-         K x K matrix L^T G_B L (dW dW^T = (B L)(B L)^T up to the load eps);
-      3. project: dW ~ U C with C = U^T dW (r x d_in), and the eigendecomposition of the small
-         C C^T = U2 S^2 U2^T gives b = U U2 S^1/2 and a = S^-1/2 U2^T C (so b^T b = a a^T = S),
-         dropping singular values below `NULL_RTOL` s_1.
-    Step 3 is exact in float64 for whatever subspace step 2 found, so the working precision of
-    the Grams, their squared condition number and the load eps cost only a second-order loss of
-    captured energy, never a wrong delta; a rank-deficient dW (identical neighbours, zero B) is
-    captured whole.
+      1. Grams G_B = B^T B and G_A = A A^T (K x K, batched BLAS-3, working precision);
+      2. a basis of the top left singular subspace of dW, from the smaller of two symmetric
+         eigenproblems: dW dW^T = B G_A B^T itself when d_out <= K; else, with
+         G_A + eps I = L L^T, the span of B L W, W the top r eigenvectors of the K x K matrix
+         L^T G_B L (so that dW dW^T = (B L)(B L)^T up to the load eps);
+      3. U = qr(basis) and C = U^T dW = ((U^T b_cat) c) a_cat.
+    Step 3 projects exactly, whatever subspace step 2 found: the working precision of the Grams,
+    their squared condition number and the load cost only a second-order loss of captured energy,
+    never a wrong delta, and a rank-deficient dW (identical neighbours, zero B) is kept whole.
 
     Args:
         b_cat: (n, d_out, K) stacked B factors (a strided view will do), in a float working
@@ -71,57 +65,33 @@ def truncate(b_cat: torch.Tensor, a_cat: torch.Tensor, weights: torch.Tensor,
         rank: r, at least 1.
 
     Returns:
-        The balanced factors (float64) and their energies.
+        The projection; `balanced_factors` turns it into LoRA factors.
     """
     work = b_cat.dtype
     root_c = weights.to(work).sqrt()
     outer = root_c[:, None] * root_c[None, :]
     g_a = (a_cat @ a_cat.mT) * outer
     g_b = (b_cat.mT @ b_cat) * outer
-    basis = _top_left_subspace(b_cat, g_a, g_b, root_c, rank)
-    # 3. C = ((U^T b_cat) c) a_cat: the products of size d in the working precision.
+    basis, _ = torch.linalg.qr(_top_left_vectors(b_cat, g_a, g_b, root_c, rank).double())
     left = (basis.to(work).mT @ b_cat) * weights.to(work)
-    coeffs = (left @ a_cat).double()
-    squares, u2 = torch.linalg.eigh(coeffs @ coeffs.mT)
-    s = squares.flip(-1).clamp(min=0.0).sqrt()
-    u2 = u2.flip(-1)
-    live = s > NULL_RTOL * s[:, :1]
-    root = torch.where(live, s, 0.0).sqrt()
-    inverse_root = torch.where(live, 1.0 / torch.where(live, root, 1.0), 0.0)
-    return Truncation(b=_pad((basis @ u2) * root[:, None, :], rank, dim=2),
-                      a=_pad(inverse_root[:, :, None] * (u2.mT @ coeffs), rank, dim=1),
-                      live=_pad(live, rank, dim=1),
-                      kept_sq=torch.where(live, s, 0.0).square().sum(dim=1),
+    return Projection(basis=basis, coeffs=(left @ a_cat).double(),
                       total_sq=(g_a * g_b).sum(dim=(1, 2), dtype=torch.float64))
 
 
-def _top_left_subspace(b_cat: torch.Tensor, g_a: torch.Tensor, g_b: torch.Tensor,
-                       root_c: torch.Tensor, rank: int) -> torch.Tensor:
-    """(n, d_out, min(rank, d_out, K)) orthonormal float64 bases of each dW's top left singular
-    vectors (weighted Grams as in `truncate`)."""
+def _top_left_vectors(b_cat: torch.Tensor, g_a: torch.Tensor, g_b: torch.Tensor,
+                      root_c: torch.Tensor, rank: int) -> torch.Tensor:
+    """(n, d_out, min(rank, d_out, K)) columns spanning each dW's top left singular vectors."""
     d_out, size = b_cat.shape[1], g_a.shape[-1]
     if d_out <= size:
         inner = root_c[:, None] * g_a * root_c[None, :]
-        target = b_cat @ inner @ b_cat.mT  # dW dW^T, d_out x d_out
-    else:
-        chol = _loaded_cholesky(g_a, GRAM_LOAD.get(b_cat.dtype, GRAM_LOAD[torch.float32]))
-        target = chol.mT @ g_b @ chol
-    # eigh reads one triangle; ascending eigenvalues, so the top ones are the last columns.
-    vectors = torch.linalg.eigh(target).eigenvectors[:, :, -rank:].flip(-1)
-    if d_out > size:
-        vectors = b_cat @ (root_c[:, None] * (chol @ vectors))
-    q, _ = torch.linalg.qr(vectors.double())
-    return q
+        return _top_eigenvectors(b_cat @ inner @ b_cat.mT, rank)  # dW dW^T, d_out x d_out
+    chol = _loaded_cholesky(g_a, GRAM_LOAD.get(b_cat.dtype, GRAM_LOAD[torch.float32]))
+    return b_cat @ (root_c[:, None] * (chol @ _top_eigenvectors(chol.mT @ g_b @ chol, rank)))
 
 
-def _pad(tensor: torch.Tensor, size: int, dim: int) -> torch.Tensor:
-    """`tensor` zero-padded along `dim` to `size` (itself when it is that long already)."""
-    missing = size - tensor.shape[dim]
-    if missing <= 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor, tensor.new_zeros(shape)], dim=dim)
+def _top_eigenvectors(symmetric: torch.Tensor, rank: int) -> torch.Tensor:
+    """Eigenvectors of the `rank` largest eigenvalues, largest first (eigh reads one triangle)."""
+    return torch.linalg.eigh(symmetric).eigenvectors[:, :, -rank:].flip(-1)
 
 
 def _loaded_cholesky(gram: torch.Tensor, load: float) -> torch.Tensor:
@@ -137,3 +107,71 @@ def _loaded_cholesky(gram: torch.Tensor, load: float) -> torch.Tensor:
         # Rounding left a Gram indefinite beyond the load: load that one ten times more.
         eps = torch.where(failed, 10.0 * eps, eps)
     raise MergeError("a Gram matrix of LoRA factors is not positive semi-definite (NaN input?)")
+
+
+@dataclass(frozen=True)
+class Factors:
+    """Balanced rank-r LoRA factors b @ a of a projection, in our own factors' gauge (float64).
+
+    Attributes:
+        b: (n, d_out, r).
+        a: (n, r, d_in).
+        kept_sq: (n,) ||b @ a||_F^2, the sum of the kept squared singular values.
+    """
+
+    b: torch.Tensor
+    a: torch.Tensor
+    kept_sq: torch.Tensor
+
+
+def balanced_factors(proj: Projection, own_b: torch.Tensor, own_a: torch.Tensor) -> Factors:
+    """b @ a = U C as balanced factors (b^T b = a a^T = S), rotated to be nearest ours.
+
+    Math, per batch entry (every step on r x r matrices but the four thin products marked *):
+      1. C C^T* = U2 S^2 U2^T, so U C = (U U2) S (S^-1 U2^T C) is an SVD; singular values below
+         `NULL_RTOL` s_1 are dropped (their directions are rounding noise);
+      2. balanced factors b = U U2 S^1/2 and a = S^-1/2 U2^T C;
+      3. b a = (b R)(R^T a) for every orthogonal R: take the R that maximises
+         tr(R^T (b^T own_b + a own_a^T)) (orthogonal Procrustes), the polar factor of that r x r
+         matrix, which needs only U^T own_b* and C own_a^T*; then b R = U Z_b*, R^T a = Z_a C*;
+      4. rows of R^T a outside the live directions leave b a unchanged: they get our own A's
+         component there, so a direction whose B column is zero stays trainable.
+
+    Args:
+        proj: from `project`.
+        own_b: (n, d_out, r) our B factors, float64.
+        own_a: (n, r, d_in) our A factors, float64.
+
+    Returns:
+        The factors, shaped like ours.
+    """
+    rank = own_a.shape[1]
+    squares, u2 = torch.linalg.eigh(proj.coeffs @ proj.coeffs.mT)
+    s = squares.flip(-1).clamp(min=0.0).sqrt()
+    u2 = u2.flip(-1)
+    live = s > NULL_RTOL * s[:, :1]
+    root = torch.where(live, s, 0.0).sqrt()
+    inverse_root = torch.where(live, 1.0 / torch.where(live, root, 1.0), 0.0)
+    # The balanced pair (b, a) is (U P_b, P_a C), padded to r directions when m < r.
+    p_b = _pad(u2 * root[:, None, :], rank)  # m x r
+    p_a = _pad(u2 * inverse_root[:, None, :], rank).mT  # r x m
+    cross = p_b.mT @ (proj.basis.mT @ own_b) + p_a @ (proj.coeffs @ own_a.mT)
+    u, _, vh = torch.linalg.svd(cross)
+    rot = u @ vh
+    b = proj.basis @ (p_b @ rot)
+    a = (rot.mT @ p_a) @ proj.coeffs
+    live_rows = _pad(live, rank)
+    deficient = (~live_rows.all(dim=1)).nonzero().flatten()
+    if len(deficient) > 0:
+        kept = rot[deficient] * live_rows[deficient, :, None]
+        null = torch.eye(rank, dtype=rot.dtype) - kept.mT @ kept
+        a[deficient] += null @ own_a[deficient]
+    return Factors(b=b, a=a, kept_sq=torch.where(live, s, 0.0).square().sum(dim=1))
+
+
+def _pad(tensor: torch.Tensor, size: int) -> torch.Tensor:
+    """`tensor` zero-padded in its last dimension to `size` (itself when that long already)."""
+    missing = size - tensor.shape[-1]
+    if missing <= 0:
+        return tensor
+    return torch.cat([tensor, tensor.new_zeros(*tensor.shape[:-1], missing)], dim=-1)

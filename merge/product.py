@@ -10,8 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from merge.lowrank import Truncation, truncate
-from merge.tensors import as_work, finish, lora_pairs, weighted_sum
+from merge.lowrank import balanced_factors, project
+from merge.tensors import as_work, finish, lora_pairs, weighted_sum, work_dtype
 from merge.types import AdapterState, Contribution
 from merge.weights import merge_weights
 
@@ -30,7 +30,7 @@ def product(own: Contribution, others: Sequence[Contribution],
         B_cat = [B_1, ..., B_k]     (d_out x K, K = sum_i r_i),
         A_cat = [A_1; ...; A_k]     (K x d_in),
 
-    factorised without ever forming the d_out x d_in matrix (`merge.lowrank.truncate`):
+    factorised without ever forming the d_out x d_in matrix (`merge.lowrank`):
       1. K x K Gram matrices of the stacks, and from them a d_out x r orthonormal basis U of the
          top left singular subspace of dW (a Cholesky factor and a K x K eigendecomposition);
       2. SVD of the thin U^T dW = U2 S V^T, so U U2 S V^T is the best rank-r approximation;
@@ -128,42 +128,29 @@ def merge_pairs(terms: Sequence[Terms], own_b: Sequence[torch.Tensor],
     shapes and weights as the first's, and so must our factors."""
     first_b, first_a = own_b[0], own_a[0]
     rank, d_out, count = first_a.shape[0], first_b.shape[0], len(terms)
-    # 1. the stacks B_cat (n, d_out, K) and A_cat (n, K, d_in), one contiguous copy each (B_cat
-    #    as a strided view of [B_cat of pair 1, B_cat of pair 2, ...]), and the weight of each
-    #    of the K rank directions.
-    b_cat = torch.cat([as_work(b, first_b).reshape(d_out, -1) for pair in terms
-                       for b, _, _ in pair], dim=1).reshape(d_out, count, -1).permute(1, 0, 2)
-    a_cat = torch.cat([as_work(a, first_a).reshape(a.shape[0], -1) for pair in terms
-                       for _, a, _ in pair]).reshape(count, b_cat.shape[2], -1)
+    # 1. the stacks B_cat (n, d_out, K) and A_cat (n, K, d_in), each pair's slab written in
+    #    one go (a cache-sized copy), and the weight of each of the K rank directions.
     weights = torch.cat([torch.full((a.shape[0],), w, dtype=torch.float64)
                          for _, a, w in terms[0]])
-    # 2-3. balanced best rank-r factors, batched.
-    cut = truncate(b_cat, a_cat, weights, rank)
-    # 4-5. gauge towards our own factors, and refill null directions of A from ours.
+    work = work_dtype(first_b)
+    b_cat = torch.empty(count, d_out, len(weights), dtype=work)
+    a_cat = torch.empty(count, len(weights), first_a[0].numel(), dtype=work)
+    for j, pair in enumerate(terms):
+        torch.cat([as_work(b, first_b).reshape(d_out, -1) for b, _, _ in pair], dim=1,
+                  out=b_cat[j])
+        torch.cat([as_work(a, first_a).reshape(a.shape[0], -1) for _, a, _ in pair],
+                  out=a_cat[j])
+    # 2-5. balanced best rank-r factors in our gauge, batched.
+    proj = project(b_cat, a_cat, weights, rank)
     ours_b = torch.stack([b.reshape(d_out, rank).double() for b in own_b])
     ours_a = torch.stack([a.reshape(rank, -1).double() for a in own_a])
-    b_new, a_new = _align(cut, ours_b, ours_a)
-    residual = (cut.total_sq - cut.kept_sq).clamp(min=0.0)
+    factors = balanced_factors(proj, ours_b, ours_a)
+    residual = (proj.total_sq - factors.kept_sq).clamp(min=0.0)
     return [
-        PairMerge(b=b_new[j].reshape(own_b[j].shape), a=a_new[j].reshape(own_a[j].shape),
-                  residual_sq=float(residual[j]), total_sq=float(cut.total_sq[j]))
-        for j in range(len(terms))
+        PairMerge(b=factors.b[j].reshape(own_b[j].shape), a=factors.a[j].reshape(own_a[j].shape),
+                  residual_sq=float(residual[j]), total_sq=float(proj.total_sq[j]))
+        for j in range(count)
     ]
-
-
-def _align(cut: Truncation, own_b: torch.Tensor,
-           own_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate each balanced pair (b, a) towards (own_b, own_a) without changing b @ a."""
-    # Procrustes: argmax over orthogonal R of tr(R^T C) is the polar factor of C.
-    u, _, vh = torch.linalg.svd(cut.b.mT @ own_b + cut.a @ own_a.mT)
-    rot = u @ vh
-    b_new, a_new = cut.b @ rot, rot.mT @ cut.a
-    # B's columns live in the row space of the live rows of rot; any A component outside it
-    # leaves B @ A unchanged, so give those rows our own A's component there.
-    live = rot * cut.live[:, :, None]
-    null = torch.eye(rot.shape[-1], dtype=rot.dtype) - live.mT @ live
-    deficient = ~cut.live.all(dim=1)
-    return b_new, torch.where(deficient[:, None, None], a_new + null @ own_a, a_new)
 
 
 def rescale_lora(state: Mapping[str, torch.Tensor], factor: float) -> AdapterState:
