@@ -7,7 +7,7 @@ o_proj map 896 -> 896. That is 96 LoRA pairs, 2,162,688 parameters (8.65 MB in f
 Two measurements:
   * time per rule to merge self + N neighbours (`merge_states`, as the daemon calls it), as a
     ratio to a bare torch weighted sum of the same tensors timed in the same run (median of
-    `--repeats`);
+    `--repeats`); the JSON's `worst` names the costliest rule against `TIME_RATIO_LIMIT`;
   * relative error of the merged delta against the exact weighted average of the deltas,
     ||B A - sum_i w_i B_i A_i|| / ||sum_i w_i B_i A_i|| over all pairs, for `average`
     (B_bar A_bar) and `product`, on disagreeing adapters: independent random factors (the JSON's
@@ -51,12 +51,14 @@ from merge.validate import validate_update
 HIDDEN, LAYERS, RANK, KV_OUT = 896, 24, 16, 128
 MODULES = {"q_proj": HIDDEN, "k_proj": KV_OUT, "v_proj": KV_OUT, "o_proj": HIDDEN}
 DRIFTS = (0.05, 0.2, 1.0)
+# Issue 17's budget: no rule may cost more than this many bare weighted sums.
+TIME_RATIO_LIMIT = 25.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, required=True, metavar="FILE",
-                        help="where to write {time_ratio, rel_error, ...}")
+                        help="where to write {time_ratio, worst, rel_error, ...}")
     parser.add_argument("--neighbours", type=int, default=8, help="adapters merged into ours")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per rule")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -184,8 +186,17 @@ def load_adapters(paths: Sequence[Path]) -> list[Contribution]:
             for i, path in enumerate(paths)]
 
 
+def worst_rule(ratios: Mapping[str, float], errors: Mapping[str, float],
+               limit: float = TIME_RATIO_LIMIT) -> dict[str, object]:
+    """The costliest rule, its time ratio against `limit`, and its relative delta error (None
+    for a rule whose error is not measured)."""
+    name = max(ratios, key=lambda rule: ratios[rule])
+    return {"rule": name, "time_ratio": ratios[name], "limit": limit,
+            "within_limit": ratios[name] <= limit, "rel_error": errors.get(name)}
+
+
 def show(console: Console, bare: float, seconds: dict[str, float],
-         errors: dict[str, dict[str, float]], neighbours: int) -> None:
+         errors: dict[str, dict[str, float]], neighbours: int, worst: Mapping[str, object]) -> None:
     timing = Table(title=f"merge of self + {neighbours} neighbours "
                          f"({LAYERS} layers x q,k,v,o, r={RANK}, k/v out {KV_OUT})")
     for column in ("rule", "median ms", "x bare weighted sum"):
@@ -194,6 +205,9 @@ def show(console: Console, bare: float, seconds: dict[str, float],
     for rule, value in seconds.items():
         timing.add_row(rule, f"{1e3 * value:.1f}", f"{value / bare:.1f}")
     console.print(timing)
+    verdict = "within" if worst["within_limit"] else "OVER"
+    console.print(f"worst: {worst['rule']} at {worst['time_ratio']:.1f}x, {verdict} the "
+                  f"{worst['limit']:g}x limit")
     table = Table(title="relative error of the merged delta vs sum_i w_i B_i A_i")
     for column in ("adapters", "average (B_bar A_bar)", "product (rank-r SVD)"):
         table.add_column(column, justify="right")
@@ -213,14 +227,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             swarm(args.seed + 1, args.neighbours, drift))
     if args.adapters:
         errors["--adapters files"] = rule_errors(load_adapters(args.adapters))
-    show(Console(), bare, seconds, errors, args.neighbours)
+    ratios = {rule: value / bare for rule, value in seconds.items()}
+    worst = worst_rule(ratios, errors["independent random"])
+    show(Console(), bare, seconds, errors, args.neighbours, worst)
     result = {
-        "time_ratio": {rule: value / bare for rule, value in seconds.items()},
+        "time_ratio": ratios,
+        "worst": worst,
         "rel_error": errors["independent random"],
         "rel_error_by_drift": {f"{d:g}": errors[f"shared init + {d:g} drift"] for d in DRIFTS},
         "seconds": {"bare": bare, **seconds},
         "shape": {"hidden": HIDDEN, "layers": LAYERS, "rank": RANK, "kv_out": KV_OUT,
-                  "neighbours": args.neighbours, "threads": args.threads},
+                  "neighbours": args.neighbours, "threads": args.threads,
+                  "repeats": args.repeats},
     }
     if args.adapters:
         result["rel_error_adapters"] = errors["--adapters files"]
