@@ -31,9 +31,10 @@ class Projection:
     """dW projected onto an r-dimensional subspace of its columns: U C = U U^T dW.
 
     Attributes:
-        basis: U, (n, d_out, m) orthonormal columns (float64), m = min(r, d_out, K).
-        coeffs: C = U^T dW, (n, m, d_in) float64.
-        total_sq: (n,) ||dW||_F^2.
+        basis: U, (n, d_out, m) orthonormal columns, m = min(r, d_out, K).
+        coeffs: C = U^T dW, (n, m, d_in).
+        total_sq: (n,) ||dW||_F^2, float64.
+    U and C are in the working precision of the stacks.
     """
 
     basis: torch.Tensor
@@ -53,9 +54,10 @@ def project(b_cat: torch.Tensor, a_cat: torch.Tensor, weights: torch.Tensor,
          G_A + eps I = L L^T, the span of B L W, W the top r eigenvectors of the K x K matrix
          L^T G_B L (so that dW dW^T = (B L)(B L)^T up to the load eps);
       3. U = qr(basis) and C = U^T dW = ((U^T b_cat) c) a_cat.
-    Step 3 projects exactly, whatever subspace step 2 found: the working precision of the Grams,
-    their squared condition number and the load cost only a second-order loss of captured energy,
-    never a wrong delta, and a rank-deficient dW (identical neighbours, zero B) is kept whole.
+    Step 3 projects exactly (to the working precision, as Householder QR of the stacks did),
+    whatever subspace step 2 found: the Grams' squared condition number and the load cost only a
+    second-order loss of captured energy, never a wrong delta, and a rank-deficient dW
+    (identical neighbours, zero B) is kept whole.
 
     Args:
         b_cat: (n, d_out, K) stacked B factors (a strided view will do), in a float working
@@ -72,9 +74,9 @@ def project(b_cat: torch.Tensor, a_cat: torch.Tensor, weights: torch.Tensor,
     outer = root_c[:, None] * root_c[None, :]
     g_a = (a_cat @ a_cat.mT) * outer
     g_b = (b_cat.mT @ b_cat) * outer
-    basis, _ = torch.linalg.qr(_top_left_vectors(b_cat, g_a, g_b, root_c, rank).double())
-    left = (basis.to(work).mT @ b_cat) * weights.to(work)
-    return Projection(basis=basis, coeffs=(left @ a_cat).double(),
+    basis, _ = torch.linalg.qr(_top_left_vectors(b_cat, g_a, g_b, root_c, rank))
+    left = (basis.mT @ b_cat) * weights.to(work)
+    return Projection(basis=basis, coeffs=left @ a_cat,
                       total_sq=(g_a * g_b).sum(dim=(1, 2), dtype=torch.float64))
 
 
@@ -111,12 +113,12 @@ def _loaded_cholesky(gram: torch.Tensor, load: float) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class Factors:
-    """Balanced rank-r LoRA factors b @ a of a projection, in our own factors' gauge (float64).
+    """Balanced rank-r LoRA factors b @ a of a projection, in our own factors' gauge.
 
     Attributes:
-        b: (n, d_out, r).
-        a: (n, r, d_in).
-        kept_sq: (n,) ||b @ a||_F^2, the sum of the kept squared singular values.
+        b: (n, d_out, r), in the projection's working precision.
+        a: (n, r, d_in), likewise.
+        kept_sq: (n,) ||b @ a||_F^2, the sum of the kept squared singular values (float64).
     """
 
     b: torch.Tensor
@@ -127,9 +129,11 @@ class Factors:
 def balanced_factors(proj: Projection, own_b: torch.Tensor, own_a: torch.Tensor) -> Factors:
     """b @ a = U C as balanced factors (b^T b = a a^T = S), rotated to be nearest ours.
 
-    Math, per batch entry (every step on r x r matrices but the four thin products marked *):
-      1. C C^T* = U2 S^2 U2^T, so U C = (U U2) S (S^-1 U2^T C) is an SVD; singular values below
-         `NULL_RTOL` s_1 are dropped (their directions are rounding noise);
+    Math, per batch entry (every step on r x r matrices in float64, but the five thin products
+    marked *, in the working precision save the first):
+      1. C C^T* = U2 S^2 U2^T in float64, so U C = (U U2) S (S^-1 U2^T C) is an SVD; singular
+         values below `NULL_RTOL` s_1 are dropped (their directions are rounding noise, which a
+         float32 C C^T could not tell from a value 1e-4 s_1);
       2. balanced factors b = U U2 S^1/2 and a = S^-1/2 U2^T C;
       3. b a = (b R)(R^T a) for every orthogonal R: take the R that maximises
          tr(R^T (b^T own_b + a own_a^T)) (orthogonal Procrustes), the polar factor of that r x r
@@ -139,14 +143,15 @@ def balanced_factors(proj: Projection, own_b: torch.Tensor, own_a: torch.Tensor)
 
     Args:
         proj: from `project`.
-        own_b: (n, d_out, r) our B factors, float64.
-        own_a: (n, r, d_in) our A factors, float64.
+        own_b: (n, d_out, r) our B factors, in the projection's working precision.
+        own_a: (n, r, d_in) our A factors, likewise.
 
     Returns:
         The factors, shaped like ours.
     """
-    rank = own_a.shape[1]
-    squares, u2 = torch.linalg.eigh(proj.coeffs @ proj.coeffs.mT)
+    rank, work = own_a.shape[1], proj.coeffs.dtype
+    coeffs = proj.coeffs.double()
+    squares, u2 = torch.linalg.eigh(coeffs @ coeffs.mT)
     s = squares.flip(-1).clamp(min=0.0).sqrt()
     u2 = u2.flip(-1)
     live = s > NULL_RTOL * s[:, :1]
@@ -155,17 +160,18 @@ def balanced_factors(proj: Projection, own_b: torch.Tensor, own_a: torch.Tensor)
     # The balanced pair (b, a) is (U P_b, P_a C), padded to r directions when m < r.
     p_b = _pad(u2 * root[:, None, :], rank)  # m x r
     p_a = _pad(u2 * inverse_root[:, None, :], rank).mT  # r x m
-    cross = p_b.mT @ (proj.basis.mT @ own_b) + p_a @ (proj.coeffs @ own_a.mT)
+    cross = (p_b.mT @ (proj.basis.mT @ own_b).double()
+             + p_a @ (proj.coeffs @ own_a.mT).double())
     u, _, vh = torch.linalg.svd(cross)
     rot = u @ vh
-    b = proj.basis @ (p_b @ rot)
-    a = (rot.mT @ p_a) @ proj.coeffs
+    b = proj.basis @ (p_b @ rot).to(work)
+    a = (rot.mT @ p_a).to(work) @ proj.coeffs
     live_rows = _pad(live, rank)
     deficient = (~live_rows.all(dim=1)).nonzero().flatten()
     if len(deficient) > 0:
         kept = rot[deficient] * live_rows[deficient, :, None]
         null = torch.eye(rank, dtype=rot.dtype) - kept.mT @ kept
-        a[deficient] += null @ own_a[deficient]
+        a[deficient] += null.to(work) @ own_a[deficient]
     return Factors(b=b, a=a, kept_sq=torch.where(live, s, 0.0).square().sum(dim=1))
 
 

@@ -93,8 +93,8 @@ class PairMerge:
     """One merged LoRA pair and the energy of its delta that the rank-r truncation dropped.
 
     Attributes:
-        b: merged B, shaped like our B (float64).
-        a: merged A, shaped like our A (float64).
+        b: merged B, shaped like our B, in its working precision (see `merge.tensors`).
+        a: merged A, shaped like our A, likewise.
         residual_sq: ||dW - BA||_F^2, the squared singular values beyond rank r.
         total_sq: ||dW||_F^2.
     """
@@ -142,13 +142,16 @@ def merge_pairs(terms: Sequence[Terms], own_b: Sequence[torch.Tensor],
                   out=a_cat[j])
     # 2-5. balanced best rank-r factors in our gauge, batched.
     proj = project(b_cat, a_cat, weights, rank)
-    ours_b = torch.stack([b.reshape(d_out, rank).double() for b in own_b])
-    ours_a = torch.stack([a.reshape(rank, -1).double() for a in own_a])
+    ours_b = torch.stack([as_work(b, first_b).reshape(d_out, rank) for b in own_b])
+    ours_a = torch.stack([as_work(a, first_a).reshape(rank, -1) for a in own_a])
     factors = balanced_factors(proj, ours_b, ours_a)
-    residual = (proj.total_sq - factors.kept_sq).clamp(min=0.0)
+    residual = (proj.total_sq - factors.kept_sq).clamp(min=0.0).tolist()
+    total = proj.total_sq.tolist()
+    # Clones: a state's tensors must not share storage (safetensors refuses to save them).
     return [
-        PairMerge(b=factors.b[j].reshape(own_b[j].shape), a=factors.a[j].reshape(own_a[j].shape),
-                  residual_sq=float(residual[j]), total_sq=float(proj.total_sq[j]))
+        PairMerge(b=factors.b[j].reshape(own_b[j].shape).clone(),
+                  a=factors.a[j].reshape(own_a[j].shape).clone(),
+                  residual_sq=residual[j], total_sq=total[j])
         for j in range(count)
     ]
 

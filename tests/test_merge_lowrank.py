@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from safetensors.torch import save_file
 
 from merge.config import MergeConfig
 from merge.errors import MergeError
@@ -182,3 +185,11 @@ def test_batched_product_is_optimal_per_module(seed: int, d_out: int, d_in: int,
             # Every direction carries a singular value: the factors are balanced, B^T B = A A^T.
             torch.testing.assert_close(b.T @ b, a.double() @ a.double().T, rtol=1e-4,
                                        atol=1e-4 * float(torch.linalg.matrix_norm(target)))
+
+
+def test_merged_tensors_share_no_storage_so_safetensors_can_save_them(tmp_path: Path) -> None:
+    contributions = swarm(8, dict.fromkeys(MODULES, 10), 8, [2, 2, 2])
+    merged = merge_states(contributions[0], contributions[1:], PRODUCT)
+    storages = {t.untyped_storage().data_ptr() for t in merged.values()}
+    assert len(storages) == len(merged)
+    save_file(merged, str(tmp_path / "merged.safetensors"))
