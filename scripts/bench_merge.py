@@ -7,7 +7,8 @@ o_proj map 896 -> 896. That is 96 LoRA pairs, 2,162,688 parameters (8.65 MB in f
 Two measurements:
   * time per rule to merge self + N neighbours (`merge_states`, as the daemon calls it), as a
     ratio to a bare torch weighted sum of the same tensors timed in the same run (median of
-    `--repeats`); the JSON's `worst` names the costliest rule against `TIME_RATIO_LIMIT`;
+    `--repeats`, the rules and the sum timed in turn); the JSON's `worst` names the costliest
+    rule, against `TIME_RATIO_LIMIT`;
   * relative error of the merged delta against the exact weighted average of the deltas,
     ||B A - sum_i w_i B_i A_i|| / ||sum_i w_i B_i A_i|| over all pairs, for `average`
     (B_bar A_bar) and `product`, on disagreeing adapters: independent random factors (the JSON's
@@ -97,14 +98,18 @@ def swarm(seed: int, count: int, drift: float | None) -> list[Contribution]:
             for i, state in enumerate(states)]
 
 
-def median_seconds(work: Callable[[], object], repeats: int) -> float:
-    work()  # warm-up: allocator and LAPACK workspaces
-    times = []
+def median_seconds(works: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each work, timed round-robin: the load of a shared machine drifts, and
+    a ratio of two works is only fair if each repeat of one is timed next to one of the other."""
+    for work in works.values():
+        work()  # warm-up: allocator and LAPACK workspaces
+    times: dict[str, list[float]] = {name: [] for name in works}
     for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, work in works.items():
+            start = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bare_weighted_sum(states: Sequence[Mapping[str, torch.Tensor]],
@@ -123,12 +128,13 @@ def time_rules(contributions: list[Contribution], repeats: int) -> tuple[float, 
     own, others = contributions[0], contributions[1:]
     weights = merge_weights(own, others, MergeConfig())
     states = [c.state for c in contributions]
-    bare = median_seconds(lambda: bare_weighted_sum(states, weights), repeats)
-    seconds = {}
-    for rule in RULES:
-        config = MergeConfig(rule=rule, trim=1)
-        seconds[rule] = median_seconds(partial(merge_states, own, others, config), repeats)
-    return bare, seconds
+    works: dict[str, Callable[[], object]] = {
+        "bare": lambda: bare_weighted_sum(states, weights),
+        **{rule: partial(merge_states, own, others, MergeConfig(rule=rule, trim=1))
+           for rule in RULES},
+    }
+    seconds = median_seconds(works, repeats)
+    return seconds.pop("bare"), seconds
 
 
 def delta_errors(contributions: list[Contribution],
