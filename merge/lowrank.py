@@ -48,11 +48,11 @@ def project(b_cat: torch.Tensor, a_cat: torch.Tensor, weights: torch.Tensor,
 
     Math, per batch entry, with D = diag(sqrt(c)), B = b_cat D and A = D a_cat (none of B, A
     and dW = B A is formed: D is folded into the small matrices):
-      1. Grams G_B = B^T B and G_A = A A^T (K x K, batched BLAS-3, working precision);
+      1. the Gram G_A = A A^T (K x K, batched BLAS-3, working precision);
       2. a basis of the top left singular subspace of dW, from the smaller of two symmetric
          eigenproblems: dW dW^T = B G_A B^T itself when d_out <= K; else, with
-         G_A + eps I = L L^T, the span of B L W, W the top r eigenvectors of the K x K matrix
-         L^T G_B L (so that dW dW^T = (B L)(B L)^T up to the load eps);
+         G_A + eps I = L L^T and G_B = B^T B, the span of B L W, W the top r eigenvectors of the
+         K x K matrix L^T G_B L (so that dW dW^T = (B L)(B L)^T up to the load eps);
       3. U = qr(basis) and C = U^T dW = ((U^T b_cat) c) a_cat.
     Step 3 projects exactly (to the working precision, as Householder QR of the stacks did),
     whatever subspace step 2 found: the Grams' squared condition number and the load cost only a
@@ -71,24 +71,28 @@ def project(b_cat: torch.Tensor, a_cat: torch.Tensor, weights: torch.Tensor,
     """
     work = b_cat.dtype
     root_c = weights.to(work).sqrt()
-    outer = root_c[:, None] * root_c[None, :]
-    g_a = (a_cat @ a_cat.mT) * outer
-    g_b = (b_cat.mT @ b_cat) * outer
-    basis, _ = torch.linalg.qr(_top_left_vectors(b_cat, g_a, g_b, root_c, rank))
+    g_a = (a_cat @ a_cat.mT) * (root_c[:, None] * root_c[None, :])
+    vectors, total_sq = _top_left_vectors(b_cat, g_a, root_c, rank)
+    basis, _ = torch.linalg.qr(vectors)
     left = (basis.mT @ b_cat) * weights.to(work)
-    return Projection(basis=basis, coeffs=left @ a_cat,
-                      total_sq=(g_a * g_b).sum(dim=(1, 2), dtype=torch.float64))
+    return Projection(basis=basis, coeffs=left @ a_cat, total_sq=total_sq)
 
 
-def _top_left_vectors(b_cat: torch.Tensor, g_a: torch.Tensor, g_b: torch.Tensor,
-                      root_c: torch.Tensor, rank: int) -> torch.Tensor:
-    """(n, d_out, min(rank, d_out, K)) columns spanning each dW's top left singular vectors."""
+def _top_left_vectors(b_cat: torch.Tensor, g_a: torch.Tensor, root_c: torch.Tensor,
+                      rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(n, d_out, min(rank, d_out, K)) columns spanning each dW's top left singular vectors,
+    and ||dW||_F^2 (float64), from the weighted G_A of `project`."""
     d_out, size = b_cat.shape[1], g_a.shape[-1]
     if d_out <= size:
         inner = root_c[:, None] * g_a * root_c[None, :]
-        return _top_eigenvectors(b_cat @ inner @ b_cat.mT, rank)  # dW dW^T, d_out x d_out
+        gram = b_cat @ inner @ b_cat.mT  # dW dW^T, d_out x d_out; G_B is not needed
+        total_sq = gram.diagonal(dim1=-2, dim2=-1).sum(dim=-1, dtype=torch.float64)
+        return _top_eigenvectors(gram, rank), total_sq
+    g_b = (b_cat.mT @ b_cat) * (root_c[:, None] * root_c[None, :])
     chol = _loaded_cholesky(g_a, GRAM_LOAD.get(b_cat.dtype, GRAM_LOAD[torch.float32]))
-    return b_cat @ (root_c[:, None] * (chol @ _top_eigenvectors(chol.mT @ g_b @ chol, rank)))
+    top = _top_eigenvectors(chol.mT @ g_b @ chol, rank)
+    total_sq = (g_a * g_b).sum(dim=(1, 2), dtype=torch.float64)  # tr(G_A G_B) = ||dW||^2
+    return b_cat @ (root_c[:, None] * (chol @ top)), total_sq
 
 
 def _top_eigenvectors(symmetric: torch.Tensor, rank: int) -> torch.Tensor:
