@@ -128,18 +128,8 @@ def merge_pairs(terms: Sequence[Terms], own_b: Sequence[torch.Tensor],
     shapes and weights as the first's, and so must our factors."""
     first_b, first_a = own_b[0], own_a[0]
     rank, d_out, count = first_a.shape[0], first_b.shape[0], len(terms)
-    # 1. the stacks B_cat (n, d_out, K) and A_cat (n, K, d_in), each pair's slab written in
-    #    one go (a cache-sized copy), and the weight of each of the K rank directions.
-    weights = torch.cat([torch.full((a.shape[0],), w, dtype=torch.float64)
-                         for _, a, w in terms[0]])
-    work = work_dtype(first_b)
-    b_cat = torch.empty(count, d_out, len(weights), dtype=work)
-    a_cat = torch.empty(count, len(weights), first_a[0].numel(), dtype=work)
-    for j, pair in enumerate(terms):
-        torch.cat([as_work(b, first_b).reshape(d_out, -1) for b, _, _ in pair], dim=1,
-                  out=b_cat[j])
-        torch.cat([as_work(a, first_a).reshape(a.shape[0], -1) for _, a, _ in pair],
-                  out=a_cat[j])
+    # 1. the stacks, and the weight of each of the K stacked rank directions.
+    b_cat, a_cat, weights = _stacks(terms, d_out, work_dtype(first_b))
     # 2-5. balanced best rank-r factors in our gauge, batched.
     proj = project(b_cat, a_cat, weights, rank)
     ours_b = torch.stack([as_work(b, first_b).reshape(d_out, rank) for b in own_b])
@@ -154,6 +144,32 @@ def merge_pairs(terms: Sequence[Terms], own_b: Sequence[torch.Tensor],
                   residual_sq=residual[j], total_sq=total[j])
         for j in range(count)
     ]
+
+
+def _stacks(terms: Sequence[Terms], d_out: int,
+            work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B_cat (n, d_out, K) and A_cat (n, K, d_in) in `work` precision, and the K weights.
+
+    Each pair's slab is written by one cat (a cache-sized copy; one cat over all pairs scatters
+    rows across the whole stack), and cat casts to the working dtype as it copies.
+    """
+    weights = torch.cat([torch.full((a.shape[0],), w, dtype=torch.float64)
+                         for _, a, w in terms[0]])
+    b_cat = torch.empty(len(terms), d_out, len(weights), dtype=work)
+    a_cat = torch.empty(len(terms), len(weights), terms[0][0][1][0].numel(), dtype=work)
+    with torch.no_grad():  # out= refuses inputs that require grad; these are plain copies
+        for j, pair in enumerate(terms):
+            torch.cat([_matrix(b, d_out) for b, _, _ in pair], dim=1, out=b_cat[j])
+            torch.cat([_matrix(a, a.shape[0]) for _, a, _ in pair], out=a_cat[j])
+    return b_cat, a_cat, weights
+
+
+def _matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` as a CPU matrix of `rows` rows: itself when it is one (the common case, and
+    per-tensor calls add up over 9 x 96 factors), else a flattened CPU view or copy."""
+    if tensor.dim() == 2 and tensor.device.type == "cpu":
+        return tensor
+    return tensor.detach().to("cpu").reshape(rows, -1)
 
 
 def rescale_lora(state: Mapping[str, torch.Tensor], factor: float) -> AdapterState:
