@@ -10,7 +10,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from merge.tensors import as_work, finish, lora_pairs, weighted_sum
+from merge.lowrank import balanced_factors, project
+from merge.tensors import as_work, finish, lora_pairs, weighted_sum, work_dtype
 from merge.types import AdapterState, Contribution
 from merge.weights import merge_weights
 
@@ -19,32 +20,28 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-# Singular values below this fraction of the largest are rounding noise of a rank-deficient sum.
-NULL_RTOL = 1e-6
-
-
 def product(own: Contribution, others: Sequence[Contribution],
             config: MergeConfig) -> AdapterState:
     """Merge in weight space: the best rank-r factors of sum_i w_i B_i A_i, per LoRA pair.
 
     Math: with the weights w_i of `merge_weights`, each pair's merged delta is
 
-        dW = sum_i w_i B_i A_i = B_cat A_cat,
-        B_cat = [sqrt(w_1) B_1, ..., sqrt(w_k) B_k]     (d_out x K, K = sum_i r_i),
-        A_cat = [sqrt(w_1) A_1; ...; sqrt(w_k) A_k]     (K x d_in),
+        dW = sum_i w_i B_i A_i = B_cat diag(w) A_cat,
+        B_cat = [B_1, ..., B_k]     (d_out x K, K = sum_i r_i),
+        A_cat = [A_1; ...; A_k]     (K x d_in),
 
-    factorised without ever forming the d_out x d_in matrix (see `merge_pair`):
-      1. thin QR: B_cat = Q_B R_B and A_cat^T = Q_A R_A, so dW = Q_B (R_B R_A^T) Q_A^T;
-      2. SVD of the small core R_B R_A^T = U S V^T (at most K x K, in float64), so
-         dW = (Q_B U) S (Q_A V)^T is an SVD of dW;
-      3. keep the r largest (r = our rank) and split them evenly: B = Q_B U_r S_r^1/2,
-         A = S_r^1/2 V_r^T Q_A^T, so B^T B = A A^T = S_r (balanced factors);
+    factorised without ever forming the d_out x d_in matrix (`merge.lowrank`):
+      1. K x K Gram matrices of the stacks, and from them a d_out x r orthonormal basis U of the
+         top left singular subspace of dW (a Cholesky factor and a K x K eigendecomposition);
+      2. SVD of the thin U^T dW = U2 S V^T, so U U2 S V^T is the best rank-r approximation;
+      3. split S evenly: B = U U2 S^1/2, A = S^1/2 V^T, so B^T B = A A^T = S (balanced factors);
       4. BA = (BR)(R^T A) for every orthogonal R: pick the R closest to our own factors
          (orthogonal Procrustes), so identical balanced inputs come back unchanged and the
          optimizer moments the trainer keeps still refer to nearly the same coordinates;
       5. directions with a null singular value (e.g. every B still zero) get a zero column in B
          and keep our A's component in A, as LoRA's own init does, so they stay trainable.
-    Cost per pair: O((d_out + d_in) K^2 + K^3), against O(d_out d_in K) for the dense product.
+    Pairs of one shape run as one batch. Cost per pair: O((d_out + d_in) K^2 + K^3), against
+    O(d_out d_in K) for the dense product.
 
     Error: the result is the Eckart-Young optimum, ||dW - BA||_F = sqrt(sum_{j>r} s_j^2). It is 0
     when rank(dW) <= r (all A equal, a single contribution, or everyone within one r-dim
@@ -60,17 +57,17 @@ def product(own: Contribution, others: Sequence[Contribution],
     """
     weights = merge_weights(own, others, config)
     contributions = [own, *others]
+    used = [(c.state, w) for c, w in zip(contributions, weights, strict=True) if w > 0.0]
     merged: dict[str, torch.Tensor] = {}
     residual_sq = total_sq = 0.0
-    for a_key, b_key in lora_pairs(own.state).values():
-        terms = [
-            (c.state[b_key], c.state[a_key], w)
-            for c, w in zip(contributions, weights, strict=True) if w > 0.0
-        ]
-        pair = merge_pair(terms, own.state[b_key], own.state[a_key])
-        merged[b_key], merged[a_key] = pair.b, pair.a
-        residual_sq += pair.residual_sq
-        total_sq += pair.total_sq
+    for group in _same_shapes(own.state, [state for state, _ in used]):
+        pairs = merge_pairs(
+            [[(state[b_key], state[a_key], w) for state, w in used] for a_key, b_key in group],
+            [own.state[b_key] for _, b_key in group], [own.state[a_key] for a_key, _ in group])
+        for (a_key, b_key), pair in zip(group, pairs, strict=True):
+            merged[b_key], merged[a_key] = pair.b, pair.a
+            residual_sq += pair.residual_sq
+            total_sq += pair.total_sq
     for key, ref in own.state.items():
         if key not in merged:
             merged[key] = weighted_sum([c.state[key] for c in contributions], weights, ref)
@@ -80,13 +77,24 @@ def product(own: Contribution, others: Sequence[Contribution],
     return finish(merged, own.state)
 
 
+def _same_shapes(own: Mapping[str, torch.Tensor],
+                 states: Sequence[Mapping[str, torch.Tensor]]) -> list[list[tuple[str, str]]]:
+    """Our LoRA pairs as (A key, B key), grouped so that one group's stacks have one shape."""
+    groups: dict[tuple[object, ...], list[tuple[str, str]]] = {}
+    for a_key, b_key in lora_pairs(own).values():
+        shapes = (own[b_key].shape, own[a_key].shape, own[b_key].dtype, own[a_key].dtype,
+                  *((state[b_key].shape, state[a_key].shape) for state in states))
+        groups.setdefault(shapes, []).append((a_key, b_key))
+    return list(groups.values())
+
+
 @dataclass(frozen=True)
 class PairMerge:
     """One merged LoRA pair and the energy of its delta that the rank-r truncation dropped.
 
     Attributes:
-        b: merged B, shaped like our B (float64).
-        a: merged A, shaped like our A (float64).
+        b: merged B, shaped like our B, in its working precision (see `merge.tensors`).
+        a: merged A, shaped like our A, likewise.
         residual_sq: ||dW - BA||_F^2, the squared singular values beyond rank r.
         total_sq: ||dW||_F^2.
     """
@@ -97,8 +105,10 @@ class PairMerge:
     total_sq: float
 
 
-def merge_pair(terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
-               own_b: torch.Tensor, own_a: torch.Tensor) -> PairMerge:
+Terms = Sequence[tuple[torch.Tensor, torch.Tensor, float]]
+
+
+def merge_pair(terms: Terms, own_b: torch.Tensor, own_a: torch.Tensor) -> PairMerge:
     """Best rank-r factors of sum_i w_i B_i A_i (r = own's rank), closest to own's factors.
 
     Args:
@@ -109,46 +119,57 @@ def merge_pair(terms: Sequence[tuple[torch.Tensor, torch.Tensor, float]],
     Returns:
         The merged pair; steps as in `product`'s docstring.
     """
-    rank = own_a.shape[0]
-    # 1. sqrt(w)-scaled stacks and their thin QR factorisations.
-    b_cat = torch.cat([math.sqrt(w) * as_work(b, own_b).reshape(b.shape[0], -1)
-                       for b, _, w in terms], dim=1)
-    a_cat = torch.cat([math.sqrt(w) * as_work(a, own_a).reshape(a.shape[0], -1)
-                       for _, a, w in terms], dim=0)
-    q_b, r_b = torch.linalg.qr(b_cat)
-    q_a, r_a = torch.linalg.qr(a_cat.T)
-    # 2. SVD of the small core.
-    u, s, vh = torch.linalg.svd(r_b.double() @ r_a.double().T, full_matrices=False)
-    # 3. truncate to rank r, leaving numerically null directions at zero, and split S evenly.
-    live = int((s > s[0] * NULL_RTOL).sum()) if float(s[0]) > 0.0 else 0
-    keep = min(rank, live)
-    root = s[:keep].sqrt()
-    x = torch.zeros(b_cat.shape[0], rank, dtype=torch.float64)
-    y = torch.zeros(rank, a_cat.shape[1], dtype=torch.float64)
-    x[:, :keep] = (q_b.double() @ u[:, :keep]) * root
-    y[:keep] = root[:, None] * (vh[:keep] @ q_a.double().T)
-    # 4-5. gauge towards our own factors, and refill null directions of A from ours.
-    b_new, a_new = _align(x, y, keep, own_b.reshape(own_b.shape[0], -1).double(),
-                          own_a.reshape(rank, -1).double())
-    squares = s.square()
-    return PairMerge(b=b_new.reshape(own_b.shape), a=a_new.reshape(own_a.shape),
-                     residual_sq=float(squares[keep:].sum()), total_sq=float(squares.sum()))
+    return merge_pairs([terms], [own_b], [own_a])[0]
 
 
-def _align(x: torch.Tensor, y: torch.Tensor, keep: int, own_b: torch.Tensor,
-           own_a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate the balanced factors (x, y) towards (own_b, own_a) without changing x @ y."""
-    # Procrustes: argmax over orthogonal R of tr(R^T C) is the polar factor of C.
-    u, _, vh = torch.linalg.svd(x.T @ own_b + y @ own_a.T)
-    rot = u @ vh
-    b_new, a_new = x @ rot, rot.T @ y
-    if keep < rot.shape[0]:
-        # B's columns live in the row space of rot[:keep]; any A component outside it leaves
-        # B @ A unchanged, so give those rows our own A's component there.
-        live = rot[:keep]
-        null = torch.eye(rot.shape[0], dtype=rot.dtype) - live.T @ live
-        a_new = a_new + null @ own_a
-    return b_new, a_new
+def merge_pairs(terms: Sequence[Terms], own_b: Sequence[torch.Tensor],
+                own_a: Sequence[torch.Tensor]) -> list[PairMerge]:
+    """`merge_pair` for many pairs at once, as one batch: every pair's terms must have the same
+    shapes and weights as the first's, and so must our factors."""
+    first_b, first_a = own_b[0], own_a[0]
+    rank, d_out, count = first_a.shape[0], first_b.shape[0], len(terms)
+    # 1. the stacks, and the weight of each of the K stacked rank directions.
+    b_cat, a_cat, weights = _stacks(terms, d_out, work_dtype(first_b))
+    # 2-5. balanced best rank-r factors in our gauge, batched.
+    proj = project(b_cat, a_cat, weights, rank)
+    ours_b = torch.stack([as_work(b, first_b).reshape(d_out, rank) for b in own_b])
+    ours_a = torch.stack([as_work(a, first_a).reshape(rank, -1) for a in own_a])
+    factors = balanced_factors(proj, ours_b, ours_a)
+    residual = (proj.total_sq - factors.kept_sq).clamp(min=0.0).tolist()
+    total = proj.total_sq.tolist()
+    # Clones: a state's tensors must not share storage (safetensors refuses to save them).
+    return [
+        PairMerge(b=factors.b[j].reshape(own_b[j].shape).clone(),
+                  a=factors.a[j].reshape(own_a[j].shape).clone(),
+                  residual_sq=residual[j], total_sq=total[j])
+        for j in range(count)
+    ]
+
+
+def _stacks(terms: Sequence[Terms], d_out: int,
+            work: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """B_cat (n, d_out, K) and A_cat (n, K, d_in) in `work` precision, and the K weights.
+
+    Each pair's slab is written by one cat (a cache-sized copy; one cat over all pairs scatters
+    rows across the whole stack), and cat casts to the working dtype as it copies.
+    """
+    weights = torch.cat([torch.full((a.shape[0],), w, dtype=torch.float64)
+                         for _, a, w in terms[0]])
+    b_cat = torch.empty(len(terms), d_out, len(weights), dtype=work)
+    a_cat = torch.empty(len(terms), len(weights), terms[0][0][1][0].numel(), dtype=work)
+    with torch.no_grad():  # out= refuses inputs that require grad; these are plain copies
+        for j, pair in enumerate(terms):
+            torch.cat([_matrix(b, d_out) for b, _, _ in pair], dim=1, out=b_cat[j])
+            torch.cat([_matrix(a, a.shape[0]) for _, a, _ in pair], out=a_cat[j])
+    return b_cat, a_cat, weights
+
+
+def _matrix(tensor: torch.Tensor, rows: int) -> torch.Tensor:
+    """`tensor` as a CPU matrix of `rows` rows: itself when it is one (the common case, and
+    per-tensor calls add up over 9 x 96 factors), else a flattened CPU view or copy."""
+    if tensor.dim() == 2 and tensor.device.type == "cpu":
+        return tensor
+    return tensor.detach().to("cpu").reshape(rows, -1)
 
 
 def rescale_lora(state: Mapping[str, torch.Tensor], factor: float) -> AdapterState:

@@ -7,7 +7,8 @@ o_proj map 896 -> 896. That is 96 LoRA pairs, 2,162,688 parameters (8.65 MB in f
 Two measurements:
   * time per rule to merge self + N neighbours (`merge_states`, as the daemon calls it), as a
     ratio to a bare torch weighted sum of the same tensors timed in the same run (median of
-    `--repeats`);
+    `--repeats`, the rules and the sum timed in turn); the JSON's `worst` names the costliest
+    rule, against `TIME_RATIO_LIMIT`;
   * relative error of the merged delta against the exact weighted average of the deltas,
     ||B A - sum_i w_i B_i A_i|| / ||sum_i w_i B_i A_i|| over all pairs, for `average`
     (B_bar A_bar) and `product`, on disagreeing adapters: independent random factors (the JSON's
@@ -51,12 +52,14 @@ from merge.validate import validate_update
 HIDDEN, LAYERS, RANK, KV_OUT = 896, 24, 16, 128
 MODULES = {"q_proj": HIDDEN, "k_proj": KV_OUT, "v_proj": KV_OUT, "o_proj": HIDDEN}
 DRIFTS = (0.05, 0.2, 1.0)
+# Issue 17's budget: no rule may cost more than this many bare weighted sums.
+TIME_RATIO_LIMIT = 25.0
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", type=Path, required=True, metavar="FILE",
-                        help="where to write {time_ratio, rel_error, ...}")
+                        help="where to write {time_ratio, worst, rel_error, ...}")
     parser.add_argument("--neighbours", type=int, default=8, help="adapters merged into ours")
     parser.add_argument("--repeats", type=int, default=5, help="timed repeats per rule")
     parser.add_argument("--threads", type=int, default=1, help="torch CPU threads")
@@ -95,14 +98,18 @@ def swarm(seed: int, count: int, drift: float | None) -> list[Contribution]:
             for i, state in enumerate(states)]
 
 
-def median_seconds(work: Callable[[], object], repeats: int) -> float:
-    work()  # warm-up: allocator and LAPACK workspaces
-    times = []
+def median_seconds(works: Mapping[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Median seconds of each work, timed round-robin: the load of a shared machine drifts, and
+    a ratio of two works is only fair if each repeat of one is timed next to one of the other."""
+    for work in works.values():
+        work()  # warm-up: allocator and LAPACK workspaces
+    times: dict[str, list[float]] = {name: [] for name in works}
     for _ in range(repeats):
-        start = time.perf_counter()
-        work()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, work in works.items():
+            start = time.perf_counter()
+            work()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(values) for name, values in times.items()}
 
 
 def bare_weighted_sum(states: Sequence[Mapping[str, torch.Tensor]],
@@ -121,12 +128,13 @@ def time_rules(contributions: list[Contribution], repeats: int) -> tuple[float, 
     own, others = contributions[0], contributions[1:]
     weights = merge_weights(own, others, MergeConfig())
     states = [c.state for c in contributions]
-    bare = median_seconds(lambda: bare_weighted_sum(states, weights), repeats)
-    seconds = {}
-    for rule in RULES:
-        config = MergeConfig(rule=rule, trim=1)
-        seconds[rule] = median_seconds(partial(merge_states, own, others, config), repeats)
-    return bare, seconds
+    works: dict[str, Callable[[], object]] = {
+        "bare": lambda: bare_weighted_sum(states, weights),
+        **{rule: partial(merge_states, own, others, MergeConfig(rule=rule, trim=1))
+           for rule in RULES},
+    }
+    seconds = median_seconds(works, repeats)
+    return seconds.pop("bare"), seconds
 
 
 def delta_errors(contributions: list[Contribution],
@@ -184,8 +192,17 @@ def load_adapters(paths: Sequence[Path]) -> list[Contribution]:
             for i, path in enumerate(paths)]
 
 
+def worst_rule(ratios: Mapping[str, float], errors: Mapping[str, float],
+               limit: float = TIME_RATIO_LIMIT) -> dict[str, object]:
+    """The costliest rule, its time ratio against `limit`, and its relative delta error (None
+    for a rule whose error is not measured)."""
+    name = max(ratios, key=lambda rule: ratios[rule])
+    return {"rule": name, "time_ratio": ratios[name], "limit": limit,
+            "within_limit": ratios[name] <= limit, "rel_error": errors.get(name)}
+
+
 def show(console: Console, bare: float, seconds: dict[str, float],
-         errors: dict[str, dict[str, float]], neighbours: int) -> None:
+         errors: dict[str, dict[str, float]], neighbours: int, worst: Mapping[str, object]) -> None:
     timing = Table(title=f"merge of self + {neighbours} neighbours "
                          f"({LAYERS} layers x q,k,v,o, r={RANK}, k/v out {KV_OUT})")
     for column in ("rule", "median ms", "x bare weighted sum"):
@@ -194,6 +211,9 @@ def show(console: Console, bare: float, seconds: dict[str, float],
     for rule, value in seconds.items():
         timing.add_row(rule, f"{1e3 * value:.1f}", f"{value / bare:.1f}")
     console.print(timing)
+    verdict = "within" if worst["within_limit"] else "OVER"
+    console.print(f"worst: {worst['rule']} at {worst['time_ratio']:.1f}x, {verdict} the "
+                  f"{worst['limit']:g}x limit")
     table = Table(title="relative error of the merged delta vs sum_i w_i B_i A_i")
     for column in ("adapters", "average (B_bar A_bar)", "product (rank-r SVD)"):
         table.add_column(column, justify="right")
@@ -213,14 +233,18 @@ def main(argv: Sequence[str] | None = None) -> int:
             swarm(args.seed + 1, args.neighbours, drift))
     if args.adapters:
         errors["--adapters files"] = rule_errors(load_adapters(args.adapters))
-    show(Console(), bare, seconds, errors, args.neighbours)
+    ratios = {rule: value / bare for rule, value in seconds.items()}
+    worst = worst_rule(ratios, errors["independent random"])
+    show(Console(), bare, seconds, errors, args.neighbours, worst)
     result = {
-        "time_ratio": {rule: value / bare for rule, value in seconds.items()},
+        "time_ratio": ratios,
+        "worst": worst,
         "rel_error": errors["independent random"],
         "rel_error_by_drift": {f"{d:g}": errors[f"shared init + {d:g} drift"] for d in DRIFTS},
         "seconds": {"bare": bare, **seconds},
         "shape": {"hidden": HIDDEN, "layers": LAYERS, "rank": RANK, "kv_out": KV_OUT,
-                  "neighbours": args.neighbours, "threads": args.threads},
+                  "neighbours": args.neighbours, "threads": args.threads,
+                  "repeats": args.repeats},
     }
     if args.adapters:
         result["rel_error_adapters"] = errors["--adapters files"]
