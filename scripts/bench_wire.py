@@ -12,6 +12,8 @@ schedule), then reads its result.json:
   * merged_every_round: whether every peer merged `--fanout` neighbours in every training
     round of every link's run.
 
+and, as `local`, the eval loss of the same peers each training alone (`--mode local`).
+
 Then, for the Qwen2-0.5B adapter shape of `bench_merge` (r = 16 on q, k, v, o), the bytes of
 one round's update per codec (a keyframe for fp32, one error-feedback step otherwise, as
 `bench_codecs` measures them) and the seconds to fetch them through a `testbed.wan.LinkProxy`
@@ -68,6 +70,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--jobs", type=int, default=1,
                         help="run up to this many of a codec's link runs at once (their wall "
                              "times then share the machine)")
+    parser.add_argument("--no-local", dest="local", action="store_false",
+                        help="skip the local-only baseline run (its eval loss is what tells "
+                             "whether gossip, with any codec, helped at all)")
     parser.add_argument("--resume", action="store_true",
                         help="read the result.json of a run already in --out instead of running "
                              "it again (a bench cut short, or more codecs later)")
@@ -97,6 +102,22 @@ def run_swarm(args: argparse.Namespace, codec: str, rate: str) -> dict[str, Any]
     if done.returncode != 0:
         raise SystemExit(f"simulate.py failed ({done.returncode}); see {out / 'bench.log'}")
     return json.loads((out / "result.json").read_text())
+
+
+def run_local(args: argparse.Namespace) -> dict[str, Any]:
+    """The same peers, each training alone (`--mode local`, no link): what gossip must beat."""
+    out = args.out / "local"
+    if not (args.resume and (out / "result.json").exists()):
+        command = [sys.executable, str(SIMULATE), "--in-process", "--mode", "local",
+                   "--peers", str(args.peers), "--model", args.model, "--seed", str(args.seed),
+                   "--out", str(out), *args.simulate]
+        out.mkdir(parents=True, exist_ok=True)
+        print(f"[{time.strftime('%H:%M:%S')}] local-only baseline -> {out}", flush=True)
+        with (out / "bench.log").open("wb") as log:
+            if subprocess.run(command, stdout=log, stderr=subprocess.STDOUT).returncode != 0:
+                raise SystemExit(f"simulate.py --mode local failed; see {out / 'bench.log'}")
+    result = json.loads((out / "result.json").read_text())
+    return {"eval_loss": result["mean_eval_loss"], "wall_s": result["wall_s"]}
 
 
 def merged_every_round(result: dict[str, Any], fanout: int) -> bool:
@@ -187,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                                         "settle_rounds": args.settle_rounds,
                                         "simulate_args": args.simulate}}
     if not args.qwen_only:
+        if args.local:
+            result["local"] = run_local(args)
         for codec in args.codecs:
             with ThreadPoolExecutor(max_workers=args.jobs) as pool:
                 futures = {rate: pool.submit(run_swarm, args, codec, rate)

@@ -20,12 +20,13 @@ def test_bench_wire_writes_the_issue_keys_and_resumes(tmp_path: Path) -> None:
     out = tmp_path / "wire.json"
     common = ["--json", str(out), "--out", str(tmp_path / "runs"), "--peers", "2",
               "--fanout", "1", "--settle-rounds", "1", "--links", "20mbit"]
-    assert main([*common, "--codecs", "fp32", *TINY]) == 0
+    assert main([*common, "--no-local", "--codecs", "fp32", *TINY]) == 0
     fp32_run = tmp_path / "runs" / "fp32" / "20mbit" / "result.json"
     first_mtime = fp32_run.stat().st_mtime
     assert main([*common, "--resume", "--codecs", "fp32", "ternary:0.05+zstd", *TINY]) == 0
     result = json.loads(out.read_text())
     assert result["default"] == "fp32"
+    assert result["local"]["eval_loss"] > 0  # the peers alone: the resumed run made it
     assert list(result["codecs"]) == ["fp32", "ternary:0.05+zstd"]
     assert fp32_run.stat().st_mtime == first_mtime, "--resume read fp32's run, not ran it again"
     for row in result["codecs"].values():
