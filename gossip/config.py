@@ -73,9 +73,10 @@ class NodeConfig:
                           "average rate stays above this"},
     )
     wire_codec: str = field(
-        default="fp32",
-        metadata={"help": "codec of the steps of the public estimate this peer serves (fp32, "
-                          "bf16, int8, topk:F, each +zstd); neighbours take any"},
+        default="sign",
+        metadata={"help": "codec of the steps of the public estimate this peer serves: sign "
+                          "(1 bit an entry; measured in the README), fp32 (exact), bf16, int8, "
+                          "topk:F, ternary:F, each maybe +zstd; neighbours take any"},
     )
 
     def __post_init__(self) -> None:

@@ -47,7 +47,8 @@ from scripts.bench_codecs import measure
 from scripts.bench_merge import random_adapter
 from testbed.wan import Link, LinkProxy
 
-CODECS = ("fp32", "bf16", "int8+zstd", "topk:0.05+zstd", "topk:0.02+zstd", "topk:0.01+zstd")
+CODECS = ("fp32", "bf16", "int8+zstd", "sign", "ternary:0.1+zstd", "ternary:0.05+zstd",
+          "topk:0.05+zstd", "topk:0.02+zstd", "topk:0.01+zstd")
 SIMULATE = Path(__file__).with_name("simulate.py")
 
 

@@ -25,7 +25,7 @@ def test_bench_wire_writes_the_issue_keys_and_resumes(tmp_path: Path) -> None:
     first_mtime = fp32_run.stat().st_mtime
     assert main([*common, "--resume", "--codecs", "fp32", "ternary:0.05+zstd", *TINY]) == 0
     result = json.loads(out.read_text())
-    assert result["default"] == "fp32"
+    assert result["default"] == "sign"
     assert result["local"]["eval_loss"] > 0  # the peers alone: the resumed run made it
     assert list(result["codecs"]) == ["fp32", "ternary:0.05+zstd"]
     assert fp32_run.stat().st_mtime == first_mtime, "--resume read fp32's run, not ran it again"

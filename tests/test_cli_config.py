@@ -33,7 +33,7 @@ def test_network_and_settling_flags(tmp_path: Path) -> None:
                       "--settle-rounds", "3", "--health-check", "0", "--ping-timeout", "20"])
     assert (config.rounds, config.settle_rounds, config.total_rounds) == (5, 3, 8)
     assert config.network.health_check_s == 0 and config.network.ping_timeout_s == 20
-    assert config.network.wire_codec == "fp32"  # the default: x-hat is the adapter itself
+    assert config.network.wire_codec == "sign"  # the default, measured by bench_wire.py
     config = _config(["--data-dir", str(tmp_path), "--train", "t.jsonl",
                       "--wire-codec", "topk:0.05+zstd"])
     assert config.network.wire_codec == "topk:0.05+zstd"

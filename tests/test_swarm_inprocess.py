@@ -63,7 +63,8 @@ async def test_three_peers_exchange_and_merge(tmp_path: Path, small_model_dir: P
         assert status["bytes_in"] > 0
         assert any(link["transfers"] >= 1 for link in status["links"].values())
         replicas = status["wire"]["replicas"]  # neighbours' estimates it rebuilt
-        assert replicas["held"] >= 1 and replicas["keyframes"] >= 1 and replicas["steps"] >= 1
+        assert replicas["held"] >= 1 and replicas["steps"] >= 1
+        assert replicas["keyframes"] + replicas["chains"] >= 1
         assert status["swarm_id"] == peers[0].status()["swarm_id"]
         # Cancellation wrote a final checkpoint and a PEFT export.
         assert (peer.config.data_dir / "checkpoint.safetensors").is_file()
@@ -112,8 +113,11 @@ async def test_settling_rounds_merge_without_training(tmp_path: Path,
                 config = _config(tmp_path, f"p{i}", small_model_dir, trains[i],
                                  (node.listen_addrs[0],) if node else (),
                                  wait_peers=1 if node else 2)
+                # Exact adapters on the wire: under a lossy codec the peers also keep what
+                # they have not sent yet, which settles more slowly (README: Known limits).
                 config = replace(config, rounds=2, settle_rounds=4, eval_path=trains[0],
-                                 topology=TopologyConfig(fanout=1, peer_timeout_s=60))
+                                 topology=TopologyConfig(fanout=1, peer_timeout_s=60),
+                                 network=replace(config.network, wire_codec="fp32"))
                 peer = Peer(config)
                 started = await nursery.start(peer.run)
                 node = node or started
