@@ -10,6 +10,7 @@ from merge.config import MergeConfig
 from peer.attacks import ATTACKS
 from peer.device import DeviceConfig
 from peer.model import LoraSettings
+from peer.privacy import PrivacyConfig
 from topology.config import TopologyConfig
 
 
@@ -111,6 +112,7 @@ class PeerConfig:
     network: NodeConfig = field(default_factory=NodeConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def total_rounds(self) -> int:
