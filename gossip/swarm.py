@@ -21,7 +21,7 @@ import json
 import math
 from collections.abc import Mapping
 
-PROTOCOL_VERSION: int = 3
+PROTOCOL_VERSION: int = 4
 SWARM_ID_BYTES = 16
 TRANSFER_PROTOCOL = "/loraswarm/adapter/3"
 
