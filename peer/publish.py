@@ -84,6 +84,7 @@ class Publisher:
             swarm=self.swarm, peer=node.peer_id, version=version, samples=samples,
             digest=offer.digest, nbytes=offer.keyframe_bytes,
             train_loss=self.stats.last_train_loss, addrs=tuple(node.announce_addrs),
+            privacy=self.trainer.ledger.announced(),
         )
         if node.current is not None:
             node.update(announcement)

@@ -63,6 +63,7 @@ class Records:
             "train_s": _seconds(train_s), "gather_s": _seconds(gather_s),
             "round_s": _seconds(round_s),
             "peers_live": len(self.view.live(trio.current_time())),
+            "privacy": self.runtime.trainer.ledger.record_dict(),
             "tried": tried, "ts": time.time(),
         }
         return record if state is None else {**record, **shape_of(state)}
@@ -88,6 +89,7 @@ class Records:
             # Each live neighbour's link as our fetches measured it (the deadlines follow it).
             "links": {peer: link.to_status()
                       for peer, link in node.links.statistics(live).items()},
+            "privacy": runtime.trainer.ledger.record_dict(),
             "eval_loss": self.stats.last_eval, "updated": time.time(),
         }
 
