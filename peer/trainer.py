@@ -107,9 +107,10 @@ class LocalTrainer:
             if not self.ledger.affords(1):
                 break
             if self.ledger.private:
-                loss = self._private_step()
+                sample = self.batches.poisson_batch(self.ledger.rate, self._sampler)
+                loss = self.private_step(sample)
             else:
-                loss = self._step(self.batches.next_batch())
+                loss = self.step(self.batches.next_batch())
             self.ledger.record(1)
             if loss is not None:
                 losses.append(loss)
@@ -118,22 +119,23 @@ class LocalTrainer:
             self._last_loss = sum(losses) / len(losses)
         return self._last_loss
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimizer step over `batch`; returns its loss."""
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One (non-private) optimizer step over `batch`; returns its loss."""
         loss = self.accumulate(batch)
         torch.nn.utils.clip_grad_norm_(self._params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
 
-    def _private_step(self) -> float | None:
-        """One DP-SGD step over a Poisson sample; its mean example loss (None: empty sample).
+    def private_step(self, batch: dict[str, torch.Tensor] | None) -> float | None:
+        """One DP-SGD step over a Poisson sample `batch` (None: an empty one); returns its mean
+        example loss (None for an empty sample, which still takes a step of pure noise).
 
         The sample is cut into `grad_accum` row groups for memory; each example's gradient is
-        clipped on its own, so the groups add up to the same sum.
+        clipped on its own, so the groups add up to the same sum. The caller records the step
+        in the ledger.
         """
         ledger, clip = self.ledger, self.ledger.config.clip
-        batch = self.batches.poisson_batch(ledger.rate, self._sampler)
         total = {name: torch.zeros_like(p) for name, p in self._trainable.items()}
         losses: list[torch.Tensor] = []
         if batch is not None:

@@ -1,0 +1,205 @@
+"""Benchmark DP-SGD: what privacy costs in utility and speed, and what it buys against a canary.
+
+Three measurements, one JSON (`--json OUT`):
+  * utility: `scripts/simulate.py --compare` (gossip, local-only, central; in process, real
+    libp2p on 127.0.0.1) at each ε of `--epsilons` ("inf": no DP) with δ = `--delta`; each
+    peer's noise is calibrated so that its --rounds x --steps-per-round steps spend ε on its
+    own data. Mean final eval loss per mode.
+  * exposure (the secret-sharer test, `scripts/canary.py`): two random 6-digit canaries are
+    inserted into peer 0's data, one once and one 10 times (`--repeats`), in every run above;
+    after each gossip run, their exposure among `--candidates` never-inserted ones under the
+    owner's exported adapter (p0) and a neighbour's (p1, which merged what reached it), and
+    the spread of never-inserted canaries' exposure (null).
+  * step_time_ratio: a DP-SGD step (per-example gradients, clipping, noise) over a plain step
+    on the same real batch, the same model, in this process, alternated `--timing-steps`
+    times (median). `grad_samplers` times the per-example gradients alone: torch.func (what
+    the trainer uses) against Opacus's GradSampleModule hooks, and a plain backward.
+
+    python scripts/bench_privacy.py --json bench-privacy.json
+    python scripts/bench_privacy.py --json quick.json --epsilons inf,8 --rounds 2 --peers 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scripts import canary, simulate
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--json", type=Path, required=True, help="where the results go")
+    parser.add_argument("--out", type=Path, default=Path("bench-privacy-out"),
+                        help="the simulations' folders")
+    parser.add_argument("--epsilons", default="inf,8,4,1", help="ε values; inf: no DP")
+    parser.add_argument("--delta", type=float, default=1e-5, help="δ of every DP peer")
+    parser.add_argument("--clip", type=float, default=1.0, help="per-example clip C")
+    parser.add_argument("--peers", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--steps-per-round", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--seq-len", type=int, default=48)
+    parser.add_argument("--lr", type=float, default=6e-3)
+    parser.add_argument("--model", default="builtin-small")
+    parser.add_argument("--repeats", default="1,10", help="canary insertions, one canary each")
+    parser.add_argument("--candidates", type=int, default=1000,
+                        help="never-inserted canaries each canary is ranked among")
+    parser.add_argument("--nulls", type=int, default=100,
+                        help="never-inserted canaries whose exposure gives the null spread")
+    parser.add_argument("--timing-steps", type=int, default=5)
+    parser.add_argument("--seed", type=int, default=0)
+    return parser.parse_args(argv)
+
+
+def _key(epsilon: str) -> str:
+    return "inf" if epsilon == "inf" else f"{float(epsilon):g}"
+
+
+def run_compare(args: argparse.Namespace, epsilon: str, inserted: Path) -> dict[str, Any]:
+    """One `simulate.py --compare` at `epsilon`; the mean eval loss of each mode."""
+    dp = [] if epsilon == "inf" else [f"--peer-arg=--dp-epsilon={epsilon}",
+                                      f"--peer-arg=--dp-delta={args.delta}",
+                                      f"--peer-arg=--dp-clip={args.clip}"]
+    sim = simulate.parse_args([
+        "--compare", "--in-process", "--peers", str(args.peers), "--rounds", str(args.rounds),
+        "--steps-per-round", str(args.steps_per_round), "--batch-size", str(args.batch_size),
+        "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--model", args.model,
+        "--eval-every", str(args.rounds), "--seed", str(args.seed), "--insert", str(inserted),
+        "--out", str(args.out / _key(epsilon)), *dp])
+    results = simulate.compare(sim)
+    return {mode: results[mode]["mean_eval_loss"] for mode in simulate.MODES}
+
+
+def run_exposure(args: argparse.Namespace, epsilon: str, planted: dict[str, int],
+                 candidates: list[str], nulls: list[float]) -> dict[str, Any]:
+    """Exposure of the planted canaries under p0's (owner) and p1's (neighbour) adapters.
+
+    `owner` and `neighbour` are the most-inserted canary's; `by_k` has each; the null
+    exposures measured under both adapters are added to `nulls`.
+    """
+    from peft import PeftModel
+
+    from peer.model import load_base, resolve_model
+
+    peers = args.out / _key(epsilon) / "gossip" / "peers"
+    most = max(planted.values())
+    found: dict[str, Any] = {"by_k": {str(k): {} for k in planted.values()}}
+    for role, folder in (("owner", "p0"), ("neighbour", "p1")):
+        base, tokenizer = load_base(resolve_model(args.model))
+        model = PeftModel.from_pretrained(base, str(peers / folder / "export"))
+        by_k, null = canary.measure(model, tokenizer, planted, candidates, nulls=args.nulls)
+        found[role] = round(by_k[most], 3)
+        for k, value in by_k.items():
+            found["by_k"][str(k)][role] = round(value, 3)
+        found[f"null_{role}"] = canary.spread(null)
+        nulls.extend(null)
+    return found
+
+
+def time_steps(args: argparse.Namespace, shard: Path) -> dict[str, Any]:
+    """A DP step's time over a plain step's on the same batch; per-example gradient paths."""
+    from peer.config import TrainConfig
+    from peer.data import TokenBatches, load_examples
+    from peer.dpsgd import per_example_grads
+    from peer.model import LoraSettings, attach_lora, load_base, resolve_model
+    from peer.privacy import PrivacyConfig, plan
+    from peer.trainer import LocalTrainer
+
+    base, tokenizer = load_base(resolve_model(args.model))
+    model = attach_lora(base, LoraSettings(), args.seed)
+    config = TrainConfig(steps_per_round=1, batch_size=args.batch_size, seq_len=args.seq_len,
+                         lr=args.lr)
+    batches = TokenBatches(load_examples(shard), tokenizer, seq_len=args.seq_len,
+                           batch_size=args.batch_size, seed=args.seed)
+    ledger = plan(PrivacyConfig(epsilon=8.0, delta=args.delta, clip=args.clip, noise=1.0),
+                  examples=len(batches), batch_size=args.batch_size, steps=0)
+    trainer = LocalTrainer(model, batches, config, ledger=ledger)
+    batch = batches.next_batch()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    plain, private, func, hooks = [], [], [], []
+    gsm = _opacus_grad_sampler(args)
+    for _ in range(args.timing_steps):
+        plain.append(_timed(lambda: trainer.step(batch)))
+        private.append(_timed(lambda: trainer.private_step(batch)))
+        func.append(_timed(lambda: per_example_grads(model, params, batch)))
+        hooks.append(_timed(lambda: gsm(batch)))
+    return {"step_time_ratio": round(statistics.median(private) / statistics.median(plain), 3),
+            "step_s": {"plain": round(statistics.median(plain), 4),
+                       "dp": round(statistics.median(private), 4)},
+            "grad_samplers_s": {"torch_func": round(statistics.median(func), 4),
+                                "opacus_hooks": round(statistics.median(hooks), 4)},
+            "batch": list(batch["input_ids"].shape)}
+
+
+def _opacus_grad_sampler(args: argparse.Namespace) -> Any:
+    """Per-example gradients of the same LoRA factors by Opacus's GradSampleModule hooks."""
+    from opacus import GradSampleModule
+
+    from peer.model import LoraSettings, attach_lora, load_base, resolve_model
+
+    base, _ = load_base(resolve_model(args.model))
+    model = attach_lora(base, LoraSettings(), args.seed)
+    model.train()
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+
+    def grads(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+        logits = wrapped(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets,
+                                                ignore_index=-100, reduction="none")
+        per_example = nll.sum(dim=1) / (targets != -100).sum(dim=1).clamp(min=1)
+        per_example.sum().backward()
+        found = [p.grad_sample for p in model.parameters() if p.requires_grad]
+        wrapped.zero_grad(set_to_none=True)
+        return found
+
+    return grads
+
+
+def _timed(fn: Any) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    repeats = [int(k) for k in args.repeats.split(",")]
+    drawn = canary.secrets(len(repeats) + args.candidates, rng)
+    planted = dict(zip(drawn[: len(repeats)], repeats, strict=True))
+    candidates = drawn[len(repeats):]
+    inserted = canary.write_canaries(args.out / "canaries.jsonl", planted)
+    result: dict[str, Any] = {"utility": {}, "exposure": {}, "settings": {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    nulls: list[float] = []
+    for epsilon in args.epsilons.split(","):
+        started = time.monotonic()
+        result["utility"][_key(epsilon)] = run_compare(args, epsilon, inserted)
+        name = "no_dp" if epsilon == "inf" else f"dp_eps{_key(epsilon)}"
+        result["exposure"][name] = run_exposure(args, epsilon, planted, candidates, nulls)
+        result["exposure"]["null"] = canary.spread(nulls)
+        result["utility"][_key(epsilon)]["wall_s"] = round(time.monotonic() - started, 1)
+        args.json.write_text(json.dumps(result, indent=2))  # partial results survive a stop
+    shard = args.out / _key(args.epsilons.split(",")[0]) / "gossip" / "data" / "shard-0.jsonl"
+    result.update(time_steps(args, shard))
+    args.json.write_text(json.dumps(result, indent=2))
+    print(json.dumps({k: result[k] for k in ("utility", "exposure", "step_time_ratio")},
+                     indent=1))
+    return 0
+
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
