@@ -43,20 +43,24 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--epsilons", default="inf,8,4,1", help="ε values; inf: no DP")
     parser.add_argument("--delta", type=float, default=1e-5, help="δ of every DP peer")
     parser.add_argument("--clip", type=float, default=1.0, help="per-example clip C")
-    parser.add_argument("--peers", type=int, default=8)
-    parser.add_argument("--rounds", type=int, default=6)
-    parser.add_argument("--steps-per-round", type=int, default=4)
-    parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--seq-len", type=int, default=48)
-    parser.add_argument("--lr", type=float, default=6e-3)
-    parser.add_argument("--model", default="builtin-small")
+    parser.add_argument("--peers", type=int, default=8, help="peers of gossip and local")
+    # Sized to finish in about 20 minutes on 2 shared cores (12 simulations).
+    parser.add_argument("--rounds", type=int, default=3, help="training rounds per peer")
+    parser.add_argument("--steps-per-round", type=int, default=2, help="steps per round")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="examples per step (DP: the expected size of a Poisson sample)")
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per example")
+    parser.add_argument("--lr", type=float, default=6e-3, help="AdamW learning rate")
+    parser.add_argument("--model", default="builtin-small",
+                        help="builtin-small (4 layers; the tests' model) or builtin")
     parser.add_argument("--repeats", default="1,10", help="canary insertions, one canary each")
     parser.add_argument("--candidates", type=int, default=1000,
                         help="never-inserted canaries each canary is ranked among")
     parser.add_argument("--nulls", type=int, default=100,
                         help="never-inserted canaries whose exposure gives the null spread")
-    parser.add_argument("--timing-steps", type=int, default=5)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--timing-steps", type=int, default=5,
+                        help="alternated timings of each step kind (median kept)")
+    parser.add_argument("--seed", type=int, default=0, help="canaries, data split, LoRA init")
     return parser.parse_args(argv)
 
 
@@ -125,23 +129,27 @@ def time_steps(args: argparse.Namespace, shard: Path) -> dict[str, Any]:
     trainer = LocalTrainer(model, batches, config, ledger=ledger)
     batch = batches.next_batch()
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
-    plain, private, func, hooks = [], [], [], []
     gsm = _opacus_grad_sampler(args)
-    for _ in range(args.timing_steps):
-        plain.append(_timed(lambda: trainer.step(batch)))
-        private.append(_timed(lambda: trainer.private_step(batch)))
-        func.append(_timed(lambda: per_example_grads(model, params, batch)))
-        hooks.append(_timed(lambda: gsm(batch)))
-    return {"step_time_ratio": round(statistics.median(private) / statistics.median(plain), 3),
-            "step_s": {"plain": round(statistics.median(plain), 4),
-                       "dp": round(statistics.median(private), 4)},
-            "grad_samplers_s": {"torch_func": round(statistics.median(func), 4),
-                                "opacus_hooks": round(statistics.median(hooks), 4)},
+    paths = {"plain": lambda: trainer.step(batch), "dp": lambda: trainer.private_step(batch),
+             "torch_func": lambda: per_example_grads(model, params, batch),
+             "opacus_hooks": lambda: gsm(batch)}
+    kept: dict[str, list[float]] = {name: [] for name in paths}
+    for rep in range(args.timing_steps + 1):  # the first, untimed, warms every path up
+        for name, path in paths.items():
+            seconds = _timed(path)
+            if rep:
+                kept[name].append(seconds)
+    median = {name: statistics.median(values) for name, values in kept.items()}
+    return {"step_time_ratio": round(median["dp"] / median["plain"], 3),
+            "step_s": {name: round(median[name], 4) for name in ("plain", "dp")},
+            "grad_samplers_s": {name: round(median[name], 4)
+                                for name in ("torch_func", "opacus_hooks")},
             "batch": list(batch["input_ids"].shape)}
 
 
 def _opacus_grad_sampler(args: argparse.Namespace) -> Any:
-    """Per-example gradients of the same LoRA factors by Opacus's GradSampleModule hooks."""
+    """Per-example gradients of the same LoRA factors by Opacus's GradSampleModule hooks:
+    a function of a batch that returns {parameter name: (B, *shape)}."""
     from opacus import GradSampleModule
 
     from peer.model import LoraSettings, attach_lora, load_base, resolve_model
@@ -151,7 +159,7 @@ def _opacus_grad_sampler(args: argparse.Namespace) -> Any:
     model.train()
     wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
 
-    def grads(batch: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    def grads(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         logits = wrapped(input_ids=batch["input_ids"],
                          attention_mask=batch["attention_mask"]).logits[:, :-1].float()
         targets = batch["labels"][:, 1:]
@@ -159,7 +167,7 @@ def _opacus_grad_sampler(args: argparse.Namespace) -> Any:
                                                 ignore_index=-100, reduction="none")
         per_example = nll.sum(dim=1) / (targets != -100).sum(dim=1).clamp(min=1)
         per_example.sum().backward()
-        found = [p.grad_sample for p in model.parameters() if p.requires_grad]
+        found = {n: p.grad_sample for n, p in model.named_parameters() if p.requires_grad}
         wrapped.zero_grad(set_to_none=True)
         return found
 
