@@ -243,6 +243,9 @@ def plan(config: PrivacyConfig, *, examples: int, batch_size: int, steps: int,
     """
     if not config.enabled:
         return Ledger(config, history=history)
+    if batch_size > examples:  # some examples had no token to predict within --seq-len
+        raise ConfigError(f"--batch-size {batch_size} exceeds the {examples} usable training "
+                          "examples; DP-SGD samples each with probability batch/N")
     rate = batch_size / examples
     noise = config.noise
     if noise is None:

@@ -199,10 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         result["exposure"][name] = run_exposure(args, epsilon, planted, candidates, nulls)
         result["exposure"]["null"] = canary.spread(nulls)
         result["utility"][_key(epsilon)]["wall_s"] = round(time.monotonic() - started, 1)
+        if "step_time_ratio" not in result:  # early, on the first run's shard 0
+            result.update(time_steps(args, args.out / _key(epsilon) / "gossip" / "data"
+                                     / "shard-0.jsonl"))
         args.json.write_text(json.dumps(result, indent=2))  # partial results survive a stop
-    shard = args.out / _key(args.epsilons.split(",")[0]) / "gossip" / "data" / "shard-0.jsonl"
-    result.update(time_steps(args, shard))
-    args.json.write_text(json.dumps(result, indent=2))
     print(json.dumps({k: result[k] for k in ("utility", "exposure", "step_time_ratio")},
                      indent=1))
     return 0

@@ -141,6 +141,8 @@ def test_a_budget_too_small_for_one_step_is_refused() -> None:
         plan(tiny, examples=100, batch_size=50, steps=0)
     with pytest.raises(ConfigError, match="too small|too much"):
         plan(PrivacyConfig(epsilon=1e-4), examples=100, batch_size=50, steps=1000)
+    with pytest.raises(ConfigError, match="exceeds the 10 usable"):
+        plan(PrivacyConfig(epsilon=1.0, noise=1.0), examples=10, batch_size=16, steps=0)
     with pytest.raises(ConfigError, match="needs --dp-noise"):
         plan(PrivacyConfig(epsilon=1.0), examples=100, batch_size=5, steps=0)
 
