@@ -13,7 +13,6 @@ depend on the active adapter, so the event loop never waits for that lock.
 from __future__ import annotations
 
 import contextlib
-import logging
 import math
 import os
 import random
@@ -29,8 +28,6 @@ from peer.data import IGNORE_INDEX, TokenBatches, mean_loss
 from peer.device import ADAPTER_DTYPE
 from peer.dpsgd import clip_rows, noisy_mean, per_example_grads
 from peer.privacy import Ledger, PrivacyConfig
-
-logger = logging.getLogger(__name__)
 
 
 class LocalTrainer:
