@@ -133,3 +133,8 @@ class PeerConfig:
             raise ValueError("wait_peers and wait_timeout must be >= 0")
         if self.attack and self.attack not in ATTACKS:
             raise ValueError(f"unknown attack {self.attack!r}; known: {', '.join(ATTACKS)}")
+        if self.privacy.enabled and (self.device.grad_checkpointing or self.device.quantize):
+            # torch.func's per-example gradients fail under activation checkpointing (it
+            # calls requires_grad_ inside the transform); through 4-bit layers: untested.
+            raise ValueError("dp_epsilon does not work with grad_checkpointing or quantize yet; "
+                             "turn them off for DP-SGD")

@@ -115,6 +115,8 @@ def _values(tmp_path: Path, **privacy: object) -> dict[str, object]:
     ({"dp_epsilon": 1, "dp_noise": -2}, "dp_noise must be"),
     ({"dp_noise": 1.0}, "dp_noise needs dp_epsilon"),
     ({"require_dp": 0}, "require_dp must be"),
+    ({"dp_epsilon": 8, "grad_checkpointing": True}, "does not work with grad_checkpointing"),
+    ({"dp_epsilon": 8, "quantize": "4bit"}, "does not work with grad_checkpointing or quant"),
 ])
 def test_bad_privacy_settings_are_one_line_errors(tmp_path: Path, flags: dict[str, object],
                                                   message: str) -> None:
