@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peer.data import eval_batches, load_examples, mean_loss
-from peer.model import load_base
+from peer.model import LoraSettings, attach_lora, load_base
 from scripts.canary import (
     answer_nll,
     canary_text,
@@ -46,7 +46,12 @@ def test_secrets_are_distinct_six_digits_and_canaries_are_training_records(
 
 
 def test_answer_nll_sums_the_token_losses_mean_loss_averages(small_model_dir: Path) -> None:
-    model, tokenizer = load_base(small_model_dir)
+    base, tokenizer = load_base(small_model_dir)
+    model = attach_lora(base, LoraSettings(rank=4), seed=2)
+    with torch.no_grad():  # a trained-looking adapter: B is zero at initialisation
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
     texts = [canary_text(s) for s in ("123456", "000001", "987654")]
     totals = answer_nll(model, tokenizer, texts, batch_size=2)
     for text, total in zip(texts, totals, strict=True):
