@@ -133,7 +133,7 @@ class Ledger:
         self.config = config
         self.noise = noise
         self.rate = rate
-        self.history: list[tuple[float, float, int]] = [tuple(h) for h in history]  # type: ignore[misc]
+        self.history = [(float(noise), float(q), int(steps)) for noise, q, steps in history]
 
     @property
     def private(self) -> bool:
