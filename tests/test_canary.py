@@ -59,3 +59,17 @@ def test_answer_nll_sums_the_token_losses_mean_loss_averages(small_model_dir: Pa
         tokens = int((batch[0]["labels"][:, 1:] != -100).sum())
         assert total == pytest.approx(mean_loss(model, batch) * tokens, rel=1e-4)
     assert totals[0] != totals[1] and all(torch.isfinite(torch.tensor(totals)))
+
+
+def test_simulate_insert_puts_canaries_in_peer_0s_and_the_central_shard(tmp_path: Path) -> None:
+    from scripts.simulate import parse_args, write_data
+
+    planted = write_canaries(tmp_path / "c.jsonl", {"424242": 3})
+    for mode, shards in (("gossip", 3), ("central", 1)):
+        out = tmp_path / mode
+        args = parse_args(["--peers", "3", "--mode", mode, "--insert", str(planted),
+                           "--out", str(out)])
+        paths, _ = write_data(args, out)
+        assert len(paths) == shards
+        counts = [load_examples(path).count(canary_text("424242")) for path in paths]
+        assert counts == [3] + [0] * (shards - 1)
