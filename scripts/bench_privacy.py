@@ -1,10 +1,12 @@
 """Benchmark DP-SGD: what privacy costs in utility and speed, and what it buys against a canary.
 
 Three measurements, one JSON (`--json OUT`):
-  * utility: `scripts/simulate.py --compare` (gossip, local-only, central; in process, real
-    libp2p on 127.0.0.1) at each ε of `--epsilons` ("inf": no DP) with δ = `--delta`; each
-    peer's noise is calibrated so that its --rounds x --steps-per-round steps spend ε on its
-    own data. Mean final eval loss per mode.
+  * utility: `scripts/simulate.py --compare`'s three runs (gossip, local-only, central; in
+    process, real libp2p on 127.0.0.1) at each ε of `--epsilons` ("inf": no DP) with
+    δ = `--delta`; each peer's noise is calibrated so that its --rounds x --steps-per-round
+    steps spend ε on its own data. Mean final eval loss per mode, and each run's seconds.
+    The runs go in `schedule`'s order and the JSON is rewritten after each, so a run stopped
+    early keeps what it measured.
   * exposure (the secret-sharer test, `scripts/canary.py`): two random 6-digit canaries are
     inserted into peer 0's data, one once and one 10 times (`--repeats`), in every run above;
     after each gossip run, their exposure among `--candidates` never-inserted ones under the
@@ -12,8 +14,8 @@ Three measurements, one JSON (`--json OUT`):
     the spread of never-inserted canaries' exposure (null).
   * step_time_ratio: a DP-SGD step (per-example gradients, clipping, noise) over a plain step
     on the same real batch, the same model, in this process, alternated `--timing-steps`
-    times (median). `grad_samplers` times the per-example gradients alone: torch.func (what
-    the trainer uses) against Opacus's GradSampleModule hooks, and a plain backward.
+    times (median). `grad_samplers_s` times the per-example gradients alone: torch.func
+    (what the trainer uses) against Opacus's GradSampleModule hooks.
 
     python scripts/bench_privacy.py --json bench-privacy.json
     python scripts/bench_privacy.py --json quick.json --epsilons inf,8 --rounds 2 --peers 3
@@ -68,19 +70,28 @@ def _key(epsilon: str) -> str:
     return "inf" if epsilon == "inf" else f"{float(epsilon):g}"
 
 
-def run_compare(args: argparse.Namespace, epsilon: str, inserted: Path) -> dict[str, Any]:
-    """One `simulate.py --compare` at `epsilon`; the mean eval loss of each mode."""
+def run_mode(args: argparse.Namespace, epsilon: str, mode: str, inserted: Path) -> float:
+    """One `simulate.py` run (`--compare`'s settings) at `epsilon`; its mean final eval loss."""
     dp = [] if epsilon == "inf" else [f"--peer-arg=--dp-epsilon={epsilon}",
                                       f"--peer-arg=--dp-delta={args.delta}",
                                       f"--peer-arg=--dp-clip={args.clip}"]
     sim = simulate.parse_args([
-        "--compare", "--in-process", "--peers", str(args.peers), "--rounds", str(args.rounds),
-        "--steps-per-round", str(args.steps_per_round), "--batch-size", str(args.batch_size),
-        "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--model", args.model,
-        "--eval-every", str(args.rounds), "--seed", str(args.seed), "--insert", str(inserted),
-        "--out", str(args.out / _key(epsilon)), *dp])
-    results = simulate.compare(sim)
-    return {mode: results[mode]["mean_eval_loss"] for mode in simulate.MODES}
+        "--mode", mode, "--in-process", "--peers", str(args.peers), "--rounds",
+        str(args.rounds), "--steps-per-round", str(args.steps_per_round), "--batch-size",
+        str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--model",
+        args.model, "--eval-every", str(args.rounds), "--seed", str(args.seed), "--insert",
+        str(inserted), "--out", str(args.out / _key(epsilon) / mode), *dp])
+    return float(simulate.run(sim)["mean_eval_loss"])
+
+
+def schedule(epsilons: list[str]) -> list[tuple[str, str]]:
+    """(ε, mode) in the order that makes a stopped run most useful: the gossip runs of the
+    first two ε (the canaries' exposure without and with DP) first, then their baselines,
+    then the other ε."""
+    first = epsilons[:2]
+    order = [(eps, "gossip") for eps in first] + [(eps, mode) for eps in first
+                                                  for mode in ("local", "central")]
+    return order + [(eps, mode) for eps in epsilons[2:] for mode in simulate.MODES]
 
 
 def run_exposure(args: argparse.Namespace, epsilon: str, planted: dict[str, int],
@@ -192,21 +203,22 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {"utility": {}, "exposure": {}, "settings": {
         k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
     nulls: list[float] = []
-    for epsilon in args.epsilons.split(","):
+    for epsilon, mode in schedule(args.epsilons.split(",")):
         started = time.monotonic()
-        result["utility"][_key(epsilon)] = run_compare(args, epsilon, inserted)
-        name = "no_dp" if epsilon == "inf" else f"dp_eps{_key(epsilon)}"
-        result["exposure"][name] = run_exposure(args, epsilon, planted, candidates, nulls)
-        result["exposure"]["null"] = canary.spread(nulls)
-        result["utility"][_key(epsilon)]["wall_s"] = round(time.monotonic() - started, 1)
+        utility = result["utility"].setdefault(_key(epsilon), {})
+        utility[mode] = run_mode(args, epsilon, mode, inserted)
+        if mode == "gossip":
+            name = "no_dp" if epsilon == "inf" else f"dp_eps{_key(epsilon)}"
+            result["exposure"][name] = run_exposure(args, epsilon, planted, candidates, nulls)
+            result["exposure"]["null"] = canary.spread(nulls)
+        utility[f"{mode}_wall_s"] = round(time.monotonic() - started, 1)
         if "step_time_ratio" not in result:  # early, on the first run's shard 0
-            result.update(time_steps(args, args.out / _key(epsilon) / "gossip" / "data"
+            result.update(time_steps(args, args.out / _key(epsilon) / mode / "data"
                                      / "shard-0.jsonl"))
         args.json.write_text(json.dumps(result, indent=2))  # partial results survive a stop
     print(json.dumps({k: result[k] for k in ("utility", "exposure", "step_time_ratio")},
                      indent=1))
     return 0
-
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ import torch
 from peer.data import TokenBatches
 from peer.dpsgd import per_example_grads
 from peer.model import LoraSettings, attach_lora, load_base
-from scripts.bench_privacy import _opacus_grad_sampler, parse_args, time_steps
+from scripts.bench_privacy import _opacus_grad_sampler, parse_args, schedule, time_steps
 from scripts.canary import canary_text
 from tests.conftest import write_jsonl
 
@@ -46,3 +46,10 @@ def test_step_timings_are_taken_on_the_same_batch(tmp_path: Path, small_model_di
     assert plain > 0 and dp > 0
     assert found["step_time_ratio"] == pytest.approx(dp / plain, rel=0.01)
     assert set(found["grad_samplers_s"]) == {"torch_func", "opacus_hooks"}
+
+
+def test_the_schedule_measures_the_exposure_pair_first_and_every_run_once() -> None:
+    order = schedule(["inf", "8", "4", "1"])
+    assert order[:2] == [("inf", "gossip"), ("8", "gossip")]
+    assert sorted(order) == sorted((e, m) for e in ("inf", "8", "4", "1")
+                                   for m in ("gossip", "local", "central"))
