@@ -21,7 +21,7 @@ import json
 import math
 from collections.abc import Mapping
 
-PROTOCOL_VERSION: int = 4  # 4: announcements carry telemetry
+PROTOCOL_VERSION: int = 4  # 4: announcements carry telemetry and the privacy ε
 SWARM_ID_BYTES = 16
 TRANSFER_PROTOCOL = "/loraswarm/adapter/4"
 

@@ -30,6 +30,8 @@ MAX_PEER_ID_LEN = 128
 MAX_FRAME_LEN = 2**32 - 1
 DIGEST_BYTES = 32
 MAX_SIGNATURE_BYTES = 1024  # Ed25519 signs in 64; RSA-4096 keys in 512
+NOT_PRIVATE = -1.0  # an announcement's `privacy` without a DP guarantee
+MAX_EPSILON = 1e6
 FETCH_STATUSES = frozenset({"ok", "busy", "none", "rate_limited"})
 
 _PREFIX_LEN = len(MAGIC) + SWARM_ID_BYTES
@@ -87,6 +89,13 @@ def _check_addrs(value: object) -> None:
         # Multiaddrs are printable ASCII starting with "/"; anything else would only end up in logs.
         if not (addr.startswith("/") and addr.isascii() and addr.isprintable()) or " " in addr:
             raise _bad("addrs", "not a multiaddr")
+
+
+def _check_privacy(value: object) -> None:
+    if type(value) is not float or not math.isfinite(value):
+        raise _bad("privacy", f"expected a finite float, got {value!r}")
+    if value != NOT_PRIVATE and not 0 <= value <= MAX_EPSILON:
+        raise _bad("privacy", f"ε {value} not in 0..{MAX_EPSILON:g}, nor {NOT_PRIVATE}")
 
 
 def _check_protocol(value: object) -> None:
@@ -174,12 +183,15 @@ class Announcement(_Envelope):
     train_loss: float
     addrs: tuple[str, ...]
     telemetry: Telemetry | None = None
+    # ε its owner has spent on DP-SGD steps so far (the adapter is post-processing of them),
+    # or NOT_PRIVATE: no guarantee. Self-reported, bound to the sender by the pubsub signature.
+    privacy: float = -1.0
     protocol: int = PROTOCOL_VERSION
 
     KIND: ClassVar[str] = "announce"
     FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"protocol", "peer", "version", "samples", "digest", "nbytes", "train_loss", "addrs",
-         "telemetry"}
+         "telemetry", "privacy"}
     )
 
     def __post_init__(self) -> None:
@@ -198,6 +210,12 @@ class Announcement(_Envelope):
         if self.telemetry is not None and not isinstance(self.telemetry, Telemetry):
             raise WireError("bad_telemetry", f"expected a Telemetry, got "
                             f"{type(self.telemetry).__name__}")
+        _check_privacy(self.privacy)
+
+    @property
+    def private(self) -> bool:
+        """Whether the sender announces a DP guarantee (a finite ε)."""
+        return self.privacy != NOT_PRIVATE
 
     @classmethod
     def from_wire(cls, data: bytes, *, swarm: bytes, max_nbytes: int) -> Announcement:

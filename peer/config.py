@@ -11,6 +11,7 @@ from peer.attacks import ATTACKS
 from peer.device import DeviceConfig
 from peer.http import http_listen
 from peer.model import LoraSettings
+from peer.privacy import PrivacyConfig
 from topology.config import TopologyConfig
 
 
@@ -119,6 +120,7 @@ class PeerConfig:
     network: NodeConfig = field(default_factory=NodeConfig)
     topology: TopologyConfig = field(default_factory=TopologyConfig)
     merge: MergeConfig = field(default_factory=MergeConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     @property
     def total_rounds(self) -> int:
@@ -143,3 +145,8 @@ class PeerConfig:
             http_listen(self.http)  # raises ValueError naming the fix
         if self.attack and self.attack not in ATTACKS:
             raise ValueError(f"unknown attack {self.attack!r}; known: {', '.join(ATTACKS)}")
+        if self.privacy.enabled and (self.device.grad_checkpointing or self.device.quantize):
+            # torch.func's per-example gradients fail under activation checkpointing (it
+            # calls requires_grad_ inside the transform); through 4-bit layers: untested.
+            raise ValueError("dp_epsilon does not work with grad_checkpointing or quantize yet; "
+                             "turn them off for DP-SGD")

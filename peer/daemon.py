@@ -60,6 +60,7 @@ class Peer:
         self._crashed = False
         self._training_round_s = 0.0  # how long the last training round took (paces settling)
         self._train_s = 0.0  # how long its training took (how long to wait for neighbours)
+        self._budget_told = False  # said once in the log that the ε budget is spent
 
     async def load(self) -> Runtime:
         """Load model, data and checkpoint, not joining yet: a process's peers then join at once."""
@@ -81,8 +82,21 @@ class Peer:
         self._stop.set()
 
     def training(self) -> bool:
-        """Whether the next round trains: every round but the settling ones after `rounds`."""
-        return not self.config.rounds or self.round < self.config.rounds
+        """Whether the next round trains: every round but the settling ones after `rounds`,
+        and none once the privacy budget is spent (the peer then settles: it keeps serving
+        and merging)."""
+        if self.config.rounds and self.round >= self.config.rounds:
+            return False
+        runtime = self.runtime
+        if runtime is None or runtime.trainer.can_train():
+            return True
+        if not self._budget_told:
+            self._budget_told = True
+            ledger = runtime.trainer.ledger
+            logger.warning("privacy budget spent: ε = %.3g of %g after %d steps; training "
+                           "stops, this peer keeps serving and merging", ledger.epsilon(),
+                           self.config.privacy.epsilon, ledger.steps)
+        return False
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Load (unless `load` ran), join the swarm, signal readiness with the node, run rounds."""
@@ -165,7 +179,7 @@ class Peer:
         started = trio.current_time()
         if self.training():
             loss = stats.last_train_loss = await trio.to_thread.run_sync(
-                runtime.trainer.train_round, self._stop)
+                self._train, runtime)
             train_s = self._train_s = trio.current_time() - started
             stats.train_s += train_s
         self.version += 1
@@ -198,6 +212,12 @@ class Peer:
         self.completed = self.round
         self._round_done.set()
         self._round_done = trio.Event()
+
+    def _train(self, runtime: Runtime) -> float:
+        """One round's steps, then their ledger on disk before the adapter is served (blocks)."""
+        loss = runtime.trainer.train_round(self._stop)
+        runtime.store.save_ledger(runtime.trainer.ledger.to_json())
+        return loss
 
     async def _evaluate(self, runtime: Runtime) -> None:
         self.stats.last_eval = await trio.to_thread.run_sync(

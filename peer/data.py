@@ -268,6 +268,16 @@ class TokenBatches:
         self.last_examples = sum(len(row) for row in picked)
         return _collate([[self._rows[i] for i in row] for row in picked], self._pad_id)
 
+    def poisson_batch(self, rate: float, rng: random.Random) -> dict[str, torch.Tensor] | None:
+        """A batch that holds each example independently with probability `rate`, or None.
+
+        The sampling DP-SGD's accounting assumes (privacy amplification by Poisson
+        subsampling): the batch size varies, and may be zero. `last_examples` says how many.
+        """
+        picked = [[row] for row in self._rows if rng.random() < rate]
+        self.last_examples = len(picked)
+        return _collate(picked, self._pad_id) if picked else None
+
     def _next_epoch(self) -> None:
         if self._order:
             self.epoch += 1

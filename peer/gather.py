@@ -85,12 +85,15 @@ class Gatherer:
         rank_free: accept LoRA factors of another rank (rules that can merge them).
         stats: where adapters received and validation refusals are counted.
         offload: runs validation off the event loop.
+        require_dp: merge only neighbours that announce a DP guarantee of ε at most this.
     """
 
     def __init__(self, source: Source, neighbours: Neighbours, merge: MergeConfig, *,
                  fanout: int, fetch_timeout_s: float, rank_free: bool = False,
-                 stats: PeerStatistics | None = None, offload: Offload[Any] = _in_thread) -> None:
+                 stats: PeerStatistics | None = None, offload: Offload[Any] = _in_thread,
+                 require_dp: float | None = None) -> None:
         self.source = source
+        self.require_dp = require_dp
         self.neighbours = neighbours
         self.merge = merge
         self.fanout = fanout
@@ -159,6 +162,12 @@ class Gatherer:
 
     async def _fetch_one(self, announcement: Announcement, round_: _Round) -> None:
         peer = announcement.peer
+        refusal = self._privacy_refusal(announcement)
+        if refusal is not None:  # refused before a byte is fetched
+            self.stats.rejected[refusal] += 1
+            logger.info("not merging %s: %s (announced ε %g, --require-dp %g)", peer, refusal,
+                        announcement.privacy, self.require_dp)
+            return
         try:
             received = await self.source.receive(announcement)
         except (TransferError, WireError) as exc:  # the node counted and logged it
@@ -187,6 +196,18 @@ class Gatherer:
         round_.found.accepted.append(Contribution(
             state=received.state, samples=received.samples, peer=peer,
             age=max(0, round_.version - received.version)))
+
+    def _privacy_refusal(self, announcement: Announcement) -> str | None:
+        """Why `--require-dp` refuses this neighbour (one of PRIVACY_REASONS), or None.
+
+        Judged on its latest signed announcement; it says nothing of honesty, so the
+        neighbour is neither distrusted nor dropped.
+        """
+        if self.require_dp is None:
+            return None
+        if not announcement.private:
+            return "not_private"
+        return "epsilon_over" if announcement.privacy > self.require_dp else None
 
     def _judge(self, peer: str, reason: str) -> None:
         """Drop a neighbour that served invalid bytes; draw one the network failed after others.

@@ -22,6 +22,7 @@ from peer.device import DeviceConfig
 from peer.errors import ConfigError
 from peer.http import http_listen
 from peer.model import LoraSettings
+from peer.privacy import PrivacyConfig
 from topology.config import TopologyConfig
 
 _SECTIONS: dict[str | None, type] = {
@@ -33,6 +34,7 @@ _SECTIONS: dict[str | None, type] = {
     "network": NodeConfig,
     "topology": TopologyConfig,
     "merge": MergeConfig,
+    "privacy": PrivacyConfig,
 }
 
 
@@ -170,6 +172,11 @@ OPTIONS: tuple[Option, ...] = (
     Option("trim", "merge", "trim", int, "N", scope=AGREE),
     Option("trim_fraction", "merge", "trim_fraction", float, "X", scope=AGREE),
     Option("clip_tau", "merge", "clip_tau", float, "X", scope=AGREE),
+    Option("dp_epsilon", "privacy", "epsilon", float, "EPS"),
+    Option("dp_delta", "privacy", "delta", float, "DELTA"),
+    Option("dp_clip", "privacy", "clip", float, "C"),
+    Option("dp_noise", "privacy", "noise", float, "SIGMA"),
+    Option("require_dp", "privacy", "require_dp", float, "EPS"),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 

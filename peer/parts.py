@@ -45,7 +45,7 @@ def assemble(config: PeerConfig, runtime: Runtime, stats: PeerStatistics, rng: r
     membership = Membership(node, config.topology, rng, view=view)
     gatherer = Gatherer(node, membership, config.merge, fanout=config.topology.fanout,
                         fetch_timeout_s=config.network.fetch_timeout_s, rank_free=rank_free,
-                        stats=stats)
+                        stats=stats, require_dp=config.privacy.require_dp)
     return Parts(
         runtime=runtime, node=node, membership=membership, gatherer=gatherer,
         publisher=Publisher(node, membership, config, runtime, stats, rank_free=rank_free),

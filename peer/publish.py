@@ -116,6 +116,7 @@ class Publisher:
             digest=offer.digest, nbytes=offer.keyframe_bytes,
             train_loss=self.stats.last_train_loss, addrs=tuple(node.announce_addrs),
             telemetry=own_telemetry(config, self.runtime, self.stats, round_),
+            privacy=self.trainer.ledger.announced(),
         )
         if node.current is not None:
             node.update(announcement)

@@ -67,6 +67,7 @@ class Records:
             "train_s": _seconds(train_s), "gather_s": _seconds(gather_s),
             "round_s": _seconds(round_s),
             "peers_live": len(self.membership.view.live(trio.current_time())),
+            "privacy": self.runtime.trainer.ledger.record_dict(),
             "tried": tried, "ts": time.time(),
         }
         return record if state is None else {**record, **shape_of(state)}
@@ -98,6 +99,7 @@ class Records:
             "links": {peer: link.to_status()
                       for peer, link in node.links.statistics(live).items()},
             "wire": wire_status(node),
+            "privacy": runtime.trainer.ledger.record_dict(),
             "eval_loss": self.stats.last_eval,
             # What each live peer, and we, last announced about ourselves (peer.telemetry).
             "swarm": swarm_status(node.current, self.membership.reports()),

@@ -18,6 +18,7 @@ from peer.data import TokenBatches, eval_batches, load_examples
 from peer.device import CPU_FLOAT32, Placement, resolve
 from peer.errors import DataError, PeerError
 from peer.model import attach_lora, fingerprint, load_base, resolve_model
+from peer.privacy import check_data, plan
 from peer.shared import SharedModel
 from peer.store import CHECKPOINT, Checkpoint, PeerStore
 from peer.trainer import LocalTrainer
@@ -61,6 +62,10 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
     placement = resolve(config.device)  # refuse what this machine lacks before loading
     examples = load_examples(config.train_path, config.data)
     held_out = load_examples(config.eval_path, config.data) if config.eval_path else []
+    # Before the model loads, so that a bad setting is the only line printed. The usable
+    # examples are at most these, so δ < 1/len(examples) also holds for them.
+    check_data(config.privacy, examples=len(examples), batch_size=config.train.batch_size,
+               pack=config.data.pack)
     if shared is None:
         model_dir = resolve_model(config.model)
         logger.info("loading %s on %s", model_dir, placement.describe())
@@ -83,8 +88,12 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
                            pack=config.data.pack)
     store = PeerStore(config.data_dir)
     resumed = store.load_checkpoint(swarm_hex(swarm))
+    ledger = plan(config.privacy, examples=len(batches), batch_size=config.train.batch_size,
+                  steps=config.rounds * config.train.steps_per_round,
+                  history=store.load_ledger(resumed))
     trainer = LocalTrainer(model, batches, config.train,
-                           samples=resumed.samples if resumed else 0, adapter=adapter, lock=lock)
+                           samples=resumed.samples if resumed else 0, adapter=adapter, lock=lock,
+                           ledger=ledger)
     initial = trainer.state()
     if resumed is not None:
         _check_fits(store.root / CHECKPOINT, resumed.state, trainer.state())

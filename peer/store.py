@@ -8,6 +8,8 @@ Layout of DIR:
     export/               standard PEFT adapter folder: PeftModel.from_pretrained(base, DIR/export);
                           a symlink to the newest `.export-<n>/`, swapped atomically
     seqno                 the highest gossipsub sequence number reserved (gossip/seqno.py)
+    privacy.json          the ε ledger of the peer's own steps (peer/privacy.py); written
+                          after each training round, before its adapter is served
 
 Every file that a crash could leave half-written is written to a temporary name, fsynced and
 renamed over the old one, so a reader (or a restart) sees either the old or the new file.
@@ -32,10 +34,12 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from peer.errors import PeerError
+from peer.privacy import parse_history
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT = "checkpoint.safetensors"
+LEDGER = "privacy.json"
 _EXPORT_PREFIX = ".export-"  # versioned export folders; `export` links to the newest
 
 
@@ -147,6 +151,34 @@ class PeerStore:
                 "LoRA shape or seed); use another --data-dir or move the checkpoint away"
             )
         return ckpt
+
+    def save_ledger(self, ledger: Mapping[str, Any]) -> None:
+        """Replace the privacy ledger atomically (before the adapter it describes is served).
+
+        Raises:
+            PeerError: it cannot be written (disk full); the previous ledger is intact.
+        """
+        atomic_write(self.root / LEDGER, (json.dumps(ledger, sort_keys=True) + "\n").encode())
+
+    def load_ledger(self, resumed: Checkpoint | None) -> list[tuple[float, float, int]]:
+        """The ledger's segments (σ, q, steps); a restart continues them, never resets them.
+
+        A checkpoint that embodies samples but has no ledger beside it was trained before
+        ledgers were kept: its steps are counted as one step without noise (no guarantee).
+
+        Raises:
+            PeerError: the ledger is unreadable or damaged (never silently reset).
+        """
+        path = self.root / LEDGER
+        if not path.is_file():
+            return [(0.0, 1.0, 1)] if resumed is not None and resumed.samples else []
+        try:
+            return parse_history(json.loads(path.read_text()))
+        except OSError as exc:
+            raise PeerError(f"cannot read {path}: {exc.strerror}; check its permissions") from exc
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise PeerError(f"{path}: damaged privacy ledger ({exc}); restore it, or start "
+                            "over in a new --data-dir (the ε it counted is spent)") from exc
 
     def append_metrics(self, record: Mapping[str, Any]) -> None:
         """Append one JSON line.

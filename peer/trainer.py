@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import random
 import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -24,6 +26,8 @@ from merge.types import AdapterState
 from peer.config import TrainConfig
 from peer.data import IGNORE_INDEX, TokenBatches, mean_loss
 from peer.device import ADAPTER_DTYPE
+from peer.dpsgd import clip_rows, noisy_mean, per_example_grads
+from peer.privacy import Ledger, PrivacyConfig
 
 
 class LocalTrainer:
@@ -36,12 +40,18 @@ class LocalTrainer:
         samples: training samples already embodied (when resuming from a checkpoint).
         adapter: the name of this trainer's adapter inside `model`.
         lock: held around forward passes when several trainers share `model`.
+        ledger: the ε spent on our steps; a private one makes every step a DP-SGD step.
     """
 
     def __init__(self, model: Any, batches: TokenBatches, config: TrainConfig,
                  samples: int = 0, *, adapter: str = "default",
-                 lock: threading.Lock | None = None) -> None:
+                 lock: threading.Lock | None = None, ledger: Ledger | None = None) -> None:
         self.model = model
+        self.ledger = ledger if ledger is not None else Ledger(PrivacyConfig())
+        # The sample and the noise must be unpredictable to whoever knows the swarm's seeds.
+        self._sampler = random.SystemRandom()
+        self._noise = torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little"))
+        self._last_loss = 0.0
         self.batches = batches
         self.config = config
         self.samples = samples
@@ -56,6 +66,7 @@ class LocalTrainer:
         # dict, every adapter of a shared model included, on the event-loop thread. With 64
         # in-process peers that was a third of the loop's time (py-spy), growing as N².
         self._named = {n.replace(f".{adapter}.", "."): p for n, p in own}
+        self._trainable = {n: p for n, p in own if not (config.frozen_a and "lora_A" in n)}
         self.device = next(p.device for _, p in own) if own else torch.device("cpu")
         self.optimizer = torch.optim.AdamW(
             self._params, lr=config.lr, weight_decay=config.weight_decay
@@ -68,8 +79,14 @@ class LocalTrainer:
             for param in self._frozen:  # set_adapter marks every factor trainable
                 param.requires_grad_(False)
 
+    def can_train(self) -> bool:
+        """Whether the privacy budget affords another step (always, without one)."""
+        return self.ledger.affords(1)
+
     def train_round(self, stop: threading.Event | None = None) -> float:
         """Run `steps_per_round` optimizer steps; return their mean training loss.
+
+        A private trainer stops early when the next step would exceed its ε budget.
 
         Args:
             stop: when set (by a signal handler), return after the current step.
@@ -84,18 +101,63 @@ class LocalTrainer:
         for _ in range(self.config.steps_per_round):
             if losses and stop is not None and stop.is_set():
                 break
-            batch = self.batches.next_batch()
-            losses.append(self._step(batch))
+            if not self.ledger.affords(1):
+                break
+            if self.ledger.private:
+                sample = self.batches.poisson_batch(self.ledger.rate, self._sampler)
+                loss = self.private_step(sample)
+            else:
+                loss = self.step(self.batches.next_batch())
+            self.ledger.record(1)
+            if loss is not None:
+                losses.append(loss)
             self.samples += self.batches.last_examples  # packed rows hold several
-        return sum(losses) / len(losses)
+        if losses:
+            self._last_loss = sum(losses) / len(losses)
+        return self._last_loss
 
-    def _step(self, batch: dict[str, torch.Tensor]) -> float:
-        """One optimizer step over `batch`; returns its loss."""
+    def step(self, batch: dict[str, torch.Tensor]) -> float:
+        """One (non-private) optimizer step over `batch`; returns its loss."""
         loss = self.accumulate(batch)
         torch.nn.utils.clip_grad_norm_(self._params, 1.0)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return loss
+
+    def private_step(self, batch: dict[str, torch.Tensor] | None) -> float | None:
+        """One DP-SGD step over a Poisson sample `batch` (None: an empty one); returns its mean
+        example loss (None for an empty sample, which still takes a step of pure noise).
+
+        The sample is cut into `grad_accum` row groups for memory; each example's gradient is
+        clipped on its own, so the groups add up to the same sum. The caller records the step
+        in the ledger.
+        """
+        ledger, clip = self.ledger, self.ledger.config.clip
+        total = {name: torch.zeros_like(p) for name, p in self._trainable.items()}
+        losses: list[torch.Tensor] = []
+        if batch is not None:
+            rows = -(-len(batch["input_ids"]) // self.config.grad_accum)
+            params = {name: p.detach() for name, p in self._trainable.items()}
+            for start in range(0, len(batch["input_ids"]), rows):
+                part = _trim({k: v[start : start + rows] for k, v in batch.items()})
+                grads, part_losses = per_example_grads(
+                    self.model, params, {k: v.to(self.device) for k, v in part.items()})
+                for name, clipped in clip_rows(grads, clip).items():
+                    total[name] += clipped.sum(dim=0)
+                losses.append(part_losses)
+        expected = ledger.rate * len(self.batches)
+        noisy = noisy_mean(total, noise=ledger.noise, clip=clip, expected_batch=expected,
+                           generator=self._noise)
+        for name, param in self._trainable.items():
+            param.grad = noisy[name].to(param.dtype)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not losses:
+            return None
+        value = float(torch.cat(losses).mean())
+        if not math.isfinite(value):
+            raise FloatingPointError("training loss is not finite; lower --lr")
+        return value
 
     def accumulate(self, batch: dict[str, torch.Tensor]) -> float:
         """Add the gradient of `batch`'s loss, in `grad_accum` micro-batches; return the loss.

@@ -81,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="chat: chatterbot-corpus Q/A pairs by topic; plays: Shakespeare "
                         "passages by genre (plain text)")
     parser.add_argument("--seed", type=int, default=0, help="data split and LoRA init seed")
+    parser.add_argument("--insert", type=Path, metavar="FILE",
+                        help="add the training examples of FILE (any format the peer reads) "
+                        "to peer 0's shard, and to the central shard: e.g. canaries for a "
+                        "memorisation test (scripts/bench_privacy.py)")
     parser.add_argument("--byzantine", type=int, default=0, metavar="N",
                         help="the last N peers train honestly but serve poisoned adapters")
     parser.add_argument("--attack", choices=("scale", "noise", "signflip"), default="scale",
@@ -151,18 +155,24 @@ def peer_links(args: argparse.Namespace, peers: int) -> tuple[str, ...]:
 
 def write_data(args: argparse.Namespace, out: Path) -> tuple[list[Path], Path]:
     """Split the built-in data into per-peer shard files and the shared eval file."""
-    from peer.data import write_jsonl
+    from peer.data import load_examples, write_jsonl
+    from peer.errors import ConfigError
     from testbed.corpora import split_builtin
 
     shards = 1 if args.mode == "central" else args.peers
     split = split_builtin(shards, seed=args.seed, eval_per_category=args.eval_per_category,
                           mode=args.split, alpha=args.alpha, corpus=args.corpus)
+    examples = load_examples(args.insert) if args.insert else []
+    inserted = [example for example in examples if isinstance(example, str)]
+    if len(inserted) != len(examples):
+        raise ConfigError(f"--insert {args.insert}: give text or instruction records (the "
+                          "built-in shards are written as text), not chats")
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
     paths = []
     for index, shard in enumerate(split.shards):
         path = data / f"shard-{index}.jsonl"
-        write_jsonl(path, shard)
+        write_jsonl(path, [*shard, *inserted] if index == 0 else shard)
         paths.append(path)
     eval_path = data / "eval.jsonl"
     write_jsonl(eval_path, split.eval)

@@ -30,6 +30,7 @@ from gossip.replicas import EstimateReplica, Replicas
 from gossip.transfer import Offer
 from gossip.wire import Announcement
 from gossip.wire import digest as sha256
+from peer.privacy import Ledger, PrivacyConfig
 from peer.setup import Runtime
 from peer.store import PeerStore
 
@@ -162,9 +163,14 @@ class FakeTrainer:
         self.samples = 0
         self.rounds = 0
         self.model, self.adapter = _FakeModel(), "default"
+        self.ledger = Ledger(PrivacyConfig())  # not private: it only counts steps
+
+    def can_train(self) -> bool:
+        return self.ledger.affords(1)
 
     def train_round(self, stop: threading.Event | None = None) -> float:
         trio.from_thread.run(trio.sleep, self.train_s)  # virtual time passes as in training
+        self.ledger.record(1)
         self.rounds += 1
         self.samples += 4
         self._state = {name: tensor * 0.9 for name, tensor in self._state.items()}

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Collection
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from itertools import pairwise
 from pathlib import Path
 from typing import Any
@@ -218,3 +218,26 @@ def test_training_seconds_go_on_after_a_restart() -> None:
     stats = PeerStatistics.resumed({"merges": 3, "t": 50.0, "t_train": 40.0})
     stats.train_s += 2.5
     assert stats.totals(bytes_in=0, bytes_out=0)["t_train"] == 42.5
+
+
+async def test_require_dp_refuses_by_reason_before_fetching(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = FakeNetwork()
+    plain, loose, tight = (_serving(network, v) for v in (0.1, 0.2, 0.3))
+    announced = {plain.peer_id: -1.0, loose.peer_id: 9.5, tight.peer_id: 4.0}
+
+    class Private(Neighbours):
+        def sample(self, k: int, *, exclude: Collection[str] = ()) -> list[Announcement]:
+            drawn = super().sample(k, exclude=exclude)
+            return [replace(a, privacy=announced[a.peer]) for a in drawn]
+
+    ours = network.node(NETWORK, SWARM, None)
+    neighbours = Private([plain, loose, tight])
+    gatherer = Gatherer(ours, neighbours, MergeConfig(), fanout=2, offload=_inline,
+                        fetch_timeout_s=NETWORK.fetch_timeout_s, require_dp=8.0)
+    found = await gatherer.gather(_state(0.1), version=1, trained=True)
+    assert [c.peer for c in found.accepted] == [tight.peer_id]
+    assert gatherer.stats.rejected == {"not_private": 1, "epsilon_over": 1}
+    assert gatherer.stats.adapters_received == 1, "the refused were not fetched"
+    assert neighbours.verdicts["distrust"] == [], "a refusal says nothing of honesty"

@@ -23,6 +23,7 @@ def test_shape_and_stability() -> None:
     # a protocol bump moves it on purpose: peers that cannot talk must not share a topic.
     assert swarm_hex(swarm_id("fp", {"r": 8}, 0, 2)) == "fb12cbe0a87df4d92c45f408d6ffdaad"
     assert swarm_hex(swarm_id("fp", {"r": 8}, 0, 3)) == "026ffba2763f35bcaec43f780f4066e8"
+    assert swarm_hex(swarm_id("fp", {"r": 8}, 0, 4)) == "7c0b4059cbf65aad4309880406a10f3f"
 
 
 def test_each_input_changes_the_id() -> None:

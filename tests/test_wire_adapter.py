@@ -18,6 +18,7 @@ from gossip.wire import digest
 from merge.config import MergeConfig
 from merge.errors import REJECT_REASONS, RejectedUpdate
 from merge.validate import validate_update
+from peer.privacy import PRIVACY_REASONS
 
 FAST = settings(max_examples=120, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 CAP = 1 << 20
@@ -216,6 +217,7 @@ def test_shape_mismatch_and_rank_change() -> None:
 def test_wire_and_validation_reasons_do_not_overlap() -> None:
     # A reason names the one layer that counts it.
     assert not WIRE_REASONS & REJECT_REASONS
+    assert not (WIRE_REASONS | REJECT_REASONS) & PRIVACY_REASONS  # each counted under its own
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), float("-inf")])

@@ -136,6 +136,13 @@ def test_announcement_round_trip_generated(
     assert Announcement.from_wire(message.to_wire(), swarm=SWARM, max_nbytes=CAP) == message
 
 
+@pytest.mark.parametrize("privacy", [-1.0, 0.0, 0.73, 8.0, 1e6])
+def test_announcement_carries_the_privacy_flag(privacy: float) -> None:
+    message = announcement(privacy=privacy)
+    back = Announcement.from_wire(message.to_wire(), swarm=SWARM, max_nbytes=CAP)
+    assert back.privacy == privacy and back.private == (privacy != -1.0)
+
+
 def test_largest_legal_announcement_fits_one_envelope() -> None:
     addr = "/" + "a" * (MAX_ADDR_LEN - 1)
     telemetry = Telemetry(round=MAX_ROUND, eval_loss=1e6, device="x" * 16, rank=MAX_RANK,
@@ -202,6 +209,8 @@ def test_unknown_protocol_versions() -> None:
     {"addrs": "/ip4/1.2.3.4"}, {"addrs": ("/a",) * (MAX_ADDRS + 1)},
     {"addrs": ("/" + "a" * MAX_ADDR_LEN,)}, {"addrs": ("ip4/1.2.3.4",)},
     {"addrs": ("/ip4/1.2.3.4\n",)}, {"addrs": ("/ip4 x",)}, {"addrs": (7,)},
+    {"privacy": float("nan")}, {"privacy": float("inf")}, {"privacy": -0.5},
+    {"privacy": 1e7}, {"privacy": 3}, {"privacy": None}, {"privacy": True},
     {"extra": 1},
 ])
 def test_bad_fields(spoil: dict[str, Any]) -> None:

@@ -1,0 +1,225 @@
+"""Benchmark DP-SGD: what privacy costs in utility and speed, and what it buys against a canary.
+
+Three measurements, one JSON (`--json OUT`):
+  * utility: `scripts/simulate.py --compare`'s three runs (gossip, local-only, central; in
+    process, real libp2p on 127.0.0.1) at each ε of `--epsilons` ("inf": no DP) with
+    δ = `--delta`; each peer's noise is calibrated so that its --rounds x --steps-per-round
+    steps spend ε on its own data. Mean final eval loss per mode, and each run's seconds.
+    The runs go in `schedule`'s order and the JSON is rewritten after each, so a run stopped
+    early keeps what it measured.
+  * exposure (the secret-sharer test, `scripts/canary.py`): two random 6-digit canaries are
+    inserted into peer 0's data, one once and one 10 times (`--repeats`), in every run above;
+    after each gossip run, their exposure among `--candidates` never-inserted ones under the
+    owner's exported adapter (p0) and a neighbour's (p1, which merged what reached it), and
+    the spread of never-inserted canaries' exposure (null).
+  * step_time_ratio: a DP-SGD step (per-example gradients, clipping, noise) over a plain step
+    on the same real batch, the same model, in this process, alternated `--timing-steps`
+    times (median). `grad_samplers_s` times the per-example gradients alone: torch.func
+    (what the trainer uses) against Opacus's GradSampleModule hooks.
+
+    python scripts/bench_privacy.py --json bench-privacy.json
+    python scripts/bench_privacy.py --json quick.json --epsilons inf,8 --rounds 2 --peers 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from scripts import canary, simulate
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser.add_argument("--json", type=Path, required=True, help="where the results go")
+    parser.add_argument("--out", type=Path, default=Path("bench-privacy-out"),
+                        help="the simulations' folders")
+    parser.add_argument("--epsilons", default="inf,8,4,1", help="ε values; inf: no DP")
+    parser.add_argument("--delta", type=float, default=1e-5, help="δ of every DP peer")
+    parser.add_argument("--clip", type=float, default=1.0, help="per-example clip C")
+    parser.add_argument("--peers", type=int, default=8, help="peers of gossip and local")
+    # Sized to finish in about 20 minutes on 2 shared cores (12 simulations).
+    parser.add_argument("--rounds", type=int, default=3, help="training rounds per peer")
+    parser.add_argument("--steps-per-round", type=int, default=2, help="steps per round")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="examples per step (DP: the expected size of a Poisson sample)")
+    parser.add_argument("--seq-len", type=int, default=32, help="tokens per example")
+    parser.add_argument("--lr", type=float, default=6e-3, help="AdamW learning rate")
+    parser.add_argument("--model", default="builtin-small",
+                        help="builtin-small (4 layers; the tests' model) or builtin")
+    parser.add_argument("--repeats", default="1,10", help="canary insertions, one canary each")
+    parser.add_argument("--candidates", type=int, default=1000,
+                        help="never-inserted canaries each canary is ranked among")
+    parser.add_argument("--nulls", type=int, default=100,
+                        help="never-inserted canaries whose exposure gives the null spread")
+    parser.add_argument("--timing-steps", type=int, default=5,
+                        help="alternated timings of each step kind (median kept)")
+    parser.add_argument("--seed", type=int, default=0, help="canaries, data split, LoRA init")
+    return parser.parse_args(argv)
+
+
+def _key(epsilon: str) -> str:
+    return "inf" if epsilon == "inf" else f"{float(epsilon):g}"
+
+
+def run_mode(args: argparse.Namespace, epsilon: str, mode: str, inserted: Path) -> float:
+    """One `simulate.py` run (`--compare`'s settings) at `epsilon`; its mean final eval loss."""
+    dp = [] if epsilon == "inf" else [f"--peer-arg=--dp-epsilon={epsilon}",
+                                      f"--peer-arg=--dp-delta={args.delta}",
+                                      f"--peer-arg=--dp-clip={args.clip}"]
+    sim = simulate.parse_args([
+        "--mode", mode, "--in-process", "--peers", str(args.peers), "--rounds",
+        str(args.rounds), "--steps-per-round", str(args.steps_per_round), "--batch-size",
+        str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--model",
+        args.model, "--eval-every", str(args.rounds), "--seed", str(args.seed), "--insert",
+        str(inserted), "--out", str(args.out / _key(epsilon) / mode), *dp])
+    return float(simulate.run(sim)["mean_eval_loss"])
+
+
+def schedule(epsilons: list[str]) -> list[tuple[str, str]]:
+    """(ε, mode) in the order that makes a stopped run most useful: the gossip runs of the
+    first two ε (the canaries' exposure without and with DP) first, then their baselines,
+    then the other ε."""
+    first = epsilons[:2]
+    order = [(eps, "gossip") for eps in first] + [(eps, mode) for eps in first
+                                                  for mode in ("local", "central")]
+    return order + [(eps, mode) for eps in epsilons[2:] for mode in simulate.MODES]
+
+
+def run_exposure(args: argparse.Namespace, epsilon: str, planted: dict[str, int],
+                 candidates: list[str], nulls: list[float]) -> dict[str, Any]:
+    """Exposure of the planted canaries under p0's (owner) and p1's (neighbour) adapters.
+
+    `owner` and `neighbour` are the most-inserted canary's; `by_k` has each; the null
+    exposures measured under both adapters are added to `nulls`.
+    """
+    from peft import PeftModel
+
+    from peer.model import load_base, resolve_model
+
+    peers = args.out / _key(epsilon) / "gossip" / "peers"
+    most = max(planted.values())
+    found: dict[str, Any] = {"by_k": {str(k): {} for k in planted.values()}}
+    for role, folder in (("owner", "p0"), ("neighbour", "p1")):
+        base, tokenizer = load_base(resolve_model(args.model))
+        model = PeftModel.from_pretrained(base, str(peers / folder / "export"))
+        by_k, null = canary.measure(model, tokenizer, planted, candidates, nulls=args.nulls)
+        found[role] = round(by_k[most], 3)
+        for k, value in by_k.items():
+            found["by_k"][str(k)][role] = round(value, 3)
+        found[f"null_{role}"] = canary.spread(null)
+        nulls.extend(null)
+    return found
+
+
+def time_steps(args: argparse.Namespace, shard: Path) -> dict[str, Any]:
+    """A DP step's time over a plain step's on the same batch; per-example gradient paths."""
+    from peer.config import TrainConfig
+    from peer.data import TokenBatches, load_examples
+    from peer.dpsgd import per_example_grads
+    from peer.model import LoraSettings, attach_lora, load_base, resolve_model
+    from peer.privacy import PrivacyConfig, plan
+    from peer.trainer import LocalTrainer
+
+    base, tokenizer = load_base(resolve_model(args.model))
+    model = attach_lora(base, LoraSettings(), args.seed)
+    config = TrainConfig(steps_per_round=1, batch_size=args.batch_size, seq_len=args.seq_len,
+                         lr=args.lr)
+    batches = TokenBatches(load_examples(shard), tokenizer, seq_len=args.seq_len,
+                           batch_size=args.batch_size, seed=args.seed)
+    ledger = plan(PrivacyConfig(epsilon=8.0, delta=args.delta, clip=args.clip, noise=1.0),
+                  examples=len(batches), batch_size=args.batch_size, steps=0)
+    trainer = LocalTrainer(model, batches, config, ledger=ledger)
+    batch = batches.next_batch()
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    gsm = _opacus_grad_sampler(args)
+    paths = {"plain": lambda: trainer.step(batch), "dp": lambda: trainer.private_step(batch),
+             "torch_func": lambda: per_example_grads(model, params, batch),
+             "opacus_hooks": lambda: gsm(batch)}
+    kept: dict[str, list[float]] = {name: [] for name in paths}
+    for rep in range(args.timing_steps + 1):  # the first, untimed, warms every path up
+        for name, path in paths.items():
+            seconds = _timed(path)
+            if rep:
+                kept[name].append(seconds)
+    median = {name: statistics.median(values) for name, values in kept.items()}
+    return {"step_time_ratio": round(median["dp"] / median["plain"], 3),
+            "step_s": {name: round(median[name], 4) for name in ("plain", "dp")},
+            "grad_samplers_s": {name: round(median[name], 4)
+                                for name in ("torch_func", "opacus_hooks")},
+            "batch": list(batch["input_ids"].shape)}
+
+
+def _opacus_grad_sampler(args: argparse.Namespace) -> Any:
+    """Per-example gradients of the same LoRA factors by Opacus's GradSampleModule hooks:
+    a function of a batch that returns {parameter name: (B, *shape)}."""
+    from opacus import GradSampleModule
+
+    from peer.model import LoraSettings, attach_lora, load_base, resolve_model
+
+    base, _ = load_base(resolve_model(args.model))
+    model = attach_lora(base, LoraSettings(), args.seed)
+    model.train()
+    wrapped = GradSampleModule(model, batch_first=True, loss_reduction="sum")
+
+    def grads(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        logits = wrapped(input_ids=batch["input_ids"],
+                         attention_mask=batch["attention_mask"]).logits[:, :-1].float()
+        targets = batch["labels"][:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets,
+                                                ignore_index=-100, reduction="none")
+        per_example = nll.sum(dim=1) / (targets != -100).sum(dim=1).clamp(min=1)
+        per_example.sum().backward()
+        found = {n: p.grad_sample for n, p in model.named_parameters() if p.requires_grad}
+        wrapped.zero_grad(set_to_none=True)
+        return found
+
+    return grads
+
+
+def _timed(fn: Any) -> float:
+    started = time.perf_counter()
+    fn()
+    return time.perf_counter() - started
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(args.seed)
+    repeats = [int(k) for k in args.repeats.split(",")]
+    drawn = canary.secrets(len(repeats) + args.candidates, rng)
+    planted = dict(zip(drawn[: len(repeats)], repeats, strict=True))
+    candidates = drawn[len(repeats):]
+    inserted = canary.write_canaries(args.out / "canaries.jsonl", planted)
+    result: dict[str, Any] = {"utility": {}, "exposure": {}, "settings": {
+        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    nulls: list[float] = []
+    for epsilon, mode in schedule(args.epsilons.split(",")):
+        started = time.monotonic()
+        utility = result["utility"].setdefault(_key(epsilon), {})
+        utility[mode] = run_mode(args, epsilon, mode, inserted)
+        if mode == "gossip":
+            name = "no_dp" if epsilon == "inf" else f"dp_eps{_key(epsilon)}"
+            result["exposure"][name] = run_exposure(args, epsilon, planted, candidates, nulls)
+            result["exposure"]["null"] = canary.spread(nulls)
+        utility[f"{mode}_wall_s"] = round(time.monotonic() - started, 1)
+        if "step_time_ratio" not in result:  # early, on the first run's shard 0
+            result.update(time_steps(args, args.out / _key(epsilon) / mode / "data"
+                                     / "shard-0.jsonl"))
+        args.json.write_text(json.dumps(result, indent=2))  # partial results survive a stop
+    print(json.dumps({k: result[k] for k in ("utility", "exposure", "step_time_ratio")},
+                     indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

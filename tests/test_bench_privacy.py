@@ -1,0 +1,55 @@
+"""bench_privacy.py's speed comparison: both per-example gradient paths compute the same thing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from peer.data import TokenBatches
+from peer.dpsgd import per_example_grads
+from peer.model import LoraSettings, attach_lora, load_base
+from scripts.bench_privacy import _opacus_grad_sampler, parse_args, schedule, time_steps
+from scripts.canary import canary_text
+from tests.conftest import write_jsonl
+
+TEXTS = [canary_text(f"{n:06d}") + " " + "and more" * (n % 4) for n in range(12)]
+
+
+def test_torch_func_and_opacus_hooks_give_the_same_per_example_gradients(
+    small_model_dir: Path,
+) -> None:
+    args = parse_args(["--json", "unused.json", "--model", str(small_model_dir)])
+    hooks = _opacus_grad_sampler(args)
+    base, tokenizer = load_base(small_model_dir)
+    model = attach_lora(base, LoraSettings(), args.seed)  # the same seeded factors
+    batch = TokenBatches(TEXTS, tokenizer, seq_len=32, batch_size=5, seed=0).next_batch()
+    assert int(batch["attention_mask"].sum(dim=1).min()) < batch["input_ids"].shape[1], "padded"
+    params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
+    ours, _ = per_example_grads(model, params, batch)
+    theirs = hooks(batch)
+    assert ours.keys() == theirs.keys() and len(ours) > 0
+    for name, grad in ours.items():
+        assert grad.shape[0] == 5
+        torch.testing.assert_close(grad, theirs[name], rtol=1e-3, atol=1e-5)
+
+
+def test_step_timings_are_taken_on_the_same_batch(tmp_path: Path, small_model_dir: Path) -> None:
+    shard = write_jsonl(tmp_path / "shard.jsonl", [{"text": t} for t in TEXTS])
+    args = parse_args(["--json", "unused.json", "--model", str(small_model_dir),
+                       "--batch-size", "4", "--seq-len", "32", "--timing-steps", "1",
+                       "--delta", "1e-3"])
+    found = time_steps(args, shard)
+    assert found["batch"][0] == 4
+    plain, dp = found["step_s"]["plain"], found["step_s"]["dp"]
+    assert plain > 0 and dp > 0
+    assert found["step_time_ratio"] == pytest.approx(dp / plain, rel=0.01)
+    assert set(found["grad_samplers_s"]) == {"torch_func", "opacus_hooks"}
+
+
+def test_the_schedule_measures_the_exposure_pair_first_and_every_run_once() -> None:
+    order = schedule(["inf", "8", "4", "1"])
+    assert order[:2] == [("inf", "gossip"), ("8", "gossip")]
+    assert sorted(order) == sorted((e, m) for e in ("inf", "8", "4", "1")
+                                   for m in ("gossip", "local", "central"))
