@@ -23,11 +23,13 @@ from functools import lru_cache
 from typing import Any
 
 import numpy as np
-from opacus.accountants.analysis import rdp as rdp_analysis
-from opacus.accountants.utils import get_noise_multiplier
 
 from peer.errors import ConfigError
 
+# OPACUS_NOTE: opacus is imported inside the functions that use it, never at module level:
+# importing it runs `logging.basicConfig` (opacus/utils/module_utils.py), which, before the CLI
+# configured logging, put a handler of its own format on the root logger, so that
+# `--log-format json` wrote lines that were not JSON (tests/test_logs.py).
 # The RDP orders opacus's RDPAccountant uses by default.
 ORDERS: tuple[float, ...] = tuple([1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64)))
 # A budget that needs more noise than this per step trains nothing useful: refuse it.
@@ -78,6 +80,8 @@ class PrivacyConfig:
 @lru_cache(maxsize=64)
 def _unit_rdp(noise: float, rate: float) -> np.ndarray:
     """RDP of one step at each order; T steps cost T times as much (composition)."""
+    from opacus.accountants.analysis import rdp as rdp_analysis  # lazily: see OPACUS_NOTE
+
     return np.asarray(rdp_analysis.compute_rdp(q=rate, noise_multiplier=noise, steps=1,
                                                orders=list(ORDERS)), dtype=np.float64)
 
@@ -94,6 +98,8 @@ def epsilon_of(history: Sequence[tuple[float, float, int]], delta: float) -> flo
         # "Optimal order is the largest alpha": then ε is an upper bound, looser than it
         # could be (large σ, few steps) — safe, and said every step otherwise.
         warnings.simplefilter("ignore", UserWarning)
+        from opacus.accountants.analysis import rdp as rdp_analysis  # lazily: see OPACUS_NOTE
+
         eps, _ = rdp_analysis.get_privacy_spent(orders=list(ORDERS), rdp=total, delta=delta)
     return float(eps)
 
@@ -106,6 +112,8 @@ def calibrate(config: PrivacyConfig, *, rate: float, steps: int) -> float:
     """
     assert config.epsilon is not None
     try:
+        from opacus.accountants.utils import get_noise_multiplier  # lazily: see OPACUS_NOTE
+
         noise = float(get_noise_multiplier(target_epsilon=config.epsilon,
                                            target_delta=config.delta, sample_rate=rate,
                                            steps=steps, accountant="rdp"))

@@ -87,7 +87,7 @@ async def test_status_and_swarm_of_a_live_three_peer_swarm(
     assert document["round"] >= 1 and document["merges"] >= 1
     assert len(document["live_peers"]) == 2 and document["bytes_in"] > 0
     assert document["recent_rounds"] and document["recent_rounds"][-1]["train_loss"] > 0
-    assert "privacy" not in document  # this peer keeps no ledger
+    assert document["privacy"]["epsilon"] is None  # trained without DP: no guarantee
 
     view = json.loads(swarm.stdout)
     assert view["self_reported"] is True and {row["peer_id"] for row in view["peers"]} == ids
