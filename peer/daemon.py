@@ -155,7 +155,11 @@ class Peer:
         """Wait for the swarm to form, announce ourselves, and evaluate where we start from."""
         parts = self._parts()
         runtime, publisher = parts.runtime, parts.publisher
-        if self.round == 0:
+        # A joiner announces itself before it waits for --wait-peers others: two joiners that
+        # each waited to hear of the other first would never hear of each other. The peer that
+        # starts the swarm waits first, so that its announcement reaches those it waited for.
+        joiner = bool(self.config.network.bootstrap)
+        if self.round == 0 and not joiner:
             await publisher.wait_for_peers()
         if self.version == 0:
             # Tell the swarm before round 1 that we are here (serving the seeded adapter): sent
@@ -164,6 +168,8 @@ class Peer:
             await publisher.wait_for_topic_peer()
             await publisher.announce(runtime.trainer.state(), version=self.version,
                                      round_=self.round)
+        if self.round == 0 and joiner:
+            await publisher.wait_for_peers()
         if self.round == 0 and runtime.eval_batches:
             await self._evaluate(runtime)
             runtime.store.append_metrics(parts.records.metrics(

@@ -92,6 +92,29 @@ async def test_a_loud_attacker_is_rejected_by_honest_peers(
     assert max(v.abs().max().item() for v in state.values()) < 10
 
 
+async def test_joiners_that_wait_for_each_other_start_together(tmp_path: Path,
+                                                               small_model_dir: Path) -> None:
+    """Two joiners with --wait-peers 2 each wait to hear of the other: they announce before
+    they wait, so neither waits out its --wait-timeout (they used to, each alone)."""
+    trains = [write_jsonl(tmp_path / f"train{i}.jsonl",
+                          [{"text": f"peer {i} line {j}"} for j in range(6)]) for i in range(3)]
+    peers: list[Peer] = []
+    with trio.fail_after(150):
+        async with trio.open_nursery() as nursery:
+            node0 = await nursery.start(
+                Peer(_config(tmp_path, "p0", small_model_dir, trains[0], ())).run)
+            for i in (1, 2):
+                config = _config(tmp_path, f"p{i}", small_model_dir, trains[i],
+                                 (node0.listen_addrs[0],), wait_peers=2, wait_timeout_s=600)
+                peer = Peer(config)
+                await nursery.start(peer.run)
+                peers.append(peer)
+            for peer in peers:
+                await peer.wait_rounds(1)
+            nursery.cancel_scope.cancel()
+    assert all(peer.round >= 1 for peer in peers)
+
+
 async def test_settling_rounds_merge_without_training(tmp_path: Path,
                                                       small_model_dir: Path) -> None:
     """After --rounds, --settle-rounds only exchange and merge: the peers move together.
