@@ -21,7 +21,9 @@ measurements share the machine with the same load. With `--threads T` (default 1
 process is pinned to the first T CPUs and the neighbour to the next T (`os.sched_setaffinity`;
 on 2 cores, one each): the peer pays for its event loop and for serving the neighbour from
 the core its training uses, as much as the bare loop has. The neighbour computes on the CPU
-even when `--device` is a GPU, so it never shares the accelerator.
+even when `--device` is a GPU, so it never shares the accelerator; only beside a quantized
+base (`--quantize`) does it load the same quantized base on the same GPU, because a quantized
+peer is in a swarm of its own.
 
 The JSON (`--json OUT`):
   * tokens_per_s: `bare` (timed tokens / seconds of the bare steps), `daemon` (the same
@@ -229,12 +231,23 @@ def peer_configs(args: argparse.Namespace, folder: Path,
         data_dir=folder / "peer", train_path=shards[0], model=args.model,
         rounds=args.rounds + 1, wait_peers=1, train=args.train, device=args.placement,
         topology=topology)
-    on_cpu = resolve(args.placement).device.type == "cpu" and not args.quantize
     neighbour = PeerConfig(
         data_dir=folder / "neighbour", train_path=shards[1], model=args.model,
-        train=args.train, topology=topology,
-        device=DeviceConfig(device="cpu", dtype=args.dtype if on_cpu else "auto"))
+        train=args.train, topology=topology, device=neighbour_placement(args))
     return measured, neighbour
+
+
+def neighbour_placement(args: argparse.Namespace) -> DeviceConfig:
+    """The CPU (in our dtype when we are on the CPU too), except beside a quantized base.
+
+    A 4-bit or 8-bit base is in a swarm of its own (`gossip.swarm`), so an unquantized
+    neighbour would never be heard and the peer would wait for it until `--timeout`. A
+    quantized neighbour needs CUDA: it shares our device, and its steps share the GPU.
+    """
+    if args.quantize:
+        return DeviceConfig(device=args.device, dtype=args.dtype, quantize=args.quantize)
+    on_cpu = resolve(args.placement).device.type == "cpu"
+    return DeviceConfig(device="cpu", dtype=args.dtype if on_cpu else "auto")
 
 
 async def run_daemon(measured: PeerConfig, neighbour: PeerConfig, cores: Cores,
@@ -440,7 +453,8 @@ def result(args: argparse.Namespace, config: PeerConfig, cores: Cores, bare: Bar
                      "steps_per_round": args.train.steps_per_round,
                      "batch_size": args.train.batch_size, "seq_len": args.train.seq_len,
                      "threads": args.threads, "cores": list(cores.ours),
-                     "neighbour_cores": list(cores.neighbour), "neighbour_device": "cpu",
+                     "neighbour_cores": list(cores.neighbour),
+                     "neighbour_device": neighbour_placement(args).device,
                      "cpus": os.cpu_count()},
     }
 

@@ -40,3 +40,17 @@ def test_bench_train_writes_the_issue_json(tmp_path: Path, small_model_dir: Path
     # Both ways ran the same steps: their first, untimed rounds end at the same loss.
     losses = result["warmup_loss"]
     assert losses["daemon"] == pytest.approx(losses["bare"], rel=1e-4)
+
+
+@pytest.mark.parametrize("quantize", ["4bit", "8bit"])
+def test_a_quantized_peer_measures_beside_a_neighbour_of_its_own_swarm(quantize: str) -> None:
+    """A quantized base is in a swarm of its own: an unquantized neighbour would never be heard,
+    and the measured peer waited for it until --timeout (found on an H100)."""
+    sys.path.insert(0, str(ROOT))
+    from scripts.bench_train import neighbour_placement, parse_args
+
+    args = parse_args(["--json", "x.json", "--device", "cuda", "--quantize", quantize])
+    placement = neighbour_placement(args)
+    assert (placement.device, placement.quantize) == ("cuda", quantize)
+    plain = neighbour_placement(parse_args(["--json", "x.json", "--device", "cpu"]))
+    assert (plain.device, plain.quantize) == ("cpu", "")
