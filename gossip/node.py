@@ -10,14 +10,12 @@ Who is in the swarm and whom to dial is `gossip.membership.Membership`'s busines
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections import OrderedDict
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import multiaddr
-import torch
 import trio
 from libp2p import new_host
 from libp2p.custom_types import TProtocol
@@ -27,56 +25,26 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from gossip.addresses import Scope, address_scope
-from gossip.binding import SignedOffers
-from gossip.compress import Codec, Shapes
 from gossip.config import NodeConfig, connection_config
 from gossip.dialer import Dialer
-from gossip.errors import GossipError, TransferError, WireError
-from gossip.estimate import PublicEstimate
-from gossip.fetcher import cap_s, fetch_from, link_stats
+from gossip.endpoint import ANNOUNCEMENT_QUEUE, Endpoint, Heard, Received
+from gossip.errors import GossipError, WireError
+from gossip.fetcher import fetch_from
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
-from gossip.replicas import Replicas
 from gossip.router import FloodPublishGossipSub
 from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
-from gossip.transfer import AdapterServer, Fetched, Offer
+from gossip.transfer import Fetched
 from gossip.wire import Announcement
 
 __all__ = ["GossipNode", "Heard", "NodeConfig", "Received"]
 
 logger = logging.getLogger(__name__)
 
-_ANNOUNCEMENT_QUEUE = 256
 _TRANSFER = TProtocol(TRANSFER_PROTOCOL)
 
 
-@dataclass(frozen=True)
-class Heard:
-    """A validated announcement and the gossipsub sequence number it was signed with.
-
-    py-libp2p numbers a publisher's messages from the wall clock at its start, one up per
-    publish, and strict signing covers the number: a higher one than any seen before from that
-    peer proves the message is fresh, not a replay of an old one.
-    """
-
-    announcement: Announcement
-    seqno: int
-    via: str = Scope.PUBLIC  # scope of the connection it arrived on (`gossip.addresses`)
-
-
-@dataclass(frozen=True)
-class Received:
-    """A neighbour's public estimate, rebuilt from the update fetched and checked against the
-    signed digest; its format is sound. `nbytes` counts the update's bytes on the wire."""
-
-    peer: str
-    version: int
-    samples: int
-    state: dict[str, torch.Tensor]
-    nbytes: int
-
-
-class GossipNode:
+class GossipNode(Endpoint):
     """One peer's presence in a swarm.
 
     Args:
@@ -87,8 +55,6 @@ class GossipNode:
     """
 
     def __init__(self, config: NodeConfig, swarm: bytes, identity_dir: Path | None) -> None:
-        self.config = config
-        self.swarm = swarm
         self.topic = topic_name(swarm)
         key_pair = host_key_pair(identity_dir)
         install_ping_fix()
@@ -99,7 +65,8 @@ class GossipNode:
             psk=config.psk,
             connection_config=connection_config(config),
         )
-        self.peer_id = str(self.host.get_id())
+        super().__init__(config, swarm, str(self.host.get_id()), key_pair.private_key.sign,
+                         self.host)
         guard_peerstore(self.host.get_peerstore(), self.host.get_id(),
                         self.host.get_connected_peers)
         self.router = FloodPublishGossipSub(
@@ -119,28 +86,6 @@ class GossipNode:
         # py-libp2p numbers messages from the wall clock at start: after the clock stepped
         # back, a restarted peer's messages looked like replays. A persisted counter never does.
         install_seqno_counter(self.pubsub, identity_dir / "seqno" if identity_dir else None)
-        self.server = AdapterServer(
-            swarm,
-            key_pair.private_key.sign,
-            self.peer_id,
-            max_concurrent=config.max_uploads,
-            min_interval_s=config.min_upload_interval_s,
-            timeout_s=cap_s(config),  # a slow link's upload may take as long as its fetch
-            request_timeout_s=config.fetch_timeout_s,
-            min_rate=config.min_upload_rate,
-        )
-        # Each neighbour's estimate as we rebuilt it; our shapes bound what we take.
-        self.replicas = Replicas(cap_bytes=config.max_adapter_bytes)
-        self._signed = SignedOffers(self.host)  # what each peer signed: `forget` drops it
-        self.rejected: Counter[str] = Counter()
-        self.bytes_in = 0
-        self.downloads_in_flight = 0
-        self.downloads_peak = 0
-        self._downloads = trio.Semaphore(config.max_downloads)
-        self.links = link_stats(config)  # each neighbour's throughput and latency, measured
-        self.current: Announcement | None = None  # what a re-announcement publishes
-        self.published_at = -float("inf")  # trio time of the last publish
-        self._send, self.announcements = trio.open_memory_channel[Heard](_ANNOUNCEMENT_QUEUE)
         self._last_addrs: list[str] = []
         self._via: OrderedDict[tuple[bytes, bytes], str] = OrderedDict()  # validated, undrained
         self.dialer = Dialer(self.host, config, self.rejected)
@@ -244,7 +189,7 @@ class GossipNode:
             return False
         # Which addresses of it we may dial depends on where it came from (see `remember`).
         self._via[(msg.from_id, msg.seqno)] = self._scope_of(forwarder)
-        while len(self._via) > _ANNOUNCEMENT_QUEUE:
+        while len(self._via) > ANNOUNCEMENT_QUEUE:
             self._via.popitem(last=False)
         return True
 
@@ -260,10 +205,6 @@ class GossipNode:
             except Exception:  # not a TCP connection, or already closing: keep looking
                 continue
         return Scope.PUBLIC
-
-    def _reject(self, reason: str, fmt: str, *args: object) -> None:
-        self.rejected[reason] += 1
-        logger.warning("rejected " + fmt, *args)
 
     async def _drain(self, subscription: Any) -> None:
         """Move delivered messages to our own queue at once: libp2p's buffer drops at 32."""
@@ -298,8 +239,7 @@ class GossipNode:
 
     def forget(self, peer: str) -> None:
         """Drop what we hold for `peer`, which left the membership view."""
-        self._signed.forget(peer)
-        self.replicas.forget(peer)
+        self._forget_received(peer)
         self.dialer.forget(peer)
 
     def connected_peers(self) -> list[str]:
@@ -327,105 +267,10 @@ class GossipNode:
             raise GossipError(f"publishing failed: {type(exc).__name__}: {exc}") from exc
         self.published_at = trio.current_time()
 
-    def update(self, announcement: Announcement) -> None:
-        """Make `announcement` the one the next re-announcement publishes; send nothing now."""
-        self.current = announcement
-
-    def serve(self, offer: Offer) -> Offer:
-        """Serve `offer` (a snapshot of our public estimate) to neighbours from now on."""
-        self.server.publish(offer)
-        return offer
-
-    def offer(self, version: int, samples: int, state: Mapping[str, torch.Tensor]) -> Offer:
-        """Serve `state` itself as a keyframe-only float32 estimate (x̂ = x exactly).
-
-        Encodes on the event loop: for tests and small adapters; the daemon steps a
-        `PublicEstimate` in a worker thread and calls `serve`.
-        """
-        snapshot = PublicEstimate(state, Codec("fp32"), version=version, keep=0).snapshot()
-        return self.serve(Offer(version=version, samples=samples, estimate=snapshot))
-
-    def expect_shapes(self, shapes: Shapes, *, rank_factor: int = 1,
-                      origin: Mapping[str, torch.Tensor] | None = None) -> None:
-        """Our adapter's shapes: what bounds a neighbour's update, and the swarm-seeded
-        estimate every neighbour's starts from, if any (`Replicas.expect`)."""
-        self.replicas.expect(shapes, rank_factor=rank_factor, origin=origin)
-
-    async def fetch(self, announcement: Announcement, *,
-                    held: tuple[int, bytes] | None = None) -> Fetched:
-        """Pull a neighbour's estimate update, checked against the signed announcement.
-
-        `held` is the (version, digest) of its estimate we hold (None: ask for a keyframe).
-
-        At most `max_downloads` fetches run at once. Waiting for a slot counts against the
-        same `fetch_timeout_s` as the dial and the header; the body then gets what the
-        neighbour's link earned (`gossip.fetcher`), and a completed fetch updates that
-        estimate (`links`).
-
-        Raises:
-            TransferError / WireError: with a reason; also counted in `rejected`.
-        """
-        started = trio.current_time()
-        try:
-            with trio.fail_at(started + self.config.fetch_timeout_s):
-                await self._downloads.acquire()
-        except trio.TooSlowError as exc:
-            error = TransferError("timeout", "no free download slot within the fetch timeout")
-            self.rejected[error.reason] += 1
-            raise error from exc
-        self.downloads_in_flight += 1
-        self.downloads_peak = max(self.downloads_peak, self.downloads_in_flight)
-        try:
-            fetched = await self._fetch(announcement, started, held)
-        except (TransferError, WireError) as exc:
-            self.rejected[exc.reason] += 1
-            raise
-        finally:
-            self.downloads_in_flight -= 1
-            self._downloads.release()
-        self.bytes_in += len(fetched.data)
-        self.links.record(fetched.peer, len(fetched.data), fetched.body_s, fetched.rtt_s)
-        return fetched
-
     async def _fetch(self, announcement: Announcement, started: float,
                      held: tuple[int, bytes] | None) -> Fetched:
-        bound = self.replicas.bound
+        """Over libp2p: dial if needed, and hang up a connection opened only for the fetch."""
         return await fetch_from(
             self.host, self.dial, announcement, swarm=self.swarm, config=self.config,
-            links=self.links, started=started, held=held,
-            check=lambda header: self._signed.check(announcement, header, bound),
+            links=self.links, started=started, held=held, check=self._checker(announcement),
         )
-
-    async def receive(self, announcement: Announcement) -> Received:
-        """Fetch a neighbour's estimate update and apply it to our replica of its estimate.
-
-        1. Ask for the steps since the version our replica holds (a keyframe when none).
-        2. In a worker thread: decode the update, check it leads to the signed (version,
-           digest) of the header, and apply it all or nothing (`EstimateReplica.apply`
-           decodes every payload against the expected shapes and checks the digest rebuilt).
-        3. A rejection drops the replica, so that the next fetch asks for a keyframe.
-
-        Only the format is checked here: whether it fits our adapter is `merge.validate`'s to
-        say. Every rejection is logged once with its reason and counted once, in `rejected`.
-
-        Raises:
-            TransferError / WireError: with the reason.
-        """
-        peer = announcement.peer
-        async with self.replicas.receiving(peer):  # one update of a peer's at a time
-            replica = self.replicas.get(peer)
-            try:
-                fetched = await self.fetch(announcement, held=self.replicas.held(peer))
-            except (TransferError, WireError) as exc:  # counted by `fetch`
-                logger.info("no adapter from %s: %s", peer, exc)
-                raise
-            try:
-                applied, state = await trio.to_thread.run_sync(self.replicas.apply, replica,
-                                                               fetched)
-            except WireError as exc:
-                self.replicas.refuse(peer)
-                self._reject(exc.reason, "update from %s: %s", peer, exc)
-                raise
-            self.replicas.keep(peer, applied)
-        return Received(peer=fetched.peer, version=fetched.version, samples=fetched.samples,
-                        state=state, nbytes=len(fetched.data))
