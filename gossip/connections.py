@@ -14,7 +14,7 @@ from collections.abc import Callable
 import trio
 
 from gossip.errors import GossipError
-from gossip.node import GossipNode
+from gossip.nodes import Node
 from topology.config import TopologyConfig
 from topology.discovery import backoff_delay, peers_to_dial
 from topology.view import MembershipView
@@ -28,7 +28,7 @@ _REDIAL_BASE_S, _REDIAL_CAP_S = 1.0, 60.0
 class Connections:
     """The dialling half of `Membership`: it owns the redial backoff and the dial counters."""
 
-    def __init__(self, node: GossipNode, view: MembershipView, config: TopologyConfig,
+    def __init__(self, node: Node, view: MembershipView, config: TopologyConfig,
                  rng: random.Random, *, tick_s: float, on_change: Callable[[], None]) -> None:
         self.node = node
         self.view = view

@@ -2,7 +2,7 @@
 
 One `Membership` per peer feeds a `topology.MembershipView` and keeps the peer in the swarm:
 
-1. Announcements (signed, validated by `GossipNode`) carry a peer's adapter version, sample
+1. Announcements (signed, validated by the node) carry a peer's adapter version, sample
    count and addresses; their addresses go to the peerstore, so that dials and fetches reach
    the peer. A message whose gossipsub sequence number is not above the last one seen from its
    signer, or that announces an older version than one already seen, is a replay: logged,
@@ -12,7 +12,7 @@ One `Membership` per peer feeds a `topology.MembershipView` and keeps the peer i
    and is only counted as `late`. A fresh message repeating the current
    version is a re-announcement: it proves the peer alive.
 2. Re-announcing: after `reannounce_s` without a publish, we publish our current announcement
-   (`GossipNode.current`: the daemon updates it every round without publishing). Peers that
+   (`Endpoint.current`: the daemon updates it every round without publishing). Peers that
    missed the last one (gossipsub loses messages while meshes form) learn of us, and peers we
    are not connected to keep us live even when rounds take longer than `peer_timeout_s`.
 3. Connections: every tick, each connected peer subscribed to the swarm topic is observed
@@ -37,8 +37,9 @@ from typing import Any
 import trio
 
 from gossip.connections import Connections
+from gossip.endpoint import Heard
 from gossip.errors import GossipError
-from gossip.node import GossipNode, Heard
+from gossip.nodes import Node
 from gossip.wire import Announcement
 from topology.config import TopologyConfig
 from topology.view import MembershipView, Observation
@@ -90,7 +91,7 @@ class Membership:
 
     def __init__(
         self,
-        node: GossipNode,
+        node: Node,
         config: TopologyConfig,
         rng: random.Random,
         *,

@@ -73,13 +73,16 @@ class MemoryNetwork:
         self.nodes: dict[str, MemoryNode] = {}  # running nodes by peer id
         self.publishes = 0
         self.deliveries = 0
+        self.made = 0  # nodes made: each one's number in its address (`/memory/N`)
         self._version = 0  # of the connection graph: a change drops the cached paths
         self._paths: dict[str, tuple[int, list[tuple[float, str]]]] = {}
 
     def node(self, config: NodeConfig, swarm: bytes, identity_dir: Path | None) -> MemoryNode:
         """A node for a `Peer` (the `NodeFactory` signature)."""
         name = identity_dir.name if identity_dir is not None else ""
-        return MemoryNode(self, config, swarm, identity_dir, self.links.get(name, self.default))
+        self.made += 1
+        return MemoryNode(self, config, swarm, identity_dir, self.links.get(name, self.default),
+                          number=self.made)
 
     def running(self, peer: str) -> MemoryNode | None:
         return self.nodes.get(peer)
@@ -160,12 +163,13 @@ class MemoryNode(Endpoint):
     """One peer's presence on a `MemoryNetwork`: what a `GossipNode` offers the daemon."""
 
     def __init__(self, network: MemoryNetwork, config: NodeConfig, swarm: bytes,
-                 identity_dir: Path | None, link: LinkShape) -> None:
+                 identity_dir: Path | None, link: LinkShape, *, number: int = 0) -> None:
         key_pair = host_key_pair(identity_dir)  # the same id after a restart, as on libp2p
         super().__init__(config, swarm, str(ID.from_pubkey(key_pair.public_key)),
                          key_pair.private_key.sign)
         self.network = network
         self.link = link
+        self.number = number
         self.topic = topic_name(swarm)
         self.connections: set[str] = set()
         self.uplink = trio.Lock()  # our uploads share our rate
@@ -174,7 +178,7 @@ class MemoryNode(Endpoint):
 
     @property
     def listen_addrs(self) -> list[str]:
-        return [f"/memory/{self.peer_id}/p2p/{self.peer_id}"]
+        return [f"/memory/{self.number}/p2p/{self.peer_id}"]
 
     @property
     def announce_addrs(self) -> list[str]:

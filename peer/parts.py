@@ -9,7 +9,7 @@ from pathlib import Path
 
 from gossip.config import NodeConfig
 from gossip.membership import Membership
-from gossip.node import GossipNode
+from gossip.nodes import Node
 from merge.registry import rule
 from peer.config import PeerConfig
 from peer.gather import Gatherer
@@ -21,7 +21,7 @@ from topology.view import MembershipView
 
 # Makes the network node from its config, the swarm id and the identity folder. Tests pass a
 # fake one, to run the round logic without libp2p.
-NodeFactory = Callable[[NodeConfig, bytes, Path | None], GossipNode]
+NodeFactory = Callable[[NodeConfig, bytes, Path | None], Node]
 
 
 @dataclass(frozen=True)
@@ -29,7 +29,7 @@ class Parts:
     """What a `Peer` joins the swarm with, once its model and data are loaded."""
 
     runtime: Runtime
-    node: GossipNode
+    node: Node
     membership: Membership
     gatherer: Gatherer
     publisher: Publisher

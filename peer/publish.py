@@ -24,7 +24,7 @@ from gossip.compress import Codec, Shapes, parse_codec, shapes_of
 from gossip.errors import GossipError
 from gossip.estimate import MAX_CHAIN, EstimateSnapshot, PublicEstimate
 from gossip.membership import Membership
-from gossip.node import GossipNode
+from gossip.nodes import Node
 from gossip.transfer import Offer
 from gossip.wire import Announcement
 from merge.validate import MAX_RANK_FACTOR
@@ -40,7 +40,7 @@ logger = logging.getLogger(__name__)
 class Publisher:
     """Offers a peer's adapter on its node and announces it, signed."""
 
-    def __init__(self, node: GossipNode, membership: Membership, config: PeerConfig,
+    def __init__(self, node: Node, membership: Membership, config: PeerConfig,
                  runtime: Runtime, stats: PeerStatistics, *, rank_free: bool) -> None:
         self.node = node
         self.membership = membership

@@ -19,7 +19,7 @@ import torch
 import trio
 
 from gossip.membership import Membership
-from gossip.node import GossipNode
+from gossip.nodes import Node
 from peer.setup import Runtime
 from peer.stats import PeerStatistics, shape_of
 from peer.store import Checkpoint
@@ -33,7 +33,7 @@ class Records:
     """Builds a peer's records from its parts and writes them to its store."""
 
     runtime: Runtime
-    node: GossipNode
+    node: Node
     membership: Membership
     stats: PeerStatistics
     http: str | None = None  # the URL that --http serves on, once it listens
@@ -140,7 +140,7 @@ class Records:
                                  bytes_out=self.node.server.bytes_out)
 
 
-def wire_status(node: GossipNode) -> dict[str, Any]:
+def wire_status(node: Node) -> dict[str, Any]:
     """The codec, our public estimate (its version and the steps kept for deltas), the uploads
     by kind (keyframe, delta, current), and what we hold of neighbours' estimates."""
     offer = node.server.current

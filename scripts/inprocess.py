@@ -21,8 +21,10 @@ from typing import Any
 import torch
 import trio
 
+from gossip.node import GossipNode
 from peer.config import PeerConfig
 from peer.daemon import Peer
+from peer.parts import NodeFactory
 from peer.shared import SharedModel
 from scripts.simreport import rounds_done
 
@@ -56,33 +58,36 @@ class InProcessBackend:
     """The peers of this process, in a nursery it owns; the progress of peers that other
     processes run (`scripts.workers`) is read from their folders."""
 
-    def __init__(self, nursery: trio.Nursery, shared: SharedModel,
-                 folders: Sequence[Path]) -> None:
+    def __init__(self, nursery: trio.Nursery, shared: SharedModel, folders: Sequence[Path],
+                 node_factory: NodeFactory = GossipNode) -> None:
         self._nursery = nursery
         self._shared = shared
         self._folders = folders
+        self._node_factory = node_factory
         self._slots: dict[int, _Slot] = {}
         self._memory = {"base_mib": rss_mib()}
         self._running_of = 0  # how many peers the running_mib figure covers
 
     @classmethod
     @asynccontextmanager
-    async def open(cls, folders: Sequence[Path], log: Path,
-                   first: PeerConfig) -> AsyncIterator[InProcessBackend]:
-        """Load the base model of `first` (and use its torch threads, 0: all); log to `log`."""
+    async def open(cls, folders: Sequence[Path], log: Path, first: PeerConfig, *,
+                   node_factory: NodeFactory = GossipNode) -> AsyncIterator[InProcessBackend]:
+        """Load the base model of `first` (and use its torch threads, 0: all); log to `log`.
+        The peers' nodes come from `node_factory` (libp2p hosts, or a memory network's)."""
         with logging_to(log):
             torch.set_num_threads(first.train.threads or torch.get_num_threads())
             shared = await trio.to_thread.run_sync(
                 lambda: SharedModel.load(first.model, first.lora, first.init_seed,
                                          frozen_a=first.train.frozen_a))
             async with trio.open_nursery() as nursery:
-                yield cls(nursery, shared, folders)
+                yield cls(nursery, shared, folders, node_factory)
                 nursery.cancel_scope.cancel()
 
     async def start(self, configs: Mapping[int, PeerConfig]) -> None:
         # Load every peer first (seconds each), then join them all at once: joined one by one,
         # the first peers of a 64-peer run finished short runs before the last had loaded.
-        peers = {index: Peer(config, self._shared) for index, config in configs.items()}
+        peers = {index: Peer(config, self._shared, node_factory=self._node_factory)
+                 for index, config in configs.items()}
         for peer in peers.values():
             await peer.load()
         self._memory["loaded_mib"] = rss_mib()
@@ -101,7 +106,7 @@ class InProcessBackend:
     async def restart(self, index: int) -> None:
         config = self._slots[index].config
         self._shared.remove_adapter(config.data_dir.name)
-        peer = Peer(config, self._shared)
+        peer = Peer(config, self._shared, node_factory=self._node_factory)
         await peer.load()
         await self._run(index, peer, config)
 

@@ -9,6 +9,7 @@ chatterbot-corpus categories) and the shared held-out eval set.
     python scripts/simulate.py --mode central --out OUT # one peer with all the data (baseline)
     python scripts/simulate.py --split dirichlet --alpha 0.1 --out OUT  # skewed topic mixes
     python scripts/simulate.py --link delay=50ms,rate=20mbit --out OUT  # peers across a WAN
+    python scripts/simulate.py --network memory --peers 256 --model builtin-small --out OUT
 
 Writes OUT/result.json, the plots OUT/eval_loss.png, OUT/consensus.png (how far apart the
 peers' adapters are, per round) and OUT/bytes.png (bytes each peer sent), and, per peer,
@@ -103,6 +104,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="with --in-process: spread the peers over K processes, each with "
                         "its own copy of the base model and its own event loop (use up to one "
                         "per core for 32 peers and more)")
+    parser.add_argument("--network", choices=("libp2p", "memory"), default="libp2p",
+                        help="libp2p: real hosts on 127.0.0.1; memory: every peer in this "
+                        "process over an in-memory network (gossip.memory), for hundreds to "
+                        "thousands of peers: the same daemon code above the network, the same "
+                        "encoded bytes and checks, announcements spread along connections and "
+                        "transfers at each peer's --link delay and rate (implies --in-process)")
     parser.add_argument("--link", metavar="LINK",
                         help="put every peer behind a wide-area link emulated by a proxy in "
                         "this process, e.g. delay=50ms,rate=20mbit,jitter=10ms (units: us, ms, "
@@ -124,6 +131,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--byzantine N needs --mode gossip and 0 <= N < --peers")
     if not 0 <= args.churn < 1 or args.churn_downtime < 0:
         parser.error("--churn must be in [0, 1) and --churn-downtime >= 0")
+    if args.network == "memory":
+        if args.workers > 1:
+            parser.error("--network memory runs every peer in this process: not with --workers")
+        args.in_process = True
     if args.workers < 1 or (args.workers > 1 and not args.in_process):
         parser.error("--workers K needs --in-process and K >= 1")
     if args.churn and args.rounds < 3:
@@ -240,7 +251,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(rounds=configs[0].total_rounds, timeout=args.timeout,
                         bootstrap=args.mode == "gossip", in_process=args.in_process,
                         workers=min(args.workers, len(configs)), out=out,
-                        links=peer_links(args, len(configs)))
+                        links=peer_links(args, len(configs)), network=args.network)
     swarm = run_swarm(configs, plan, settings, console)
     folders = [config.data_dir for config in configs]
     summaries = peer_summaries(folders)
@@ -265,6 +276,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["memory"] = swarm.memory
     if swarm.links is not None:
         result["links"] = swarm.links
+    if swarm.network is not None:
+        result["network"] = swarm.network
     result.update(swarm_consensus(folders, trained_rounds=args.rounds))
     (out / "result.json").write_text(json.dumps(result, indent=2))
     plot_eval_loss(summaries, out / "eval_loss.png", title=f"{args.mode}: eval loss per peer")

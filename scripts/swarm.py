@@ -25,6 +25,7 @@ from scripts.churn import Churn, ChurnPlan
 from scripts.links import LinkedSwarm, linked_swarm
 from scripts.peerconfigs import with_bootstrap
 from scripts.simreport import progress_columns
+from testbed.wan import Link
 
 TICK_S = 0.5  # how often the watch loop looks at the peers
 MAX_BARS = 16  # more peers than this share one progress bar, the slowest peer's
@@ -41,6 +42,7 @@ class Settings:
     workers: int  # with in_process: processes the peers are spread over
     out: Path  # logs go to OUT/logs
     links: tuple[str, ...] = ()  # peer i's link (`testbed.wan.Link` text; "": none)
+    network: str = "libp2p"  # or "memory": in process, over `gossip.memory.MemoryNetwork`
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,7 @@ class SwarmRun:
     churn: dict[str, dict[str, Any]]  # each churned peer's record (`churn_record`), by name
     memory: dict[str, Any] | None  # resident MiB, for peers run in process
     links: list[dict[str, Any]] | None = None  # each linked peer's link and proxy statistics
+    network: dict[str, Any] | None = None  # the memory network's counters
 
 
 def run_swarm(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Settings,
@@ -69,6 +72,8 @@ def run_swarm(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Settings
 
 async def _run(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Settings,
                console: Console) -> SwarmRun:
+    if settings.network == "memory":
+        return await _run_in_memory(configs, plan, settings, console)
     logs, folders = settings.out / "logs", [config.data_dir for config in configs]
     # The proxies outlive the peers: they close only after every peer has exited.
     async with linked_swarm(settings.links, folders, seed=0) as linked:
@@ -87,6 +92,36 @@ async def _run(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Setting
                                       linked=linked)
             memory = backend.memory(len(configs))
         return SwarmRun(records, memory, linked.statistics() if linked.proxies else None)
+
+
+async def _run_in_memory(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Settings,
+                         console: Console) -> SwarmRun:
+    """The peers in this process over a `MemoryNetwork`: each link is its peer's shape there,
+    not a proxy."""
+    from gossip.memory import MemoryNetwork
+    from scripts.inprocess import InProcessBackend
+
+    folders = [config.data_dir for config in configs]
+    network = MemoryNetwork(links={folders[index].name: memory_link(text)
+                                   for index, text in enumerate(settings.links) if text})
+    async with InProcessBackend.open(folders, settings.out / "logs" / "inprocess.log",
+                                     configs[0], node_factory=network.node) as backend:
+        records = await drive(backend, dict(enumerate(configs)), folders, plan, settings,
+                              console)
+    return SwarmRun(records, backend.memory(len(configs)), network=network.statistics())
+
+
+def memory_link(text: str) -> Any:
+    """A `--link` text as a peer's link on the memory network (its jitter is not modelled).
+
+    Raises:
+        ValueError: a bad link, in one line.
+    """
+    from gossip.memory import LinkShape
+
+    link = Link.parse(text)
+    return LinkShape(delay_s=link.delay_s,
+                     rate_bps=link.rate_bps / 8 if link.rate_bps else float("inf"))
 
 
 async def drive(backend: Backend, peers: Mapping[int, PeerConfig], folders: Sequence[Path],
