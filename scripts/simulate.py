@@ -71,6 +71,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_simulated_options(parser)
     parser.add_argument("--eval-per-category", type=int, default=2,
                         help="held-out examples per category in the shared eval set")
+    parser.add_argument("--eval-peers", type=int, default=0, metavar="N",
+                        help="only the first N peers evaluate (0: all). With hundreds of peers, "
+                        "evaluating costs more than training (a held-out pass of the built-in "
+                        "model is mostly its 49,152-word output layer), and every peer's shard is "
+                        "drawn alike, so N of them give the mean")
     parser.add_argument("--split", choices=("domain", "iid", "dirichlet"), default="domain",
                         help="domain: each peer gets different categories (non-IID); "
                         "dirichlet: each category is divided among peers in proportions drawn "
@@ -124,6 +129,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.peers < 1 or args.rounds < 1 or args.settle_rounds < 0:
         parser.error("--peers and --rounds must be at least 1, --settle-rounds at least 0")
+    if args.eval_peers < 0:
+        parser.error(f"--eval-peers must be at least 0, got {args.eval_peers}")
     if not (math.isfinite(args.alpha) and args.alpha > 0):
         parser.error(f"--alpha must be a positive number, got {args.alpha}")
     if not 0 <= args.byzantine < args.peers or (args.byzantine and args.mode != "gossip"
@@ -209,9 +216,11 @@ def peer_configs(args: argparse.Namespace, model_dir: Path, shards: list[Path],
     placed = ({**in_process_defaults(len(shards)), "threads": threads} if args.in_process
               else {"threads": 1})
     given = peer_arg_values(args.peer_arg)
+    evaluating = args.eval_peers or len(shards)
     return [build_config({**_settings(args, index, len(shards)), "model": str(model_dir),
                           "data_dir": peer_folder(args.out, index), "train": shard,
-                          "eval": eval_path, **placed, **given})
+                          **({"eval": eval_path} if index < evaluating else {}), **placed,
+                          **given})
             for index, shard in enumerate(shards)]
 
 

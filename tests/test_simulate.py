@@ -157,3 +157,40 @@ def test_workers_need_in_process(argv: list[str], capsys: pytest.CaptureFixture[
     with pytest.raises(SystemExit):
         parse_args(argv)
     assert "--workers K needs --in-process and K >= 1" in capsys.readouterr().err
+
+
+def test_memory_network_simulation_with_links_and_churn(tmp_path: Path,
+                                                         small_model_dir: Path) -> None:
+    """The same daemons over gossip.memory: every peer merges, the links shape the transfers,
+    and a churned peer rejoins under its old id."""
+    command = [
+        sys.executable, str(ROOT / "scripts" / "simulate.py"), "--network", "memory",
+        "--peers", "8", "--out", str(tmp_path), "--model", str(small_model_dir), "--rounds", "3",
+        "--steps-per-round", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "3",
+        "--eval-per-category", "1", "--timeout", "400", "--settle-rounds", "1",
+        "--link", "delay=5ms,rate=50mbit", "--churn", "0.25", "--churn-downtime", "1",
+        "--eval-peers", "4",
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    result = json.loads((tmp_path / "result.json").read_text())
+    assert result["config"]["network"] == "memory" and result["config"]["in_process"]
+    assert result["mean_eval_loss"] < result["mean_eval_loss_before"]
+    network = result["network"]
+    assert network["publishes"] >= 8 * 3 and network["deliveries"] >= 7 * network["publishes"] // 2
+    churned = [peer for peer in result["peers"] if peer.get("churn")]
+    assert len(churned) == 2, result["peers"]
+    for index, peer in enumerate(result["peers"]):
+        assert peer["rounds"] == 4 and peer["merges"] >= 2, peer
+        assert peer["bytes_received"] > 0
+        assert math.isfinite(peer["eval_loss"]) if index < 4 else peer["eval_loss"] is None
+    assert result["memory"]["per_peer_mib"] > 0
+
+
+def test_the_memory_network_runs_in_one_process(capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.simulate import parse_args
+
+    assert parse_args(["--network", "memory"]).in_process
+    with pytest.raises(SystemExit):
+        parse_args(["--network", "memory", "--workers", "2"])
+    assert "--network memory runs every peer in this process" in capsys.readouterr().err
