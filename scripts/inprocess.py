@@ -10,6 +10,7 @@ from the shared model; a restart is a new `Peer` on the same data folder.
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import resource
 from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
@@ -27,6 +28,27 @@ from peer.daemon import Peer
 from peer.parts import NodeFactory
 from peer.shared import SharedModel
 from scripts.simreport import rounds_done
+
+_M_ARENA_MAX, _M_MMAP_THRESHOLD = -8, -3  # glibc's mallopt parameters (malloc.h)
+
+
+def share_malloc_arenas() -> bool:
+    """Make glibc keep few heap arenas and hand large blocks back on free (False: not glibc).
+
+    glibc gives each thread that allocates its own arena (up to 8 per core) and, once a large
+    block has been freed, raises the size below which blocks stay in an arena after their
+    free, up to 32 MiB. Peers of one process take turns in worker threads, each step leaving
+    its activations (tens of MiB) in whichever arena its thread had. Measured with 16 peers on
+    the memory network: 1,488 MiB resident with glibc's defaults, 1,100 with 2 arenas, 982
+    with 2 arenas and a fixed 128 KiB mmap threshold (tensors above it are mapped and unmapped
+    on their own). Equivalent to MALLOC_ARENA_MAX=2 MALLOC_MMAP_THRESHOLD_=131072.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    return bool(libc.mallopt(_M_ARENA_MAX, 2)) and bool(libc.mallopt(_M_MMAP_THRESHOLD,
+                                                                      128 * 1024))
 
 
 def rss_mib() -> float:
@@ -75,6 +97,7 @@ class InProcessBackend:
         """Load the base model of `first` (and use its torch threads, 0: all); log to `log`.
         The peers' nodes come from `node_factory` (libp2p hosts, or a memory network's)."""
         with logging_to(log):
+            share_malloc_arenas()  # before the threads that training and merging run in
             torch.set_num_threads(first.train.threads or torch.get_num_threads())
             shared = await trio.to_thread.run_sync(
                 lambda: SharedModel.load(first.model, first.lora, first.init_seed,
