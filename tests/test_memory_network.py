@@ -161,3 +161,27 @@ async def test_garbage_from_a_peer_is_refused_by_reason(
         assert sum(b.rejected.values()) == 1
         with pytest.raises(WireError):
             Announcement.from_wire(b"\x00" * 40, swarm=SWARM, max_nbytes=1 << 20)
+
+
+async def test_a_server_killed_mid_transfer_is_a_counted_failure_never_a_partial_adapter(
+        tmp_path: Path) -> None:
+    """hivemind's all-reduce returned a silently half-averaged tensor when a peer died mid-round;
+    here the client's fetch fails with its reason and its replica of the peer stays as it was."""
+    network = MemoryNetwork(LinkShape(delay_s=0.001), {"p0": LinkShape(0.001, 20_000.0)})
+    async with running(network, folders(tmp_path, 2)) as (server, client):
+        data = adapter_bytes(width=2048)  # about 70 KB: over 3 s at 20 KB/s
+        serve(server, data)
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                async def kill_soon() -> None:
+                    await trio.sleep(1.0)
+                    network.leave(server)
+                    assert server._nursery is not None
+                    server._nursery.cancel_scope.cancel()  # as a crash: its upload dies with it
+
+                nursery.start_soon(kill_soon)
+                with pytest.raises(TransferError) as caught:
+                    await client.receive(announce(server, data))
+        assert caught.value.reason in ("truncated", "stalled", "timeout")
+        assert client.rejected == {caught.value.reason: 1} and client.bytes_in == 0
+        assert client.replicas.get(server.peer_id) is None
