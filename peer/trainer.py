@@ -17,7 +17,7 @@ import math
 import os
 import random
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -41,11 +41,15 @@ class LocalTrainer:
         adapter: the name of this trainer's adapter inside `model`.
         lock: held around forward passes when several trainers share `model`.
         ledger: the ε spent on our steps; a private one makes every step a DP-SGD step.
+        own: our adapter's (name, parameter) pairs in `model`; None: found by name.
+        switch: makes an adapter of `model` the active one (default: peft's `set_adapter`).
     """
 
     def __init__(self, model: Any, batches: TokenBatches, config: TrainConfig,
                  samples: int = 0, *, adapter: str = "default",
-                 lock: threading.Lock | None = None, ledger: Ledger | None = None) -> None:
+                 lock: threading.Lock | None = None, ledger: Ledger | None = None,
+                 own: list[tuple[str, torch.nn.Parameter]] | None = None,
+                 switch: Callable[[str], None] | None = None) -> None:
         self.model = model
         self.ledger = ledger if ledger is not None else Ledger(PrivacyConfig())
         # The sample and the noise must be unpredictable to whoever knows the swarm's seeds.
@@ -56,9 +60,11 @@ class LocalTrainer:
         self.config = config
         self.samples = samples
         self.adapter = adapter
+        self._switch = switch if switch is not None else model.set_adapter
         self._lock: contextlib.AbstractContextManager[Any] = lock or contextlib.nullcontext()
-        own = [(n, p) for n, p in model.named_parameters()
-               if "lora_" in n and f".{adapter}." in n]
+        if own is None:  # a shared model knows them: walking it costs every peer's adapters
+            own = [(n, p) for n, p in model.named_parameters()
+                   if "lora_" in n and f".{adapter}." in n]
         self._params = [p for n, p in own if not (config.frozen_a and "lora_A" in n)]
         self._frozen = [p for n, p in own if config.frozen_a and "lora_A" in n]
         # Our factors under their peft state-dict names (the adapter name taken out), read and
@@ -75,7 +81,7 @@ class LocalTrainer:
     def _activate(self) -> None:
         """Make our adapter the one forward passes use (a no-op with a single adapter)."""
         if self.model.active_adapter != self.adapter:
-            self.model.set_adapter(self.adapter)
+            self._switch(self.adapter)
             for param in self._frozen:  # set_adapter marks every factor trainable
                 param.requires_grad_(False)
 

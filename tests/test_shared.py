@@ -138,3 +138,27 @@ async def test_peers_waiting_for_the_shared_model_leave_the_worker_threads_free(
         await trio.to_thread.run_sync(lambda: None)
         assert trio.current_time() - started < 0.5
         nursery.cancel_scope.cancel()
+
+
+def test_adding_the_nth_adapter_leaves_the_others_whole(small_model_dir: Path) -> None:
+    """Adapters are added with the others taken out of the LoRA layers (peft walks them all);
+    afterwards every layer holds every adapter again, each still at its own values."""
+    shared = SharedModel.load(str(small_model_dir), LoraSettings(), init_seed=0)
+    first = shared.add_adapter("p0", LoraSettings(), 0, False)
+    with torch.no_grad():
+        for _, param in shared.own[first]:
+            param.add_(1.0)  # p0 trained: it must not be reset by later adds
+    for index in range(1, 4):
+        shared.add_adapter(f"p{index}", LoraSettings(), 0, False)
+    names = {n for n, _ in shared.model.named_parameters() if "lora_" in n}
+    for index in range(4):
+        own = {n for n, _ in shared.own[f"p{index}"]}
+        assert own and own == {n for n in names if f".p{index}." in n}
+    initial = shared.initial
+    for name, param in shared.own["p3"]:
+        assert torch.equal(param, initial[name.replace(".p3.", ".")])
+    for name, param in shared.own["p0"]:
+        assert torch.equal(param, initial[name.replace(".p0.", ".")] + 1.0)
+    layers = shared._lora_layers()
+    assert layers and all(set(layer.lora_A) == {"default", "p0", "p1", "p2", "p3"}
+                          for layer in layers)
