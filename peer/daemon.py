@@ -31,7 +31,7 @@ from peer.inputs import MergeInputs
 from peer.logs import PEER_LOG_FIELDS
 from peer.parts import NodeFactory, Parts, assemble
 from peer.setup import Runtime, build_runtime
-from peer.shared import SharedModel
+from peer.shared import SharedModel, take_turn
 from peer.stats import PeerStatistics
 from peer.web import serve_peer_http
 
@@ -184,8 +184,7 @@ class Peer:
         train_s: float | None = None
         started = trio.current_time()
         if self.training():
-            loss = stats.last_train_loss = await trio.to_thread.run_sync(
-                self._train, runtime)
+            loss = stats.last_train_loss = await take_turn(self.shared, self._train, runtime)
             train_s = self._train_s = trio.current_time() - started
             stats.train_s += train_s
         self.version += 1
@@ -226,8 +225,8 @@ class Peer:
         return loss
 
     async def _evaluate(self, runtime: Runtime) -> None:
-        self.stats.last_eval = await trio.to_thread.run_sync(
-            runtime.trainer.eval_loss, runtime.eval_batches)
+        self.stats.last_eval = await take_turn(self.shared, runtime.trainer.eval_loss,
+                                               runtime.eval_batches)
 
     async def _linger(self) -> None:
         """Serve the final adapter `--linger` s more, for slower neighbours (not after a signal)."""

@@ -4,21 +4,26 @@ Each peer gets its own named LoRA adapter inside a single peft model: the base w
 memory once, and a peer costs only its adapter, its optimizer moments and its token batches.
 All adapters start from the same swarm-seeded values, exactly as separate processes would.
 Forward passes need their adapter active, so trainers take turns under `lock` (see
-`peer.trainer.LocalTrainer`).
+`peer.trainer.LocalTrainer`), and their peers queue for those turns in trio (`take_turn`), not
+in worker threads.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+import trio
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from merge.types import AdapterState
 from peer.errors import ConfigError
 from peer.model import LoraSettings, attach_lora, fingerprint, load_base, resolve_model
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -34,6 +39,8 @@ class SharedModel:
     frozen_a: bool
     initial: AdapterState
     lock: threading.Lock = field(default_factory=threading.Lock)
+    # One worker thread at a time for the passes that take `lock` (see `take_turn`).
+    turns: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
     _names: set[str] = field(default_factory=set)
 
     @classmethod
@@ -85,3 +92,15 @@ class SharedModel:
         with self.lock:
             self.model.delete_adapter(name)
         self._names.discard(name)
+
+
+async def take_turn(shared: SharedModel | None, fn: Callable[..., T], *args: Any) -> T:
+    """Run `fn(*args)`, blocking work on the model (training, evaluation), in a worker thread.
+
+    With a shared model, the peers wait for their turn here, in trio, and one thread at a time
+    runs. Waiting for `lock` inside the threads instead, they held all 40 of the worker threads
+    that trio gives the whole process: the other peers' encoding and hashing for a transfer
+    queued behind every pending pass, and with 64 peers fetches timed out (see the README).
+    """
+    return await trio.to_thread.run_sync(fn, *args,
+                                         limiter=shared.turns if shared is not None else None)

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import threading
+import time
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
+import trio
+import trio.testing
 from peft import PeftModel, get_peft_model_state_dict
 from transformers import AutoModelForCausalLM
 
@@ -13,7 +19,7 @@ from peer.config import TrainConfig
 from peer.data import TokenBatches
 from peer.errors import ConfigError
 from peer.model import LoraSettings
-from peer.shared import SharedModel
+from peer.shared import SharedModel, take_turn
 from peer.store import PeerStore
 from peer.trainer import LocalTrainer
 
@@ -110,3 +116,25 @@ def test_a_removed_adapter_can_be_added_again_from_the_start(small_model_dir: Pa
     assert _equal(other.state(), kept), "other peers' adapters are untouched"
     again.train_round()
     assert _equal(other.state(), kept)
+
+
+async def test_peers_waiting_for_the_shared_model_leave_the_worker_threads_free() -> None:
+    # 100 peers' passes queue for one model; trio lends a whole process 40 worker threads.
+    shared: Any = SimpleNamespace(lock=threading.Lock(), turns=trio.CapacityLimiter(1))
+    threads = trio.to_thread.current_default_thread_limiter()
+
+    def one_pass() -> None:
+        with shared.lock:
+            time.sleep(0.03)
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(100):
+            nursery.start_soon(take_turn, shared, one_pass)
+        await trio.testing.wait_all_tasks_blocked()
+        # Waiting in threads, 40 passes held every thread, and a transfer's hashing waited
+        # behind 60 more passes (1.8 s here; with 64 peers, past the 64 s fetch timeout).
+        assert threads.statistics().borrowed_tokens == 0
+        started = trio.current_time()
+        await trio.to_thread.run_sync(lambda: None)
+        assert trio.current_time() - started < 0.5
+        nursery.cancel_scope.cancel()
