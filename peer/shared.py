@@ -4,8 +4,7 @@ Each peer gets its own named LoRA adapter inside a single peft model: the base w
 memory once, and a peer costs only its adapter, its optimizer moments and its token batches.
 All adapters start from the same swarm-seeded values, exactly as separate processes would.
 Forward passes need their adapter active, so trainers take turns under `lock` (see
-`peer.trainer.LocalTrainer`), and their peers queue for those turns in trio (`take_turn`), not
-in worker threads.
+`peer.trainer.LocalTrainer`), in worker threads of their own (`take_turn`), not trio's.
 """
 
 from __future__ import annotations
@@ -28,6 +27,8 @@ from peer.model import LoraSettings, attach_lora, fingerprint, load_base, resolv
 T = TypeVar("T")
 # The per-adapter module dicts of a peft LoRA layer.
 _ADAPTER_DICTS = ("lora_A", "lora_B", "lora_dropout")
+# Threads that may wait for the shared model's lock at once (see `take_turn`).
+WAITING_THREADS = 8
 
 
 @dataclass
@@ -43,8 +44,9 @@ class SharedModel:
     frozen_a: bool
     initial: AdapterState
     lock: threading.Lock = field(default_factory=threading.Lock)
-    # One worker thread at a time for the passes that take `lock` (see `take_turn`).
-    turns: trio.CapacityLimiter = field(default_factory=lambda: trio.CapacityLimiter(1))
+    # The worker threads of passes that take `lock`, apart from trio's 40 (see `take_turn`).
+    threads: trio.CapacityLimiter = field(
+        default_factory=lambda: trio.CapacityLimiter(WAITING_THREADS))
     _names: set[str] = field(default_factory=set)
     # Each added adapter's (name, parameter) pairs, found while it was alone (`_alone`).
     own: dict[str, list[tuple[str, torch.nn.Parameter]]] = field(default_factory=dict)
@@ -155,10 +157,13 @@ class SharedModel:
 async def take_turn(shared: SharedModel | None, fn: Callable[..., T], *args: Any) -> T:
     """Run `fn(*args)`, blocking work on the model (training, evaluation), in a worker thread.
 
-    With a shared model, the peers wait for their turn here, in trio, and one thread at a time
-    runs. Waiting for `lock` inside the threads instead, they held all 40 of the worker threads
-    that trio gives the whole process: the other peers' encoding and hashing for a transfer
-    queued behind every pending pass, and with 64 peers fetches timed out (see the README).
+    With a shared model, the thread comes from the model's own limiter, and waits for `lock`
+    there. From trio's default limiter, whose 40 threads every peer of the process shares, the
+    waiting peers held them all past 40 peers: the other peers' encoding and hashing for a
+    transfer queued behind every pending pass, and with 64 peers fetches timed out (see the
+    README). Waiting in trio instead (a limiter of one) handed the model over through the busy
+    event loop, and it idled between passes. A few threads (`WAITING_THREADS`) always have the
+    next taker waiting at the lock, and 1,000 peers do not park 1,000 threads.
     """
-    return await trio.to_thread.run_sync(fn, *args,
-                                         limiter=shared.turns if shared is not None else None)
+    limiter = shared.threads if shared is not None else None
+    return await trio.to_thread.run_sync(fn, *args, limiter=limiter)

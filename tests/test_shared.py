@@ -120,7 +120,7 @@ def test_a_removed_adapter_can_be_added_again_from_the_start(small_model_dir: Pa
 
 async def test_peers_waiting_for_the_shared_model_leave_the_worker_threads_free() -> None:
     # 100 peers' passes queue for one model; trio lends a whole process 40 worker threads.
-    shared: Any = SimpleNamespace(lock=threading.Lock(), turns=trio.CapacityLimiter(1))
+    shared: Any = SimpleNamespace(lock=threading.Lock(), threads=trio.CapacityLimiter(8))
     threads = trio.to_thread.current_default_thread_limiter()
 
     def one_pass() -> None:
@@ -131,9 +131,10 @@ async def test_peers_waiting_for_the_shared_model_leave_the_worker_threads_free(
         for _ in range(100):
             nursery.start_soon(take_turn, shared, one_pass)
         await trio.testing.wait_all_tasks_blocked()
-        # Waiting in threads, 40 passes held every thread, and a transfer's hashing waited
-        # behind 60 more passes (1.8 s here; with 64 peers, past the 64 s fetch timeout).
+        # In trio's own threads, 40 waiting passes held them all, and a transfer's hashing
+        # waited behind 60 more passes (1.8 s here; with 64 peers, past the 64 s fetch timeout).
         assert threads.statistics().borrowed_tokens == 0
+        assert shared.threads.statistics().borrowed_tokens == 8  # a few wait, not 100
         started = trio.current_time()
         await trio.to_thread.run_sync(lambda: None)
         assert trio.current_time() - started < 0.5
