@@ -9,7 +9,8 @@ One round, as in DESIGN.md:
 
 After `rounds` training rounds, `settle_rounds` more rounds skip step 1: they only exchange and
 merge, which pulls the peers' adapters together, so the swarm ends close to one adapter
-instead of N slightly different ones. Each lasts as long as the last training round, so that
+instead of N slightly different ones. They fetch `settle_fanout` neighbours (training costs them
+nothing, so more fetches fit). Each lasts as long as the last training round, so that
 neighbours have merged in between.
 """
 
@@ -182,8 +183,8 @@ class Peer:
         self._stop.clear()
         loss: float | None = None
         train_s: float | None = None
-        started = trio.current_time()
-        if self.training():
+        started, training = trio.current_time(), self.training()
+        if training:
             loss = stats.last_train_loss = await take_turn(self.shared, self._train, runtime)
             train_s = self._train_s = trio.current_time() - started
             stats.train_s += train_s
@@ -193,7 +194,7 @@ class Peer:
         gather_started = trio.current_time()
         found = await parts.gatherer.gather(state, version=self.version,
                                             trained=runtime.trainer.samples > 0,
-                                            patience_s=self._train_s)
+                                            patience_s=self._train_s, settling=not training)
         gather_s = trio.current_time() - gather_started
         others = self._inputs.choose(found.accepted, version=self.version)
         if others:

@@ -2,9 +2,10 @@
 
 A neighbour that fails (unreachable, busy, timed out, rejected, untrained) is replaced by
 another one drawn at random, in up to `WAVES` waves, so that a round merges `fanout` adapters
-whenever enough neighbours answer. Neighbours that had not trained yet are then fetched again,
-backing off, for as long as our own training took. gossip/ checks each adapter's format and
-counts what it refuses; this module validates structure and norms and counts those refusals.
+(`settle_fanout` in a settling round, which trains nothing and can afford more) whenever enough
+neighbours answer. Neighbours that had not trained yet are then fetched again, backing off, for
+as long as our own training took. gossip/ checks each adapter's format and counts what it
+refuses; this module validates structure and norms and counts those refusals.
 """
 
 from __future__ import annotations
@@ -80,7 +81,8 @@ class Gatherer:
         source: fetches and format-checks an announced adapter.
         neighbours: draws live neighbours and takes our verdict on each.
         merge: supplies the norm bound.
-        fanout: adapters wanted per round.
+        fanout: adapters wanted per training round.
+        settle_fanout: adapters wanted per settling round (None: `fanout`).
         fetch_timeout_s: the least time to wait for untrained neighbours.
         rank_free: accept LoRA factors of another rank (rules that can merge them).
         stats: where adapters received and validation refusals are counted.
@@ -89,7 +91,8 @@ class Gatherer:
     """
 
     def __init__(self, source: Source, neighbours: Neighbours, merge: MergeConfig, *,
-                 fanout: int, fetch_timeout_s: float, rank_free: bool = False,
+                 fanout: int, fetch_timeout_s: float, settle_fanout: int | None = None,
+                 rank_free: bool = False,
                  stats: PeerStatistics | None = None, offload: Offload[Any] = _in_thread,
                  require_dp: float | None = None) -> None:
         self.source = source
@@ -97,6 +100,7 @@ class Gatherer:
         self.neighbours = neighbours
         self.merge = merge
         self.fanout = fanout
+        self.settle_fanout = fanout if settle_fanout is None else settle_fanout
         self.fetch_timeout_s = fetch_timeout_s
         self.rank_free = rank_free
         self.offload = offload
@@ -106,7 +110,7 @@ class Gatherer:
         self.stats = stats if stats is not None else PeerStatistics()
 
     async def gather(self, own: State, *, version: int, trained: bool,
-                     patience_s: float = 0.0) -> Gathered:
+                     patience_s: float = 0.0, settling: bool = False) -> Gathered:
         """Fetch up to `fanout` valid adapters for the round that produced `version`.
 
         Args:
@@ -115,12 +119,14 @@ class Gatherer:
             trained: whether we have trained; if so, untrained neighbours are not merged.
             patience_s: how long our own training took; untrained neighbours are waited for
                 that long, or `fetch_timeout_s` if longer.
+            settling: a round that did not train: fetch up to `settle_fanout` instead.
         """
         scale = await self.offload(lambda: self.reference.scale(own))
-        round_ = _Round(own=own, version=version, trained=trained, scale=scale)
+        wanted = self.settle_fanout if settling else self.fanout
+        round_ = _Round(own=own, version=version, trained=trained, scale=scale, wanted=wanted)
         tried: set[str] = set()
         for wave in range(WAVES):
-            missing = self.fanout - len(round_.found.accepted)
+            missing = wanted - len(round_.found.accepted)
             if missing <= 0:
                 break
             # Each wave draws twice as many as are missing: when most of the view is identities
@@ -131,7 +137,7 @@ class Gatherer:
             tried.update(announcement.peer for announcement in chosen)
             await self._fetch_all(chosen, round_)
         round_.found.tried = sorted(tried)
-        if round_.waiting and len(round_.found.accepted) < self.fanout:
+        if round_.waiting and len(round_.found.accepted) < wanted:
             await self._await_training(round_, max(self.fetch_timeout_s, patience_s))
         round_.found.untrained = round_.waiting
         self.reference.update(round_.norms)
@@ -145,15 +151,15 @@ class Gatherer:
         """
         deadline = trio.current_time() + patience_s
         delay, started = PATIENCE_FIRST_S, trio.current_time()
-        while (round_.waiting and len(round_.found.accepted) < self.fanout
+        while (round_.waiting and len(round_.found.accepted) < round_.wanted
                and trio.current_time() + delay < deadline):
             await trio.sleep(delay)
             delay *= 2
-            missing = self.fanout - len(round_.found.accepted)
+            missing = round_.wanted - len(round_.found.accepted)
             chosen, round_.waiting = round_.waiting[:missing], round_.waiting[missing:]
             await self._fetch_all(chosen, round_)
         logger.info("waited %.1f s for neighbours to train; %d of %d merged",
-                    trio.current_time() - started, len(round_.found.accepted), self.fanout)
+                    trio.current_time() - started, len(round_.found.accepted), round_.wanted)
 
     async def _fetch_all(self, chosen: list[Announcement], round_: _Round) -> None:
         async with trio.open_nursery() as nursery:
@@ -233,6 +239,7 @@ class _Round:
     version: int
     trained: bool
     scale: float
+    wanted: int  # adapters this round merges at most: the fanout of a training or settling round
     found: Gathered = field(default_factory=Gathered)
     waiting: list[Announcement] = field(default_factory=list)  # untrained, to fetch again
     norms: list[float] = field(default_factory=list)  # of accepted adapters, for the reference

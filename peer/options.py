@@ -163,6 +163,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("min_fetch_rate", "network", "min_fetch_rate", float, "BYTES_PER_S"),
     Option("wire_codec", "network", "wire_codec", str, "CODEC"),
     Option("fanout", "topology", "fanout", int, "K"),
+    Option("settle_fanout", "topology", "settle_fanout", int, "K"),
     Option("view_size", "topology", "view_size", int, "N"),
     Option("peer_timeout", "topology", "peer_timeout_s", float, "SECONDS"),
     Option("target_connections", "topology", "target_connections", int, "N"),

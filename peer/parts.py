@@ -44,6 +44,7 @@ def assemble(config: PeerConfig, runtime: Runtime, stats: PeerStatistics, rng: r
     view = MembershipView(config.topology, node.peer_id)
     membership = Membership(node, config.topology, rng, view=view)
     gatherer = Gatherer(node, membership, config.merge, fanout=config.topology.fanout,
+                        settle_fanout=config.topology.settling_fanout,
                         fetch_timeout_s=config.network.fetch_timeout_s, rank_free=rank_free,
                         stats=stats, require_dp=config.privacy.require_dp)
     return Parts(

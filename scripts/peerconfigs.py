@@ -36,6 +36,7 @@ SIMULATED: dict[str, tuple[Any, str]] = {
     "seq_len": (48, "tokens per example"),
     "lr": (6e-3, "AdamW learning rate"),
     "fanout": (2, "neighbours fetched per round"),
+    "settle_fanout": (0, "gossip mode: neighbours fetched per settling round (0: --fanout)"),
     "eval_every": (5, "evaluate every N rounds (and always after the last)"),
     "merge_rule": ("average", f"one of {', '.join(RULE_NAMES)}"),
     "attack_scale": (50.0, "strength of --attack"),

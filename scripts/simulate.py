@@ -230,6 +230,7 @@ def _settings(args: argparse.Namespace, index: int, peers: int) -> dict[str, Any
     settings = {name: getattr(args, name) for name in SIMULATED}
     settings.update(init_seed=args.seed, data_seed=args.seed * 1000 + index,
                     fanout=args.fanout if gossip else 0,
+                    settle_fanout=args.settle_fanout if gossip else 0,
                     settle_rounds=args.settle_rounds if gossip else 0)
     if is_byzantine(args, index):
         settings["attack"] = args.attack

@@ -39,6 +39,17 @@ def test_network_and_settling_flags(tmp_path: Path) -> None:
     assert config.network.wire_codec == "topk:0.05+zstd"
 
 
+def test_settle_fanout_defaults_to_the_fanout(tmp_path: Path) -> None:
+    common = ["--data-dir", str(tmp_path), "--train", "t.jsonl", "--fanout", "3"]
+    config = _config(common)
+    assert config.topology.settle_fanout == 0 and config.topology.settling_fanout == 3
+    config = _config([*common, "--settle-fanout", "8"])
+    assert config.topology.settle_fanout == 8 and config.topology.settling_fanout == 8
+    toml = tmp_path / "peer.toml"
+    toml.write_text("settle_fanout = 6\n")
+    assert _config(["--config", str(toml), *common]).topology.settling_fanout == 6
+
+
 def test_libp2p_settings_follow_the_network_flags() -> None:
     from gossip.config import NodeConfig, connection_config
 
@@ -95,6 +106,10 @@ def test_every_option_has_help() -> None:
         (["--bootstrap", "/ip4/127.0.0.1/tcp/1"], "/p2p/"),
         (["--bootstrap", "nonsense"], "not a multiaddr"),
         (["--fanout", "-1"], "fanout"),
+        (["--settle-fanout", "-1"], "settle_fanout must be in 0..view_size"),
+        (["--settle-fanout", "65"], r"settle_fanout must be in 0..view_size \(64\), got 65"),
+        (["--settle-fanout", "9", "--view-size", "8"], r"view_size \(8\)"),
+        (["--settle-fanout", "two"], "--settle-fanout"),
         (["--merge-rule", "nope"], "nope"),
         (["--ping-timeout", "0"], "timeout"),
         (["--health-check", "-1"], "health_check"),

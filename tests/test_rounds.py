@@ -152,10 +152,14 @@ async def test_patience_ends_with_the_fetch_timeout_when_training_was_quick(
     assert trio.current_time() - started < NETWORK.fetch_timeout_s + 0.5
 
 
-def _fake_peer(tmp_path: Path, network: FakeNetwork, name: str, seed: int) -> Peer:
+FANOUT_ONE = TopologyConfig(fanout=1, peer_timeout_s=3)
+
+
+def _fake_peer(tmp_path: Path, network: FakeNetwork, name: str, seed: int, *,
+               settle_rounds: int = 3, topology: TopologyConfig = FANOUT_ONE) -> Peer:
     config = PeerConfig(
         data_dir=tmp_path / name, train_path=tmp_path / "unused.jsonl", rounds=2,
-        settle_rounds=3, topology=TopologyConfig(fanout=1, peer_timeout_s=3), network=NETWORK,
+        settle_rounds=settle_rounds, topology=topology, network=NETWORK,
     )
     peer = Peer(config, node_factory=network.node)  # type: ignore[arg-type]
     peer.runtime = fake_runtime(config.data_dir, train_s=10, seed=seed)
@@ -212,6 +216,45 @@ async def test_settling_rounds_last_as_long_as_a_training_round(
         assert wire["codec"] == peer.config.network.wire_codec
         assert wire["estimate"]["version"] == status["version"]
         assert wire["served"]["keyframe"] >= 1 and wire["replicas"]["held"] == 0
+
+
+async def test_a_settling_round_fetches_settle_fanout_neighbours_a_training_round_fanout(
+    tmp_path: Path, mock_clock: trio.testing.MockClock,
+) -> None:
+    mock_clock.autojump_threshold = 0.02  # as above: threads must not let the clock run ahead
+    network = FakeNetwork()
+    topology = TopologyConfig(fanout=1, settle_fanout=3, peer_timeout_s=30)
+    peers = [_fake_peer(tmp_path, network, f"p{i}", seed=i, settle_rounds=2, topology=topology)
+             for i in range(4)]
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            nursery.start_soon(peer.run)
+    for peer in peers:
+        lines = [json.loads(line)
+                 for line in (peer.config.data_dir / "metrics.jsonl").read_text().splitlines()]
+        rounds = [line for line in lines if line["round"] >= 1]
+        # Two training rounds at fanout 1, then two settling rounds at settle fanout 3: every
+        # other peer of the four.
+        assert [line["train_loss"] is None for line in rounds] == [False, False, True, True]
+        assert [line["merged"] for line in rounds] == [1, 1, 3, 3]
+        assert [len(line["tried"]) for line in rounds] == [1, 1, 3, 3]
+
+
+async def test_settle_fanout_left_at_0_settles_at_the_fanout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    network = FakeNetwork()
+    nodes = [_serving(network, value) for value in (0.2, 0.3, 0.4)]
+    ours = network.node(NETWORK, SWARM, None)
+    for settle_fanout, wanted in ((0, 2), (3, 3), (1, 1)):
+        topology = TopologyConfig(fanout=2, settle_fanout=settle_fanout)
+        gatherer = Gatherer(ours, Neighbours(nodes), MergeConfig(), fanout=topology.fanout,
+                            settle_fanout=topology.settling_fanout, offload=_inline,
+                            fetch_timeout_s=NETWORK.fetch_timeout_s)
+        training = await gatherer.gather(_state(0.1), version=1, trained=True)
+        settling = await gatherer.gather(_state(0.1), version=2, trained=True, settling=True)
+        assert len(training.accepted) == 2
+        assert len(settling.accepted) == wanted, settle_fanout
 
 
 def test_training_seconds_go_on_after_a_restart() -> None:

@@ -125,6 +125,22 @@ def test_in_process_timeouts_grow_with_the_swarm_unless_given(tmp_path: Path) ->
     assert (small["peer_timeout"], small["fetch_timeout"]) == (30, 30)
 
 
+def test_settle_fanout_reaches_gossip_peers_only(tmp_path: Path) -> None:
+    from scripts.simulate import parse_args, peer_configs
+
+    def config(*extra: str) -> PeerConfig:
+        args = parse_args(["--peers", "4", "--settle-rounds", "2", "--out", str(tmp_path),
+                           *extra])
+        shards = [tmp_path / "train.jsonl"] * 4
+        return peer_configs(args, tmp_path, shards, tmp_path / "eval.jsonl")[1]
+
+    assert config().topology.settling_fanout == 2, "0 (the default): settle at --fanout"
+    gossip = config("--settle-fanout", "3")
+    assert (gossip.topology.fanout, gossip.topology.settle_fanout) == (2, 3)
+    local = config("--settle-fanout", "3", "--mode", "local")
+    assert (local.topology.fanout, local.topology.settle_fanout, local.settle_rounds) == (0, 0, 0)
+
+
 def test_in_process_peers_spread_over_two_workers(tmp_path: Path, small_model_dir: Path) -> None:
     """--workers 2: two processes of shared-model peers form one swarm and merge across."""
     command = [

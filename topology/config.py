@@ -15,6 +15,10 @@ class TopologyConfig:
     fanout: int = field(
         default=2, metadata={"help": "neighbours fetched from per round (0: train alone)"}
     )
+    settle_fanout: int = field(default=0, metadata={
+        "help": "neighbours fetched per settling round (--settle-rounds): those train nothing, "
+        "so they can afford more fetches, and each pulls the swarm closer together "
+        "(0: --fanout)"})
     view_size: int = field(default=64, metadata={"help": "most peers kept in the membership view"})
     peer_timeout_s: float = field(
         default=30.0, metadata={"help": "a peer silent for longer than this is dropped"}
@@ -30,6 +34,11 @@ class TopologyConfig:
             raise TopologyConfigError(
                 f"fanout must be in 0..view_size ({self.view_size}), got {self.fanout}"
             )
+        if not 0 <= self.settle_fanout <= self.view_size:
+            raise TopologyConfigError(
+                f"settle_fanout must be in 0..view_size ({self.view_size}), "
+                f"got {self.settle_fanout}"
+            )
         # NaN would make every liveness comparison false, so a NaN timeout must not slip through.
         if not (math.isfinite(self.peer_timeout_s) and self.peer_timeout_s > 0):
             raise TopologyConfigError(
@@ -40,3 +49,8 @@ class TopologyConfig:
                 f"target_connections must be in 0..view_size ({self.view_size}), "
                 f"got {self.target_connections}"
             )
+
+    @property
+    def settling_fanout(self) -> int:
+        """Neighbours fetched per settling round: `settle_fanout`, or `fanout` when it is 0."""
+        return self.settle_fanout or self.fanout
