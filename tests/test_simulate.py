@@ -193,7 +193,9 @@ def test_memory_network_simulation_with_links_and_churn(tmp_path: Path,
     assert result["config"]["network"] == "memory" and result["config"]["in_process"]
     assert result["mean_eval_loss"] < result["mean_eval_loss_before"]
     network = result["network"]
-    assert network["publishes"] >= 8 * 3 and network["deliveries"] >= 7 * network["publishes"] // 2
+    # Each peer announces itself when it (re)joins; rounds update what re-announcements carry.
+    # An announcement reaches the others along connections: most of the 7, churn aside.
+    assert network["publishes"] >= 8 and network["deliveries"] >= 4 * network["publishes"]
     churned = [peer for peer in result["peers"] if peer.get("churn")]
     assert len(churned) == 2, result["peers"]
     for index, peer in enumerate(result["peers"]):
