@@ -94,7 +94,9 @@ def run_one(args: argparse.Namespace, network: str, peers: int, out: Path) -> di
 
 
 def row(result: dict[str, Any], out: Path, *, trained: int) -> dict[str, Any]:
-    metrics = [read_metrics(folder) for folder in sorted((out / "peers").iterdir())]
+    # Worker processes keep their peers' pN.toml beside the folders.
+    metrics = [read_metrics(folder) for folder in sorted((out / "peers").iterdir())
+               if folder.is_dir()]
     per_round = [line for lines in metrics for line in lines if line.get("round", 0) > 0]
     training = [line for line in per_round if line["round"] <= trained]
     later = [line["round_s"] for line in training if line["round"] > 1 and line.get("round_s")]
