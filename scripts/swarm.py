@@ -18,6 +18,7 @@ import trio
 from rich.console import Console
 from rich.progress import Progress
 
+from gossip.memory import LinkShape, MemoryNetwork
 from peer.config import PeerConfig
 from peer.errors import PeerError
 from scripts.backends import Backend, ProcessBackend, SimulationError, Watched
@@ -98,7 +99,6 @@ async def _run_in_memory(configs: Sequence[PeerConfig], plan: ChurnPlan, setting
                          console: Console) -> SwarmRun:
     """The peers in this process over a `MemoryNetwork`: each link is its peer's shape there,
     not a proxy."""
-    from gossip.memory import MemoryNetwork
     from scripts.inprocess import InProcessBackend
 
     folders = [config.data_dir for config in configs]
@@ -111,14 +111,12 @@ async def _run_in_memory(configs: Sequence[PeerConfig], plan: ChurnPlan, setting
     return SwarmRun(records, backend.memory(len(configs)), network=network.statistics())
 
 
-def memory_link(text: str) -> Any:
+def memory_link(text: str) -> LinkShape:
     """A `--link` text as a peer's link on the memory network (its jitter is not modelled).
 
     Raises:
         ValueError: a bad link, in one line.
     """
-    from gossip.memory import LinkShape
-
     link = Link.parse(text)
     return LinkShape(delay_s=link.delay_s,
                      rate_bps=link.rate_bps / 8 if link.rate_bps else float("inf"))
