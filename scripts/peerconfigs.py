@@ -74,9 +74,13 @@ def in_process_defaults(peers: int) -> dict[str, Any]:
     connection that was then dialled again: new connections took a fifth of the loop (py-spy).
     A body that gets no byte for a while there is the one loop starving, not a link that
     stalled: the stall timeout grows like the fetch timeout (not measured yet).
+    Each peer's membership wakes every tick to refresh liveness and top up connections: 1,000
+    peers' ticks each second were a third of a 1,000-peer process (py-spy, trio's timers); a
+    tick of 1 s per 100 peers keeps the wake-ups of one process near 100 per second.
     """
     return {"peer_timeout": max(30, 10 * peers), "fetch_timeout": max(30, peers),
-            "stall_timeout": max(10, peers), "health_check": 0}
+            "stall_timeout": max(10, peers), "health_check": 0,
+            "membership_tick": max(1.0, peers / 100)}
 
 
 def peer_arg_values(argv: Sequence[str]) -> dict[str, Any]:

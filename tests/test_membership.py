@@ -229,3 +229,31 @@ async def test_a_peer_that_expired_comes_back_with_its_addresses(
     assert membership.observe(_heard(peer, 1, seqno=101)) is Observation.NEW
     info = membership.view.get(peer)
     assert info is not None and info.addrs == (f"/ip4/127.0.0.1/tcp/4001/p2p/{peer}",)
+
+
+async def test_the_oldest_signers_sequence_numbers_are_forgotten_first(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Seqnos outlive the view (4 per view slot), oldest arrival forgotten first, with no sort:
+    a signer heard again moves to the back of the line."""
+    node = GossipNode(NodeConfig(), LOOPBACK_SWARM, identity_dir=None)
+    membership = Membership(node, TopologyConfig(view_size=2, fanout=1, target_connections=1,
+                                           peer_timeout_s=30),
+                            random.Random(0))
+    peers = [str(ID.from_pubkey(create_new_key_pair().public_key)) for _ in range(10)]
+
+    def hear(peer: str, seqno: int) -> None:
+        membership.view.expire(trio.current_time())  # room in the 2-slot view
+        assert membership.observe(_heard(peer, 1, seqno=seqno)) is Observation.NEW
+
+    for peer in peers[:9]:
+        hear(peer, 100)
+        await trio.sleep(31)
+    hear(peers[0], 101)  # back after it expired: its seqno is kept as the newest
+    await trio.sleep(31)
+    hear(peers[9], 100)
+    membership._forget_oldest_seqnos()
+    assert list(membership._seqnos) == [*peers[3:9], peers[0], peers[9]]
+    # What is kept still tells a replay: peer 0's old message, long after, is refused.
+    membership.view.expire(trio.current_time())
+    assert membership.observe(_heard(peers[0], 1, seqno=101)) is Observation.REPLAY

@@ -117,7 +117,8 @@ def test_in_process_timeouts_grow_with_the_swarm_unless_given(tmp_path: Path) ->
 
     grown = config()
     assert grown.topology.peer_timeout_s == 640 and grown.network.fetch_timeout_s == 64
-    assert grown.network.stall_s == 64
+    assert grown.network.stall_s == 64 and grown.topology.tick_s == 1.0
+    assert in_process_defaults(1000)["membership_tick"] == 10.0
     given = config("--peer-arg=--peer-timeout=90")
     assert given.topology.peer_timeout_s == 90, "a --peer-arg wins over the default"
     assert grown.network.health_check_s == 0

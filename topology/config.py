@@ -26,6 +26,9 @@ class TopologyConfig:
     target_connections: int = field(
         default=4, metadata={"help": "below this many connected live peers, dial more known ones"}
     )
+    tick_s: float = field(default=1.0, metadata={
+        "help": "how often liveness is refreshed and connections topped up; keep it well below "
+        "--peer-timeout (the simulator raises both with the peers of one process)"})
 
     def __post_init__(self) -> None:
         if self.view_size < 1:
@@ -44,6 +47,9 @@ class TopologyConfig:
             raise TopologyConfigError(
                 f"peer_timeout_s must be a positive number of seconds, got {self.peer_timeout_s}"
             )
+        if not (math.isfinite(self.tick_s) and self.tick_s > 0):
+            raise TopologyConfigError(
+                f"tick_s must be a positive number of seconds, got {self.tick_s}")
         if not 0 <= self.target_connections <= self.view_size:
             raise TopologyConfigError(
                 f"target_connections must be in 0..view_size ({self.view_size}), "
