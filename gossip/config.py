@@ -78,6 +78,13 @@ class NodeConfig:
                           "(1 bit an entry; measured in the README), fp32 (exact), bf16, int8, "
                           "topk:F, ternary:F, each maybe +zstd; neighbours take any"},
     )
+    settle_codec: str = field(
+        default="auto",
+        metadata={"help": "codec of the estimate's steps in settling rounds (--settle-rounds). "
+                          "auto: the wire codec when it is fp32, bf16 or int8, else int8 (with "
+                          "its +zstd): sparser steps stall consensus there (measured in the "
+                          "README)"},
+    )
 
     def __post_init__(self) -> None:
         for addr in (*self.listen, *self.bootstrap, *self.announce):
@@ -101,6 +108,11 @@ class NodeConfig:
             parse_codec(self.wire_codec)
         except ValueError as exc:
             raise ValueError(f"wire_codec: {exc}") from exc
+        try:
+            if self.settle_codec != "auto":
+                parse_codec(self.settle_codec)
+        except ValueError as exc:
+            raise ValueError(f"settle_codec: {exc}") from exc
         if self.max_adapter_bytes < 1024:
             raise ValueError("max_adapter_bytes must be at least 1024")
         if self.fetch_timeout_s <= 0 or self.dial_timeout_s <= 0 or self.ping_timeout_s <= 0:

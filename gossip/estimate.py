@@ -251,8 +251,10 @@ class PublicEstimate:
         """A copy of x̂ now (changing it in place must not break the digest it is named by)."""
         return copy_state(self._state)
 
-    def step(self, x: Mapping[str, torch.Tensor], *, version: int | None = None) -> EstimateStep:
-        """Move x̂ towards `x` by one compressed step and return that step.
+    def step(self, x: Mapping[str, torch.Tensor], *, version: int | None = None,
+             codec: Codec | None = None) -> EstimateStep:
+        """Move x̂ towards `x` by one compressed step (of `codec`, else the estimate's) and
+        return that step.
 
         1. q = codec.encode(x - x̂); 2. x̂ <- x̂ + decode(q), decoding our own bytes exactly as a
         receiver will; 3. bump the version (to `version` if given), re-digest, remember the step.
@@ -264,8 +266,9 @@ class PublicEstimate:
             raise ValueError(f"version {new_version} does not follow {self._version}")
         residual = {name: x[name].detach().to("cpu", torch.float32) - self._state[name]
                     for name in self._state}
-        payload = self.codec.encode(residual)
-        moved = self.codec.decode(payload, shapes=self._shapes, max_bytes=len(payload))
+        codec = codec or self.codec
+        payload = codec.encode(residual)
+        moved = codec.decode(payload, shapes=self._shapes, max_bytes=len(payload))
         # From here on x̂ moves by exactly what a receiver decodes: the residual x - x̂ left
         # over is the error that the next step feeds back.
         state = {name: self._state[name] + moved[name] for name in self._state}

@@ -190,7 +190,8 @@ class Peer:
             stats.train_s += train_s
         self.version += 1
         state = runtime.trainer.state()
-        await parts.publisher.announce(state, version=self.version, round_=self.round + 1)
+        await parts.publisher.announce(state, version=self.version, round_=self.round + 1,
+                                       settling=not training)
         gather_started = trio.current_time()
         found = await parts.gatherer.gather(state, version=self.version,
                                             trained=runtime.trainer.samples > 0,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
+from functools import partial
 
 import torch
 import trio
@@ -37,6 +38,18 @@ from peer.telemetry import own_telemetry
 logger = logging.getLogger(__name__)
 
 
+SETTLING_KINDS = ("fp32", "bf16", "int8")  # dense enough to settle on (README, "Settling")
+
+
+def settling_codec(wire: Codec, spec: str) -> Codec:
+    """The codec of a settling round's step: `spec`, or for "auto" the wire codec when it is
+    dense (fp32, bf16, int8), else int8 (+zstd with the wire codec's). A sign or sparse step
+    leaves each peer a residual that merges never shrink, and consensus stalls (measured)."""
+    if spec != "auto":
+        return parse_codec(spec)
+    return wire if wire.kind in SETTLING_KINDS else Codec("int8", zstd=wire.zstd)
+
+
 class Publisher:
     """Offers a peer's adapter on its node and announces it, signed."""
 
@@ -52,11 +65,14 @@ class Publisher:
         self.stats = stats  # says the last training loss
         self.rank_free = rank_free
         self.codec: Codec = parse_codec(config.network.wire_codec)
+        self.settle_codec = settling_codec(self.codec, config.network.settle_codec)
         self.estimate: PublicEstimate | None = None  # created at the first announce
         self._shapes: dict[str, tuple[int, int]] = {}  # of the estimate's tensors
 
-    def step(self, state: Mapping[str, torch.Tensor], version: int) -> EstimateSnapshot:
-        """Move the public estimate to `version` (in a worker thread: it encodes the adapter).
+    def step(self, state: Mapping[str, torch.Tensor], version: int, *,
+             settling: bool = False) -> EstimateSnapshot:
+        """Move the public estimate to `version` (in a worker thread: it encodes the adapter),
+        by a step of the settle codec in a settling round.
 
         Under a lossy codec the first version is a step from the swarm-seeded adapter (version
         0, see `origin`); a keyframe of `state` when there is no origin. Every version is a
@@ -75,7 +91,8 @@ class Publisher:
                                            max_history_bytes=Codec("fp32").body_size(shapes))
             if origin is None:
                 return self.estimate.snapshot()
-        self.estimate.step(state, version=version)
+        self.estimate.step(state, version=version,
+                           codec=self.settle_codec if settling else None)
         return self.estimate.snapshot()
 
     def public_estimate(self) -> dict[str, torch.Tensor] | None:
@@ -96,14 +113,15 @@ class Publisher:
         return initial
 
     async def announce(self, state: Mapping[str, torch.Tensor], *, version: int,
-                       round_: int) -> None:
+                       round_: int, settling: bool = False) -> None:
         """Step the public estimate towards this version's adapter (poisoned, for an attacker),
         serve it and describe it, signed, with our telemetry for the round `round_` it ends
-        (0: before the first)."""
+        (0: before the first). `settling`: a round that did not train (the settle codec)."""
         node, config, samples = self.node, self.config, self.trainer.samples
         served = state if not config.attack else poison(
             dict(state), config.attack, scale=config.attack_scale, seed=version)
-        snapshot = await trio.to_thread.run_sync(self.step, served, version)
+        snapshot = await trio.to_thread.run_sync(
+            partial(self.step, served, version, settling=settling))
         offer = node.serve(Offer(version=version, samples=samples, estimate=snapshot))
         # A neighbour's tensors have exactly our shapes, unless ranks may differ (up to
         # MAX_RANK_FACTOR x ours): what bounds the size of an update taken from it.

@@ -117,6 +117,8 @@ def test_every_option_has_help() -> None:
         (["--settle-rounds", "2"], "settle_rounds"),  # without --rounds there is nothing to settle
         (["--wire-codec", "gzip"], "wire_codec"),
         (["--wire-codec", "topk:2+zstd"], "wire_codec"),
+        (["--settle-codec", "int4"], "settle_codec"),
+        (["--membership-tick", "0"], "tick_s must be a positive number"),
     ],
 )
 def test_bad_values_are_one_line_errors(tmp_path: Path, argv: list[str], message: str) -> None:

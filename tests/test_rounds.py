@@ -13,17 +13,21 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import trio
 import trio.testing
 
+from gossip.compress import Codec, decode_payload, parse_codec, shapes_of
 from gossip.config import NodeConfig
+from gossip.estimate import PublicEstimate
 from gossip.wire import Announcement
 from gossip.wire import digest as sha256
 from merge.config import MergeConfig
 from peer.config import PeerConfig
 from peer.daemon import Peer
 from peer.gather import Gatherer
+from peer.publish import settling_codec
 from peer.stats import PeerStatistics
 from tests.fakes import NAMES, FakeNetwork, FakeNode, fake_runtime
 from topology.config import TopologyConfig
@@ -284,3 +288,42 @@ async def test_require_dp_refuses_by_reason_before_fetching(
     assert gatherer.stats.rejected == {"not_private": 1, "epsilon_over": 1}
     assert gatherer.stats.adapters_received == 1, "the refused were not fetched"
     assert neighbours.verdicts["distrust"] == [], "a refusal says nothing of honesty"
+
+
+async def test_settling_rounds_step_the_estimate_with_the_settle_codec(
+    tmp_path: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Sign steps leave each peer a residual x - x̂ that settling merges never shrink, and
+    # consensus stalls (README, "Settling"); settling rounds step with int8 instead.
+    mock_clock.autojump_threshold = 0.02  # as above: threads must not let the clock run ahead
+    steps: dict[int, list[str]] = {}  # version -> the codecs of its steps, over the peers
+    step = PublicEstimate.step
+
+    def recording(estimate: PublicEstimate, x: Any, *, version: int | None = None,
+                  codec: Codec | None = None) -> Any:
+        done = step(estimate, x, version=version, codec=codec)
+        payload = done.payload
+        spec = decode_payload(payload, shapes=shapes_of(x), max_bytes=len(payload))[0].spec
+        steps.setdefault(done.version, []).append(spec)
+        return done
+
+    monkeypatch.setattr(PublicEstimate, "step", recording)
+    network, sign = FakeNetwork(), replace(NETWORK, wire_codec="sign")
+    peers = [_fake_peer(tmp_path, network, f"p{i}", seed=i, settle_rounds=2) for i in range(3)]
+    for peer in peers:
+        peer.config = replace(peer.config, network=sign)
+    async with trio.open_nursery() as nursery:
+        for peer in peers:
+            nursery.start_soon(peer.run)
+    # Versions 1 and 2 trained (sign steps); 3 and 4 settled (int8, the "auto" settle codec).
+    assert steps == {1: ["sign"] * 3, 2: ["sign"] * 3, 3: ["int8"] * 3, 4: ["int8"] * 3}, steps
+
+
+@pytest.mark.parametrize(("wire", "spec", "settles"), [
+    ("sign", "auto", "int8"), ("topk:0.05+zstd", "auto", "int8+zstd"), ("bf16", "auto", "bf16"),
+    ("fp32", "auto", "fp32"), ("sign", "fp32+zstd", "fp32+zstd"), ("int8", "sign", "sign"),
+])
+def test_the_auto_settle_codec_is_the_wire_codec_when_dense_else_int8(
+    wire: str, spec: str, settles: str,
+) -> None:
+    assert settling_codec(parse_codec(wire), spec).spec == settles
