@@ -39,10 +39,15 @@ def test_network_and_settling_flags(tmp_path: Path) -> None:
     assert config.network.wire_codec == "topk:0.05+zstd"
 
 
-def test_settle_fanout_defaults_to_the_fanout(tmp_path: Path) -> None:
+def test_settle_fanout_defaults_to_8_within_the_view_and_at_least_the_fanout(
+    tmp_path: Path,
+) -> None:
     common = ["--data-dir", str(tmp_path), "--train", "t.jsonl", "--fanout", "3"]
     config = _config(common)
-    assert config.topology.settle_fanout == 0 and config.topology.settling_fanout == 3
+    assert config.topology.settle_fanout == 0 and config.topology.settling_fanout == 8
+    assert _config([*common, "--view-size", "5"]).topology.settling_fanout == 5
+    assert _config([*common, "--fanout", "12"]).topology.settling_fanout == 12
+    assert _config([*common, "--fanout", "0"]).topology.settling_fanout == 0, "trains alone"
     config = _config([*common, "--settle-fanout", "8"])
     assert config.topology.settle_fanout == 8 and config.topology.settling_fanout == 8
     toml = tmp_path / "peer.toml"

@@ -135,7 +135,7 @@ def test_settle_fanout_reaches_gossip_peers_only(tmp_path: Path) -> None:
         shards = [tmp_path / "train.jsonl"] * 4
         return peer_configs(args, tmp_path, shards, tmp_path / "eval.jsonl")[1]
 
-    assert config().topology.settling_fanout == 2, "0 (the default): settle at --fanout"
+    assert config().topology.settling_fanout == 8, "0 (the default): settle at 8"
     gossip = config("--settle-fanout", "3")
     assert (gossip.topology.fanout, gossip.topology.settle_fanout) == (2, 3)
     local = config("--settle-fanout", "3", "--mode", "local")
