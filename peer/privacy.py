@@ -111,6 +111,12 @@ def calibrate(config: PrivacyConfig, *, rate: float, steps: int) -> float:
         ConfigError: the budget needs more noise than `MAX_NOISE` (too small to train).
     """
     assert config.epsilon is not None
+    # Opacus's search doubles σ until the budget holds, which took 32 s to give up on ε = 1e-4;
+    # one accountant call at the most noise we accept tells the same at once.
+    if epsilon_of([(MAX_NOISE, rate, steps)], config.delta) > config.epsilon:
+        raise ConfigError(f"--dp-epsilon {config.epsilon:g} is too small for {steps} steps "
+                          f"(even noise σ = {MAX_NOISE:g} spends more); raise it or "
+                          "--dp-delta, or train fewer steps")
     try:
         from opacus.accountants.utils import get_noise_multiplier  # lazily: see OPACUS_NOTE
 
