@@ -10,8 +10,9 @@ One round, as in DESIGN.md:
 After `rounds` training rounds, `settle_rounds` more rounds skip step 1: they only exchange and
 merge, which pulls the peers' adapters together, so the swarm ends close to one adapter
 instead of N slightly different ones. They fetch `settle_fanout` neighbours (training costs them
-nothing, so more fetches fit). Each lasts as long as the last training round, so that
-neighbours have merged in between.
+nothing, so more fetches fit) and step the public estimate with the settle codec (int8 under
+`sign`: sign steps left each peer a residual that kept the swarm apart). Each lasts as long as
+the last training round, so that neighbours have merged in between.
 """
 
 from __future__ import annotations

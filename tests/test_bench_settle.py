@@ -21,14 +21,14 @@ def test_bench_settle_writes_a_row_per_fanout_and_resumes(tmp_path: Path,
     out = tmp_path / "settle.json"
     common = ["--json", str(out), "--out", str(tmp_path / "runs"), "--peers", "3",
               "--rounds", "1", "--settle-rounds", "2", "--model", str(small_model_dir),
-              "--", "--seq-len", "16", "--eval-per-category", "1"]
+              "--network", "memory", "--", "--seq-len", "16", "--eval-per-category", "1"]
     assert main(["--fanouts", "1", *common]) == 0
     first = tmp_path / "runs" / "p3-f1" / "result.json"
     first_mtime = first.stat().st_mtime
     assert main(["--fanouts", "1,2", "--resume", *common]) == 0
     assert first.stat().st_mtime == first_mtime, "--resume kept fanout 1's row, not ran it again"
     result = json.loads(out.read_text())
-    assert result["setup"]["settle_rounds"] == 2 and result["setup"]["network"] is None
+    assert result["setup"]["settle_rounds"] == 2 and result["setup"]["network"] == "memory"
     rows = result["runs"]["3"]
     assert list(rows) == ["1", "2"]
     for row in rows.values():
