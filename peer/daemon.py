@@ -127,7 +127,8 @@ class Peer:
         finally:
             if not self._crashed:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(partial(
+                    # The export takes a shared model's lock: wait in its threads, not trio's.
+                    await take_turn(self.shared, partial(
                         parts.records.save_final, self.status(), round_=self.round,
                         version=self.version))
 

@@ -131,7 +131,8 @@ class Records:
         """Final checkpoint, export and `status` (taken on the event loop); blocks."""
         store, trainer = self.runtime.store, self.runtime.trainer
         store.save_checkpoint(self.checkpoint(None, round_=round_, version=version))
-        store.export(trainer.model, trainer.adapter)
+        with trainer.alone():  # a shared model: peft's save walks every peer's adapter otherwise
+            store.export(trainer.model, trainer.adapter)
         store.write_status({**status, "running": False})
         logger.info("final checkpoint and export written to %s", store.root)
 

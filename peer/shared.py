@@ -105,6 +105,18 @@ class SharedModel:
         with self._alone(keep={name}):
             self.model.set_adapter(name)
 
+    @contextlib.contextmanager
+    def isolated(self, name: str) -> Iterator[None]:
+        """Hold `lock` with `name` the only adapter of the model, for a peft call that walks
+        every module and the whole state dict (`save_pretrained`, for the export).
+
+        Measured on the memory network: with every adapter present, a peer's final export took
+        0.29 s at 256 peers and grew with them (the 1,000-peer run's exports about 1 s each,
+        one after another).
+        """
+        with self.lock, self._alone(keep={name}):
+            yield
+
     def _active(self) -> list[str]:
         active = self.model.active_adapter
         return [active] if isinstance(active, str) else list(active)

@@ -43,14 +43,19 @@ class LocalTrainer:
         ledger: the ε spent on our steps; a private one makes every step a DP-SGD step.
         own: our adapter's (name, parameter) pairs in `model`; None: found by name.
         switch: makes an adapter of `model` the active one (default: peft's `set_adapter`).
+        isolate: a context in which our adapter is the only one of `model` (a shared model;
+            see `alone`); None: nothing to isolate.
     """
 
     def __init__(self, model: Any, batches: TokenBatches, config: TrainConfig,
                  samples: int = 0, *, adapter: str = "default",
                  lock: threading.Lock | None = None, ledger: Ledger | None = None,
                  own: list[tuple[str, torch.nn.Parameter]] | None = None,
-                 switch: Callable[[str], None] | None = None) -> None:
+                 switch: Callable[[str], None] | None = None,
+                 isolate: Callable[[str], contextlib.AbstractContextManager[None]] | None = None,
+                 ) -> None:
         self.model = model
+        self._isolate = isolate
         self.ledger = ledger if ledger is not None else Ledger(PrivacyConfig())
         # The sample and the noise must be unpredictable to whoever knows the swarm's seeds.
         self._sampler = random.SystemRandom()
@@ -77,6 +82,11 @@ class LocalTrainer:
         self.optimizer = torch.optim.AdamW(
             self._params, lr=config.lr, weight_decay=config.weight_decay
         )
+
+    def alone(self) -> contextlib.AbstractContextManager[None]:
+        """A context in which our adapter is the only one of `model`, for peft calls that walk
+        the whole model (the export): with a shared model, its lock is held meanwhile."""
+        return self._isolate(self.adapter) if self._isolate else contextlib.nullcontext()
 
     def _activate(self) -> None:
         """Make our adapter the one forward passes use (a no-op with a single adapter)."""

@@ -7,6 +7,7 @@ adapter; each round takes `train_s` virtual seconds. No libp2p, no language mode
 
 from __future__ import annotations
 
+import contextlib
 import math
 import threading
 from collections import Counter
@@ -184,6 +185,9 @@ class FakeTrainer:
 
     def eval_loss(self, batches: Any) -> float:
         return float(sum(t.abs().sum() for t in self._state.values()))
+
+    def alone(self) -> contextlib.AbstractContextManager[None]:
+        return contextlib.nullcontext()  # one adapter: nothing to isolate
 
 
 class _FakeModel:

@@ -31,7 +31,8 @@ def _trainer(shared: SharedModel, name: str, seed: int, train: TrainConfig = TRA
              ) -> LocalTrainer:
     adapter = shared.add_adapter(name, shared.lora, shared.init_seed, shared.frozen_a)
     batches = TokenBatches(TEXTS, shared.tokenizer, seq_len=32, batch_size=2, seed=seed)
-    return LocalTrainer(shared.model, batches, train, adapter=adapter, lock=shared.lock)
+    return LocalTrainer(shared.model, batches, train, adapter=adapter, lock=shared.lock,
+                        isolate=shared.isolated)
 
 
 def _equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
@@ -70,8 +71,18 @@ def test_peers_start_equal_and_train_only_their_own_adapter(
         second.load_state({**merged, key: torch.zeros(1, 1)})
     assert _equal(second.state(), merged), "a refused state changes nothing"
 
-    # The export of a named adapter is a standard PEFT folder holding exactly its values.
-    export = PeerStore(tmp_path).export(shared.model, second.adapter)
+    # The export of a named adapter is a standard PEFT folder holding exactly its values,
+    # written while the adapter is the model's only one (peft's save walks them all), under
+    # the lock; afterwards every layer holds every adapter again.
+    layers = shared._lora_layers()
+    with second.alone():
+        assert shared.lock.locked()
+        assert all(set(layer.lora_A) == {second.adapter} for layer in layers)
+        export = PeerStore(tmp_path).export(shared.model, second.adapter)
+    assert not shared.lock.locked()
+    assert all(set(layer.lora_A) == {"default", first.adapter, second.adapter}
+               for layer in layers)
+    assert _equal(first.state(), before), "the other adapter came back whole"
     assert (export / "adapter_model.safetensors").is_file()
     base = AutoModelForCausalLM.from_pretrained(small_model_dir, dtype=torch.float32)
     loaded = PeftModel.from_pretrained(base, export)
