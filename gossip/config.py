@@ -83,7 +83,7 @@ class NodeConfig:
         metadata={"help": "codec of the estimate's steps in settling rounds (--settle-rounds). "
                           "auto: the wire codec when it is fp32, bf16 or int8, else int8 (with "
                           "its +zstd): sparser steps stall consensus there (measured in the "
-                          "README)"},
+                          "README); unused with --wire-codec fp32, whose versions are keyframes"},
     )
 
     def __post_init__(self) -> None:

@@ -43,8 +43,10 @@ SETTLING_KINDS = ("fp32", "bf16", "int8")  # dense enough to settle on (README, 
 
 def settling_codec(wire: Codec, spec: str) -> Codec:
     """The codec of a settling round's step: `spec`, or for "auto" the wire codec when it is
-    dense (fp32, bf16, int8), else int8 (+zstd with the wire codec's). A sign or sparse step
-    leaves each peer a residual that merges never shrink, and consensus stalls (measured)."""
+    dense (fp32, bf16, int8), else int8 (+zstd with the wire codec's). After a merge, a peer's
+    residual x - x̂ holds its distance to the average too, which a sign or sparse step sends
+    only part of, and consensus stalls (README, "Settling"). Unused under an exact wire codec:
+    every version is then a keyframe."""
     if spec != "auto":
         return parse_codec(spec)
     return wire if wire.kind in SETTLING_KINDS else Codec("int8", zstd=wire.zstd)
