@@ -47,7 +47,8 @@ def test_a_quantized_peer_measures_beside_a_neighbour_of_its_own_swarm(quantize:
     """A quantized base is in a swarm of its own: an unquantized neighbour would never be heard,
     and the measured peer waited for it until --timeout (found on an H100)."""
     sys.path.insert(0, str(ROOT))
-    from scripts.bench_train import neighbour_placement, parse_args
+    from scripts.bench_train import parse_args
+    from scripts.trainpeer import neighbour_placement
 
     args = parse_args(["--json", "x.json", "--device", "cuda", "--quantize", quantize])
     placement = neighbour_placement(args)
