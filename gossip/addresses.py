@@ -17,14 +17,17 @@ from __future__ import annotations
 
 import ipaddress
 import random
+import socket
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 
 import multiaddr
+import psutil
 
 from topology.discovery import backoff_delay
 
-__all__ = ["AddressBackoff", "Scope", "address_scope", "usable_addrs"]
+__all__ = ["AddressBackoff", "Scope", "address_scope", "expand_unspecified", "interface_ips",
+           "usable_addrs"]
 
 _BACKOFF_BASE_S, _BACKOFF_CAP_S = 1.0, 300.0
 _BACKOFF_ENTRIES = 4096
@@ -54,13 +57,51 @@ def _ip_scope(value: str) -> str:
         ip = ipaddress.ip_address(value)
     except ValueError:
         return Scope.NEVER
+    if ip.is_loopback:  # before is_reserved, which ::1 also is (::/8)
+        return Scope.LOOPBACK
     if ip.is_unspecified or ip.is_multicast or ip.is_reserved:
         return Scope.NEVER
-    if ip.is_loopback:
-        return Scope.LOOPBACK
     if ip.is_private or ip.is_link_local:
         return Scope.PRIVATE
     return Scope.PUBLIC
+
+
+def interface_ips() -> list[str]:
+    """This machine's IP addresses, from every interface that is up (IPv6 link-local left out:
+    it needs a zone to be dialled)."""
+    up = {name for name, stats in psutil.net_if_stats().items() if stats.isup}
+    ips: list[str] = []
+    for name, entries in psutil.net_if_addrs().items():
+        for entry in entries:
+            ip = entry.address.partition("%")[0]
+            if name in up and entry.family in (socket.AF_INET, socket.AF_INET6) \
+                    and not ipaddress.ip_address(ip).is_link_local:
+                ips.append(ip)
+    return ips
+
+
+_WIDEST_FIRST = {Scope.PUBLIC: 0, Scope.PRIVATE: 1, Scope.LOOPBACK: 2}
+
+
+def expand_unspecified(addrs: Iterable[str], ips: Sequence[str]) -> list[str]:
+    """Replace each `/ip4/0.0.0.0/...` (or `/ip6/::/...`) by one address per IP of that family.
+
+    A listener on 0.0.0.0 accepts on every interface, but 0.0.0.0 is no address to dial. The
+    expanded ones come widest first (public, private, loopback last): a peer tries them in
+    order, and a loopback address only ever works on this machine.
+    """
+    order = sorted(ips, key=lambda ip: _WIDEST_FIRST.get(_ip_scope(ip), 3))
+    expanded: list[str] = []
+    for addr in addrs:
+        parts = addr.split("/")
+        family = parts[1] if len(parts) > 2 else ""
+        if family not in ("ip4", "ip6") or not ipaddress.ip_address(parts[2]).is_unspecified:
+            expanded.append(addr)
+            continue
+        for ip in order:
+            if (":" in ip) == (family == "ip6") and _ip_scope(ip) != Scope.NEVER:
+                expanded.append("/".join([*parts[:2], ip, *parts[3:]]))
+    return list(dict.fromkeys(expanded))
 
 
 def usable_addrs(peer: str, addrs: Iterable[str], *, via: str,

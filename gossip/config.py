@@ -25,6 +25,16 @@ class NodeConfig:
         metadata={"help": "multiaddrs to announce instead of the listen addresses, e.g. a "
                           "proxy's or a NAT's public address (/p2p/<our id> is added)"},
     )
+    upnp: bool = field(
+        default=False,
+        metadata={"help": "ask the router (UPnP IGD) to forward our TCP listen ports, and announce "
+                          "its public address with them"},
+    )
+    reachability_interval_s: float = field(
+        default=600.0,
+        metadata={"help": "seconds between asking a few neighbours to dial us back (are we "
+                          "reachable from outside? status.json says; 0: never ask)"},
+    )
     psk: str | None = field(  # a secret: kept out of repr, and so out of logs and tracebacks
         default=None, repr=False, metadata={"help": "64 hex chars: private swarm key"}
     )
@@ -121,6 +131,8 @@ class NodeConfig:
             raise ValueError("max_uploads and max_downloads must be at least 1")
         if not self.min_upload_rate > 0:
             raise ValueError("min_upload_rate must be a positive number of bytes/s")
+        if self.reachability_interval_s < 0:
+            raise ValueError("reachability_interval_s must be >= 0 (0 turns the probe off)")
         if self.health_check_s < 0:
             raise ValueError("health_check_s must be >= 0 (0 turns health checks off)")
         if not (self.max_fetch_s > 0 and self.stall_s > 0):

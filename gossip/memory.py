@@ -40,6 +40,7 @@ from gossip.config import NodeConfig
 from gossip.endpoint import Endpoint, Heard
 from gossip.errors import GossipError, WireError
 from gossip.hardening import host_key_pair
+from gossip.reachability import UNKNOWN, Reachability
 from gossip.swarm import topic_name
 from gossip.wire import Announcement
 
@@ -183,6 +184,10 @@ class MemoryNode(Endpoint):
     @property
     def announce_addrs(self) -> list[str]:
         return self.listen_addrs
+
+    @property
+    def reachability(self) -> Reachability:
+        return Reachability(UNKNOWN, "the in-memory network has no addresses to dial back")
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Be on the network until cancelled; deliveries and uploads run in this nursery."""

@@ -24,13 +24,15 @@ from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from gossip.addresses import Scope, address_scope
+from gossip.addresses import Scope, address_scope, expand_unspecified, interface_ips
 from gossip.config import NodeConfig, connection_config
+from gossip.dialback import DIALBACK_PROTOCOL, DialbackReply, DialbackServer, ask_dialback
 from gossip.dialer import Dialer
 from gossip.endpoint import ANNOUNCEMENT_QUEUE, Endpoint, Heard, Received
 from gossip.errors import GossipError, WireError
 from gossip.fetcher import fetch_from
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
+from gossip.reachability import Reachability, ReachabilityProbe
 from gossip.router import FloodPublishGossipSub
 from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
@@ -42,6 +44,7 @@ __all__ = ["GossipNode", "Heard", "NodeConfig", "Received"]
 logger = logging.getLogger(__name__)
 
 _TRANSFER = TProtocol(TRANSFER_PROTOCOL)
+_DIALBACK = TProtocol(DIALBACK_PROTOCOL)
 
 
 class GossipNode(Endpoint):
@@ -89,10 +92,20 @@ class GossipNode(Endpoint):
         self._last_addrs: list[str] = []
         self._via: OrderedDict[tuple[bytes, bytes], str] = OrderedDict()  # validated, undrained
         self.dialer = Dialer(self.host, config, self.rejected)
+        self.dialback = DialbackServer(swarm, config.psk)
+        self.probe = ReachabilityProbe(self._ask_dialback, self.connected_peers,
+                                       lambda: self.announce_addrs,
+                                       interval_s=config.reachability_interval_s)
+
+    @property
+    def reachability(self) -> Reachability:
+        """Whether peers outside can dial us, as the last dial-back probe found."""
+        return self.probe.current
 
     @property
     def listen_addrs(self) -> list[str]:
-        """Full multiaddrs (with /p2p/<id>) that other peers can bootstrap from.
+        """Full multiaddrs (with /p2p/<id>) that other peers can bootstrap from: a listener on
+        0.0.0.0 (or ::) is listed at each interface's address, loopback last.
 
         The last known addresses are kept after the host closes, for the final status.
         """
@@ -100,8 +113,9 @@ class GossipNode(Endpoint):
             addrs = self.host.get_addrs()
         except OSError:  # the host is closing and its listener socket is gone (EBADF)
             addrs = []
-        current = [str(addr) if "/p2p/" in str(addr) else f"{addr}/p2p/{self.peer_id}"
-                   for addr in addrs]
+        current = expand_unspecified(
+            [str(addr) if "/p2p/" in str(addr) else f"{addr}/p2p/{self.peer_id}"
+             for addr in addrs], interface_ips())
         if current:
             self._last_addrs = current
         return current or self._last_addrs
@@ -137,6 +151,7 @@ class GossipNode(Endpoint):
     async def _serve(self, scope: trio.CancelScope, *, task_status: Any) -> None:
         """Everything libp2p runs, inside `scope` (shielded: only `run` may cancel it)."""
         self.host.set_stream_handler(_TRANSFER, self.server.handle)
+        self.host.set_stream_handler(_DIALBACK, self.dialback.handle)
         self.pubsub.set_topic_validator(self.topic, self._validate, False)
         with scope:
             async with self.host.run(
@@ -150,6 +165,8 @@ class GossipNode(Endpoint):
                         subscription = await self.pubsub.subscribe(self.topic)
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(self._drain, subscription)
+                            if self.config.reachability_interval_s > 0:
+                                nursery.start_soon(self.probe.run)
                             task_status.started()
                             await trio.sleep_forever()
                 finally:
@@ -224,6 +241,12 @@ class GossipNode(Endpoint):
             except trio.WouldBlock:
                 self._reject("queue_full", "announcement from %s: queue_full: the daemon is "
                              "behind", ID(msg.from_id))
+
+    async def _ask_dialback(self, peer: str, ports: tuple[int, ...]) -> DialbackReply:
+        async def open_stream() -> Any:
+            return await self.host.new_stream(ID.from_base58(peer), [_DIALBACK])
+
+        return await ask_dialback(open_stream, self.swarm, ports)
 
     async def connect(self, addr: str) -> str:
         """Dial a full multiaddr (with /p2p/<id>); returns the peer id (see `Dialer`)."""

@@ -99,6 +99,7 @@ class Records:
             "links": {peer: link.to_status()
                       for peer, link in node.links.statistics(live).items()},
             "wire": wire_status(node),
+            "reachability": node.reachability.to_status(),
             "privacy": runtime.trainer.ledger.record_dict(),
             "eval_loss": self.stats.last_eval,
             # What each live peer, and we, last announced about ourselves (peer.telemetry).
