@@ -26,8 +26,8 @@ import psutil
 
 from topology.discovery import backoff_delay
 
-__all__ = ["AddressBackoff", "Scope", "address_scope", "expand_unspecified", "interface_ips",
-           "usable_addrs"]
+__all__ = ["AddressBackoff", "Scope", "address_scope", "circuit_relay", "expand_unspecified",
+           "interface_ips", "usable_addrs"]
 
 _BACKOFF_BASE_S, _BACKOFF_CAP_S = 1.0, 300.0
 _BACKOFF_ENTRIES = 4096
@@ -120,9 +120,26 @@ def usable_addrs(peer: str, addrs: Iterable[str], *, via: str,
         base, _, named = addr.partition("/p2p/")
         if named == peer and _may_dial(address_scope(base), via, allow_private):
             kept.append(addr)
+        elif circuit_relay(addr, peer) is not None:
+            kept.append(addr)  # only the relay id is used: see `circuit_relay`
         else:
             refused += 1
     return kept, refused
+
+
+def circuit_relay(addr: str, peer: str) -> str | None:
+    """The relay of a circuit address of `peer` (`.../p2p/<relay>/p2p-circuit/p2p/<peer>`).
+
+    Only the relay's id is taken from it: the relay is dialled at the addresses it announced
+    itself, so that a circuit address cannot point the swarm's dials at a third party.
+    """
+    head, found, tail = addr.rpartition("/p2p-circuit/p2p/")
+    if not found or tail != peer:
+        return None
+    relay = head.rpartition("/p2p/")[2]
+    if not relay or "/" in relay or relay == peer:
+        return None
+    return relay
 
 
 def _may_dial(scope: str, via: str, allow_private: bool) -> bool:

@@ -35,6 +35,12 @@ class NodeConfig:
         metadata={"help": "seconds between asking a few neighbours to dial us back (are we "
                           "reachable from outside? status.json says; 0: never ask)"},
     )
+    relay_service: str = field(
+        default="auto",
+        metadata={"help": "relay for peers behind NAT: auto (while the swarm finds us public), "
+                          "on, or off. A private peer reserves a slot on two relays and "
+                          "announces its /p2p-circuit addresses"},
+    )
     psk: str | None = field(  # a secret: kept out of repr, and so out of logs and tracebacks
         default=None, repr=False, metadata={"help": "64 hex chars: private swarm key"}
     )
@@ -131,6 +137,8 @@ class NodeConfig:
             raise ValueError("max_uploads and max_downloads must be at least 1")
         if not self.min_upload_rate > 0:
             raise ValueError("min_upload_rate must be a positive number of bytes/s")
+        if self.relay_service not in ("auto", "on", "off"):
+            raise ValueError(f"relay_service must be auto, on or off, got {self.relay_service!r}")
         if self.reachability_interval_s < 0:
             raise ValueError("reachability_interval_s must be >= 0 (0 turns the probe off)")
         if self.health_check_s < 0:

@@ -34,6 +34,7 @@ import trio
 from Crypto.Cipher import Salsa20
 
 from gossip.errors import WireError
+from gossip.relay import stream_ip
 from gossip.swarm import PROTOCOL_VERSION, SWARM_ID_BYTES
 from gossip.transfer import MAX_CONTROL_FRAME, close_quietly, read_frame
 from gossip.wire import (
@@ -209,7 +210,7 @@ class DialbackServer:
         with trio.fail_after(REQUEST_TIMEOUT_S):
             request = DialbackRequest.from_wire(
                 await read_frame(stream, max_len=MAX_CONTROL_FRAME), swarm=self._swarm)
-        ip = _remote_ip(stream)
+        ip = stream_ip(stream)
         status = "refused" if ip is None else self._admit(remote, ip)
         outcomes: tuple[str, ...] = ()
         if status == "ok" and ip is not None:
@@ -233,17 +234,6 @@ class DialbackServer:
         while len(self._last) > _REMEMBERED:
             self._last.popitem(last=False)
         return "ok"
-
-
-def _remote_ip(stream: Any) -> str | None:
-    """The IP a stream's connection comes from; None over a relay or when unknown."""
-    try:
-        if "/p2p-circuit" in str(getattr(stream.muxed_conn, "remote_addr", "")):
-            return None
-        address = stream.get_remote_address()
-    except Exception:  # a closing connection
-        return None
-    return str(address[0]) if address else None
 
 
 async def ask_dialback(open_stream: Any, swarm: bytes, ports: tuple[int, ...]) -> DialbackReply:

@@ -6,6 +6,7 @@ its own after a failed dial, and the peerstore holds only what the membership vi
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections import Counter
 from collections.abc import Sequence
@@ -16,13 +17,15 @@ import trio
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 
-from gossip.addresses import AddressBackoff, Scope, usable_addrs
+from gossip.addresses import AddressBackoff, Scope, circuit_relay, usable_addrs
 from gossip.config import NodeConfig
 from gossip.errors import GossipError
+from gossip.relay import dial_circuit, is_relayed, remote_ip
 
 logger = logging.getLogger(__name__)
 
 _PEERSTORE_TTL_S = 3600
+_RELAYS_PER_PEER = 4
 
 
 class Dialer:
@@ -32,13 +35,18 @@ class Dialer:
         host: the libp2p host.
         config: dial timeout, swarm key (for error hints), private-address policy.
         rejected: the node's refusal counter (addresses refused count as "bad_addr").
+        circuits: the circuit transport for relayed dials (`gossip.relay`), or None.
     """
 
-    def __init__(self, host: Any, config: NodeConfig, rejected: Counter[str]) -> None:
+    def __init__(self, host: Any, config: NodeConfig, rejected: Counter[str],
+                 circuits: Any = None) -> None:
         self.host = host
         self.config = config
         self.rejected = rejected
+        self.circuits = circuits
         self._backoff = AddressBackoff()
+        self._relays: dict[str, list[str]] = {}  # peer -> relays it announced a circuit through
+        self.relayed_dials: Counter[str] = Counter()  # "ok" or "failed"
 
     async def connect(self, addr: str) -> str:
         """Dial a full multiaddr (with /p2p/<id>); returns the peer id.
@@ -60,15 +68,33 @@ class Dialer:
             GossipError: no address is known, or the dial failed or timed out.
         """
         pid = ID.from_base58(peer)
+        self.sweep(pid)
+        relays = self._relays.get(peer, [])
+        try:
+            await self._dial_direct(pid, required=not relays)
+            return
+        except GossipError as exc:
+            error = exc
+        for relay in relays:  # direct first: a relay is slower and shared
+            try:
+                await self._dial_relayed(relay, peer)
+            except GossipError as exc:
+                error = exc
+                continue
+            return
+        raise error
+
+    async def _dial_direct(self, pid: ID, *, required: bool = True) -> None:
+        """Dial `pid` at its addresses in the peerstore, one by one, each with its backoff."""
         try:
             addrs = [str(a) for a in self.host.get_peerstore().addrs(pid)]
-        except Exception as exc:  # PeerStoreError when the peer is unknown
-            raise GossipError(f"no address known for {peer}") from exc
+        except Exception:  # PeerStoreError when the peer is unknown
+            addrs = []
         if not addrs:
-            raise GossipError(f"no address known for {peer}")
+            raise GossipError(f"no {'' if required else 'direct '}address known for {pid}")
         ready = self._backoff.ready(addrs, trio.current_time())
         if not ready:
-            raise GossipError(f"every address of {peer} is backing off after failed dials")
+            raise GossipError(f"every address of {pid} is backing off after failed dials")
         error: GossipError | None = None
         for addr in ready:  # one by one: each failure backs off that address alone
             try:
@@ -81,6 +107,55 @@ class Dialer:
             return
         assert error is not None
         raise error
+
+    async def _dial_relayed(self, relay: str, peer: str) -> None:
+        """Dial `peer` through `relay`, dialling the relay first (directly) if need be."""
+        if self.circuits is None or relay == str(self.host.get_id()):
+            raise GossipError(f"no relayed dial to {peer} through {relay}")
+        relay_id = ID.from_base58(relay)
+        self.sweep(relay_id)
+        if not self._direct(relay_id):
+            # At the addresses it announced itself, never through another relay: a circuit
+            # address names a relay, and the relay's own announcements say where it lives.
+            await self._dial_direct(relay_id)
+        try:
+            with trio.fail_after(self.config.dial_timeout_s):
+                await dial_circuit(self.circuits, self._relay_addr(relay_id), relay, peer)
+        except Exception as exc:  # ConnectionError, timeouts, stream errors
+            self.relayed_dials["failed"] += 1
+            raise GossipError(f"relayed dial through {relay} failed: {type(exc).__name__}: "
+                              f"{exc}") from exc
+        self.relayed_dials["ok"] += 1
+
+    def _relay_addr(self, relay: ID) -> str:
+        """An address of a connected relay: one it announced, else where we reached it."""
+        with contextlib.suppress(Exception):
+            for addr in self.host.get_peerstore().addrs(relay):
+                return str(addr)
+        for conn in self._conns(relay):
+            ip, port = remote_ip(conn), _port(conn)
+            if ip and port:
+                return f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/{port}"
+        raise GossipError(f"no address of relay {relay}")
+
+    def _conns(self, peer: ID) -> list[Any]:
+        return list(self.host.get_network().get_connections(peer))
+
+    def _direct(self, peer: ID) -> bool:
+        return any(not getattr(c, "is_closed", False) and not is_relayed(c)
+                   for c in self._conns(peer))
+
+    def sweep(self, peer: ID) -> None:
+        """Remove closed connections to `peer` that the swarm still lists.
+
+        After a relay died, py-libp2p kept the dead relayed connection listed for over a minute
+        (closed, yet `new_stream` picked it and failed): nothing reached that peer meanwhile.
+        """
+        network = self.host.get_network()
+        for conn in self._conns(peer):
+            if getattr(conn, "is_closed", False):
+                with contextlib.suppress(Exception):
+                    network.remove_conn(conn)
 
     async def _dial(self, info: PeerInfo) -> None:
         # Retrying is our caller's decision, made with its own backoff; libp2p's 60 s negative
@@ -125,7 +200,12 @@ class Dialer:
             logger.info("dropped %d address(es) announced by %s (not its own, or a private "
                         "scope it did not reach us from)", refused, peer)
         parsed = []
+        relays = [r for r in (circuit_relay(a, peer) for a in kept) if r is not None]
+        if relays:
+            self._relays[peer] = list(dict.fromkeys(relays))[:_RELAYS_PER_PEER]
         for addr in kept:
+            if circuit_relay(addr, peer) is not None:
+                continue  # kept by relay id alone, never in the peerstore (see `_dial_relayed`)
             try:
                 parsed.append(multiaddr.Multiaddr(addr.partition("/p2p/")[0]))
             except Exception:  # an unusable address from a peer: skip it, keep the others
@@ -140,9 +220,17 @@ class Dialer:
         The peerstore then holds only what the view admits (plus connected peers, whose keys
         the connection still needs), so a flood of identities cannot fill it.
         """
+        self._relays.pop(peer, None)
         pid = ID.from_base58(peer)
         store = self.host.get_peerstore()
         if pid in self.host.get_connected_peers():
             store.clear_addrs(pid)
         elif store.has_peer(pid):
             store.clear_peerdata(pid)
+
+
+def _port(conn: Any) -> int | None:
+    try:
+        return int(conn.muxed_conn.secured_conn.get_remote_address()[1])
+    except Exception:  # not a TCP connection, or closing
+        return None

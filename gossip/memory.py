@@ -185,6 +185,9 @@ class MemoryNode(Endpoint):
     def announce_addrs(self) -> list[str]:
         return self.listen_addrs
 
+    def relay_status(self) -> dict[str, Any]:
+        return {}
+
     @property
     def reachability(self) -> Reachability:
         return Reachability(UNKNOWN, "the in-memory network has no addresses to dial back")

@@ -32,12 +32,13 @@ from gossip.endpoint import ANNOUNCEMENT_QUEUE, Endpoint, Heard, Received
 from gossip.errors import GossipError, WireError
 from gossip.fetcher import fetch_from
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
-from gossip.reachability import Reachability, ReachabilityProbe
+from gossip.reachability import PRIVATE, PUBLIC, Reachability, ReachabilityProbe
+from gossip.relay import GuardedRelay, RelayClient, circuit_transport, is_relayed
 from gossip.router import FloodPublishGossipSub
 from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
 from gossip.transfer import Fetched
-from gossip.wire import Announcement
+from gossip.wire import MAX_ADDRS, Announcement
 
 __all__ = ["GossipNode", "Heard", "NodeConfig", "Received"]
 
@@ -91,7 +92,11 @@ class GossipNode(Endpoint):
         install_seqno_counter(self.pubsub, identity_dir / "seqno" if identity_dir else None)
         self._last_addrs: list[str] = []
         self._via: OrderedDict[tuple[bytes, bytes], str] = OrderedDict()  # validated, undrained
-        self.dialer = Dialer(self.host, config, self.rejected)
+        self.relay = GuardedRelay(self.host, self._relaying)
+        self.dialer = Dialer(self.host, config, self.rejected,
+                             circuit_transport(self.host, self.relay))
+        self.relay_client = RelayClient(self.host, lambda: self.reachability.status == PRIVATE,
+                                        self._relay_candidates)
         self.dialback = DialbackServer(swarm, config.psk)
         self.probe = ReachabilityProbe(self._ask_dialback, self.connected_peers,
                                        lambda: self.announce_addrs,
@@ -123,11 +128,31 @@ class GossipNode(Endpoint):
     @property
     def announce_addrs(self) -> list[str]:
         """Full multiaddrs our announcements carry: `config.announce` if set, else where we
-        listen. A peer behind a proxy or a NAT is dialled at an address it does not listen on.
+        listen (a peer behind a proxy or a NAT is dialled at an address it does not listen on),
+        then our circuit addresses through the relays that hold a slot for us.
         """
-        if not self.config.announce:
-            return self.listen_addrs
-        return [f"{addr}/p2p/{self.peer_id}" for addr in self.config.announce]
+        direct = self.listen_addrs if not self.config.announce else \
+            [f"{addr}/p2p/{self.peer_id}" for addr in self.config.announce]
+        circuits = self.relay_client.circuit_addrs()
+        return [*direct[: MAX_ADDRS - len(circuits)], *circuits]
+
+    def _relaying(self) -> bool:
+        mode = self.config.relay_service
+        return mode == "on" or (mode == "auto" and self.reachability.status == PUBLIC)
+
+    def _relay_candidates(self) -> list[str]:
+        """Peers we hold a direct connection to, in random order: relays to ask."""
+        network = self.host.get_network()
+        peers = [str(p) for p in self.host.get_connected_peers()
+                 if any(not is_relayed(c) for c in network.get_connections(p))]
+        self.probe.rng.shuffle(peers)
+        return peers
+
+    def relay_status(self) -> dict[str, Any]:
+        """What we relay for others and through whom we are reachable, for status.json."""
+        return {"serving": self._relaying(), "held_here": self.relay.reservations,
+                "granted_here": self.relay.reserved, "refused_here": dict(self.relay.refused),
+                **self.relay_client.to_status(), "relayed_dials": dict(self.dialer.relayed_dials)}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the host, pubsub and transfer handler; signal readiness; serve until cancelled.
@@ -160,13 +185,15 @@ class GossipNode(Endpoint):
                 try:
                     await self._stop_auto_connector()
                     async with background_trio_service(self.pubsub), \
-                            background_trio_service(self.router):
+                            background_trio_service(self.router), \
+                            background_trio_service(self.relay):
                         await self.pubsub.wait_until_ready()
                         subscription = await self.pubsub.subscribe(self.topic)
                         async with trio.open_nursery() as nursery:
                             nursery.start_soon(self._drain, subscription)
                             if self.config.reachability_interval_s > 0:
                                 nursery.start_soon(self.probe.run)
+                            nursery.start_soon(self.relay_client.run)
                             task_status.started()
                             await trio.sleep_forever()
                 finally:

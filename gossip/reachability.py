@@ -109,7 +109,7 @@ class ReachabilityProbe:
         self._peers = peers
         self._addrs = addrs
         self._interval_s = interval_s
-        self._rng = rng or random.Random()
+        self.rng = rng or random.Random()
         self.current = Reachability()
         self.probed = trio.Event()  # set after the first probe that found peers to ask
 
@@ -130,7 +130,7 @@ class ReachabilityProbe:
         ports = tcp_ports(self._addrs())
         if not ports:
             return Reachability(UNKNOWN, "no TCP address to be dialled at", time.time())
-        asked = self._rng.sample(list(peers), min(ASKED, len(peers)))
+        asked = self.rng.sample(list(peers), min(ASKED, len(peers)))
         answers: dict[str, str] = {}
         observed: list[str] = []
 

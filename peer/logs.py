@@ -96,5 +96,9 @@ def configure_logging(verbose: int, log_format: str = "text") -> None:
         # of transformers and the hub (read when they are first imported: after this) stay off.
         logging.captureWarnings(True)
         os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    # py-libp2p's relay logs routine events as errors ("Error reading from hop stream" for each
+    # reservation); ours (gossip.relay) says what happened, so keep its own for -vv.
+    logging.getLogger("libp2p.relay.circuit_v2").setLevel(
+        logging.DEBUG if verbose >= 2 else logging.CRITICAL)
     logging.getLogger("loraswarm").setLevel(min(level, logging.INFO))
     logging.getLogger("peer").setLevel(min(level, logging.INFO))

@@ -153,6 +153,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("announce", "network", "announce", str, "MULTIADDR", repeat=True),
     Option("upnp", "network", "upnp", _bool, "BOOL"),
     Option("reachability_interval", "network", "reachability_interval_s", float, "SECONDS"),
+    Option("relay_service", "network", "relay_service", str, "auto|on|off"),
     Option("swarm_key", "network", "psk", _swarm_key, "FILE", scope=SWARM),
     Option("max_adapter_bytes", "network", "max_adapter_bytes", int, "N"),
     Option("fetch_timeout", "network", "fetch_timeout_s", float, "SECONDS"),

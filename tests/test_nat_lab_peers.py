@@ -94,3 +94,32 @@ def test_the_swarm_finds_the_public_peer_public_and_the_natted_ones_private(
     # Behind their NATs the homes still merge with the public peer, which fetches from them
     # over the connections they opened.
     wait_for(lambda: all(d.status().get("merges", 0) >= 1 for d in daemons), "merges", daemons)
+
+
+def test_two_peers_behind_different_nats_merge_through_the_public_peers_relay(
+        lab: NatLab, tmp_path: Path, small_model_dir: Path) -> None:
+    public = Daemon(lab, lab.publics[0], tmp_path / "public", small_model_dir)
+    wait_for(lambda: bool(public.status().get("listen_addrs")), "the public peer", [public])
+    boot = public.status()["listen_addrs"][0]
+    homes = [Daemon(lab, home, tmp_path / f"home{i}", small_model_dir, "--bootstrap", boot)
+             for i, home in enumerate(lab.homes)]
+    daemons = [public, *homes]
+    ids = [d.status().get("peer_id") for d in daemons]
+
+    def fetched_from_each_other() -> bool:
+        statuses = [h.status() for h in homes]
+        if not all(s.get("peer_id") for s in statuses):
+            return False
+        other = [statuses[1]["peer_id"], statuses[0]["peer_id"]]
+        return all(s.get("links", {}).get(o, {}).get("transfers", 0) >= 1
+                   for s, o in zip(statuses, other, strict=True))
+
+    wait_for(fetched_from_each_other, "the homes to fetch each other's adapters", daemons)
+    public_id = ids[0] or public.status()["peer_id"]
+    for home in homes:
+        relay = home.status()["relay"]
+        assert public_id in relay["reservations"], relay
+        assert all(f"/p2p/{public_id}/p2p-circuit/" in a for a in relay["circuit_addrs"])
+        assert relay["relayed_dials"].get("ok", 0) >= 1, relay
+    assert public.status()["relay"]["held_here"] == 2
+    wait_for(lambda: all(d.status().get("merges", 0) >= 2 for d in homes), "merges", daemons)
