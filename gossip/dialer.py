@@ -46,6 +46,9 @@ class Dialer:
         self.circuits = circuits
         self._backoff = AddressBackoff()
         self._relays: dict[str, list[str]] = {}  # peer -> relays it announced a circuit through
+        # peer -> the direct addresses it announced that we may dial. The peerstore holds more
+        # (identify adds every listen address a peer reports, loopback and LAN ones too).
+        self._announced: dict[str, list[str]] = {}
         self.relayed_dials: Counter[str] = Counter()  # "ok" or "failed"
 
     async def connect(self, addr: str) -> str:
@@ -85,11 +88,14 @@ class Dialer:
         raise error
 
     async def _dial_direct(self, pid: ID, *, required: bool = True) -> None:
-        """Dial `pid` at its addresses in the peerstore, one by one, each with its backoff."""
-        try:
-            addrs = [str(a) for a in self.host.get_peerstore().addrs(pid)]
-        except Exception:  # PeerStoreError when the peer is unknown
-            addrs = []
+        """Dial `pid` at the addresses it announced (else the peerstore's), one by one, each
+        with its backoff."""
+        addrs = self._announced.get(str(pid), [])
+        if not addrs:
+            try:
+                addrs = [str(a) for a in self.host.get_peerstore().addrs(pid)]
+            except Exception:  # PeerStoreError when the peer is unknown
+                addrs = []
         if not addrs:
             raise GossipError(f"no {'' if required else 'direct '}address known for {pid}")
         ready = self._backoff.ready(addrs, trio.current_time())
@@ -107,6 +113,10 @@ class Dialer:
             return
         assert error is not None
         raise error
+
+    async def dial_direct(self, peer: str) -> None:
+        """Connect to `peer` at its own announced addresses, never through a relay."""
+        await self._dial_direct(ID.from_base58(peer))
 
     async def _dial_relayed(self, relay: str, peer: str) -> None:
         """Dial `peer` through `relay`, dialling the relay first (directly) if need be."""
@@ -165,15 +175,41 @@ class Dialer:
             unblock(info.peer_id)
         try:
             with trio.fail_after(self.config.dial_timeout_s):
-                await self.host.connect(info)
+                await self._connect(info)
         except trio.TooSlowError as exc:
             raise GossipError(
                 f"dial timed out after {self.config.dial_timeout_s:g} s{self._key_hint()}"
             ) from exc
         except Exception as exc:  # libp2p dial failures share no importable base
             raise GossipError(
-                f"dial failed: {type(exc).__name__}: {exc}{self._key_hint()}"
+                f"dial failed: {type(exc).__name__}: {exc}{_first_cause(exc)}{self._key_hint()}"
             ) from exc
+
+    async def _connect(self, info: PeerInfo) -> None:
+        """Connect at exactly `info`'s addresses (unless connected already).
+
+        `host.connect` dials every address the peerstore holds for the peer, and identify
+        puts there every listen address the peer reports: a peer listening on 0.0.0.0 reports
+        127.0.0.1, which dialled from another machine (or network namespace) reaches the
+        dialler's own listener, and the handshake fails on the wrong key. Measured in the NAT
+        lab: every dial to a public peer we had been connected to before failed so.
+        """
+        network = self.host.get_network()
+        if network.get_connections(info.peer_id):
+            await self.host.connect(info)  # waits until the connection is ready
+            return
+        error: Exception | None = None
+        for addr in info.addrs:
+            try:
+                conn = await network.dial_addr(addr, info.peer_id)
+            except Exception as exc:  # libp2p dial failures share no importable base
+                error = exc
+                continue
+            started = getattr(conn, "event_started", None)
+            if started is not None:
+                await started.wait()
+            return
+        raise error or GossipError(f"no address to dial {info.peer_id} at")
 
     def _key_hint(self) -> str:
         # A mismatched swarm key mostly makes a dial hang (PY-LIBP2P.md section 4), but under
@@ -212,7 +248,12 @@ class Dialer:
                 self.rejected["bad_addr"] += 1
         if parsed:
             self.host.get_peerstore().add_addrs(ID.from_base58(peer), parsed, _PEERSTORE_TTL_S)
+            self._announced[peer] = [str(a) for a in parsed][:16]
         return kept
+
+    def dialable(self) -> list[str]:
+        """Peers that announced a direct address we may dial."""
+        return list(self._announced)
 
     def forget(self, peer: str) -> None:
         """Drop what the peerstore holds for `peer`, which left the membership view.
@@ -221,6 +262,7 @@ class Dialer:
         the connection still needs), so a flood of identities cannot fill it.
         """
         self._relays.pop(peer, None)
+        self._announced.pop(peer, None)
         pid = ID.from_base58(peer)
         store = self.host.get_peerstore()
         if pid in self.host.get_connected_peers():
@@ -234,3 +276,12 @@ def _port(conn: Any) -> int | None:
         return int(conn.muxed_conn.secured_conn.get_remote_address()[1])
     except Exception:  # not a TCP connection, or closing
         return None
+
+
+def _first_cause(exc: BaseException) -> str:
+    """What lies under a libp2p dial error ("no addresses established a successful
+    connection" says nothing of why), as " (because Type: message)"."""
+    cause, seen = exc.__cause__ or exc.__context__, 0
+    while cause is not None and (cause.__cause__ or cause.__context__) and seen < 4:
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return "" if cause is None else f" (because {type(cause).__name__}: {cause})"

@@ -96,7 +96,7 @@ class GossipNode(Endpoint):
         self.dialer = Dialer(self.host, config, self.rejected,
                              circuit_transport(self.host, self.relay))
         self.relay_client = RelayClient(self.host, lambda: self.reachability.status == PRIVATE,
-                                        self._relay_candidates)
+                                        self._relay_candidates, self.dialer.dial_direct)
         self.dialback = DialbackServer(swarm, config.psk)
         self.probe = ReachabilityProbe(self._ask_dialback, self.connected_peers,
                                        lambda: self.announce_addrs,
@@ -141,12 +141,16 @@ class GossipNode(Endpoint):
         return mode == "on" or (mode == "auto" and self.reachability.status == PUBLIC)
 
     def _relay_candidates(self) -> list[str]:
-        """Peers we hold a direct connection to, in random order: relays to ask."""
-        network = self.host.get_network()
-        peers = [str(p) for p in self.host.get_connected_peers()
-                 if any(not is_relayed(c) for c in network.get_connections(p))]
-        self.probe.rng.shuffle(peers)
-        return peers
+        """Relays to ask, each group in random order: peers we hold a direct connection to,
+        then peers with an address we may dial (from their own announcements)."""
+        network, rng = self.host.get_network(), self.probe.rng
+        connected = [str(p) for p in self.host.get_connected_peers()
+                     if any(not is_relayed(c) for c in network.get_connections(p))]
+        any_conn = {str(p) for p in self.host.get_connected_peers()}
+        others = [p for p in self.dialer.dialable() if p not in any_conn]
+        rng.shuffle(connected)
+        rng.shuffle(others)
+        return [*connected, *others]
 
     def relay_status(self) -> dict[str, Any]:
         """What we relay for others and through whom we are reachable, for status.json."""

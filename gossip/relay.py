@@ -26,7 +26,7 @@ import contextlib
 import logging
 import time
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -203,15 +203,18 @@ class RelayClient:
     Args:
         host: our libp2p host.
         private: whether we need relays now.
-        candidates: connected peers we may ask, best first (reachable ones).
-        relay_addrs: where a relay may be dialled (its own announced addresses).
+        candidates: peers we may ask, best first: directly connected ones, then others
+            with addresses we may dial.
+        dial: connects to a peer at its own announced addresses (`gossip.dialer`).
     """
 
     def __init__(self, host: Any, private: Callable[[], bool],
-                 candidates: Callable[[], list[str]]) -> None:
+                 candidates: Callable[[], list[str]],
+                 dial: Callable[[str], Awaitable[None]]) -> None:
         self.host = host
         self._private = private
         self._candidates = candidates
+        self._dial = dial
         self.reservations: dict[str, Reservation] = {}
         self._refused_until: dict[str, float] = {}
         self.events: Counter[str] = Counter()  # reserved, renewed, refused, lost
@@ -238,15 +241,19 @@ class RelayClient:
                 await self._reserve(relay, renewing=True)
         if not self._private():
             return
+        tries = 0
         for relay in self._candidates():
-            if len(self.reservations) >= WANTED:
-                break
+            if len(self.reservations) >= WANTED or tries >= WANTED + 2:
+                break  # bounded work per tick, however many candidates
             if relay in self.reservations or self._refused_until.get(relay, 0.0) > now:
                 continue
+            tries += 1
             await self._reserve(relay, renewing=False)
 
     async def _reserve(self, relay: str, *, renewing: bool) -> None:
         try:
+            if not self._connected(relay):
+                await self._dial(relay)
             expires, relay_addrs = await reserve(self.host, relay)
         except Exception as exc:  # refused, no hop protocol, stream errors: all the same here
             self._refused_until[relay] = time.time() + REFUSED_BACKOFF_S
@@ -256,7 +263,7 @@ class RelayClient:
                 self._drop(relay, "lost")
             else:
                 self.events["refused"] += 1
-            logger.debug("no reservation on %s: %s: %s", relay, type(exc).__name__, exc)
+            logger.info("no relay slot on %s: %s: %s", relay, type(exc).__name__, exc)
             return
         changed = relay not in self.reservations
         self.reservations[relay] = Reservation(relay, expires, time.time(), tuple(relay_addrs))

@@ -27,6 +27,7 @@ from gossip.errors import TransferError
 from gossip.estimate import PublicEstimate, decode_update, encode_update
 from gossip.fetcher import link_stats
 from gossip.node import Heard, Received
+from gossip.reachability import UNKNOWN, Reachability
 from gossip.replicas import EstimateReplica, Replicas
 from gossip.transfer import Offer
 from gossip.wire import Announcement
@@ -121,6 +122,13 @@ class FakeNode:
         assert state is not None
         return Received(peer=other.peer_id, version=offer.version, samples=offer.samples,
                         state=state, nbytes=len(data))
+
+    @property
+    def reachability(self) -> Reachability:
+        return Reachability(UNKNOWN, "a fake node has no address to dial back")
+
+    def relay_status(self) -> dict[str, Any]:
+        return {}
 
     def connected_peers(self) -> list[str]:
         return [p for p, node in self.network.nodes.items() if node is not self and node.up]

@@ -23,11 +23,12 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def lab() -> Iterator[NatLab]:
+def lab(request: pytest.FixtureRequest) -> Iterator[NatLab]:
     reason = lab_unavailable()
     if reason:
         pytest.skip(reason)
-    with NatLab(publics=1, homes=2) as built:
+    publics = getattr(request, "param", 1)
+    with NatLab(publics=publics, homes=2) as built:
         yield built
 
 
@@ -123,3 +124,48 @@ def test_two_peers_behind_different_nats_merge_through_the_public_peers_relay(
         assert relay["relayed_dials"].get("ok", 0) >= 1, relay
     assert public.status()["relay"]["held_here"] == 2
     wait_for(lambda: all(d.status().get("merges", 0) >= 2 for d in homes), "merges", daemons)
+
+
+def transfers(daemon: Daemon, peer: str) -> int:
+    return int(daemon.status().get("links", {}).get(peer, {}).get("transfers", 0))
+
+
+@pytest.mark.parametrize("lab", [3], indirect=True)
+def test_a_private_peer_whose_relay_dies_reserves_on_another_and_the_swarm_goes_on(
+        lab: NatLab, tmp_path: Path, small_model_dir: Path) -> None:
+    publics = [Daemon(lab, lab.publics[0], tmp_path / "public0", small_model_dir)]
+    wait_for(lambda: bool(publics[0].status().get("listen_addrs")), "the first public peer",
+             publics)
+    boot = publics[0].status()["listen_addrs"][0]
+    publics += [Daemon(lab, node, tmp_path / f"public{i}", small_model_dir, "--bootstrap", boot)
+                for i, node in enumerate(lab.publics[1:], start=1)]
+    homes = [Daemon(lab, home, tmp_path / f"home{i}", small_model_dir, "--bootstrap", boot)
+             for i, home in enumerate(lab.homes)]
+    daemons = [*publics, *homes]
+    wait_for(lambda: all(len(h.status().get("relay", {}).get("reservations", {})) == 2
+                         for h in homes), "each home to hold two relay slots", daemons)
+    ids = [h.status()["peer_id"] for h in homes]
+    wait_for(lambda: transfers(homes[0], ids[1]) >= 1 and transfers(homes[1], ids[0]) >= 1,
+             "the homes to fetch from each other", daemons)
+    # Kill a relay both homes hold a slot on, as the swarm runs.
+    held = [set(h.status()["relay"]["reservations"]) for h in homes]
+    dead = next(p for p in publics if p.status()["peer_id"] in held[0] & held[1])
+    dead_id = dead.status()["peer_id"]
+    dead.proc.kill()
+    dead.proc.wait(timeout=10)
+    alive = [d for d in daemons if d is not dead]
+
+    def moved() -> bool:
+        relays = [h.status().get("relay", {}) for h in homes]
+        return all(len(r.get("reservations", {})) == 2 and dead_id not in r["reservations"]
+                   for r in relays)
+
+    wait_for(moved, "the homes to reserve on the remaining relays", alive)
+    for home in homes:
+        relay = home.status()["relay"]
+        assert relay["lost"] >= 1 and relay["reserved"] >= 3, relay
+        assert not any(dead_id in a for a in relay["circuit_addrs"]), relay
+    before = [transfers(homes[0], ids[1]), transfers(homes[1], ids[0])]
+    wait_for(lambda: transfers(homes[0], ids[1]) > before[0]
+             and transfers(homes[1], ids[0]) > before[1],
+             "the homes to fetch from each other again", alive)
