@@ -36,14 +36,16 @@ class Dialer:
         config: dial timeout, swarm key (for error hints), private-address policy.
         rejected: the node's refusal counter (addresses refused count as "bad_addr").
         circuits: the circuit transport for relayed dials (`gossip.relay`), or None.
+        puncher: tries for a direct connection after a relayed dial (`gossip.holepunch`).
     """
 
     def __init__(self, host: Any, config: NodeConfig, rejected: Counter[str],
-                 circuits: Any = None) -> None:
+                 circuits: Any = None, puncher: Any = None) -> None:
         self.host = host
         self.config = config
         self.rejected = rejected
         self.circuits = circuits
+        self.puncher = puncher
         self._backoff = AddressBackoff()
         self._relays: dict[str, list[str]] = {}  # peer -> relays it announced a circuit through
         # peer -> the direct addresses it announced that we may dial. The peerstore holds more
@@ -136,6 +138,8 @@ class Dialer:
             raise GossipError(f"relayed dial through {relay} failed: {type(exc).__name__}: "
                               f"{exc}") from exc
         self.relayed_dials["ok"] += 1
+        if self.puncher is not None:
+            await self.puncher.punch(peer)
 
     def _relay_addr(self, relay: ID) -> str:
         """An address of a connected relay: one it announced, else where we reached it."""

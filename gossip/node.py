@@ -32,6 +32,7 @@ from gossip.endpoint import ANNOUNCEMENT_QUEUE, Endpoint, Heard, Received
 from gossip.errors import GossipError, WireError
 from gossip.fetcher import fetch_from
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
+from gossip.holepunch import Puncher
 from gossip.reachability import PRIVATE, PUBLIC, Reachability, ReachabilityProbe
 from gossip.relay import GuardedRelay, RelayClient, circuit_transport, is_relayed
 from gossip.router import FloodPublishGossipSub
@@ -93,14 +94,16 @@ class GossipNode(Endpoint):
         self._last_addrs: list[str] = []
         self._via: OrderedDict[tuple[bytes, bytes], str] = OrderedDict()  # validated, undrained
         self.relay = GuardedRelay(self.host, self._relaying)
+        self.puncher = Puncher(self.host)
         self.dialer = Dialer(self.host, config, self.rejected,
-                             circuit_transport(self.host, self.relay))
+                             circuit_transport(self.host, self.relay), self.puncher)
         self.relay_client = RelayClient(self.host, lambda: self.reachability.status == PRIVATE,
                                         self._relay_candidates, self.dialer.dial_direct)
-        self.dialback = DialbackServer(swarm, config.psk)
         self.probe = ReachabilityProbe(self._ask_dialback, self.connected_peers,
                                        lambda: self.announce_addrs,
-                                       interval_s=config.reachability_interval_s)
+                                       interval_s=config.reachability_interval_s,
+                                       on_verdict=self.relay_client.wake)
+        self.dialback = DialbackServer(swarm, config.psk)
 
     @property
     def reachability(self) -> Reachability:
@@ -156,7 +159,8 @@ class GossipNode(Endpoint):
         """What we relay for others and through whom we are reachable, for status.json."""
         return {"serving": self._relaying(), "held_here": self.relay.reservations,
                 "granted_here": self.relay.reserved, "refused_here": dict(self.relay.refused),
-                **self.relay_client.to_status(), "relayed_dials": dict(self.dialer.relayed_dials)}
+                **self.relay_client.to_status(), "relayed_dials": dict(self.dialer.relayed_dials),
+                "holepunch": dict(self.puncher.outcomes)}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the host, pubsub and transfer handler; signal readiness; serve until cancelled.
@@ -190,7 +194,8 @@ class GossipNode(Endpoint):
                     await self._stop_auto_connector()
                     async with background_trio_service(self.pubsub), \
                             background_trio_service(self.router), \
-                            background_trio_service(self.relay):
+                            background_trio_service(self.relay), \
+                            background_trio_service(self.puncher):
                         await self.pubsub.wait_until_ready()
                         subscription = await self.pubsub.subscribe(self.topic)
                         async with trio.open_nursery() as nursery:

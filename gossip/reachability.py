@@ -100,12 +100,15 @@ class ReachabilityProbe:
         peers: the peers connected now.
         addrs: the addresses we announce now.
         interval_s: time between probes once one gave an answer.
+        on_verdict: called after each probe (the relay client acts on a new verdict at once).
     """
 
     def __init__(self, ask: Callable[[str, tuple[int, ...]], Awaitable[DialbackReply]],
                  peers: Callable[[], list[str]], addrs: Callable[[], list[str]], *,
-                 interval_s: float, rng: random.Random | None = None) -> None:
+                 interval_s: float, rng: random.Random | None = None,
+                 on_verdict: Callable[[], None] = lambda: None) -> None:
         self._ask = ask
+        self._on_verdict = on_verdict
         self._peers = peers
         self._addrs = addrs
         self._interval_s = interval_s
@@ -122,6 +125,7 @@ class ReachabilityProbe:
                 continue
             self.current = await self.probe(peers)
             self.probed.set()
+            self._on_verdict()
             logger.info("reachability: %s (%s)", self.current.status, self.current.why)
             await trio.sleep(RETRY_S if self.current.status == UNKNOWN else self._interval_s)
 

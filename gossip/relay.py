@@ -219,17 +219,24 @@ class RelayClient:
         self._refused_until: dict[str, float] = {}
         self.events: Counter[str] = Counter()  # reserved, renewed, refused, lost
         self.changed = trio.Event()  # set each time our circuit addresses change
+        self._woken = trio.Event()
 
     def circuit_addrs(self) -> list[str]:
         """Our `/p2p-circuit` addresses: at most two through each relay that holds our slot."""
         return [a for r in self.reservations.values()
                 for a in self._circuits_through(r.relay, r.told)]
 
+    def wake(self) -> None:
+        """Tick now (the reachability verdict changed), not at the next `TICK_S`."""
+        self._woken.set()
+
     async def run(self) -> None:
         """Keep `WANTED` reservations while private; forever (cancel to stop)."""
         while True:
             await self.tick()
-            await trio.sleep(TICK_S)
+            with trio.move_on_after(TICK_S):
+                await self._woken.wait()
+            self._woken = trio.Event()
 
     async def tick(self) -> None:
         """Drop lost relays, renew those past half their lifetime, reserve more if needed."""
