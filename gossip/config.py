@@ -25,11 +25,6 @@ class NodeConfig:
         metadata={"help": "multiaddrs to announce instead of the listen addresses, e.g. a "
                           "proxy's or a NAT's public address (/p2p/<our id> is added)"},
     )
-    upnp: bool = field(
-        default=False,
-        metadata={"help": "ask the router (UPnP IGD) to forward our TCP listen ports, and announce "
-                          "its public address with them"},
-    )
     reachability_interval_s: float = field(
         default=600.0,
         metadata={"help": "seconds between asking a few neighbours to dial us back (are we "
