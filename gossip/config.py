@@ -30,6 +30,11 @@ class NodeConfig:
         metadata={"help": "seconds between asking a few neighbours to dial us back (are we "
                           "reachable from outside? status.json says; 0: never ask)"},
     )
+    upnp: bool = field(
+        default=False,
+        metadata={"help": "ask the router (UPnP IGD) to forward our TCP listen ports to us, and "
+                          "announce its public address with them"},
+    )
     relay_service: str = field(
         default="auto",
         metadata={"help": "relay for peers behind NAT: auto (while the swarm finds us public), "

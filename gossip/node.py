@@ -33,12 +33,13 @@ from gossip.errors import GossipError, WireError
 from gossip.fetcher import fetch_from
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
 from gossip.holepunch import Puncher
-from gossip.reachability import PRIVATE, PUBLIC, Reachability, ReachabilityProbe
+from gossip.reachability import PRIVATE, PUBLIC, Reachability, ReachabilityProbe, tcp_ports
 from gossip.relay import GuardedRelay, RelayClient, circuit_transport, is_relayed
 from gossip.router import FloodPublishGossipSub
 from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
 from gossip.transfer import Fetched
+from gossip.upnp import PortMapper
 from gossip.wire import MAX_ADDRS, Announcement
 
 __all__ = ["GossipNode", "Heard", "NodeConfig", "Received"]
@@ -103,6 +104,7 @@ class GossipNode(Endpoint):
                                        lambda: self.announce_addrs,
                                        interval_s=config.reachability_interval_s,
                                        on_verdict=self.relay_client.wake)
+        self.upnp = PortMapper(self._mappable_ports, on_change=self.probe.wake)
         self.dialback = DialbackServer(swarm, config.psk)
 
     @property
@@ -130,14 +132,21 @@ class GossipNode(Endpoint):
 
     @property
     def announce_addrs(self) -> list[str]:
-        """Full multiaddrs our announcements carry: `config.announce` if set, else where we
-        listen (a peer behind a proxy or a NAT is dialled at an address it does not listen on),
-        then our circuit addresses through the relays that hold a slot for us.
+        """Full multiaddrs our announcements carry: the router's forwarded ports (`--upnp`),
+        `config.announce` if set, else where we listen (a peer behind a proxy or a NAT is
+        dialled at an address it does not listen on), then our circuit addresses through the
+        relays that hold a slot for us.
         """
         direct = self.listen_addrs if not self.config.announce else \
             [f"{addr}/p2p/{self.peer_id}" for addr in self.config.announce]
+        direct = [f"{addr}/p2p/{self.peer_id}" for addr in self.upnp.addrs()] + direct
         circuits = self.relay_client.circuit_addrs()
         return [*direct[: MAX_ADDRS - len(circuits)], *circuits]
+
+    def _mappable_ports(self) -> tuple[int, ...]:
+        """The TCP ports we listen on beyond loopback: what a router could forward to us."""
+        return tcp_ports([a for a in self.listen_addrs
+                          if not a.startswith(("/ip4/127.", "/ip6/::1/"))])
 
     def _relaying(self) -> bool:
         mode = self.config.relay_service
@@ -160,7 +169,8 @@ class GossipNode(Endpoint):
         return {"serving": self._relaying(), "held_here": self.relay.reservations,
                 "granted_here": self.relay.reserved, "refused_here": dict(self.relay.refused),
                 **self.relay_client.to_status(), "relayed_dials": dict(self.dialer.relayed_dials),
-                "holepunch": dict(self.puncher.outcomes)}
+                "holepunch": dict(self.puncher.outcomes),
+                **({"upnp": self.upnp.to_status()} if self.config.upnp else {})}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the host, pubsub and transfer handler; signal readiness; serve until cancelled.
@@ -203,6 +213,8 @@ class GossipNode(Endpoint):
                             if self.config.reachability_interval_s > 0:
                                 nursery.start_soon(self.probe.run)
                             nursery.start_soon(self.relay_client.run)
+                            if self.config.upnp:
+                                nursery.start_soon(self.upnp.run)
                             task_status.started()
                             await trio.sleep_forever()
                 finally:

@@ -115,6 +115,11 @@ class ReachabilityProbe:
         self.rng = rng or random.Random()
         self.current = Reachability()
         self.probed = trio.Event()  # set after the first probe that found peers to ask
+        self._woken = trio.Event()
+
+    def wake(self) -> None:
+        """Probe again now (our addresses changed), not after the interval."""
+        self._woken.set()
 
     async def run(self) -> None:
         """Probe forever (cancel to stop)."""
@@ -127,7 +132,10 @@ class ReachabilityProbe:
             self.probed.set()
             self._on_verdict()
             logger.info("reachability: %s (%s)", self.current.status, self.current.why)
-            await trio.sleep(RETRY_S if self.current.status == UNKNOWN else self._interval_s)
+            with trio.move_on_after(RETRY_S if self.current.status == UNKNOWN
+                                    else self._interval_s):
+                await self._woken.wait()
+            self._woken = trio.Event()
 
     async def probe(self, peers: Sequence[str]) -> Reachability:
         """Ask up to `ASKED` of `peers` at once and return the verdict."""

@@ -151,6 +151,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("listen", "network", "listen", str, "MULTIADDR", repeat=True),
     Option("bootstrap", "network", "bootstrap", str, "MULTIADDR", repeat=True),
     Option("announce", "network", "announce", str, "MULTIADDR", repeat=True),
+    Option("upnp", "network", "upnp", _bool, "BOOL"),
     Option("reachability_interval", "network", "reachability_interval_s", float, "SECONDS"),
     Option("relay_service", "network", "relay_service", str, "auto|on|off"),
     Option("swarm_key", "network", "psk", _swarm_key, "FILE", scope=SWARM),
@@ -197,7 +198,7 @@ def add_peer_arguments(parser: argparse.ArgumentParser) -> None:
                                   "help": option.help(), "default": argparse.SUPPRESS}
         if option.repeat:
             kwargs["action"] = "append"
-        elif option.parse is _bool:  # `--pack` alone means true; `--pack false` still parses
+        elif option.parse is _bool:  # `--upnp` alone means true; `--upnp false` still parses
             kwargs.update(nargs="?", const="true")
         groups[option.scope].add_argument(option.flag, **kwargs)
 

@@ -145,6 +145,21 @@ def test_home_host_is_reachable_only_through_a_forwarded_port(lab: NatLab) -> No
 
 
 @pytest.mark.slow
+def test_a_stealthy_router_drops_what_a_plain_one_refuses() -> None:
+    reason = lab_unavailable()
+    if reason:
+        pytest.skip(reason)
+    with NatLab(publics=1, homes=1, stealth=True) as quiet:
+        home, public = quiet.homes[0], quiet.publics[0]
+        with _serving(quiet, home, SERVER, port=4102) as (server, port):
+            assert _connect(quiet, public, home.router_addr, port) == [["timeout"]]
+            quiet.forward(home, port)  # a forwarded port still gets through
+            assert _connect(quiet, public, home.router_addr, port)[0][0] == "connected"
+        with _serving(quiet, public, SERVER) as (server, port):  # and replies still come back
+            assert _connect(quiet, home, public.addr, port)[0][:2] == ["connected", home.addr]
+
+
+@pytest.mark.slow
 def test_homes_reach_each_other_only_through_public_hosts(lab: NatLab) -> None:
     one, other, public = lab.homes[0], lab.homes[1], lab.publics[0]
     with _serving(lab, other, SERVER) as (_, port):
