@@ -117,6 +117,7 @@ class Membership:
         self._changed = trio.Event()
         self._replays = 0
         self._late = 0
+        self.relayed_deferred = 0  # draws that passed over peers we reach only through a relay
         self.connections = Connections(node, self.view, config, rng, tick_s=tick_s,
                                        on_change=self._notify)
 
@@ -127,8 +128,19 @@ class Membership:
         return self._latest.get(peer_id)
 
     def sample(self, k: int, *, exclude: Collection[str] = ()) -> list[Announcement]:
-        """Announcements of `k` live peers drawn uniformly at random (fewer if fewer are live)."""
-        drawn = self.view.sample(k, self.rng, trio.current_time(), exclude=exclude)
+        """Announcements of `k` live peers drawn uniformly at random (fewer if fewer are live).
+
+        Peers we reach only through a relay, whose hole punch failed, are drawn only when the
+        others are too few: each fetch from them costs a relay's bandwidth and a relayed dial.
+        `relayed_deferred` counts the draws that passed them over.
+        """
+        now, later = trio.current_time(), self.node.relayed_only() - set(exclude)
+        drawn = self.view.sample(k, self.rng, now, exclude={*exclude, *later})
+        if later and len(drawn) < k:
+            taken = {*exclude, *(info.peer_id for info in drawn)}
+            drawn += self.view.sample(k - len(drawn), self.rng, now, exclude=taken)
+        elif later and any(self.view.get(p) is not None for p in later):
+            self.relayed_deferred += 1
         return [self._latest[info.peer_id] for info in drawn if info.peer_id in self._latest]
 
     def live_peers(self) -> list[str]:

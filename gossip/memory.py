@@ -188,6 +188,9 @@ class MemoryNode(Endpoint):
     def relay_status(self) -> dict[str, Any]:
         return {}
 
+    def relayed_only(self) -> set[str]:
+        return set()
+
     @property
     def reachability(self) -> Reachability:
         return Reachability(UNKNOWN, "the in-memory network has no addresses to dial back")

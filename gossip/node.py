@@ -164,6 +164,10 @@ class GossipNode(Endpoint):
         rng.shuffle(others)
         return [*connected, *others]
 
+    def relayed_only(self) -> set[str]:
+        """Peers we reach only through a relay: their hole punch failed lately."""
+        return self.puncher.failed_recently()
+
     def relay_status(self) -> dict[str, Any]:
         """What we relay for others and through whom we are reachable, for status.json."""
         return {"serving": self._relaying(), "held_here": self.relay.reservations,

@@ -100,7 +100,8 @@ class Records:
                       for peer, link in node.links.statistics(live).items()},
             "wire": wire_status(node),
             "reachability": node.reachability.to_status(),
-            "relay": node.relay_status(),
+            "relay": {**node.relay_status(),
+                      "relayed_deferred": self.membership.relayed_deferred},
             "privacy": runtime.trainer.ledger.record_dict(),
             "eval_loss": self.stats.last_eval,
             # What each live peer, and we, last announced about ourselves (peer.telemetry).

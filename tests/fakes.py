@@ -130,6 +130,9 @@ class FakeNode:
     def relay_status(self) -> dict[str, Any]:
         return {}
 
+    def relayed_only(self) -> set[str]:
+        return set()
+
     def connected_peers(self) -> list[str]:
         return [p for p, node in self.network.nodes.items() if node is not self and node.up]
 

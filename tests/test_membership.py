@@ -257,3 +257,19 @@ async def test_the_oldest_signers_sequence_numbers_are_forgotten_first(
     # What is kept still tells a replay: peer 0's old message, long after, is refused.
     membership.view.expire(trio.current_time())
     assert membership.observe(_heard(peers[0], 1, seqno=101)) is Observation.REPLAY
+
+
+async def test_peers_reached_only_through_a_relay_are_drawn_after_the_others(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    membership, relayed = _membership_that_heard_a_peer()
+    direct = str(ID.from_pubkey(create_new_key_pair().public_key))
+    membership.observe(_heard(direct, 1, seqno=100))
+    membership.node.relayed_only = lambda: {relayed}  # its hole punch failed lately
+    for _ in range(20):  # one neighbour wanted: always the direct one
+        assert [a.peer for a in membership.sample(1)] == [direct]
+    assert membership.relayed_deferred == 20
+    # When the direct ones are too few, the relayed one fills the draw.
+    assert {a.peer for a in membership.sample(2)} == {direct, relayed}
+    assert [a.peer for a in membership.sample(1, exclude={direct})] == [relayed]
+    assert membership.relayed_deferred == 20
