@@ -30,6 +30,11 @@ class NodeConfig:
         metadata={"help": "seconds between asking a few neighbours to dial us back (are we "
                           "reachable from outside? status.json says; 0: never ask)"},
     )
+    relay_rate: float = field(
+        default=4 * 1024 * 1024,
+        metadata={"help": "bytes/s we forward at most as a relay, all relayed connections "
+                          "together (0: no cap)"},
+    )
     upnp: bool = field(
         default=False,
         metadata={"help": "ask the router (UPnP IGD) to forward our TCP listen ports to us, and "
@@ -139,6 +144,8 @@ class NodeConfig:
             raise ValueError("min_upload_rate must be a positive number of bytes/s")
         if self.relay_service not in ("auto", "on", "off"):
             raise ValueError(f"relay_service must be auto, on or off, got {self.relay_service!r}")
+        if self.relay_rate < 0:
+            raise ValueError("relay_rate must be >= 0 bytes/s (0: no cap)")
         if self.reachability_interval_s < 0:
             raise ValueError("reachability_interval_s must be >= 0 (0 turns the probe off)")
         if self.health_check_s < 0:

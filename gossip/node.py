@@ -94,7 +94,7 @@ class GossipNode(Endpoint):
         install_seqno_counter(self.pubsub, identity_dir / "seqno" if identity_dir else None)
         self._last_addrs: list[str] = []
         self._via: OrderedDict[tuple[bytes, bytes], str] = OrderedDict()  # validated, undrained
-        self.relay = GuardedRelay(self.host, self._relaying)
+        self.relay = GuardedRelay(self.host, self._relaying, config.relay_rate)
         self.puncher = Puncher(self.host)
         self.dialer = Dialer(self.host, config, self.rejected,
                              circuit_transport(self.host, self.relay), self.puncher)
@@ -171,6 +171,7 @@ class GossipNode(Endpoint):
     def relay_status(self) -> dict[str, Any]:
         """What we relay for others and through whom we are reachable, for status.json."""
         return {"serving": self._relaying(), "held_here": self.relay.reservations,
+                "forwarded_bytes": self.relay.forwarded,
                 "granted_here": self.relay.reserved, "refused_here": dict(self.relay.refused),
                 **self.relay_client.to_status(), "relayed_dials": dict(self.dialer.relayed_dials),
                 "holepunch": dict(self.puncher.outcomes),

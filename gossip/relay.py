@@ -44,7 +44,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 
 from gossip.addresses import Scope, address_scope
 
-__all__ = ["GuardedRelay", "LIMITS", "RelayClient", "Reservation", "circuit_transport",
+__all__ = ["GuardedRelay", "LIMITS", "Pacer", "RelayClient", "Reservation", "circuit_transport",
            "dial_circuit", "is_relayed", "remote_ip", "stream_ip"]
 
 logger = logging.getLogger(__name__)
@@ -90,20 +90,53 @@ def stream_ip(stream: Any) -> str | None:
     return str(address[0]) if address else None
 
 
+class Pacer:
+    """A token bucket for every byte a relay forwards, all circuits and both ways together:
+    they share its uplink. Callers that overdraw it sleep off their debt, in turn."""
+
+    def __init__(self, rate: float, burst: float) -> None:
+        self.rate, self.burst = rate, burst
+        self._tokens, self._at = burst, 0.0
+        self.waited_s = 0.0
+
+    async def take(self, n: int) -> None:
+        now = trio.current_time()
+        self._tokens = min(self.burst, self._tokens + (now - self._at) * self.rate)
+        self._at = now
+        self._tokens -= n
+        if self._tokens < 0:
+            delay = -self._tokens / self.rate
+            self.waited_s += delay
+            await trio.sleep(delay)
+
+
 class GuardedRelay(CircuitV2Protocol):
     """The library's relay service with our admission rules (module docstring, point 1).
 
     Args:
         host: our libp2p host.
         serving: whether we relay now (reservations are refused otherwise).
+        rate: bytes/s forwarded at most, all circuits together (0: no cap). py-libp2p's relay
+            defines a bandwidth limit and never applies it.
     """
 
-    def __init__(self, host: Any, serving: Callable[[], bool]) -> None:
+    def __init__(self, host: Any, serving: Callable[[], bool], rate: float = 0.0) -> None:
         super().__init__(host, limits=LIMITS, allow_hop=True)
         self._serving = serving
+        self.pacer = Pacer(rate, burst=max(rate, 64 * 1024)) if rate > 0 else None
+        self.forwarded = 0  # bytes relayed, both ways
         self._holder_ips: dict[ID, str] = {}
         self.refused: Counter[str] = Counter()  # reservations refused, by reason
         self.reserved = 0  # reservations granted or renewed
+
+    async def _read_stream_with_retry(self, stream: Any, *args: Any, **kwargs: Any) -> bytes | None:
+        """Each chunk the relay reads to forward (and the few bytes of its own messages)."""
+        data: bytes | None = await super()._read_stream_with_retry(stream, *args, **kwargs)
+        if data:
+            self.forwarded += len(data)
+            if self.pacer is not None:
+                await self.pacer.take(len(data))
+        return data
 
     @property
     def reservations(self) -> int:

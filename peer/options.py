@@ -152,6 +152,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("bootstrap", "network", "bootstrap", str, "MULTIADDR", repeat=True),
     Option("announce", "network", "announce", str, "MULTIADDR", repeat=True),
     Option("upnp", "network", "upnp", _bool, "BOOL"),
+    Option("relay_rate", "network", "relay_rate", float, "BYTES_PER_S"),
     Option("reachability_interval", "network", "reachability_interval_s", float, "SECONDS"),
     Option("relay_service", "network", "relay_service", str, "auto|on|off"),
     Option("swarm_key", "network", "psk", _swarm_key, "FILE", scope=SWARM),

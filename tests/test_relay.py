@@ -22,7 +22,7 @@ import gossip.relay
 from gossip.addresses import Scope, circuit_relay, usable_addrs
 from gossip.node import GossipNode, NodeConfig
 from gossip.reachability import PRIVATE, Reachability
-from gossip.relay import is_relayed
+from gossip.relay import Pacer, is_relayed
 from gossip.swarm import swarm_id
 from gossip.wire import Announcement, digest, encode_adapter
 
@@ -187,3 +187,37 @@ async def test_a_relayed_dial_is_followed_by_a_hole_punch() -> None:
         conns = dialler.host.get_network().get_connections(ID.from_base58(private.peer_id))
         assert any(is_relayed(c) for c in conns) and not all(is_relayed(c) for c in conns)
         assert dialler.relay_status()["holepunch"] == {"attempts": 1, "successes": 1}
+
+
+# -- the relay's bandwidth --------------------------------------------------------------------
+
+
+async def test_the_pacer_lets_through_its_burst_then_its_rate(
+        autojump_clock: trio.testing.MockClock) -> None:
+    pacer = Pacer(rate=1000.0, burst=1000.0)
+    started = trio.current_time()
+    for _ in range(3):
+        await pacer.take(1000)
+    assert trio.current_time() - started == pytest.approx(2.0)
+    assert pacer.waited_s == pytest.approx(2.0)
+
+
+async def test_a_relay_forwards_no_faster_than_its_rate() -> None:
+    rate = 512 * 1024.0
+    async with running(config(relay_service="on", relay_rate=rate), behind_nat(), config()) as (
+            relay, private, dialler):
+        make_private(private)
+        dialler.dialer.puncher = None  # on one machine a punch would bypass the relay
+        state = {f"m{i}.lora_A.weight": torch.randn(8, 4096) for i in range(12)}  # 1.5 MB
+        private.offer(1, 16, state)
+        heard = announcement(private, state)
+        with trio.fail_after(60):
+            await private.relay_client.tick()
+            dialler.remember(private.peer_id, list(private.announce_addrs), via=Scope.LOOPBACK)
+            started = trio.current_time()
+            fetched = await dialler.fetch(heard)
+            elapsed = trio.current_time() - started
+        assert len(fetched.data) > 1_500_000 and relay.relay.forwarded > len(fetched.data)
+        # Slower is possible on a busy machine; faster is not.
+        assert elapsed >= (relay.relay.forwarded - relay.relay.pacer.burst) / rate * 0.95
+        assert relay.relay_status()["forwarded_bytes"] == relay.relay.forwarded
