@@ -17,8 +17,9 @@ Runs as root (it builds `testbed.natlab` network namespaces; nothing outside the
    - holepunch: punch attempts and successes in both labs;
    - public_direct_mbps (per lab): A's fetches from R, directly, for comparison.
 2. Daemons (`loraswarm peer`, built-in small model): `--publics` public and two private peers
-   for `--rounds` rounds; private_merges and public_merges list each one's merges, and
-   private_from_private the fetches each private peer made of the other's adapter.
+   (behind stealth routers) for `--rounds` rounds; private_merges and public_merges list
+   each one's merges, and private_from_private the fetches each private peer made of the
+   other's adapter.
 
     python scripts/bench_nat.py --json bench-nat.json
 """
@@ -141,7 +142,7 @@ def measure_daemons(args: argparse.Namespace) -> dict[str, Any]:
     # announce it, as they have in a swarm that runs for hours.
     rounds = ("--rounds", str(args.rounds), "--wait-peers", str(args.publics + 1),
               "--round-pause", str(args.round_pause))
-    with NatLab(publics=args.publics, homes=2) as lab:
+    with NatLab(publics=args.publics, homes=2, stealth=True) as lab:
         first = Daemon(lab, lab.publics[0], args.out / "public0", model, *rounds)
         wait_for(lambda: bool(first.status().get("listen_addrs")), "the first public peer",
                  [first])
