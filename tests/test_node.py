@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -16,23 +14,9 @@ from gossip.addresses import Scope
 from gossip.errors import GossipError, TransferError, WireError
 from gossip.estimate import encode_update
 from gossip.node import GossipNode, NodeConfig
-from gossip.swarm import TRANSFER_PROTOCOL, swarm_id
+from gossip.swarm import TRANSFER_PROTOCOL
 from gossip.wire import Announcement, FetchRequest, decode_adapter, digest, encode_adapter, frame
-
-SWARM = swarm_id("model-fingerprint", {"r": 4}, 0)
-
-
-@contextlib.asynccontextmanager
-async def running(*configs: NodeConfig) -> AsyncIterator[list[GossipNode]]:
-    async with trio.open_nursery() as nursery:
-        nodes = [GossipNode(config, SWARM, identity_dir=None) for config in configs]
-        for node in nodes:
-            await nursery.start(node.run)
-        for node in nodes[1:]:
-            with trio.fail_after(10):
-                await node.connect(nodes[0].listen_addrs[0])
-        yield nodes
-        nursery.cancel_scope.cancel()
+from tests.nodes import SWARM, running
 
 
 def announce(node: GossipNode, data: bytes, version: int = 1, **changes) -> Announcement:

@@ -6,9 +6,7 @@ routers) is in tests/test_nat_lab_peers.py.
 
 from __future__ import annotations
 
-import contextlib
 import socket
-from collections.abc import AsyncIterator
 from functools import partial
 
 import pytest
@@ -18,27 +16,15 @@ from libp2p.peer.id import ID
 from gossip.addresses import expand_unspecified, interface_ips
 from gossip.dialback import DialbackReply, DialbackRequest, ask_dialback, probe_port
 from gossip.errors import WireError
-from gossip.node import GossipNode, NodeConfig
+from gossip.node import NodeConfig
 from gossip.reachability import PRIVATE, PUBLIC, UNKNOWN, tcp_ports, verdict
-from gossip.swarm import swarm_id
 from gossip.wire import MAGIC
+from tests.nodes import SWARM, running
 
-SWARM = swarm_id("model-fingerprint", {"r": 4}, 0)
 KEY = "ab" * 32
 ID_ = "12D3KooWCyyd6mNb3wJmvLMsXuvvT5SV4bqEvsvRrUN1p6XQ4yJ9"
 
 
-@contextlib.asynccontextmanager
-async def running(*configs: NodeConfig) -> AsyncIterator[list[GossipNode]]:
-    async with trio.open_nursery() as nursery:
-        nodes = [GossipNode(config, SWARM, identity_dir=None) for config in configs]
-        for node in nodes:
-            await nursery.start(node.run)
-        for node in nodes[1:]:
-            with trio.fail_after(10):
-                await node.connect(nodes[0].listen_addrs[0])
-        yield nodes
-        nursery.cancel_scope.cancel()
 
 
 def closed_port() -> int:

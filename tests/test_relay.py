@@ -6,9 +6,7 @@ tests/test_nat_lab_peers.py.
 
 from __future__ import annotations
 
-import contextlib
 import socket
-from collections.abc import AsyncIterator
 
 import pytest
 import torch
@@ -23,10 +21,9 @@ from gossip.addresses import Scope, circuit_relay, usable_addrs
 from gossip.node import GossipNode, NodeConfig
 from gossip.reachability import PRIVATE, Reachability
 from gossip.relay import Pacer, is_relayed
-from gossip.swarm import swarm_id
 from gossip.wire import Announcement, digest, encode_adapter
+from tests.nodes import SWARM, running
 
-SWARM = swarm_id("model-fingerprint", {"r": 4}, 0)
 R = "12D3KooWRelayRe1ayRe1ayRe1ayRe1ayRe1ayRe1ayRe1ayRe1ay"
 P = "12D3KooWPeerPeerPeerPeerPeerPeerPeerPeerPeerPeerPeer"
 
@@ -46,17 +43,6 @@ def behind_nat() -> NodeConfig:
     return config(announce=(f"/ip4/127.0.0.1/tcp/{closed_port()}",))
 
 
-@contextlib.asynccontextmanager
-async def running(*configs: NodeConfig) -> AsyncIterator[list[GossipNode]]:
-    async with trio.open_nursery() as nursery:
-        nodes = [GossipNode(c, SWARM, identity_dir=None) for c in configs]
-        for node in nodes:
-            await nursery.start(node.run)
-        for node in nodes[1:]:
-            with trio.fail_after(10):
-                await node.connect(nodes[0].listen_addrs[0])
-        yield nodes
-        nursery.cancel_scope.cancel()
 
 
 def make_private(node: GossipNode) -> None:
