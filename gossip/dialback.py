@@ -57,6 +57,7 @@ DIALBACK_PROTOCOL = "/loraswarm/dialback/1"
 MAX_PORTS = 4
 MAX_CONCURRENT = 2
 DIAL_TIMEOUT_S = 5.0
+MIN_INTERVAL_S = 10.0  # between two requests served to one peer, or to one IP address
 ANSWER_TIMEOUT_S = 2.0  # after the connect: a libp2p listener speaks at once
 REQUEST_TIMEOUT_S = 5.0
 _REMEMBERED = 1024  # peers and addresses whose last request we keep, oldest forgotten first
@@ -182,7 +183,8 @@ class DialbackServer:
         min_interval_s: least time between two requests served to one peer or one address.
     """
 
-    def __init__(self, swarm: bytes, psk: str | None, *, min_interval_s: float = 30.0) -> None:
+    def __init__(self, swarm: bytes, psk: str | None, *,
+                 min_interval_s: float = MIN_INTERVAL_S) -> None:
         self._swarm = swarm
         self._psk = psk
         self._min_interval_s = min_interval_s

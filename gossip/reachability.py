@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from gossip.dialback import DialbackReply
+from gossip.dialback import MIN_INTERVAL_S, DialbackReply
 
 __all__ = ["ASKED", "PRIVATE", "PUBLIC", "UNKNOWN", "Reachability", "ReachabilityProbe",
            "tcp_ports", "verdict"]
@@ -132,10 +132,14 @@ class ReachabilityProbe:
             self.probed.set()
             self._on_verdict()
             logger.info("reachability: %s (%s)", self.current.status, self.current.why)
+            asked_at = trio.current_time()
             with trio.move_on_after(RETRY_S if self.current.status == UNKNOWN
                                     else self._interval_s):
                 await self._woken.wait()
             self._woken = trio.Event()
+            # Woken early (our addresses changed): the neighbours serve one dial-back per
+            # peer every MIN_INTERVAL_S, so ask no sooner.
+            await trio.sleep(max(0.0, asked_at + MIN_INTERVAL_S - trio.current_time()))
 
     async def probe(self, peers: Sequence[str]) -> Reachability:
         """Ask up to `ASKED` of `peers` at once and return the verdict."""

@@ -55,7 +55,7 @@ __all__ = ["Home", "NatLab", "NatLabError", "Node", "lab_unavailable", "netns_na
 
 PREFIX = "lsw-"  # every namespace a lab creates is named lsw-<pid>-<lab number>-<role>
 COMMAND_TIMEOUT_S = 10.0  # one `ip` or `nft` command; they take milliseconds
-STOP_TIMEOUT_S = 3.0  # for the processes `popen` started to exit after SIGTERM, all together
+STOP_TIMEOUT_S = 1.5  # for the processes `popen` started to exit after SIGTERM, all together
 INTERNET = "100.64.0"  # /24; public hosts from .10, routers from .101
 MAX_PUBLICS = 90
 MAX_HOMES = 154
