@@ -52,6 +52,7 @@ class Dialer:
         # (identify adds every listen address a peer reports, loopback and LAN ones too).
         self._announced: dict[str, list[str]] = {}
         self.relayed_dials: Counter[str] = Counter()  # "ok" or "failed"
+        self.reached_by_relay: set[str] = set()  # peers whose last dial went through a relay
 
     async def connect(self, addr: str) -> str:
         """Dial a full multiaddr (with /p2p/<id>); returns the peer id.
@@ -77,6 +78,7 @@ class Dialer:
         relays = self._relays.get(peer, [])
         try:
             await self._dial_direct(pid, required=not relays)
+            self.reached_by_relay.discard(peer)
             return
         except GossipError as exc:
             error = exc
@@ -138,6 +140,7 @@ class Dialer:
             raise GossipError(f"relayed dial through {relay} failed: {type(exc).__name__}: "
                               f"{exc}") from exc
         self.relayed_dials["ok"] += 1
+        self.reached_by_relay.add(peer)
         if self.puncher is not None:
             await self.puncher.punch(peer)
 
@@ -267,6 +270,7 @@ class Dialer:
         """
         self._relays.pop(peer, None)
         self._announced.pop(peer, None)
+        self.reached_by_relay.discard(peer)
         pid = ID.from_base58(peer)
         store = self.host.get_peerstore()
         if pid in self.host.get_connected_peers():

@@ -36,6 +36,7 @@ from libp2p.peer.id import ID
 from gossip.config import NodeConfig
 from gossip.errors import TransferError, WireError
 from gossip.linkstats import LinkStats
+from gossip.relay import is_relayed
 from gossip.swarm import TRANSFER_PROTOCOL
 from gossip.transfer import CHUNK_BYTES, MAX_CONTROL_FRAME, Fetched, close_quietly, read_frame
 from gossip.wire import Announcement, FetchHeader, FetchRequest, digest, frame
@@ -89,7 +90,8 @@ async def fetch_from(host: Any, dial: Callable[[str], Awaitable[None]],
                      announcement: Announcement, *, swarm: bytes, config: NodeConfig,
                      links: LinkStats, started: float,
                      check: Callable[[FetchHeader], None],
-                     held: tuple[int, bytes] | None = None) -> Fetched:
+                     held: tuple[int, bytes] | None = None,
+                     keep_direct: Callable[[str], bool] = lambda peer: False) -> Fetched:
     """Pull `announcement`'s peer's estimate update, within the limits its link earned.
 
     Args:
@@ -97,6 +99,9 @@ async def fetch_from(host: Any, dial: Callable[[str], Awaitable[None]],
         started: trio time the fetch started, its wait for a download slot included.
         check: binds the header to the signed announcement before the body is read.
         held: (version, digest) of the peer's estimate we hold, or None (send a keyframe).
+        keep_direct: whether to keep, after a fetch that opened it, a direct connection to
+            the peer (one a hole punch made: reaching it again would take the relay and
+            another punch); its relayed connections are closed all the same.
     """
     peer = ID.from_base58(announcement.peer)
     # A connection opened only for this fetch is closed after it: kept, every peer ends up
@@ -115,8 +120,21 @@ async def fetch_from(host: Any, dial: Callable[[str], Awaitable[None]],
             patience=patience(config, links, announcement.peer), started=started, held=held,
         )
     finally:
-        if transient:
+        if transient and keep_direct(announcement.peer):
+            await hang_up_relayed(host, peer)
+        elif transient:
             await hang_up(host, peer)
+
+
+async def hang_up_relayed(host: Any, peer: ID) -> None:
+    """Close our relayed connections to `peer` (a direct one stays), shielded and bounded."""
+    with trio.CancelScope(shield=True), trio.move_on_after(2):
+        for conn in list(host.get_network().get_connections(peer)):
+            if is_relayed(conn):
+                try:
+                    await conn.close()
+                except Exception as exc:  # closing a broken connection may raise anything
+                    logger.debug("closing a relayed connection to %s: %s", peer, exc)
 
 
 async def hang_up(host: Any, peer: ID) -> None:

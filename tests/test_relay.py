@@ -207,3 +207,24 @@ async def test_a_relay_forwards_no_faster_than_its_rate() -> None:
         # Slower is possible on a busy machine; faster is not.
         assert elapsed >= (relay.relay.forwarded - relay.relay.pacer.burst) / rate * 0.95
         assert relay.relay_status()["forwarded_bytes"] == relay.relay.forwarded
+
+
+async def test_a_punched_connection_outlives_the_fetch_and_serves_the_next() -> None:
+    async with running(config(relay_service="on"), behind_nat(), config()) as (
+            relay, private, dialler):
+        make_private(private)
+        state = adapter(0.25)
+        private.offer(1, 16, state)
+        with trio.fail_after(60):
+            await private.relay_client.tick()
+            heard = announcement(private, state)
+            dialler.remember(private.peer_id, list(heard.addrs), via=Scope.LOOPBACK)
+            first = await dialler.fetch(heard)
+            conns = dialler.host.get_network().get_connections(ID.from_base58(private.peer_id))
+            assert conns and not any(is_relayed(c) for c in conns)  # the relayed one is gone
+            await trio.sleep(0.6)  # a server serves one peer once per 0.5 s
+            second = await dialler.fetch(heard)
+        assert first.digest == second.digest == heard.digest
+        status = dialler.relay_status()
+        assert status["relayed_dials"] == {"ok": 1}  # no second relayed dial, no second punch
+        assert status["holepunch"] == {"attempts": 1, "successes": 1}
