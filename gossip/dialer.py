@@ -20,7 +20,7 @@ from libp2p.peer.peerinfo import PeerInfo, info_from_p2p_addr
 from gossip.addresses import AddressBackoff, Scope, circuit_relay, usable_addrs
 from gossip.config import NodeConfig
 from gossip.errors import GossipError
-from gossip.relay import dial_circuit, is_relayed, remote_ip
+from gossip.relay import dial_circuit, is_relayed, remote_addr
 
 logger = logging.getLogger(__name__)
 
@@ -150,9 +150,8 @@ class Dialer:
             for addr in self.host.get_peerstore().addrs(relay):
                 return str(addr)
         for conn in self._conns(relay):
-            ip, port = remote_ip(conn), _port(conn)
-            if ip and port:
-                return f"/{'ip6' if ':' in ip else 'ip4'}/{ip}/tcp/{port}"
+            if (addr := remote_addr(conn)) is not None:
+                return addr
         raise GossipError(f"no address of relay {relay}")
 
     def _conns(self, peer: ID) -> list[Any]:
@@ -278,12 +277,6 @@ class Dialer:
         elif store.has_peer(pid):
             store.clear_peerdata(pid)
 
-
-def _port(conn: Any) -> int | None:
-    try:
-        return int(conn.muxed_conn.secured_conn.get_remote_address()[1])
-    except Exception:  # not a TCP connection, or closing
-        return None
 
 
 def _first_cause(exc: BaseException) -> str:

@@ -45,7 +45,7 @@ from libp2p.relay.circuit_v2.utils import read_delimited_msg, write_delimited_ms
 from gossip.addresses import Scope, address_scope
 
 __all__ = ["GuardedRelay", "LIMITS", "Pacer", "RelayClient", "Reservation", "circuit_transport",
-           "dial_circuit", "is_relayed", "remote_ip", "stream_ip"]
+           "dial_circuit", "is_relayed", "remote_addr", "stream_ip"]
 
 logger = logging.getLogger(__name__)
 
@@ -68,15 +68,16 @@ def is_relayed(conn: Any) -> bool:
         return False
 
 
-def remote_ip(conn: Any) -> str | None:
-    """The IP address a direct connection comes from (None when relayed or unknown)."""
+def remote_addr(conn: Any) -> str | None:
+    """The TCP multiaddr a direct connection's other end is at (None when relayed or
+    unknown): where we dialled it, for a connection we opened."""
     if is_relayed(conn):
         return None
     try:
-        address = conn.muxed_conn.secured_conn.get_remote_address()
+        ip, port = conn.muxed_conn.secured_conn.get_remote_address()
     except Exception:  # not a TCP connection, or closing
         return None
-    return str(address[0]) if address else None
+    return f"/{'ip6' if ':' in str(ip) else 'ip4'}/{ip}/tcp/{port}"
 
 
 def stream_ip(stream: Any) -> str | None:
@@ -222,12 +223,10 @@ async def reserve(host: Any, relay: str) -> tuple[float, list[str]]:
 def _dialled_addr(conn: Any) -> str | None:
     """The address an outbound direct connection was dialled at (inbound: None)."""
     try:
-        if is_relayed(conn) or not conn.muxed_conn.is_initiator:
-            return None
-        ip, port = conn.muxed_conn.secured_conn.get_remote_address()
-    except Exception:  # not TCP, or closing
+        outbound = bool(conn.muxed_conn.is_initiator)
+    except Exception:  # closing
         return None
-    return f"/{'ip6' if ':' in str(ip) else 'ip4'}/{ip}/tcp/{port}"
+    return remote_addr(conn) if outbound else None
 
 
 class RelayClient:
