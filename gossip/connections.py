@@ -2,7 +2,9 @@
 
 While fewer than `target_connections` live peers are connected, random live ones are dialled
 (`topology.peers_to_dial`), each with its own backoff after failures. While no peer at all is
-connected, the bootstrap addresses are dialled again, backing off, every failure logged.
+connected, the bootstrap addresses are dialled again, backing off, every failure logged. Each
+peer we connect to is asked at once for the announcements it holds (`gossip.catchup`), so
+that a joiner need not wait for the swarm's re-announcements to know it.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class Connections:
         self.dials = 0
         self.dial_failures = 0
         self.bootstrap_failures = 0
+        self._nursery: trio.Nursery | None = None  # where catch-ups run, beside the dialling
 
     def prune(self) -> None:
         """Forget the backoff of peers that left the view."""
@@ -48,6 +51,24 @@ class Connections:
 
     async def maintain(self) -> None:
         """Top up connections every tick; when cut off, rejoin through the bootstrap peers."""
+        async with trio.open_nursery() as nursery:
+            self._nursery = nursery
+            await self._maintain()
+
+    def _catch_up(self, peer: str) -> None:
+        """Ask `peer`, just connected, for what it knows of the swarm (in the background)."""
+        if self._nursery is not None:
+            self._nursery.start_soon(self._ask, peer)
+
+    async def _ask(self, peer: str) -> None:
+        try:
+            heard = await self.node.catch_up(peer)
+        except GossipError as exc:
+            logger.debug("no catch-up from %s: %s", peer, exc)
+        else:
+            logger.debug("caught up from %s: %d announcements", peer, heard)
+
+    async def _maintain(self) -> None:
         attempt = 0
         was_connected = False
         while True:
@@ -102,6 +123,7 @@ class Connections:
         self.view.observe(peer, trio.current_time())
         self.view.reached(peer)
         logger.debug("connected to %s", peer)
+        self._catch_up(peer)
         self.on_change()
 
     async def _rejoin(self) -> str | None:
@@ -110,11 +132,12 @@ class Connections:
 
         async def dial(addr: str) -> None:
             try:
-                await self.node.connect(addr)
+                peer = await self.node.connect(addr)
             except GossipError as exc:
                 errors.append(f"{addr}: {exc}")
             else:
                 logger.info("joined the swarm through %s", addr)
+                self._catch_up(peer)
 
         async with trio.open_nursery() as nursery:
             for addr in self.node.config.bootstrap:

@@ -26,7 +26,7 @@ the relay's.
 from __future__ import annotations
 
 import logging
-from collections import Counter, OrderedDict
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -35,6 +35,7 @@ from Crypto.Cipher import Salsa20
 
 from gossip.errors import WireError
 from gossip.relay import stream_ip
+from gossip.spacing import Spacing
 from gossip.swarm import PROTOCOL_VERSION, SWARM_ID_BYTES
 from gossip.transfer import MAX_CONTROL_FRAME, close_quietly, read_frame
 from gossip.wire import (
@@ -60,7 +61,6 @@ DIAL_TIMEOUT_S = 5.0
 MIN_INTERVAL_S = 10.0  # between two requests served to one peer, or to one IP address
 ANSWER_TIMEOUT_S = 2.0  # after the connect: a libp2p listener speaks at once
 REQUEST_TIMEOUT_S = 5.0
-_REMEMBERED = 1024  # peers and addresses whose last request we keep, oldest forgotten first
 
 # Per port: a libp2p listener answered; the dial was refused (nothing listens, or a NAT with no
 # forward sent a reset); nothing answered in time (a NAT or firewall dropped it); something
@@ -187,8 +187,7 @@ class DialbackServer:
                  min_interval_s: float = MIN_INTERVAL_S) -> None:
         self._swarm = swarm
         self._psk = psk
-        self._min_interval_s = min_interval_s
-        self._last: OrderedDict[str, float] = OrderedDict()
+        self._spacing = Spacing(min_interval_s)
         self._slots = trio.Semaphore(MAX_CONCURRENT)
         self.served: Counter[str] = Counter()  # requests by what became of them
 
@@ -224,17 +223,8 @@ class DialbackServer:
         await stream.write(frame(reply.to_wire()))
 
     def _admit(self, remote: str, ip: str) -> str:
-        now = trio.current_time()
-        for key in (remote, ip):
-            if now - self._last.get(key, -float("inf")) < self._min_interval_s:
-                return "rate_limited"
-        if self._slots.value == 0:
+        if self._slots.value == 0 or not self._spacing.admit((remote, ip)):
             return "rate_limited"
-        for key in (remote, ip):
-            self._last.pop(key, None)
-            self._last[key] = now
-        while len(self._last) > _REMEMBERED:
-            self._last.popitem(last=False)
         return "ok"
 
 

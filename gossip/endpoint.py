@@ -104,6 +104,20 @@ class Endpoint:
         self.downloads_peak = 0
         self._downloads = trio.Semaphore(config.max_downloads)
         self.links = link_stats(config)  # each neighbour's throughput and latency, measured
+        # Catch-ups (`gossip.catchup`): asked for, entries heard, failed; replies we served.
+        self.catchups: Counter[str] = Counter()
+        self.catchups_served: Counter[str] = Counter()
+
+    def catchup_status(self) -> dict[str, Any]:
+        """What catch-ups brought us and what we served, for status.json."""
+        return {key: self.catchups[key] for key in ("asked", "heard", "failed")} | {
+            "served": dict(self.catchups_served)}
+
+    async def _caught_up(self, announcement: Announcement, seqno: int, via: str) -> None:
+        """Hear a checked catch-up entry as a delivery (our own message is skipped)."""
+        if announcement.peer != self.peer_id:
+            await self._send.send(Heard(announcement, seqno, via))
+            self.catchups["heard"] += 1
 
     def update(self, announcement: Announcement) -> None:
         """Make `announcement` the one the next re-announcement publishes; send nothing now."""

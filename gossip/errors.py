@@ -20,6 +20,10 @@ WIRE_REASONS = frozenset({
     "wrong_base",  # a delta against an estimate version the receiver does not hold
     "estimate_mismatch",  # the estimate a delta or keyframe rebuilds is not the digest claimed
     "bad_telemetry",  # an announcement's self-reported figures are missing, mistyped or absurd
+    # A catch-up entry (`gossip.catchup`) that gossipsub would not have delivered:
+    "bad_signature",  # not signed by its publisher's key
+    "wrong_topic",  # published on another topic
+    "signer_mismatch",  # the announcement names another peer than the one who signed it
 })
 
 TRANSFER_REASONS = frozenset({

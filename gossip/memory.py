@@ -36,11 +36,13 @@ import trio
 from libp2p.peer.id import ID
 
 from gossip.addresses import Scope
+from gossip.catchup import MAX_ENTRIES, MIN_INTERVAL_S, Recent
 from gossip.config import NodeConfig
 from gossip.endpoint import Endpoint, Heard
 from gossip.errors import GossipError, WireError
 from gossip.hardening import host_key_pair
 from gossip.reachability import UNKNOWN, Reachability
+from gossip.spacing import Spacing
 from gossip.swarm import topic_name
 from gossip.wire import Announcement
 
@@ -176,6 +178,9 @@ class MemoryNode(Endpoint):
         self.uplink = trio.Lock()  # our uploads share our rate
         self._seqno = time.time_ns()
         self._nursery: trio.Nursery | None = None
+        # Each signer's newest announcement, and who had a catch-up when (`gossip.catchup`).
+        self.recent: Recent[tuple[Announcement, int]] = Recent()
+        self._catchup_spacing = Spacing(MIN_INTERVAL_S)
 
     @property
     def listen_addrs(self) -> list[str]:
@@ -216,6 +221,7 @@ class MemoryNode(Endpoint):
         """Send an announcement to every peer connections reach; it becomes `current`."""
         self.current = announcement
         self._seqno += 1
+        self.recent.keep(self.peer_id, self._seqno, (announcement, self._seqno))
         arrivals = self.network.arrivals(self)
         self.spawn(self.network.deliver, self.peer_id, announcement.to_wire(), self._seqno,
                    arrivals)
@@ -230,6 +236,7 @@ class MemoryNode(Endpoint):
             self._reject("signer_mismatch", "announcement from %s claims %s", source,
                          announcement.peer)
         else:
+            self.recent.keep(source, seqno, (announcement, seqno))
             try:
                 self._send.send_nowait(Heard(announcement, seqno, Scope.PUBLIC))
             except trio.WouldBlock:
@@ -264,6 +271,28 @@ class MemoryNode(Endpoint):
 
     def forget(self, peer: str) -> None:
         self._forget_received(peer)
+        self.recent.forget(peer)
+
+    async def catch_up(self, peer: str) -> int:
+        """Hear the newest announcements `peer` holds, a round trip away, as a `GossipNode`
+        does over `gossip.catchup` (with its server's spacing). Returns how many came.
+
+        Raises:
+            GossipError: `peer` is not on the network.
+        """
+        server = self.network.running(peer)
+        if server is None:
+            raise GossipError(f"cannot reach {peer}: not on the network")
+        self.catchups["asked"] += 1
+        await trio.sleep(2 * (self.link.delay_s + server.link.delay_s))
+        if not server._catchup_spacing.admit([self.peer_id]):
+            server.catchups_served["rate_limited"] += 1
+            return 0
+        server.catchups_served["ok"] += 1
+        entries = server.recent.newest(MAX_ENTRIES)
+        for announcement, seqno in entries:
+            await self._caught_up(announcement, seqno, Scope.PUBLIC)
+        return len(entries)
 
     def connected_peers(self) -> list[str]:
         return [peer for peer in self.connections if peer in self.network.nodes]

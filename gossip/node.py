@@ -25,11 +25,12 @@ from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
 from gossip.addresses import Scope, address_scope, expand_unspecified, interface_ips
+from gossip.catchup import CATCHUP_PROTOCOL, CatchupServer, Recent, ask_catchup, check_entry
 from gossip.config import NodeConfig, connection_config
 from gossip.dialback import DIALBACK_PROTOCOL, DialbackReply, DialbackServer, ask_dialback
 from gossip.dialer import Dialer
 from gossip.endpoint import ANNOUNCEMENT_QUEUE, Endpoint, Heard, Received
-from gossip.errors import GossipError, WireError
+from gossip.errors import GossipError, TransferError, WireError
 from gossip.fetcher import fetch_from
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
 from gossip.holepunch import Puncher
@@ -48,6 +49,7 @@ logger = logging.getLogger(__name__)
 
 _TRANSFER = TProtocol(TRANSFER_PROTOCOL)
 _DIALBACK = TProtocol(DIALBACK_PROTOCOL)
+_CATCHUP = TProtocol(CATCHUP_PROTOCOL)
 
 
 class GossipNode(Endpoint):
@@ -106,6 +108,9 @@ class GossipNode(Endpoint):
                                        on_verdict=self.relay_client.wake)
         self.upnp = PortMapper(self._mappable_ports, on_change=self.probe.wake)
         self.dialback = DialbackServer(swarm, config.psk)
+        self.recent: Recent[bytes] = Recent()  # each signer's newest message, for catch-ups
+        self.catchup_server = CatchupServer(self.recent)
+        self.catchups_served = self.catchup_server.served
 
     @property
     def reachability(self) -> Reachability:
@@ -200,6 +205,7 @@ class GossipNode(Endpoint):
         """Everything libp2p runs, inside `scope` (shielded: only `run` may cancel it)."""
         self.host.set_stream_handler(_TRANSFER, self.server.handle)
         self.host.set_stream_handler(_DIALBACK, self.dialback.handle)
+        self.host.set_stream_handler(_CATCHUP, self.catchup_server.handle)
         self.pubsub.set_topic_validator(self.topic, self._validate, False)
         with scope:
             async with self.host.run(
@@ -280,13 +286,15 @@ class GossipNode(Endpoint):
         """Move delivered messages to our own queue at once: libp2p's buffer drops at 32."""
         while True:
             msg = await subscription.get()
-            if str(ID(msg.from_id)) == self.peer_id:
+            signer, seqno = str(ID(msg.from_id)), int.from_bytes(msg.seqno, "big")
+            if signer == self.peer_id:
+                self.recent.keep(signer, seqno, msg.SerializeToString())
                 continue
             try:
                 announcement = Announcement.from_wire(
                     msg.data, swarm=self.swarm, max_nbytes=self.config.max_adapter_bytes
                 )
-                seqno = int.from_bytes(msg.seqno, "big")
+                self.recent.keep(signer, seqno, msg.SerializeToString())
                 via = self._via.pop((msg.from_id, msg.seqno), Scope.PUBLIC)
                 self._send.send_nowait(Heard(announcement, seqno, via))
             except WireError as exc:  # validated already; kept for safety, never expected
@@ -316,7 +324,37 @@ class GossipNode(Endpoint):
     def forget(self, peer: str) -> None:
         """Drop what we hold for `peer`, which left the membership view."""
         self._forget_received(peer)
+        self.recent.forget(peer)
         self.dialer.forget(peer)
+
+    async def catch_up(self, peer: str) -> int:
+        """Ask `peer`, just connected, for the newest announcements it holds (see
+        `gossip.catchup`); they are heard as deliveries. Returns how many came.
+
+        A reply that fails a check is counted once in `rejected`, by reason.
+
+        Raises:
+            GossipError: no complete reply (the entries checked before it are kept).
+        """
+        via = self._scope_of(ID.from_base58(peer))
+
+        async def take(raw: bytes) -> None:
+            announcement, seqno = check_entry(raw, topic=self.topic, swarm=self.swarm,
+                                              max_nbytes=self.config.max_adapter_bytes)
+            await self._caught_up(announcement, seqno, via)
+
+        self.catchups["asked"] += 1
+        try:
+            return await ask_catchup(
+                lambda: self.host.new_stream(ID.from_base58(peer), [_CATCHUP]), take)
+        except (WireError, TransferError) as exc:
+            self._reject(exc.reason, "catch-up from %s: %s", peer, exc)
+            self.catchups["failed"] += 1
+            raise GossipError(f"catch-up from {peer} refused: {exc}") from exc
+        except Exception as exc:  # timeouts, stream resets: libp2p's errors have no common base
+            self.catchups["failed"] += 1
+            raise GossipError(f"catch-up from {peer} failed: {type(exc).__name__}: {exc}") \
+                from exc
 
     def connected_peers(self) -> list[str]:
         """Ids of every peer this host holds a connection to."""

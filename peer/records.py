@@ -100,6 +100,7 @@ class Records:
                       for peer, link in node.links.statistics(live).items()},
             "wire": wire_status(node),
             "reachability": node.reachability.to_status(),
+            "catchup": node.catchup_status(),
             "relay": {**node.relay_status(),
                       "relayed_deferred": self.membership.relayed_deferred},
             "privacy": runtime.trainer.ledger.record_dict(),

@@ -133,6 +133,13 @@ class FakeNode:
     def relayed_only(self) -> set[str]:
         return set()
 
+    async def catch_up(self, peer: str) -> int:
+        """Every fake node hears every publish: a catch-up has nothing to add."""
+        return 0
+
+    def catchup_status(self) -> dict[str, Any]:
+        return {"asked": 0, "heard": 0, "failed": 0, "served": {}}
+
     def connected_peers(self) -> list[str]:
         return [p for p, node in self.network.nodes.items() if node is not self and node.up]
 
