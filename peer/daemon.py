@@ -12,7 +12,9 @@ merge, which pulls the peers' adapters together, so the swarm ends close to one 
 instead of N slightly different ones. They fetch `settle_fanout` neighbours (training costs them
 nothing, so more fetches fit) and step the public estimate with the settle codec (int8 under
 `sign`: sign steps left each peer a residual that kept the swarm apart). Each lasts as long as
-the last training round, so that neighbours have merged in between.
+the last training round, so that neighbours have merged in between; peers of one process, which
+drift apart in time behind their shared model lock, settle in lock step behind a `RoundGate`
+instead (`peer.gate`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,8 @@ from __future__ import annotations
 import logging
 import random
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from functools import partial
 from typing import Any
 
@@ -29,6 +33,7 @@ from gossip.node import GossipNode
 from merge.rules import merge_estimates
 from merge.types import Contribution
 from peer.config import PeerConfig
+from peer.gate import RoundGate
 from peer.inputs import MergeInputs
 from peer.logs import PEER_LOG_FIELDS
 from peer.parts import NodeFactory, Parts, assemble
@@ -44,10 +49,11 @@ class Peer:
     """A loraswarm peer. `run` returns after `config.total_rounds` rounds, or when cancelled."""
 
     def __init__(self, config: PeerConfig, shared: SharedModel | None = None, *,
-                 node_factory: NodeFactory = GossipNode) -> None:
+                 node_factory: NodeFactory = GossipNode, gate: RoundGate | None = None) -> None:
         self.config = config
         self.shared = shared  # a base model shared with other peers of this process
         self.node_factory = node_factory
+        self.gate = gate  # settling rounds in lock step with the other peers of this process
         self.runtime: Runtime | None = None  # set by `load`, or by a test before `run`
         self.parts: Parts | None = None  # once loaded: the node and what uses it
         self.rng = random.Random()
@@ -60,8 +66,10 @@ class Peer:
         self._round_done = trio.Event()
         self._scope = trio.CancelScope()  # `crash` cancels it
         self._crashed = False
-        self._training_round_s = 0.0  # how long the last training round took (paces settling)
+        self._training_round_s = 0.0  # how long the last training round took (paces settling
+        # without a gate)
         self._train_s = 0.0  # how long its training took (how long to wait for neighbours)
+        self._fetched_at = 0.0  # when the last round's fetches had all ended
         self._budget_told = False  # said once in the log that the ε budget is spent
 
     async def load(self) -> Runtime:
@@ -121,7 +129,8 @@ class Peer:
                             serve_peer_http, self, self.config.http)
                     runtime.store.write_status(self.status())
                     task_status.started(parts.node)
-                    await self._rounds()
+                    with self._in_gate():
+                        await self._rounds()
                     await self._linger()
                     nursery.cancel_scope.cancel()
         finally:
@@ -140,19 +149,36 @@ class Peer:
         await self._start()
         total = self.config.total_rounds
         while not total or self.round < total:
-            settling, started = not self.training(), trio.current_time()
+            settling = not self.training()
+            if settling and self.gate is not None:
+                await self.gate.wait_for(self.completed)  # every peer of the process is here
+            started = trio.current_time()
             await self._one_round()
             if self._stop.is_set():
                 return
-            took, pause = trio.current_time() - started, self.config.round_pause_s
-            if settling:
-                # Unpaced, a settling round fetches adapters its neighbours have not merged
-                # since, and consensus stalls; as long as a training round, it lets them move.
-                pause = max(pause, self._training_round_s - took)
-            else:
+            took = trio.current_time() - started
+            if self.gate is not None:
+                self.gate.finished(self, self.completed, took)
+            if not settling:
                 self._training_round_s = took
+            pause = self._pause(settling, took)
             if pause > 0:
                 await trio.sleep(pause)
+
+    def _pause(self, settling: bool, took: float) -> float:
+        """Seconds to wait before the next round, after a round that took `took` s."""
+        pause = self.config.round_pause_s
+        if self.gate is None and settling:
+            # Unpaced, a settling round fetches adapters its neighbours have not merged since,
+            # and consensus stalls; as long as a training round, it lets them move.
+            return max(pause, self._training_round_s - took)
+        if self.gate is not None and not self.training():
+            # Behind a gate the next round waits until every neighbour has merged, but a
+            # neighbour refuses a second fetch within its upload interval ("rate_limited":
+            # 6-peer settling rounds of 0.05 s then merged nothing).
+            return max(pause, self._fetched_at - trio.current_time()
+                       + self.config.network.min_upload_interval_s)
+        return pause
 
     async def _start(self) -> None:
         """Wait for the swarm to form, announce ourselves, and evaluate where we start from."""
@@ -198,7 +224,8 @@ class Peer:
         found = await parts.gatherer.gather(state, version=self.version,
                                             trained=runtime.trainer.samples > 0,
                                             patience_s=self._train_s, settling=not training)
-        gather_s = trio.current_time() - gather_started
+        self._fetched_at = trio.current_time()
+        gather_s = self._fetched_at - gather_started
         others = self._inputs.choose(found.accepted, version=self.version)
         if others:
             own = Contribution(state=state, samples=runtime.trainer.samples)
@@ -238,6 +265,19 @@ class Peer:
             logger.info("all %d rounds done; serving the final adapter for %.0f s",
                         self.round, self.config.linger_s)
             await trio.sleep(self.config.linger_s)
+
+    @contextmanager
+    def _in_gate(self) -> Iterator[None]:
+        """Be a member of the gate while the rounds run: one that stops, crashes or is done
+        leaves it, so that the others never wait for it."""
+        if self.gate is None:
+            yield
+            return
+        self.gate.join(self, self.completed)
+        try:
+            yield
+        finally:
+            self.gate.leave(self)
 
     def _parts(self) -> Parts:
         assert self.parts is not None, "the peer has not joined yet"

@@ -25,6 +25,7 @@ import trio
 from gossip.node import GossipNode
 from peer.config import PeerConfig
 from peer.daemon import Peer
+from peer.gate import RoundGate
 from peer.parts import NodeFactory
 from peer.shared import SharedModel
 from scripts.simreport import rounds_done
@@ -81,11 +82,12 @@ class InProcessBackend:
     processes run (`scripts.workers`) is read from their folders."""
 
     def __init__(self, nursery: trio.Nursery, shared: SharedModel, folders: Sequence[Path],
-                 node_factory: NodeFactory = GossipNode) -> None:
+                 node_factory: NodeFactory = GossipNode, gate: RoundGate | None = None) -> None:
         self._nursery = nursery
         self._shared = shared
         self._folders = folders
         self._node_factory = node_factory
+        self.gate = gate  # every peer's, restarts too: they settle in lock step
         self._slots: dict[int, _Slot] = {}
         self._memory = {"base_mib": rss_mib()}
         self._running_of = 0  # how many peers the running_mib figure covers
@@ -93,9 +95,11 @@ class InProcessBackend:
     @classmethod
     @asynccontextmanager
     async def open(cls, folders: Sequence[Path], log: Path, first: PeerConfig, *,
-                   node_factory: NodeFactory = GossipNode) -> AsyncIterator[InProcessBackend]:
+                   node_factory: NodeFactory = GossipNode,
+                   gate: RoundGate | None = None) -> AsyncIterator[InProcessBackend]:
         """Load the base model of `first` (and use its torch threads, 0: all); log to `log`.
-        The peers' nodes come from `node_factory` (libp2p hosts, or a memory network's)."""
+        The peers' nodes come from `node_factory` (libp2p hosts, or a memory network's); with
+        `gate`, they settle in lock step behind it."""
         with logging_to(log):
             share_malloc_arenas()  # before the threads that training and merging run in
             torch.set_num_threads(first.train.threads or torch.get_num_threads())
@@ -103,14 +107,13 @@ class InProcessBackend:
                 lambda: SharedModel.load(first.model, first.lora, first.init_seed,
                                          frozen_a=first.train.frozen_a))
             async with trio.open_nursery() as nursery:
-                yield cls(nursery, shared, folders, node_factory)
+                yield cls(nursery, shared, folders, node_factory, gate)
                 nursery.cancel_scope.cancel()
 
     async def start(self, configs: Mapping[int, PeerConfig]) -> None:
         # Load every peer first (seconds each), then join them all at once: joined one by one,
         # the first peers of a 64-peer run finished short runs before the last had loaded.
-        peers = {index: Peer(config, self._shared, node_factory=self._node_factory)
-                 for index, config in configs.items()}
+        peers = {index: self._peer(config) for index, config in configs.items()}
         for peer in peers.values():
             await peer.load()
         self._memory["loaded_mib"] = rss_mib()
@@ -129,7 +132,7 @@ class InProcessBackend:
     async def restart(self, index: int) -> None:
         config = self._slots[index].config
         self._shared.remove_adapter(config.data_dir.name)
-        peer = Peer(config, self._shared, node_factory=self._node_factory)
+        peer = self._peer(config)
         await peer.load()
         await self._run(index, peer, config)
 
@@ -159,6 +162,9 @@ class InProcessBackend:
         memory: dict[str, Any] = {"running_mib": rss_mib(), **self._memory}
         memory["per_peer_mib"] = round((memory["running_mib"] - memory["base_mib"]) / peers, 2)
         return {**memory, "peak_mib": peak_rss_mib()}
+
+    def _peer(self, config: PeerConfig) -> Peer:
+        return Peer(config, self._shared, node_factory=self._node_factory, gate=self.gate)
 
     async def _run(self, index: int, peer: Peer, config: PeerConfig) -> None:
         self._slots[index] = _Slot(peer, config)

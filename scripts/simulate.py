@@ -53,6 +53,7 @@ from testbed.wan import Link
 
 console = Console()
 MODES = ("gossip", "local", "central")
+SCHEDULES = ("together", "paced")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -115,6 +116,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "thousands of peers: the same daemon code above the network, the same "
                         "encoded bytes and checks, announcements spread along connections and "
                         "transfers at each peer's --link delay and rate (implies --in-process)")
+    parser.add_argument("--settle-schedule", choices=SCHEDULES, default=None,
+                        help="with --settle-rounds: together (the default for peers in one "
+                        "process, --in-process or --network memory) starts every settling "
+                        "round once every peer of the process has finished the round before, "
+                        "so the first starts after the last peer's last training round; paced "
+                        "(the default otherwise, and the only one across processes or "
+                        "--workers) makes each peer's settling round last as long as its own "
+                        "last training round, as deployed peers do. In one process, training "
+                        "takes turns on one model and the peers drift apart in time: paced, "
+                        "256 peers settled to 0.026, not 1 %%, in 6 rounds (README, Scale)")
     parser.add_argument("--link", metavar="LINK",
                         help="put every peer behind a wide-area link emulated by a proxy in "
                         "this process, e.g. delay=50ms,rate=20mbit,jitter=10ms (units: us, ms, "
@@ -144,6 +155,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         args.in_process = True
     if args.workers < 1 or (args.workers > 1 and not args.in_process):
         parser.error("--workers K needs --in-process and K >= 1")
+    one_process = args.in_process and args.workers == 1
+    if args.settle_schedule == "together" and not one_process:
+        parser.error("--settle-schedule together needs every peer in one process "
+                     "(--in-process or --network memory, without --workers)")
+    args.settle_schedule = args.settle_schedule or ("together" if one_process else "paced")
     if args.churn and args.rounds < 3:
         parser.error("--churn needs --rounds >= 3 (a peer is killed after 1..rounds-2 rounds)")
     try:
@@ -261,7 +277,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     settings = Settings(rounds=configs[0].total_rounds, timeout=args.timeout,
                         bootstrap=args.mode == "gossip", in_process=args.in_process,
                         workers=min(args.workers, len(configs)), out=out,
-                        links=peer_links(args, len(configs)), network=args.network)
+                        links=peer_links(args, len(configs)), network=args.network,
+                        settle_schedule=args.settle_schedule)
     swarm = run_swarm(configs, plan, settings, console)
     folders = [config.data_dir for config in configs]
     summaries = peer_summaries(folders)
@@ -288,6 +305,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["links"] = swarm.links
     if swarm.network is not None:
         result["network"] = swarm.network
+    if swarm.gate is not None:
+        result["settle_gate"] = swarm.gate
     result.update(swarm_consensus(folders, trained_rounds=args.rounds))
     (out / "result.json").write_text(json.dumps(result, indent=2))
     plot_eval_loss(summaries, out / "eval_loss.png", title=f"{args.mode}: eval loss per peer")

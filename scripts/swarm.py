@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ from rich.progress import Progress
 from gossip.memory import LinkShape, MemoryNetwork
 from peer.config import PeerConfig
 from peer.errors import PeerError
+from peer.gate import RoundGate
 from scripts.backends import Backend, ProcessBackend, SimulationError, Watched
 from scripts.churn import Churn, ChurnPlan
 from scripts.links import LinkedSwarm, linked_swarm
@@ -44,6 +45,7 @@ class Settings:
     out: Path  # logs go to OUT/logs
     links: tuple[str, ...] = ()  # peer i's link (`testbed.wan.Link` text; "": none)
     network: str = "libp2p"  # or "memory": in process, over `gossip.memory.MemoryNetwork`
+    settle_schedule: str = "paced"  # or "together": peers of one process settle in lock step
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class SwarmRun:
     memory: dict[str, Any] | None  # resident MiB, for peers run in process
     links: list[dict[str, Any]] | None = None  # each linked peer's link and proxy statistics
     network: dict[str, Any] | None = None  # the memory network's counters
+    gate: dict[str, Any] | None = None  # the settling gate's statistics (`peer.gate`)
 
 
 def run_swarm(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Settings,
@@ -76,6 +79,7 @@ async def _run(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Setting
     if settings.network == "memory":
         return await _run_in_memory(configs, plan, settings, console)
     logs, folders = settings.out / "logs", [config.data_dir for config in configs]
+    gate: RoundGate | None = None
     # The proxies outlive the peers: they close only after every peer has exited.
     async with linked_swarm(settings.links, folders, seed=0) as linked:
         peers = {index: linked.configure(index, config) for index, config in enumerate(configs)}
@@ -87,12 +91,14 @@ async def _run(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Setting
         else:
             from scripts.inprocess import InProcessBackend
 
-            async with InProcessBackend.open(folders, logs / "inprocess.log",
-                                             configs[0]) as backend:
+            async with InProcessBackend.open(folders, logs / "inprocess.log", configs[0],
+                                             gate=settle_gate(settings)) as backend:
                 records = await drive(backend, peers, folders, plan, settings, console,
                                       linked=linked)
             memory = backend.memory(len(configs))
-        return SwarmRun(records, memory, linked.statistics() if linked.proxies else None)
+            gate = backend.gate
+        return SwarmRun(records, memory, linked.statistics() if linked.proxies else None,
+                        gate=asdict(gate.statistics()) if gate is not None else None)
 
 
 async def _run_in_memory(configs: Sequence[PeerConfig], plan: ChurnPlan, settings: Settings,
@@ -104,11 +110,24 @@ async def _run_in_memory(configs: Sequence[PeerConfig], plan: ChurnPlan, setting
     folders = [config.data_dir for config in configs]
     network = MemoryNetwork(links={folders[index].name: memory_link(text)
                                    for index, text in enumerate(settings.links) if text})
+    gate = settle_gate(settings)
     async with InProcessBackend.open(folders, settings.out / "logs" / "inprocess.log",
-                                     configs[0], node_factory=network.node) as backend:
+                                     configs[0], node_factory=network.node,
+                                     gate=gate) as backend:
         records = await drive(backend, dict(enumerate(configs)), folders, plan, settings,
                               console)
-    return SwarmRun(records, backend.memory(len(configs)), network=network.statistics())
+    return SwarmRun(records, backend.memory(len(configs)), network=network.statistics(),
+                    gate=asdict(gate.statistics()) if gate is not None else None)
+
+
+def settle_gate(settings: Settings) -> RoundGate | None:
+    """The gate the peers of this process settle behind, with `settle_schedule` "together".
+
+    Not across worker processes (`scripts.workers` opens its backends without one): a gate sees
+    only its own process's peers, and its unpaced settling rounds would outrun the other
+    workers' peers, which still train or settle at their own pace.
+    """
+    return RoundGate() if settings.settle_schedule == "together" else None
 
 
 def memory_link(text: str) -> LinkShape:

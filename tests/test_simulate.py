@@ -213,3 +213,59 @@ def test_the_memory_network_runs_in_one_process(capsys: pytest.CaptureFixture[st
     with pytest.raises(SystemExit):
         parse_args(["--network", "memory", "--workers", "2"])
     assert "--network memory runs every peer in this process" in capsys.readouterr().err
+
+
+def _settling(out: Path, small_model_dir: Path, *schedule: str) -> tuple[dict, list[list[dict]]]:
+    """6 peers on the memory network, 2 training and 2 settling rounds: the result and each
+    peer's metrics lines of rounds 1 to 4."""
+    command = [
+        sys.executable, str(ROOT / "scripts" / "simulate.py"), "--network", "memory",
+        "--peers", "6", "--out", str(out), "--model", str(small_model_dir), "--rounds", "2",
+        "--steps-per-round", "1", "--batch-size", "2", "--seq-len", "32", "--eval-every", "9",
+        "--eval-per-category", "1", "--eval-peers", "2", "--timeout", "300",
+        "--settle-rounds", "2", *schedule,
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    lines = [[json.loads(line) for line in (out / "peers" / f"p{i}" / "metrics.jsonl")
+              .read_text().splitlines()] for i in range(6)]
+    return (json.loads((out / "result.json").read_text()),
+            [[line for line in peer if line["round"] >= 1] for peer in lines])
+
+
+def test_peers_of_one_process_settle_together_after_the_last_training_round(
+        tmp_path: Path, small_model_dir: Path) -> None:
+    """In one process, training takes turns on one model and the peers drift apart: by
+    default (--settle-schedule together) every settling round starts after every peer has
+    finished the round before, the first after the last peer's last training round; paced,
+    the first peers to finish training settle while the last still trains."""
+    result, rounds = _settling(tmp_path / "together", small_model_dir)
+    assert result["config"]["settle_schedule"] == "together"
+    # A line's wall time `ts` is written at its round's end, `round_s` after the round began.
+    trained = max(peer[1]["ts"] for peer in rounds)
+    assert min(peer[2]["ts"] - peer[2]["round_s"] for peer in rounds) >= trained
+    assert min(peer[3]["ts"] - peer[3]["round_s"] for peer in rounds) >= max(
+        peer[2]["ts"] for peer in rounds)
+    # Peers done first keep serving: every settling round of every peer merged (of 5 others).
+    assert min(line["merged"] for peer in rounds for line in peer[2:]) >= 4
+    gate = result["settle_gate"]
+    assert gate["timed_out"] == 0 and gate["opened"] == 6 * 2 and gate["members"] == 0
+    assert result["consensus"][-1]["distance"] < result["consensus"][2]["distance"]
+
+    result, rounds = _settling(tmp_path / "paced", small_model_dir, "--settle-schedule", "paced")
+    assert "settle_gate" not in result
+    trained = max(peer[1]["ts"] for peer in rounds)
+    assert min(peer[2]["ts"] - peer[2]["round_s"] for peer in rounds) < trained
+
+
+def test_settling_together_needs_one_process(capsys: pytest.CaptureFixture[str]) -> None:
+    from scripts.simulate import parse_args
+
+    assert parse_args(["--in-process"]).settle_schedule == "together"
+    assert parse_args(["--network", "memory"]).settle_schedule == "together"
+    assert parse_args(["--in-process", "--workers", "2"]).settle_schedule == "paced"
+    assert parse_args([]).settle_schedule == "paced", "a process per peer: paced, as deployed"
+    with pytest.raises(SystemExit):
+        parse_args(["--in-process", "--workers", "2", "--settle-schedule", "together"])
+    assert "--settle-schedule together needs every peer in one process" in (
+        capsys.readouterr().err)

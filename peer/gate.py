@@ -1,0 +1,114 @@
+"""`RoundGate`: peers of one process settle together, in lock step (`simulate.py`).
+
+Peers that share a process share one model lock, so a training round of N peers lasts about
+N training steps, and the peers drift apart in time: at 1,000 peers the first finished its 9
+rounds at 24 minutes and the last at 68, and a peer that has finished merges no more. A
+settling round paced by the peer's own last training round then fetches from neighbours that
+are still training, or that have stopped merging. Behind a gate, round r of a member starts
+once every member still in has finished round r - 1: the first settling round starts after
+the last training round of the slowest peer, and each settling round fetches adapters that
+every neighbour merged in the round before.
+
+The gate holds no peer: members are any hashable keys, with the rounds each has finished. A
+member leaves when it stops, crashes or is done, so the gate never waits for it; and a wait is
+bounded (`patience` times the longest round a member reported, at least `floor_s`), so a stuck
+peer delays the others once, by that bound, and never hangs the swarm.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Hashable
+from dataclasses import dataclass
+
+import trio
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateStatistics:
+    """What a gate did: its members now, the waits it opened and those that timed out."""
+
+    members: int
+    opened: int  # waits that ended because every member had caught up
+    timed_out: int  # waits that ended at the bound, the stragglers not caught up
+    waited_s: float  # seconds spent waiting, over every wait
+    longest_round_s: float  # the longest round a member reported (sets the bound)
+
+
+class RoundGate:
+    """Lock step for the peers of one process: `wait_for(n)` returns once every member has
+    finished `n` rounds, or when the bound runs out."""
+
+    def __init__(self, *, patience: float = 4.0, floor_s: float = 60.0) -> None:
+        """
+        Args:
+            patience: how many of the longest rounds a wait may last before it gives up.
+            floor_s: the least a wait may last (before any round has been reported, too).
+        """
+        if patience <= 0 or floor_s < 0:
+            raise ValueError(f"patience must be > 0 and floor_s >= 0, got {patience}, {floor_s}")
+        self.patience = patience
+        self.floor_s = floor_s
+        self._done: dict[Hashable, int] = {}  # member -> rounds it has finished
+        self._changed = trio.Event()
+        self._longest_s = 0.0
+        self._opened = self._timed_out = 0
+        self._waited_s = 0.0
+
+    def join(self, member: Hashable, done: int) -> None:
+        """Add `member`, which has finished `done` rounds (a restarted peer: its resumed ones)."""
+        self._done[member] = done
+        self._wake()
+
+    def finished(self, member: Hashable, done: int, took_s: float) -> None:
+        """`member` has finished `done` rounds, the last of them in `took_s` seconds."""
+        if member in self._done:
+            self._done[member] = done
+        self._longest_s = max(self._longest_s, took_s)
+        self._wake()
+
+    def leave(self, member: Hashable) -> None:
+        """`member` stopped, crashed or is done: wait for it no more."""
+        if self._done.pop(member, None) is not None:
+            self._wake()
+
+    def bound_s(self) -> float:
+        """How long a wait may last now."""
+        return max(self.floor_s, self.patience * self._longest_s)
+
+    def behind(self, rounds: int) -> int:
+        """How many members have finished fewer than `rounds` rounds."""
+        return sum(done < rounds for done in self._done.values())
+
+    async def wait_for(self, rounds: int) -> bool:
+        """Wait until every member has finished `rounds` rounds.
+
+        Returns:
+            True once they have; False if the bound ran out first (logged and counted).
+        """
+        started = trio.current_time()
+        with trio.move_on_after(self.bound_s()) as scope:
+            while self.behind(rounds):
+                await self._changed.wait()
+                # A longer round reported meanwhile lengthens the bound of this wait too.
+                scope.deadline = started + self.bound_s()
+        self._waited_s += trio.current_time() - started
+        if scope.cancelled_caught:
+            self._timed_out += 1
+            logger.warning("round gate: %d of %d peers had not finished %d rounds after %.0f s; "
+                           "going on without them", self.behind(rounds), len(self._done),
+                           rounds, trio.current_time() - started)
+            return False
+        self._opened += 1
+        return True
+
+    def statistics(self) -> GateStatistics:
+        return GateStatistics(members=len(self._done), opened=self._opened,
+                              timed_out=self._timed_out, waited_s=round(self._waited_s, 3),
+                              longest_round_s=round(self._longest_s, 3))
+
+    def _wake(self) -> None:
+        self._changed.set()
+        self._changed = trio.Event()

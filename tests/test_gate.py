@@ -1,0 +1,166 @@
+"""`peer.gate.RoundGate` on trio's virtual clock: alone, then behind fake peers that drift.
+
+The peers are `peer.daemon.Peer` over `tests.fakes.FakeNetwork` with a 4-number trainer, as in
+tests/test_rounds.py; a slow peer's training rounds last three times the others'.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import trio
+import trio.testing
+
+from gossip.config import NodeConfig
+from peer.config import PeerConfig
+from peer.daemon import Peer
+from peer.gate import RoundGate
+from tests.fakes import FakeNetwork, fake_runtime
+from topology.config import TopologyConfig
+
+
+async def test_the_gate_opens_once_every_member_has_finished_the_rounds(
+        autojump_clock: trio.testing.MockClock) -> None:
+    gate = RoundGate(floor_s=100)
+    for member in "abc":
+        gate.join(member, 0)
+    opened: list[float] = []
+
+    async def waiter() -> None:
+        assert await gate.wait_for(1)
+        opened.append(trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        gate.finished("a", 1, took_s=5)
+        await trio.sleep(10)
+        gate.finished("b", 1, took_s=5)
+        await trio.sleep(10)
+        assert not opened, "c has not finished round 1"
+        gate.finished("c", 1, took_s=5)
+    assert opened == [20]
+    assert await gate.wait_for(1), "already there: no wait"
+    stats = gate.statistics()
+    assert (stats.members, stats.opened, stats.timed_out) == (3, 2, 0)
+    assert stats.waited_s == 20 and stats.longest_round_s == 5
+
+
+async def test_a_member_that_leaves_is_not_waited_for(
+        autojump_clock: trio.testing.MockClock) -> None:
+    gate = RoundGate(floor_s=100)
+    gate.join("a", 2)
+    gate.join("crashed", 1)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.wait_for, 2)
+        await trio.sleep(7)
+        gate.leave("crashed")
+    assert trio.current_time() == 7
+    assert gate.statistics().opened == 1 and gate.statistics().members == 1
+    gate.leave("crashed")  # twice: nothing more
+
+
+async def test_a_stuck_member_delays_the_others_by_the_bound_only(
+        autojump_clock: trio.testing.MockClock) -> None:
+    gate = RoundGate(patience=3, floor_s=10)
+    assert gate.bound_s() == 10, "the floor, before any round"
+    gate.join("stuck", 0)
+    gate.join("a", 0)
+    gate.finished("a", 1, took_s=20)  # the longest round so far: 3 x 20 s
+    assert not await gate.wait_for(1)
+    assert trio.current_time() == pytest.approx(60)
+    stats = gate.statistics()
+    assert (stats.opened, stats.timed_out, stats.waited_s) == (0, 1, 60)
+    with pytest.raises(ValueError):
+        RoundGate(patience=0)
+
+
+async def test_a_longer_round_reported_during_a_wait_extends_it(
+        autojump_clock: trio.testing.MockClock) -> None:
+    gate = RoundGate(patience=2, floor_s=10)
+    gate.join("slow", 0)
+    gate.join("other", 1)
+
+    async def report() -> None:
+        await trio.sleep(5)
+        gate.finished("other", 2, took_s=30)  # now the bound is 60 s
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(report)
+        assert not await gate.wait_for(1)
+    assert trio.current_time() == pytest.approx(60)
+
+
+NETWORK = NodeConfig(fetch_timeout_s=2.0)
+
+
+def _peer(tmp_path: Path, network: FakeNetwork, index: int, train_s: float,
+          gate: RoundGate | None) -> Peer:
+    config = PeerConfig(
+        data_dir=tmp_path / f"p{index}", train_path=tmp_path / "unused.jsonl", rounds=2,
+        settle_rounds=2, topology=TopologyConfig(fanout=1, settle_fanout=2), network=NETWORK)
+    peer = Peer(config, node_factory=network.node, gate=gate)  # type: ignore[arg-type]
+    peer.runtime = fake_runtime(config.data_dir, train_s=train_s, seed=index)
+    return peer
+
+
+async def _run(peers: list[Peer], *, crash_after: int = 0) -> dict[int, list[float]]:
+    """Run `peers`; the virtual time each finished each round (the last peer crashes after
+    `crash_after` rounds, if given)."""
+    ends: dict[int, list[float]] = {index: [] for index in range(len(peers))}
+
+    async def watch(index: int) -> None:
+        for rounds in range(1, 5):
+            await peers[index].wait_rounds(rounds)
+            ends[index].append(trio.current_time())
+            if index == len(peers) - 1 and rounds == crash_after:
+                peers[index].crash()
+                return
+
+    async with trio.open_nursery() as nursery:
+        for index, peer in enumerate(peers):
+            nursery.start_soon(peer.run)
+            nursery.start_soon(watch, index)
+    return ends
+
+
+def _round_s(peer: Peer, round_: int) -> float:
+    lines = (peer.config.data_dir / "metrics.jsonl").read_text().splitlines()
+    return next(line["round_s"] for line in map(json.loads, lines) if line["round"] == round_)
+
+
+@pytest.mark.parametrize("together", [True, False])
+async def test_peers_behind_a_gate_settle_after_the_slowest_has_trained(
+        tmp_path: Path, mock_clock: trio.testing.MockClock, together: bool) -> None:
+    mock_clock.autojump_threshold = 0.02  # threads must not let the clock run ahead
+    network, gate = FakeNetwork(), RoundGate() if together else None
+    peers = [_peer(tmp_path, network, index, train_s, gate)
+             for index, train_s in enumerate((10, 10, 30))]
+    ends = await _run(peers)
+    trained = max(ends[index][1] for index in range(3))  # the slow peer's second round
+    settle_starts = [ends[index][2] - _round_s(peer, 3) for index, peer in enumerate(peers)]
+    if together:
+        assert min(settle_starts) >= trained, (settle_starts, trained)
+        # ... and the second settling round starts after every peer's first.
+        assert min(ends[i][3] - _round_s(p, 4) for i, p in enumerate(peers)) >= max(
+            ends[i][2] for i in range(3))
+        assert gate is not None and gate.statistics().members == 0, "done peers left"
+        assert gate.statistics().timed_out == 0
+    else:  # paced, as deployed peers: the fast ones settle while the slow one still trains
+        assert min(settle_starts) < trained - 20, (settle_starts, trained)
+
+
+async def test_a_crashed_peer_leaves_the_gate(
+        tmp_path: Path, mock_clock: trio.testing.MockClock) -> None:
+    mock_clock.autojump_threshold = 0.02
+    network, gate = FakeNetwork(), RoundGate(floor_s=1000)
+    peers = [_peer(tmp_path, network, index, train_s, gate)
+             for index, train_s in enumerate((10, 10, 30))]
+    ends = await _run(peers, crash_after=1)
+    assert len(ends[2]) == 1, "the slow peer crashed after round 1"
+    # The others did not wait for it: their settling ended long before the 1,000 s bound, and
+    # before the slow peer would have finished training (about 60 s).
+    assert max(ends[0][3], ends[1][3]) < 60
+    stats = gate.statistics()
+    assert stats.timed_out == 0 and stats.members == 0
