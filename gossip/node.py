@@ -35,7 +35,7 @@ from gossip.fetcher import fetch_from
 from gossip.hardening import guard_peerstore, host_key_pair, install_ping_fix, noise_only
 from gossip.holepunch import Puncher
 from gossip.reachability import PRIVATE, PUBLIC, Reachability, ReachabilityProbe, tcp_ports
-from gossip.relay import GuardedRelay, RelayClient, circuit_transport, is_relayed
+from gossip.relay import GuardedRelay, RelayClient, circuit_transport, is_relayed, remote_addr
 from gossip.router import FloodPublishGossipSub
 from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
@@ -270,16 +270,13 @@ class GossipNode(Endpoint):
         return True
 
     def _scope_of(self, peer: ID) -> str:
-        """The scope of the address `peer` is connected from (public when unknown)."""
+        """The scope of the address `peer` is connected from (public when unknown or relayed)."""
         if peer == self.host.get_id():
             return Scope.LOOPBACK
         for conn in self.host.get_network().get_connections(peer):
-            secured: Any = getattr(conn.muxed_conn, "secured_conn", None)
-            try:
-                host, _ = secured.get_remote_address()
-                return address_scope(f"/{'ip6' if ':' in host else 'ip4'}/{host}")
-            except Exception:  # not a TCP connection, or already closing: keep looking
-                continue
+            addr = remote_addr(conn)
+            if addr is not None:
+                return address_scope(addr)
         return Scope.PUBLIC
 
     async def _drain(self, subscription: Any) -> None:
