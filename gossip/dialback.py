@@ -39,14 +39,14 @@ from gossip.spacing import Spacing
 from gossip.swarm import PROTOCOL_VERSION, SWARM_ID_BYTES
 from gossip.transfer import MAX_CONTROL_FRAME, close_quietly, read_frame
 from gossip.wire import (
-    _bad,
-    _check_bytes,
-    _check_int,
-    _check_protocol,
-    _Envelope,
-    _open,
-    _swarm_arg,
+    Envelope,
+    bad_field,
+    check_bytes,
+    check_int,
+    check_protocol,
     frame,
+    open_envelope,
+    swarm_arg,
 )
 
 __all__ = ["DIALBACK_PROTOCOL", "DialbackReply", "DialbackRequest", "DialbackServer",
@@ -74,7 +74,7 @@ _PER_PORT_S = DIAL_TIMEOUT_S + ANSWER_TIMEOUT_S
 
 
 @dataclass(frozen=True)
-class DialbackRequest(_Envelope):
+class DialbackRequest(Envelope):
     """Client to server: "dial me back at these TCP ports of my address"."""
 
     swarm: bytes
@@ -85,24 +85,24 @@ class DialbackRequest(_Envelope):
     FIELDS: ClassVar[frozenset[str]] = frozenset({"protocol", "ports"})
 
     def __post_init__(self) -> None:
-        _check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
-        _check_protocol(self.protocol)
+        check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
+        check_protocol(self.protocol)
         if type(self.ports) is not tuple or not 1 <= len(self.ports) <= MAX_PORTS:
-            raise _bad("ports", f"expected 1..{MAX_PORTS} ports")
+            raise bad_field("ports", f"expected 1..{MAX_PORTS} ports")
         for port in self.ports:
-            _check_int("port", port, 1, 65535)
+            check_int("port", port, 1, 65535)
         if len(set(self.ports)) != len(self.ports):
-            raise _bad("ports", "a port is repeated")
+            raise bad_field("ports", "a port is repeated")
 
     @classmethod
     def from_wire(cls, data: bytes, *, swarm: bytes) -> DialbackRequest:
         """Decode and validate a request. Raises WireError with the reason."""
-        return cls(swarm=swarm, **_open(data, swarm=_swarm_arg(swarm), kind=cls.KIND,
+        return cls(swarm=swarm, **open_envelope(data, swarm=swarm_arg(swarm), kind=cls.KIND,
                                         keys=cls.FIELDS))
 
 
 @dataclass(frozen=True)
-class DialbackReply(_Envelope):
+class DialbackReply(Envelope):
     """Server to client: the address it dialled and one outcome per requested port."""
 
     swarm: bytes
@@ -115,26 +115,26 @@ class DialbackReply(_Envelope):
     FIELDS: ClassVar[frozenset[str]] = frozenset({"protocol", "status", "observed", "outcomes"})
 
     def __post_init__(self) -> None:
-        _check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
-        _check_protocol(self.protocol)
+        check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
+        check_protocol(self.protocol)
         if type(self.status) is not str or self.status not in STATUSES:
-            raise _bad("status", f"{self.status!r} not one of {sorted(STATUSES)}")
+            raise bad_field("status", f"{self.status!r} not one of {sorted(STATUSES)}")
         if type(self.observed) is not str or len(self.observed) > 64:
-            raise _bad("observed", "expected an IP address")
+            raise bad_field("observed", "expected an IP address")
         if type(self.outcomes) is not tuple or len(self.outcomes) > MAX_PORTS:
-            raise _bad("outcomes", f"expected at most {MAX_PORTS}")
+            raise bad_field("outcomes", f"expected at most {MAX_PORTS}")
         if any(type(o) is not str or o not in OUTCOMES for o in self.outcomes):
-            raise _bad("outcomes", f"each one of {sorted(OUTCOMES)}")
+            raise bad_field("outcomes", f"each one of {sorted(OUTCOMES)}")
         if (self.status == "ok") != bool(self.outcomes):
-            raise _bad("outcomes", "an ok reply has outcomes, a refusal none")
+            raise bad_field("outcomes", "an ok reply has outcomes, a refusal none")
 
     @classmethod
     def from_wire(cls, data: bytes, *, swarm: bytes, ports: int) -> DialbackReply:
         """Decode and validate a reply to a request of `ports` ports. Raises WireError."""
-        reply = cls(swarm=swarm, **_open(data, swarm=_swarm_arg(swarm), kind=cls.KIND,
+        reply = cls(swarm=swarm, **open_envelope(data, swarm=swarm_arg(swarm), kind=cls.KIND,
                                          keys=cls.FIELDS))
         if reply.status == "ok" and len(reply.outcomes) != ports:
-            raise _bad("outcomes", f"{len(reply.outcomes)} outcomes for {ports} ports")
+            raise bad_field("outcomes", f"{len(reply.outcomes)} outcomes for {ports} ports")
         return reply
 
 

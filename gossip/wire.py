@@ -49,58 +49,59 @@ def digest(data: bytes) -> bytes:
 
 # ---------------------------------------------------------------------------------------------
 # Field checks. They raise WireError("bad_field") and serve both local construction (so that we
-# never emit what a peer would reject) and inbound decoding.
+# never emit what a peer would reject) and inbound decoding; other control messages
+# (`gossip.dialback`) build on them and on `Envelope` / `open_envelope`.
 
 
-def _bad(name: str, why: str) -> WireError:
+def bad_field(name: str, why: str) -> WireError:
     return WireError("bad_field", f"{name}: {why}")
 
 
-def _check_int(name: str, value: object, lo: int, hi: int) -> None:
+def check_int(name: str, value: object, lo: int, hi: int) -> None:
     # bool is an int subclass; msgpack keeps them apart and so do we.
     if type(value) is not int:
-        raise _bad(name, f"expected int, got {type(value).__name__}")
+        raise bad_field(name, f"expected int, got {type(value).__name__}")
     if not lo <= value <= hi:
-        raise _bad(name, f"{value} not in {lo}..{hi}")
+        raise bad_field(name, f"{value} not in {lo}..{hi}")
 
 
-def _check_bytes(name: str, value: object, length: int) -> None:
+def check_bytes(name: str, value: object, length: int) -> None:
     if type(value) is not bytes:
-        raise _bad(name, f"expected bytes, got {type(value).__name__}")
+        raise bad_field(name, f"expected bytes, got {type(value).__name__}")
     if len(value) != length:
-        raise _bad(name, f"expected {length} bytes, got {len(value)}")
+        raise bad_field(name, f"expected {length} bytes, got {len(value)}")
 
 
 def _check_peer(value: object) -> None:
     if type(value) is not str:
-        raise _bad("peer", f"expected str, got {type(value).__name__}")
+        raise bad_field("peer", f"expected str, got {type(value).__name__}")
     if not 1 <= len(value) <= MAX_PEER_ID_LEN or not _BASE58.issuperset(value):
-        raise _bad("peer", "not a base58 peer id")
+        raise bad_field("peer", "not a base58 peer id")
 
 
 def _check_addrs(value: object) -> None:
     if type(value) is not tuple:
-        raise _bad("addrs", f"expected a tuple, got {type(value).__name__}")
+        raise bad_field("addrs", f"expected a tuple, got {type(value).__name__}")
     if len(value) > MAX_ADDRS:
-        raise _bad("addrs", f"{len(value)} addresses, at most {MAX_ADDRS}")
+        raise bad_field("addrs", f"{len(value)} addresses, at most {MAX_ADDRS}")
     for addr in value:
         if type(addr) is not str or not 2 <= len(addr) <= MAX_ADDR_LEN:
-            raise _bad("addrs", f"each address is a str of 2..{MAX_ADDR_LEN} characters")
+            raise bad_field("addrs", f"each address is a str of 2..{MAX_ADDR_LEN} characters")
         # Multiaddrs are printable ASCII starting with "/"; anything else would only end up in logs.
         if not (addr.startswith("/") and addr.isascii() and addr.isprintable()) or " " in addr:
-            raise _bad("addrs", "not a multiaddr")
+            raise bad_field("addrs", "not a multiaddr")
 
 
 def _check_privacy(value: object) -> None:
     if type(value) is not float or not math.isfinite(value):
-        raise _bad("privacy", f"expected a finite float, got {value!r}")
+        raise bad_field("privacy", f"expected a finite float, got {value!r}")
     if value != NOT_PRIVATE and not 0 <= value <= MAX_EPSILON:
-        raise _bad("privacy", f"ε {value} not in 0..{MAX_EPSILON:g}, nor {NOT_PRIVATE}")
+        raise bad_field("privacy", f"ε {value} not in 0..{MAX_EPSILON:g}, nor {NOT_PRIVATE}")
 
 
-def _check_protocol(value: object) -> None:
+def check_protocol(value: object) -> None:
     if type(value) is not int:
-        raise _bad("protocol", f"expected int, got {type(value).__name__}")
+        raise bad_field("protocol", f"expected int, got {type(value).__name__}")
     if value != PROTOCOL_VERSION:
         raise WireError("bad_protocol", f"protocol {value}, this peer speaks {PROTOCOL_VERSION}")
 
@@ -109,7 +110,7 @@ def _check_protocol(value: object) -> None:
 # Envelopes.
 
 
-def _open(data: bytes, *, swarm: bytes, kind: str, keys: frozenset[str]) -> dict[str, Any]:
+def open_envelope(data: bytes, *, swarm: bytes, kind: str, keys: frozenset[str]) -> dict[str, Any]:
     """Check an envelope's prefix, then decode and shape-check its map. Returns the fields."""
     # 1. Size and prefix, before a single byte of payload is parsed.
     if not isinstance(data, bytes | bytearray):
@@ -130,18 +131,18 @@ def _open(data: bytes, *, swarm: bytes, kind: str, keys: frozenset[str]) -> dict
     if not isinstance(obj, dict):
         raise WireError("malformed", f"payload is a {type(obj).__name__}, not a map")
     # 3. The protocol first: a future version may change every other field.
-    _check_protocol(obj.get("protocol"))
+    check_protocol(obj.get("protocol"))
     if obj.get("kind") != kind:
         raise WireError("malformed", f"not a {kind} message")
     if obj.keys() != keys | {"kind"}:
         missing = sorted(keys - obj.keys())
         unknown = sorted(repr(k)[:40] for k in obj.keys() - keys - {"kind"})
-        raise _bad("fields", f"missing {missing[:4]}, unknown {unknown[:4]}")
+        raise bad_field("fields", f"missing {missing[:4]}, unknown {unknown[:4]}")
     del obj["kind"]
     return obj
 
 
-class _Envelope:
+class Envelope:
     """What every control message shares: its kind tag, its field names and its encoding."""
 
     swarm: bytes
@@ -160,14 +161,14 @@ def _plain(value: Any) -> Any:
     return value.to_wire() if isinstance(value, Telemetry) else value
 
 
-def _swarm_arg(swarm: object) -> bytes:
+def swarm_arg(swarm: object) -> bytes:
     if type(swarm) is not bytes or len(swarm) != SWARM_ID_BYTES:
         raise ValueError(f"our own swarm id must be {SWARM_ID_BYTES} bytes, got {swarm!r}")
     return swarm
 
 
 @dataclass(frozen=True)
-class Announcement(_Envelope):
+class Announcement(Envelope):
     """Published on the swarm topic each round: "I have adapter `version`; fetch it from me".
 
     `telemetry` is what the peer says about itself for operators (`gossip.telemetry`): always
@@ -195,17 +196,17 @@ class Announcement(_Envelope):
     )
 
     def __post_init__(self) -> None:
-        _check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
-        _check_protocol(self.protocol)
+        check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
+        check_protocol(self.protocol)
         _check_peer(self.peer)
-        _check_int("version", self.version, 0, MAX_VERSION)
-        _check_int("samples", self.samples, 0, MAX_SAMPLES)
-        _check_bytes("digest", self.digest, DIGEST_BYTES)
-        _check_int("nbytes", self.nbytes, 1, MAX_FRAME_LEN)
+        check_int("version", self.version, 0, MAX_VERSION)
+        check_int("samples", self.samples, 0, MAX_SAMPLES)
+        check_bytes("digest", self.digest, DIGEST_BYTES)
+        check_int("nbytes", self.nbytes, 1, MAX_FRAME_LEN)
         if type(self.train_loss) is not float or not math.isfinite(self.train_loss):
-            raise _bad("train_loss", f"expected a finite float, got {self.train_loss!r}")
+            raise bad_field("train_loss", f"expected a finite float, got {self.train_loss!r}")
         if self.train_loss < 0:
-            raise _bad("train_loss", f"{self.train_loss} is negative")
+            raise bad_field("train_loss", f"{self.train_loss} is negative")
         _check_addrs(self.addrs)
         if self.telemetry is not None and not isinstance(self.telemetry, Telemetry):
             raise WireError("bad_telemetry", f"expected a Telemetry, got "
@@ -229,7 +230,7 @@ class Announcement(_Envelope):
         Raises:
             WireError: with the reason of the rejection.
         """
-        fields = _open(data, swarm=_swarm_arg(swarm), kind=cls.KIND, keys=cls.FIELDS)
+        fields = open_envelope(data, swarm=swarm_arg(swarm), kind=cls.KIND, keys=cls.FIELDS)
         fields["telemetry"] = Telemetry.from_wire(fields["telemetry"])
         message = cls(swarm=swarm, **fields)
         check_cap("nbytes", message.nbytes, max_nbytes)
@@ -237,7 +238,7 @@ class Announcement(_Envelope):
 
 
 @dataclass(frozen=True)
-class FetchRequest(_Envelope):
+class FetchRequest(Envelope):
     """Client to server on a transfer stream: "send me your estimate `version`" (-1: latest).
 
     `held_version` and `held_digest` name the server's estimate the client holds (-1 and b"":
@@ -255,11 +256,11 @@ class FetchRequest(_Envelope):
         {"protocol", "version", "held_version", "held_digest"})
 
     def __post_init__(self) -> None:
-        _check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
-        _check_protocol(self.protocol)
-        _check_int("version", self.version, -1, MAX_VERSION)
-        _check_int("held_version", self.held_version, -1, MAX_VERSION)
-        _check_bytes("held_digest", self.held_digest, 0 if self.held_version < 0 else DIGEST_BYTES)
+        check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
+        check_protocol(self.protocol)
+        check_int("version", self.version, -1, MAX_VERSION)
+        check_int("held_version", self.held_version, -1, MAX_VERSION)
+        check_bytes("held_digest", self.held_digest, 0 if self.held_version < 0 else DIGEST_BYTES)
 
     @property
     def held(self) -> tuple[int, bytes] | None:
@@ -273,12 +274,12 @@ class FetchRequest(_Envelope):
         Raises:
             WireError: with the reason of the rejection.
         """
-        fields = _open(data, swarm=_swarm_arg(swarm), kind=cls.KIND, keys=cls.FIELDS)
+        fields = open_envelope(data, swarm=swarm_arg(swarm), kind=cls.KIND, keys=cls.FIELDS)
         return cls(swarm=swarm, **fields)
 
 
 @dataclass(frozen=True)
-class FetchHeader(_Envelope):
+class FetchHeader(Envelope):
     """Server to client, before the update bytes (which follow only when `status` is "ok").
 
     A refusal ("busy", "none", "rate_limited") carries version -1, nbytes 0 and no signature.
@@ -306,22 +307,22 @@ class FetchHeader(_Envelope):
     )
 
     def __post_init__(self) -> None:
-        _check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
-        _check_protocol(self.protocol)
+        check_bytes("swarm", self.swarm, SWARM_ID_BYTES)
+        check_protocol(self.protocol)
         if type(self.status) is not str or self.status not in FETCH_STATUSES:
-            raise _bad("status", f"{self.status!r} not one of {sorted(FETCH_STATUSES)}")
+            raise bad_field("status", f"{self.status!r} not one of {sorted(FETCH_STATUSES)}")
         ok = self.status == "ok"
         # An "ok" header promises real bytes; a refusal promises none.
-        _check_int("version", self.version, 0 if ok else -1, MAX_VERSION if ok else -1)
-        _check_int("nbytes", self.nbytes, 1 if ok else 0, MAX_FRAME_LEN if ok else 0)
-        _check_int("samples", self.samples, 0, MAX_SAMPLES)
-        _check_bytes("digest", self.digest, DIGEST_BYTES)
-        _check_bytes("body_digest", self.body_digest, DIGEST_BYTES)
+        check_int("version", self.version, 0 if ok else -1, MAX_VERSION if ok else -1)
+        check_int("nbytes", self.nbytes, 1 if ok else 0, MAX_FRAME_LEN if ok else 0)
+        check_int("samples", self.samples, 0, MAX_SAMPLES)
+        check_bytes("digest", self.digest, DIGEST_BYTES)
+        check_bytes("body_digest", self.body_digest, DIGEST_BYTES)
         if type(self.signature) is not bytes:
-            raise _bad("signature", f"expected bytes, got {type(self.signature).__name__}")
+            raise bad_field("signature", f"expected bytes, got {type(self.signature).__name__}")
         low = 1 if ok else 0
         if not low <= len(self.signature) <= (MAX_SIGNATURE_BYTES if ok else 0):
-            raise _bad("signature", f"{len(self.signature)} bytes")
+            raise bad_field("signature", f"{len(self.signature)} bytes")
 
     def signed_part(self, peer: str) -> bytes:
         """What the signature covers; see `signed_offer`."""
@@ -335,7 +336,7 @@ class FetchHeader(_Envelope):
         Raises:
             WireError: with the reason of the rejection ("oversized" when `nbytes` > max_nbytes).
         """
-        fields = _open(data, swarm=_swarm_arg(swarm), kind=cls.KIND, keys=cls.FIELDS)
+        fields = open_envelope(data, swarm=swarm_arg(swarm), kind=cls.KIND, keys=cls.FIELDS)
         message = cls(swarm=swarm, **fields)
         check_cap("nbytes", message.nbytes, max_nbytes)
         return message
@@ -378,6 +379,7 @@ def frame_length(prefix: bytes, *, max_len: int) -> int:
 
 
 __all__ = [
-    "ADAPTER_DTYPES", "Announcement", "FetchHeader", "FetchRequest", "decode_adapter", "digest",
-    "encode_adapter", "frame", "frame_length", "signed_offer",
+    "ADAPTER_DTYPES", "Announcement", "Envelope", "FetchHeader", "FetchRequest", "bad_field",
+    "check_bytes", "check_int", "check_protocol", "decode_adapter", "digest", "encode_adapter",
+    "frame", "frame_length", "open_envelope", "signed_offer", "swarm_arg",
 ]
