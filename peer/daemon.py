@@ -172,7 +172,8 @@ class Peer:
             # Unpaced, a settling round fetches adapters its neighbours have not merged since,
             # and consensus stalls; as long as a training round, it lets them move.
             return max(pause, self._training_round_s - took)
-        if self.gate is not None and not self.training():
+        if self.gate is not None and self.round != self.config.total_rounds and (
+                not self.training()):
             # Behind a gate the next round waits until every neighbour has merged, but a
             # neighbour refuses a second fetch within its upload interval ("rate_limited":
             # 6-peer settling rounds of 0.05 s then merged nothing).

@@ -11,8 +11,9 @@ every neighbour merged in the round before.
 
 The gate holds no peer: members are any hashable keys, with the rounds each has finished. A
 member leaves when it stops, crashes or is done, so the gate never waits for it; and a wait is
-bounded (`patience` times the longest round a member reported, at least `floor_s`), so a stuck
-peer delays the others once, by that bound, and never hangs the swarm.
+bounded (`patience` times the longest round a member reported, at least `floor_s`). A member
+that a wait gave up on is late: no wait counts it until it has caught up with the rounds waited
+for, so a stuck peer delays the others once, by that bound, and never hangs the swarm.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ class GateStatistics:
     """What a gate did: its members now, the waits it opened and those that timed out."""
 
     members: int
+    late: int  # members a wait gave up on, not waited for until they catch up
     opened: int  # waits that ended because every member had caught up
     timed_out: int  # waits that ended at the bound, the stragglers not caught up
     waited_s: float  # seconds spent waiting, over every wait
@@ -52,6 +54,8 @@ class RoundGate:
         self.patience = patience
         self.floor_s = floor_s
         self._done: dict[Hashable, int] = {}  # member -> rounds it has finished
+        self._late: set[Hashable] = set()  # members a wait gave up on
+        self._frontier = 0  # the most rounds a wait has asked for
         self._changed = trio.Event()
         self._longest_s = 0.0
         self._opened = self._timed_out = 0
@@ -66,11 +70,14 @@ class RoundGate:
         """`member` has finished `done` rounds, the last of them in `took_s` seconds."""
         if member in self._done:
             self._done[member] = done
+        if member in self._late and done >= self._frontier:
+            self._late.discard(member)  # caught up: waited for again
         self._longest_s = max(self._longest_s, took_s)
         self._wake()
 
     def leave(self, member: Hashable) -> None:
         """`member` stopped, crashed or is done: wait for it no more."""
+        self._late.discard(member)
         if self._done.pop(member, None) is not None:
             self._wake()
 
@@ -79,8 +86,9 @@ class RoundGate:
         return max(self.floor_s, self.patience * self._longest_s)
 
     def behind(self, rounds: int) -> int:
-        """How many members have finished fewer than `rounds` rounds."""
-        return sum(done < rounds for done in self._done.values())
+        """How many members, late ones aside, have finished fewer than `rounds` rounds."""
+        return sum(done < rounds for member, done in self._done.items()
+                   if member not in self._late)
 
     async def wait_for(self, rounds: int) -> bool:
         """Wait until every member has finished `rounds` rounds.
@@ -88,7 +96,7 @@ class RoundGate:
         Returns:
             True once they have; False if the bound ran out first (logged and counted).
         """
-        started = trio.current_time()
+        started, self._frontier = trio.current_time(), max(self._frontier, rounds)
         with trio.move_on_after(self.bound_s()) as scope:
             while self.behind(rounds):
                 await self._changed.wait()
@@ -97,15 +105,18 @@ class RoundGate:
         self._waited_s += trio.current_time() - started
         if scope.cancelled_caught:
             self._timed_out += 1
+            late = [member for member, done in self._done.items()
+                    if done < rounds and member not in self._late]
+            self._late.update(late)
             logger.warning("round gate: %d of %d peers had not finished %d rounds after %.0f s; "
-                           "going on without them", self.behind(rounds), len(self._done),
-                           rounds, trio.current_time() - started)
+                           "going on without them until they catch up", len(late),
+                           len(self._done), rounds, trio.current_time() - started)
             return False
         self._opened += 1
         return True
 
     def statistics(self) -> GateStatistics:
-        return GateStatistics(members=len(self._done), opened=self._opened,
+        return GateStatistics(members=len(self._done), late=len(self._late), opened=self._opened,
                               timed_out=self._timed_out, waited_s=round(self._waited_s, 3),
                               longest_round_s=round(self._longest_s, 3))
 

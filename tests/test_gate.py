@@ -71,7 +71,16 @@ async def test_a_stuck_member_delays_the_others_by_the_bound_only(
     assert not await gate.wait_for(1)
     assert trio.current_time() == pytest.approx(60)
     stats = gate.statistics()
-    assert (stats.opened, stats.timed_out, stats.waited_s) == (0, 1, 60)
+    assert (stats.opened, stats.timed_out, stats.waited_s, stats.late) == (0, 1, 60, 1)
+    # Late now: the next rounds do not wait for it again ...
+    gate.finished("a", 2, took_s=20)
+    assert await gate.wait_for(2) and trio.current_time() == pytest.approx(60)
+    # ... until it has caught up with the rounds waited for; then it is waited for again.
+    gate.finished("stuck", 1, took_s=20)
+    assert gate.statistics().late == 1, "1 round of the 2 waited for"
+    gate.finished("stuck", 2, took_s=20)
+    assert gate.statistics().late == 0 and await gate.wait_for(2)
+    assert gate.behind(3) == 2
     with pytest.raises(ValueError):
         RoundGate(patience=0)
 
