@@ -91,7 +91,7 @@ class RoundGate:
                    if member not in self._late)
 
     async def wait_for(self, rounds: int) -> bool:
-        """Wait until every member has finished `rounds` rounds.
+        """Wait until every member, late ones aside, has finished `rounds` rounds.
 
         Returns:
             True once they have; False if the bound ran out first (logged and counted).
@@ -108,6 +108,7 @@ class RoundGate:
             late = [member for member, done in self._done.items()
                     if done < rounds and member not in self._late]
             self._late.update(late)
+            self._wake()  # the others waiting for them go on too
             logger.warning("round gate: %d of %d peers had not finished %d rounds after %.0f s; "
                            "going on without them until they catch up", len(late),
                            len(self._done), rounds, trio.current_time() - started)

@@ -81,6 +81,27 @@ async def test_a_stuck_member_delays_the_others_by_the_bound_only(
     gate.finished("stuck", 2, took_s=20)
     assert gate.statistics().late == 0 and await gate.wait_for(2)
     assert gate.behind(3) == 2
+
+
+async def test_when_one_wait_gives_up_the_others_waiting_go_on(
+        autojump_clock: trio.testing.MockClock) -> None:
+    gate = RoundGate(patience=1, floor_s=10)
+    for member in ("stuck", "a", "b"):
+        gate.join(member, 0)
+    gate.finished("a", 1, took_s=1)
+    gate.finished("b", 1, took_s=1)
+    results: dict[str, tuple[bool, float]] = {}
+
+    async def wait(name: str, after_s: float) -> None:
+        await trio.sleep(after_s)
+        results[name] = (await gate.wait_for(1), trio.current_time())
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(wait, "a", 0)
+        nursery.start_soon(wait, "b", 4)  # its own bound would end at 14
+    assert results == {"a": (False, 10), "b": (True, 10)}
+    stats = gate.statistics()
+    assert (stats.timed_out, stats.opened, stats.late) == (1, 1, 1)
     with pytest.raises(ValueError):
         RoundGate(patience=0)
 
