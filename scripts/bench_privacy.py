@@ -17,8 +17,17 @@ Three measurements, one JSON (`--json OUT`):
     times (median). `grad_samplers_s` times the per-example gradients alone: torch.func
     (what the trainer uses) against Opacus's GradSampleModule hooks.
 
+    With `--exposure-model`, the exposure is measured in runs of its own instead (gossip only,
+    without DP and at the first DP ε of `--epsilons`, in OUT/exposure/): a model small
+    enough for the utility sweep may be too weak to memorise anything (`builtin-small`'s
+    4 layers left a canary inserted 10 times at the null's exposure after 48 steps).
+    `--exposure-peers/-rounds/-steps-per-round` size those runs (default: the sweep's).
+    `--only utility|exposure` runs one part; `--resume` keeps what the JSON already has.
+
     python scripts/bench_privacy.py --json bench-privacy.json
     python scripts/bench_privacy.py --json quick.json --epsilons inf,8 --rounds 2 --peers 3
+    python scripts/bench_privacy.py --json b.json --rounds 24 --exposure-model builtin \
+        --exposure-peers 3 --exposure-rounds 10 --exposure-steps-per-round 4
 """
 
 from __future__ import annotations
@@ -63,7 +72,28 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--timing-steps", type=int, default=5,
                         help="alternated timings of each step kind (median kept)")
     parser.add_argument("--seed", type=int, default=0, help="canaries, data split, LoRA init")
+    parser.add_argument("--exposure-model", default=None, metavar="MODEL",
+                        help="measure exposure in separate gossip runs of this model (see above)")
+    parser.add_argument("--exposure-peers", type=int, default=None, metavar="N")
+    parser.add_argument("--exposure-rounds", type=int, default=None, metavar="N")
+    parser.add_argument("--exposure-steps-per-round", type=int, default=None, metavar="N")
+    parser.add_argument("--only", choices=("utility", "exposure"), default=None,
+                        help="run only this part")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs the JSON already holds; run the others")
     return parser.parse_args(argv)
+
+
+def exposure_args(args: argparse.Namespace) -> argparse.Namespace:
+    """The settings of the separate exposure runs (`--exposure-*`), in OUT/exposure."""
+    found = argparse.Namespace(**vars(args))
+    found.model = args.exposure_model
+    found.out = args.out / "exposure"
+    for name in ("peers", "rounds", "steps_per_round"):
+        value = getattr(args, f"exposure_{name}")
+        if value is not None:
+            setattr(found, name, value)
+    return found
 
 
 def _key(epsilon: str) -> str:
@@ -92,6 +122,15 @@ def schedule(epsilons: list[str]) -> list[tuple[str, str]]:
     order = [(eps, "gossip") for eps in first] + [(eps, mode) for eps in first
                                                   for mode in ("local", "central")]
     return order + [(eps, mode) for eps in epsilons[2:] for mode in simulate.MODES]
+
+
+def plan(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """Every run, in order: (ε, mode), where mode "exposure" is a separate exposure run."""
+    epsilons = args.epsilons.split(",")
+    runs = [] if args.only == "exposure" else schedule(epsilons)
+    if args.exposure_model is not None and args.only != "utility":
+        runs = [(eps, "exposure") for eps in epsilons[:2]] + runs
+    return runs
 
 
 def run_exposure(args: argparse.Namespace, epsilon: str, planted: dict[str, int],
@@ -200,23 +239,35 @@ def main(argv: list[str] | None = None) -> int:
     planted = dict(zip(drawn[: len(repeats)], repeats, strict=True))
     candidates = drawn[len(repeats):]
     inserted = canary.write_canaries(args.out / "canaries.jsonl", planted)
-    result: dict[str, Any] = {"utility": {}, "exposure": {}, "settings": {
-        k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}}
+    result: dict[str, Any] = {"utility": {}, "exposure": {}}
+    if args.resume and args.json.exists():
+        result = json.loads(args.json.read_text())
+    result["settings"] = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
     nulls: list[float] = []
-    for epsilon, mode in schedule(args.epsilons.split(",")):
+    separate = args.exposure_model is not None
+    for epsilon, mode in plan(args):
         started = time.monotonic()
         utility = result["utility"].setdefault(_key(epsilon), {})
-        utility[mode] = run_mode(args, epsilon, mode, inserted)
-        if mode == "gossip":
-            name = "no_dp" if epsilon == "inf" else f"dp_eps{_key(epsilon)}"
-            result["exposure"][name] = run_exposure(args, epsilon, planted, candidates, nulls)
+        name = "no_dp" if epsilon == "inf" else f"dp_eps{_key(epsilon)}"
+        if mode == "exposure":
+            if not (args.resume and name in result["exposure"]):
+                run_mode(exposure_args(args), epsilon, "gossip", inserted)
+                result["exposure"][name] = run_exposure(exposure_args(args), epsilon, planted,
+                                                        candidates, nulls)
+                result["exposure"][name]["wall_s"] = round(time.monotonic() - started, 1)
+        elif not (args.resume and mode in utility):
+            utility[mode] = run_mode(args, epsilon, mode, inserted)
+            if mode == "gossip" and not separate and args.only != "utility":
+                result["exposure"][name] = run_exposure(args, epsilon, planted, candidates,
+                                                        nulls)
+            utility[f"{mode}_wall_s"] = round(time.monotonic() - started, 1)
+        if nulls:
             result["exposure"]["null"] = canary.spread(nulls)
-        utility[f"{mode}_wall_s"] = round(time.monotonic() - started, 1)
-        if "step_time_ratio" not in result:  # early, on the first run's shard 0
+        if "step_time_ratio" not in result and mode != "exposure":  # on the first run's shard 0
             result.update(time_steps(args, args.out / _key(epsilon) / mode / "data"
                                      / "shard-0.jsonl"))
         args.json.write_text(json.dumps(result, indent=2))  # partial results survive a stop
-    print(json.dumps({k: result[k] for k in ("utility", "exposure", "step_time_ratio")},
+    print(json.dumps({k: result.get(k) for k in ("utility", "exposure", "step_time_ratio")},
                      indent=1))
     return 0
 

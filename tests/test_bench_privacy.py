@@ -10,7 +10,14 @@ import torch
 from peer.data import TokenBatches
 from peer.dpsgd import per_example_grads
 from peer.model import LoraSettings, attach_lora, load_base
-from scripts.bench_privacy import _opacus_grad_sampler, parse_args, schedule, time_steps
+from scripts.bench_privacy import (
+    _opacus_grad_sampler,
+    exposure_args,
+    parse_args,
+    plan,
+    schedule,
+    time_steps,
+)
 from scripts.canary import canary_text
 from tests.conftest import write_jsonl
 
@@ -53,3 +60,21 @@ def test_the_schedule_measures_the_exposure_pair_first_and_every_run_once() -> N
     assert order[:2] == [("inf", "gossip"), ("8", "gossip")]
     assert sorted(order) == sorted((e, m) for e in ("inf", "8", "4", "1")
                                    for m in ("gossip", "local", "central"))
+
+
+def test_separate_exposure_runs_come_first_with_their_own_model_and_size() -> None:
+    args = parse_args(["--json", "b.json", "--out", "o", "--epsilons", "inf,8,1",
+                       "--exposure-model", "builtin", "--exposure-peers", "3",
+                       "--exposure-rounds", "10"])
+    assert plan(args)[:3] == [("inf", "exposure"), ("8", "exposure"), ("inf", "gossip")]
+    assert len(plan(args)) == 2 + 9
+    found = exposure_args(args)
+    assert (found.model, found.peers, found.rounds, found.steps_per_round) == (
+        "builtin", 3, 10, args.steps_per_round)
+    assert found.out == Path("o") / "exposure" and args.out == Path("o")
+    only = parse_args(["--json", "b.json", "--epsilons", "inf,8", "--exposure-model", "builtin",
+                       "--only", "exposure"])
+    assert plan(only) == [("inf", "exposure"), ("8", "exposure")]
+    assert [mode for _, mode in plan(parse_args(["--json", "b.json", "--only", "utility",
+                                                 "--exposure-model", "builtin"]))] == \
+        [mode for _, mode in schedule(["inf", "8", "4", "1"])]
