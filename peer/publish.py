@@ -36,6 +36,7 @@ from peer.stats import PeerStatistics
 from peer.telemetry import own_telemetry
 
 logger = logging.getLogger(__name__)
+_TOPIC_POLL_S = 0.05  # how often the join announcement checks for a subscribed neighbour
 
 
 SETTLING_KINDS = ("fp32", "bf16", "int8")  # dense enough to settle on (README, "Settling")
@@ -157,7 +158,12 @@ class Publisher:
         if not self.config.network.bootstrap:
             return
         with trio.move_on_after(self.config.wait_timeout_s):
-            await self.membership.wait_until(lambda: bool(self.node.topic_peers()))
+            # Polled: a peer's subscription arrives with no event of ours. Waiting on the
+            # membership's changes instead waited a whole tick (1 s) whenever the bootstrap's
+            # announcement came by catch-up before its subscription did, and a short first
+            # round of the bootstrap peer then ended before it heard of us.
+            while not self.node.topic_peers():
+                await trio.sleep(_TOPIC_POLL_S)
             return
         logger.warning("no swarm peer after %.0f s; announcing anyway", self.config.wait_timeout_s)
 
