@@ -43,7 +43,7 @@ from libp2p.pubsub.validators import signature_validator
 from gossip.errors import WireError
 from gossip.relay import stream_ip
 from gossip.spacing import Spacing
-from gossip.transfer import close_quietly, read_frame
+from gossip.transfer import close_quietly, read_frame, serve_request
 from gossip.wire import MAX_ENVELOPE_BYTES, Announcement, frame
 
 __all__ = ["CATCHUP_PROTOCOL", "CatchupServer", "Recent", "ask_catchup", "check_entry"]
@@ -135,13 +135,15 @@ def check_entry(raw: bytes, *, topic: str, swarm: bytes, max_nbytes: int) -> tup
 
 
 class CatchupServer:
-    """Stream handler for `CATCHUP_PROTOCOL`: the newest entries of `recent`, within limits.
+    """Stream handler for `CATCHUP_PROTOCOL`: the newest messages of `recent` (gossipsub's
+    `rpc_pb2.Message`s as delivered), within limits.
 
     `served` counts replies by what became of them ("ok", "rate_limited", "busy",
     "stream_error").
     """
 
-    def __init__(self, recent: Recent[bytes], *, min_interval_s: float = MIN_INTERVAL_S) -> None:
+    def __init__(self, recent: Recent[rpc_pb2.Message], *,
+                 min_interval_s: float = MIN_INTERVAL_S) -> None:
         self._recent = recent
         self._by_peer = Spacing(min_interval_s)
         self._by_ip = Spacing(min_interval_s / PER_IP)
@@ -150,17 +152,7 @@ class CatchupServer:
 
     async def handle(self, stream: Any) -> None:
         """Reply to one request; never raises into libp2p."""
-        remote = str(stream.muxed_conn.peer_id)
-        try:
-            with trio.fail_after(TIMEOUT_S):
-                outcome = await self._reply(stream, remote)
-            self.served[outcome] += 1
-        except Exception as exc:  # libp2p stream errors have no common base
-            self.served["stream_error"] += 1
-            logger.info("catch-up for %s failed: %s: %s", remote, type(exc).__name__, exc)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await close_quietly(stream)
+        await serve_request(stream, self.served, "catch-up", self._reply, timeout_s=TIMEOUT_S)
 
     async def _reply(self, stream: Any, remote: str) -> str:
         if not self._admit(remote, stream_ip(stream)):
@@ -173,7 +165,9 @@ class CatchupServer:
             return "busy"
         try:
             entries = self._recent.newest(MAX_ENTRIES)
-            await stream.write(b"".join(frame(e) for e in entries) + frame(b""))
+            # Serialized here, per reply, not per delivery on the event loop's hot path.
+            await stream.write(b"".join(frame(e.SerializeToString()) for e in entries)
+                               + frame(b""))
         finally:
             self._slots.release()
         return "ok"

@@ -33,11 +33,10 @@ from typing import Any, ClassVar
 import trio
 from Crypto.Cipher import Salsa20
 
-from gossip.errors import WireError
 from gossip.relay import stream_ip
 from gossip.spacing import Spacing
 from gossip.swarm import PROTOCOL_VERSION, SWARM_ID_BYTES
-from gossip.transfer import MAX_CONTROL_FRAME, close_quietly, read_frame
+from gossip.transfer import MAX_CONTROL_FRAME, close_quietly, read_frame, serve_request
 from gossip.wire import (
     Envelope,
     bad_field,
@@ -193,21 +192,10 @@ class DialbackServer:
 
     async def handle(self, stream: Any) -> None:
         """Serve one request; never raises into libp2p."""
-        remote = str(stream.muxed_conn.peer_id)
-        try:
-            with trio.fail_after(REQUEST_TIMEOUT_S + MAX_PORTS * _PER_PORT_S):
-                await self._serve(stream, remote)
-        except WireError as exc:
-            self.served[exc.reason] += 1
-            logger.info("refused dial-back request from %s: %s", remote, exc)
-        except Exception as exc:  # libp2p stream errors have no common base
-            self.served["stream_error"] += 1
-            logger.info("dial-back for %s failed: %s: %s", remote, type(exc).__name__, exc)
-        finally:
-            with trio.CancelScope(shield=True), trio.move_on_after(2):
-                await close_quietly(stream)
+        await serve_request(stream, self.served, "dial-back", self._serve,
+                            timeout_s=REQUEST_TIMEOUT_S + MAX_PORTS * _PER_PORT_S)
 
-    async def _serve(self, stream: Any, remote: str) -> None:
+    async def _serve(self, stream: Any, remote: str) -> str:
         with trio.fail_after(REQUEST_TIMEOUT_S):
             request = DialbackRequest.from_wire(
                 await read_frame(stream, max_len=MAX_CONTROL_FRAME), swarm=self._swarm)
@@ -218,9 +206,9 @@ class DialbackServer:
             async with self._slots:
                 outcomes = tuple([await probe_port(ip, port, psk=self._psk)
                                   for port in request.ports])
-        self.served[status] += 1
         reply = DialbackReply(self._swarm, status, ip if ip and outcomes else "", outcomes)
         await stream.write(frame(reply.to_wire()))
+        return status
 
     def _admit(self, remote: str, ip: str) -> str:
         if self._slots.value == 0 or not self._spacing.admit((remote, ip)):

@@ -108,7 +108,7 @@ class GossipNode(Endpoint):
                                        on_verdict=self.relay_client.wake)
         self.upnp = PortMapper(self._mappable_ports, on_change=self.probe.wake)
         self.dialback = DialbackServer(swarm, config.psk)
-        self.recent: Recent[bytes] = Recent()  # each signer's newest message, for catch-ups
+        self.recent: Recent[Any] = Recent()  # each signer's newest pubsub message (catch-ups)
         self.catchup_server = CatchupServer(self.recent)
         self.catchups_served = self.catchup_server.served
 
@@ -285,13 +285,13 @@ class GossipNode(Endpoint):
             msg = await subscription.get()
             signer, seqno = str(ID(msg.from_id)), int.from_bytes(msg.seqno, "big")
             if signer == self.peer_id:
-                self.recent.keep(signer, seqno, msg.SerializeToString())
+                self.recent.keep(signer, seqno, msg)
                 continue
             try:
                 announcement = Announcement.from_wire(
                     msg.data, swarm=self.swarm, max_nbytes=self.config.max_adapter_bytes
                 )
-                self.recent.keep(signer, seqno, msg.SerializeToString())
+                self.recent.keep(signer, seqno, msg)
                 via = self._via.pop((msg.from_id, msg.seqno), Scope.PUBLIC)
                 self._send.send_nowait(Heard(announcement, seqno, via))
             except WireError as exc:  # validated already; kept for safety, never expected

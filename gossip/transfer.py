@@ -22,7 +22,8 @@ The client side, with time limits that follow the link, is `gossip.fetcher`.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -296,3 +297,23 @@ async def close_quietly(stream: Any) -> None:
         await stream.close()
     except Exception as exc:  # closing a broken stream may raise anything; nothing to do about it
         logger.debug("closing a transfer stream: %s", exc)
+
+
+async def serve_request(stream: Any, served: Counter[str], what: str,
+                        reply: Callable[[Any, str], Awaitable[str]], *, timeout_s: float) -> None:
+    """A control protocol's stream handler: `reply(stream, remote)` answers within `timeout_s`
+    and names its outcome, counted in `served` (a refused request by its WireError reason, a
+    broken stream as "stream_error"); the stream is closed after. Never raises into libp2p."""
+    remote = str(stream.muxed_conn.peer_id)
+    try:
+        with trio.fail_after(timeout_s):
+            served[await reply(stream, remote)] += 1
+    except WireError as exc:
+        served[exc.reason] += 1
+        logger.info("refused %s request from %s: %s", what, remote, exc)
+    except Exception as exc:  # libp2p stream errors have no common base
+        served["stream_error"] += 1
+        logger.info("%s for %s failed: %s: %s", what, remote, type(exc).__name__, exc)
+    finally:
+        with trio.CancelScope(shield=True), trio.move_on_after(2):
+            await close_quietly(stream)

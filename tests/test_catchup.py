@@ -132,7 +132,7 @@ async def test_a_hostile_reply_is_refused_once_and_the_checked_entries_kept(
                 await trio.sleep(0.05)
             await hostile.publish(announce(hostile))
             await _heard_from(hostile, hostile.peer_id)
-        good = hostile.recent.newest(1)[0]
+        good = hostile.recent.newest(1)[0].SerializeToString()
 
         async def handler(stream: Any) -> None:
             await stream.write(b"".join(frame(e) for e in reply(good)) + frame(b""))
