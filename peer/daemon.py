@@ -31,14 +31,14 @@ import trio
 
 from gossip.node import GossipNode
 from merge.rules import merge_estimates
-from merge.types import Contribution
+from merge.types import AdapterState, Contribution
 from peer.config import PeerConfig
 from peer.gate import RoundGate
 from peer.inputs import MergeInputs
 from peer.logs import PEER_LOG_FIELDS
 from peer.parts import NodeFactory, Parts, assemble
 from peer.setup import Runtime, build_runtime
-from peer.shared import SharedModel, take_turn
+from peer.shared import SharedModel, settle_turn, take_turn
 from peer.stats import PeerStatistics
 from peer.web import serve_peer_http
 
@@ -222,11 +222,33 @@ class Peer:
         await parts.publisher.announce(state, version=self.version, round_=self.round + 1,
                                        settling=not training)
         gather_started = trio.current_time()
+        async with settle_turn(self.shared, settling=not training):
+            state, merged, tried = await self._exchange(state, training=training)
+        stats.merges += merged
+        gather_s = self._fetched_at - gather_started
+        self.round += 1
+        last = self.round == self.config.total_rounds  # the final adapter is always evaluated
+        evaluated = bool(runtime.eval_batches) and (
+            self.round % self.config.eval_every == 0 or last)
+        if evaluated:
+            await self._evaluate(runtime)
+        await parts.records.save_round(state, round_=self.round, version=self.version, loss=loss,
+                                       merged=merged, evaluated=evaluated,
+                                       tried=tried, train_s=train_s, gather_s=gather_s,
+                                       round_s=trio.current_time() - started)
+        self.completed = self.round
+        self._round_done.set()
+        self._round_done = trio.Event()
+
+    async def _exchange(self, state: AdapterState, *, training: bool,
+                        ) -> tuple[AdapterState, int, list[str]]:
+        """Gather neighbours' adapters and merge them into `state`: the merged state, how many
+        adapters it took, and the neighbours asked. Nothing of theirs outlives the call."""
+        parts, runtime = self._parts(), self._parts().runtime
         found = await parts.gatherer.gather(state, version=self.version,
                                             trained=runtime.trainer.samples > 0,
                                             patience_s=self._train_s, settling=not training)
         self._fetched_at = trio.current_time()
-        gather_s = self._fetched_at - gather_started
         others = self._inputs.choose(found.accepted, version=self.version)
         if others:
             own = Contribution(state=state, samples=runtime.trainer.samples)
@@ -235,20 +257,7 @@ class Peer:
                                                   parts.publisher.public_estimate(), others,
                                                   self.config.merge)
             runtime.trainer.load_state(state)
-            stats.merges += len(found.accepted)
-        self.round += 1
-        last = self.round == self.config.total_rounds  # the final adapter is always evaluated
-        evaluated = bool(runtime.eval_batches) and (
-            self.round % self.config.eval_every == 0 or last)
-        if evaluated:
-            await self._evaluate(runtime)
-        await parts.records.save_round(state, round_=self.round, version=self.version, loss=loss,
-                                       merged=len(found.accepted), evaluated=evaluated,
-                                       tried=found.tried, train_s=train_s, gather_s=gather_s,
-                                       round_s=trio.current_time() - started)
-        self.completed = self.round
-        self._round_done.set()
-        self._round_done = trio.Event()
+        return state, len(found.accepted), found.tried
 
     def _train(self, runtime: Runtime) -> float:
         """One round's steps, then their ledger on disk before the adapter is served (blocks)."""

@@ -19,7 +19,7 @@ from peer.config import TrainConfig
 from peer.data import TokenBatches
 from peer.errors import ConfigError
 from peer.model import LoraSettings
-from peer.shared import SharedModel, take_turn
+from peer.shared import SharedModel, settle_turn, take_turn
 from peer.store import PeerStore
 from peer.trainer import LocalTrainer
 
@@ -150,6 +150,28 @@ async def test_peers_waiting_for_the_shared_model_leave_the_worker_threads_free(
         await trio.to_thread.run_sync(lambda: None)
         assert trio.current_time() - started < 0.5
         nursery.cancel_scope.cancel()
+
+
+async def test_settling_rounds_of_one_process_take_turns_and_training_rounds_do_not() -> None:
+    # 1,000 peers that settle in lock step each held 8 neighbours' adapters at once.
+    shared: Any = SimpleNamespace(settling=trio.CapacityLimiter(3))
+    inside = {"settling": 0, "training": 0, "alone": 0}
+    most = dict(inside)
+
+    async def one_round(kind: str) -> None:
+        owner = None if kind == "alone" else shared
+        async with settle_turn(owner, settling=kind != "training"):
+            inside[kind] += 1
+            most[kind] = max(most[kind], inside[kind])
+            await trio.sleep(0.01)
+            inside[kind] -= 1
+
+    async with trio.open_nursery() as nursery:
+        for kind in ("settling", "training", "alone"):
+            for _ in range(20):
+                nursery.start_soon(one_round, kind)
+    assert most == {"settling": 3, "training": 20, "alone": 20}
+    assert shared.settling.statistics().borrowed_tokens == 0  # every turn was given back
 
 
 def test_adding_the_nth_adapter_leaves_the_others_whole(small_model_dir: Path) -> None:
