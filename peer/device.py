@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import importlib.util
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
@@ -29,6 +30,8 @@ DTYPES: dict[str, torch.dtype] = {
 }
 QUANTIZE = ("4bit", "8bit")
 ADAPTER_DTYPE = torch.float32  # the dtype of LoRA factors, optimizer state, merges and the wire
+# CPU flags (Linux /proc/cpuinfo) of native bfloat16 matrix arithmetic: AVX-512 BF16, Intel AMX.
+CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 
 
 @dataclass(frozen=True)
@@ -74,6 +77,7 @@ class Hardware:
     cuda_bf16: bool = False  # compute capability 8.0 or newer (Ampere)
     mps: bool = False
     bitsandbytes: bool = False
+    cpu_bf16: bool = False  # the CPU multiplies bfloat16 natively (`CPU_BF16_FLAGS`)
 
     @classmethod
     def probe(cls) -> Hardware:
@@ -84,7 +88,33 @@ class Hardware:
             cuda_bf16=bool(cuda) and torch.cuda.is_bf16_supported(),
             mps=bool(getattr(torch.backends, "mps", None)) and torch.backends.mps.is_available(),
             bitsandbytes=importlib.util.find_spec("bitsandbytes") is not None,
+            cpu_bf16=bool(cpu_flags() & CPU_BF16_FLAGS),
         )
+
+
+def cpu_flags(cpuinfo: Path = Path("/proc/cpuinfo")) -> frozenset[str]:
+    """The feature flags of this machine's CPU, as Linux lists them; empty where it does not."""
+    try:
+        text = cpuinfo.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() == "flags":
+            return frozenset(value.split())
+    return frozenset()
+
+
+def fast_cpu_dtype(hardware: Hardware) -> str:
+    """The `--dtype` a simulation of CPU peers runs fastest in without losing accuracy.
+
+    A bf16 base trained 1.50 times faster than a float32 one on a CPU with AVX-512 BF16, at
+    the same loss (README, "Training throughput"); where the CPU has no native bf16, or a
+    GPU will take the peers (`auto` picks its dtype), this is `auto`.
+    """
+    if hardware.cpu_bf16 and not hardware.cuda_devices and not hardware.mps:
+        return "bfloat16"
+    return "auto"
 
 
 @dataclass(frozen=True)

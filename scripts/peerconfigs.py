@@ -19,6 +19,7 @@ from typing import Any
 from gossip.keyfile import write_swarm_key
 from merge.registry import RULE_NAMES
 from peer.config import PeerConfig
+from peer.device import Hardware, fast_cpu_dtype
 from peer.options import OPTIONS, Option, add_peer_arguments, build_config, read_toml
 
 # Peer options that are simulate.py flags too, with the simulator's defaults and what each
@@ -33,13 +34,17 @@ SIMULATED: dict[str, tuple[Any, str]] = {
                       "consensus"),
     "steps_per_round": (4, "optimizer steps per round"),
     "batch_size": (8, "examples per step"),
-    "seq_len": (48, "tokens per example"),
+    "seq_len": (32, "tokens per example (longer examples are cut)"),
     "lr": (6e-3, "AdamW learning rate"),
     "fanout": (2, "neighbours fetched per round"),
     "settle_fanout": (0, "gossip mode: neighbours fetched per settling round (0: --fanout)"),
     "eval_every": (5, "evaluate every N rounds (and always after the last)"),
     "merge_rule": ("average", f"one of {', '.join(RULE_NAMES)}"),
     "attack_scale": (50.0, "strength of --attack"),
+    "dtype": (fast_cpu_dtype(Hardware.probe()),
+              "dtype of each peer process's frozen base (auto, float32, bfloat16, float16); "
+              "the default is bfloat16 on a CPU that computes it natively (AVX-512 BF16, AMX): "
+              "1.5 times faster there at the same loss. In-process peers share one float32 base"),
 }
 _BY_NAME: dict[str, Option] = {option.name: option for option in OPTIONS}
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from peer.cli import main
-from peer.device import DeviceConfig, Hardware, Placement, resolve
+from peer.device import DeviceConfig, Hardware, Placement, cpu_flags, fast_cpu_dtype, resolve
 from peer.errors import ConfigError
 
 CPU_ONLY = Hardware()
@@ -106,3 +106,21 @@ def test_the_cli_refuses_4bit_without_cuda_in_one_line(tmp_path: Path, capsys) -
     assert code == 2
     assert "--quantize 4bit needs a CUDA GPU" in err
     assert "Traceback" not in err and err.count("\n") == 1
+
+
+def test_cpu_flags_come_from_cpuinfo_and_pick_the_simulations_dtype(tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nmodel name\t: AMD EPYC\n"
+                       "flags\t\t: fpu avx2 avx512f avx512_bf16 avx512_vnni\n\n"
+                       "processor\t: 1\nflags\t\t: fpu avx2 avx512f avx512_bf16\n")
+    assert {"avx2", "avx512_bf16"} <= cpu_flags(cpuinfo)
+    assert cpu_flags(tmp_path / "absent") == frozenset()  # not Linux: no flags, no error
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu avx2 avx512f\n")
+    assert "avx512_bf16" not in cpu_flags(cpuinfo)
+
+    assert fast_cpu_dtype(Hardware(cpu_bf16=True)) == "bfloat16"
+    assert fast_cpu_dtype(Hardware(cpu_bf16=False)) == "auto"  # emulated bf16 is slower
+    assert fast_cpu_dtype(Hardware(cpu_bf16=True, cuda_devices=1)) == "auto"  # the GPU's own
+    assert fast_cpu_dtype(Hardware(cpu_bf16=True, mps=True)) == "auto"
+    # `auto` in the daemon itself still means float32 on any CPU.
+    assert resolve(DeviceConfig(), Hardware(cpu_bf16=True)).dtype == torch.float32
