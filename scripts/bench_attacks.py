@@ -40,6 +40,7 @@ from gossip.config import NodeConfig
 from gossip.membership import Membership
 from gossip.node import GossipNode
 from merge.attack_sim import norm_growth_under_liar
+from scripts.peerconfigs import TABLE_SEQ_LEN
 from testbed.loopback import SybilPublisher, SyntheticPeer
 from topology.config import TopologyConfig
 
@@ -73,7 +74,7 @@ def simulate(out: Path, *extra: str) -> subprocess.Popen[bytes]:
     out.mkdir(parents=True, exist_ok=True)
     command = [sys.executable, str(Path(__file__).with_name("simulate.py")), "--out", str(out),
                "--model", "builtin-small", "--steps-per-round", "1", "--batch-size", "2",
-               "--timeout", "3000", *extra]
+               *TABLE_SEQ_LEN, "--timeout", "3000", *extra]
     log = open(out / "sim.log", "wb")  # noqa: SIM115 (closed with the process)
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT)
 

@@ -40,11 +40,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from scripts.peerconfigs import TABLE_SEQ_LEN  # noqa: E402
 from scripts.simreport import read_metrics  # noqa: E402
 
-# 48-token examples, the simulator's default when the table's first rows ran (it is 32 since).
 SCHEDULE = ["--model", "builtin-small", "--rounds", "3", "--steps-per-round", "1",
-            "--batch-size", "2", "--seq-len", "48", "--settle-rounds", "6", "--eval-every", "9"]
+            "--batch-size", "2", *TABLE_SEQ_LEN, "--settle-rounds", "6", "--eval-every", "9"]
 NETWORKS = {"memory": ["--network", "memory"], "libp2p": ["--in-process"],
             "libp2p-w2": ["--in-process", "--workers", "2"]}
 

@@ -38,6 +38,8 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from scripts.peerconfigs import TABLE_SEQ_LEN
+
 SIMULATE = Path(__file__).with_name("simulate.py")
 
 
@@ -85,7 +87,7 @@ def simulate_command(args: argparse.Namespace, peers: int, fanout: int, out: Pat
     command = [sys.executable, str(SIMULATE), "--in-process", "--peers", str(peers),
                "--model", args.model, "--rounds", str(args.rounds),
                "--steps-per-round", str(args.steps_per_round),
-               "--batch-size", str(args.batch_size), "--fanout", str(args.fanout),
+               "--batch-size", str(args.batch_size), *TABLE_SEQ_LEN, "--fanout", str(args.fanout),
                "--settle-rounds", str(args.settle_rounds), "--settle-fanout", str(fanout),
                "--eval-every", str(args.rounds + args.settle_rounds), "--seed", str(args.seed),
                "--out", str(out)]

@@ -45,6 +45,7 @@ import trio
 from gossip.config import NodeConfig
 from scripts.bench_codecs import measure
 from scripts.bench_merge import random_adapter
+from scripts.peerconfigs import TABLE_SEQ_LEN
 from testbed.wan import Link, LinkProxy
 
 CODECS = ("fp32", "bf16", "int8+zstd", "sign", "ternary:0.1+zstd", "ternary:0.05+zstd",
@@ -91,7 +92,7 @@ def run_swarm(args: argparse.Namespace, codec: str, rate: str) -> dict[str, Any]
         print(f"{codec} over {rate}: kept {out / 'result.json'}", flush=True)
         return json.loads((out / "result.json").read_text())
     command = [sys.executable, str(SIMULATE), "--in-process", "--peers", str(args.peers),
-               "--model", args.model, "--fanout", str(args.fanout),
+               "--model", args.model, *TABLE_SEQ_LEN, "--fanout", str(args.fanout),
                "--settle-rounds", str(args.settle_rounds), "--seed", str(args.seed),
                "--link", f"delay={args.delay},rate={rate}", f"--peer-arg=--wire-codec={codec}",
                "--out", str(out), *args.simulate]
@@ -110,7 +111,8 @@ def run_local(args: argparse.Namespace) -> dict[str, Any]:
     out = args.out / "local"
     if not (args.resume and (out / "result.json").exists()):
         command = [sys.executable, str(SIMULATE), "--in-process", "--mode", "local",
-                   "--peers", str(args.peers), "--model", args.model, "--seed", str(args.seed),
+                   "--peers", str(args.peers), "--model", args.model, *TABLE_SEQ_LEN,
+                   "--seed", str(args.seed),
                    "--out", str(out), *args.simulate]
         out.mkdir(parents=True, exist_ok=True)
         print(f"[{time.strftime('%H:%M:%S')}] local-only baseline -> {out}", flush=True)
