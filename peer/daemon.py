@@ -244,7 +244,8 @@ class Peer:
                         ) -> tuple[AdapterState, int, list[str]]:
         """Gather neighbours' adapters and merge them into `state`: the merged state, how many
         adapters it took, and the neighbours asked. Nothing of theirs outlives the call."""
-        parts, runtime = self._parts(), self._parts().runtime
+        parts = self._parts()
+        runtime = parts.runtime
         found = await parts.gatherer.gather(state, version=self.version,
                                             trained=runtime.trainer.samples > 0,
                                             patience_s=self._train_s, settling=not training)

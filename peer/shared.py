@@ -193,11 +193,12 @@ async def settle_turn(shared: SharedModel | None, *, settling: bool) -> AsyncIte
     Peers settling in lock step (`peer.gate.RoundGate`) start each settling round together,
     and every one of them then held its neighbours' adapters, their decoded updates and a merge
     at once: 256 in-process peers peaked at 4,786 MiB while settling, against 1,835 running
-    (README, "Scale"). With a turn around gathering and merging, the neighbours' adapters of
-    at most `SETTLING_AT_ONCE` peers are in memory at once; the work is the same, and two cores
-    never ran more than a few of those peers' threads anyway. Training rounds take no turn:
-    the model lock spreads them out already, and a peer that waits there for neighbours to
-    train must not keep others from merging. Separate processes (`shared` None) take none.
+    (README, "Settling together in one process"). With a turn around gathering and merging,
+    the neighbours' adapters of at most `SETTLING_AT_ONCE` peers are in memory at once; the
+    work is the same, and two cores never ran more than a few of those peers' threads anyway.
+    Training rounds take no turn: the model lock spreads them out already, and a peer that
+    waits there for neighbours to train must not keep others from merging. Separate processes
+    (`shared` None) take none.
     """
     if shared is None or not settling:
         yield
