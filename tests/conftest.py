@@ -40,3 +40,13 @@ def tiny_lora_model():
 def write_jsonl(path: Path, rows: list[dict[str, str]]) -> Path:
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
+
+
+def require(missing: str | None) -> None:
+    """Fail the test, naming what this machine lacks, when `missing` says something is missing.
+
+    The NAT lab, its UPnP router and the dashboard's browser are part of the suite: `.ci/run`
+    installs them, and a machine without them reports a failure with the fix, never a skip.
+    """
+    if missing:
+        pytest.fail(f"{missing} (`make test` needs it; .ci/run installs it)", pytrace=False)

@@ -22,7 +22,7 @@ import pytest
 import trio
 
 from peer.daemon import Peer
-from tests.conftest import write_jsonl
+from tests.conftest import require, write_jsonl
 from tests.test_http import http_peer
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,8 +56,8 @@ def _browse(url: str, *args: str) -> str:
     return done.stdout.decode()
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium")
 def test_dashboard_renders_the_peers_numbers(tmp_path: Path, small_model_dir: Path) -> None:
+    require(None if CHROMIUM else "needs Chromium: apt-get install chromium")
     train = write_jsonl(tmp_path / "t.jsonl", [{"text": f"line {j} of some text"}
                                                 for j in range(8)])
     folder = tmp_path / "p0"
@@ -99,8 +99,8 @@ SWARM = {"self_reported": True, "peers": [
      "rank": 8, "merge_rule": "average", "age_s": 4.2}]}
 
 
-@pytest.mark.skipif(CHROMIUM is None, reason="needs Chromium: apt-get install chromium")
 async def test_dashboard_shows_swarm_telemetry_as_text(tmp_path: Path, monkeypatch) -> None:
+    require(None if CHROMIUM else "needs Chromium: apt-get install chromium")
     plain = Peer.status
     monkeypatch.setattr(Peer, "status", lambda self: {**plain(self), "swarm": SWARM})
     with trio.fail_after(120):

@@ -12,15 +12,14 @@ import pytest
 
 from testbed.labpeers import PORT, Daemon, wait_for
 from testbed.natlab import NatLab, lab_unavailable
+from tests.conftest import require
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def lab(request: pytest.FixtureRequest) -> Iterator[NatLab]:
-    reason = lab_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(lab_unavailable())
     shape = {"publics": 1, "stealth": False, **getattr(request, "param", {})}
     with NatLab(homes=2, **shape) as built:
         yield built

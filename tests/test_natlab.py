@@ -16,6 +16,7 @@ from collections.abc import Iterator
 import pytest
 
 from testbed.natlab import NatLab, NatLabError, Node, lab_unavailable, netns_names, remove_stale
+from tests.conftest import require
 
 LINE_TIMEOUT_S = 5.0
 BLOCKED_TIMEOUT_S = 1.5  # a connection that should not get through gives up after this
@@ -67,9 +68,7 @@ with conn:
 
 @pytest.fixture(scope="module")
 def lab() -> Iterator[NatLab]:
-    reason = lab_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(lab_unavailable())
     with NatLab(publics=2, homes=2) as lab:
         yield lab
 
@@ -146,9 +145,7 @@ def test_home_host_is_reachable_only_through_a_forwarded_port(lab: NatLab) -> No
 
 @pytest.mark.slow
 def test_a_stealthy_router_drops_what_a_plain_one_refuses() -> None:
-    reason = lab_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(lab_unavailable())
     with NatLab(publics=1, homes=1, stealth=True) as quiet:
         home, public = quiet.homes[0], quiet.publics[0]
         with _serving(quiet, home, SERVER, port=4102) as (server, port):
@@ -176,8 +173,7 @@ def test_homes_reach_each_other_only_through_public_hosts(lab: NatLab) -> None:
 
 @pytest.mark.slow
 def test_teardown_removes_every_namespace_and_process() -> None:
-    if reason := lab_unavailable():
-        pytest.skip(reason)
+    require(lab_unavailable())
     lab = NatLab(publics=1, homes=1)
     with pytest.raises(RuntimeError, match="the body failed"), lab:
         created = set(lab.namespaces)
@@ -190,8 +186,7 @@ def test_teardown_removes_every_namespace_and_process() -> None:
 
 @pytest.mark.slow
 def test_teardown_after_setup_fails_half_way(monkeypatch: pytest.MonkeyPatch) -> None:
-    if reason := lab_unavailable():
-        pytest.skip(reason)
+    require(lab_unavailable())
 
     def fail(self: NatLab, i: int, home: object) -> None:
         raise NatLabError("setup failed half-way")
@@ -211,8 +206,7 @@ def test_a_failed_command_names_itself_and_its_stderr(lab: NatLab) -> None:
 
 @pytest.mark.slow
 def test_remove_stale_deletes_namespaces_of_dead_labs_only() -> None:
-    if reason := lab_unavailable():
-        pytest.skip(reason)
+    require(lab_unavailable())
     names = [f"lsw-{pid}-test-net" for pid in (_dead_pid(), os.getpid())]
     for name in names:
         subprocess.run(["ip", "netns", "add", name], check=True, timeout=10)

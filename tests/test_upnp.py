@@ -15,6 +15,7 @@ from gossip.upnp import PortMapper
 from testbed.labpeers import PORT, Daemon, wait_for
 from testbed.natlab import NatLab
 from testbed.upnplab import UPNP_INTERNET, start_upnp, upnp_unavailable
+from tests.conftest import require
 
 
 async def test_without_a_upnp_router_the_mapper_says_so_and_maps_nothing() -> None:
@@ -31,9 +32,7 @@ async def test_without_a_upnp_router_the_mapper_says_so_and_maps_nothing() -> No
 @pytest.mark.slow
 def test_a_home_peer_with_upnp_is_mapped_announced_and_found_public(
         tmp_path: Path, small_model_dir: Path) -> None:
-    reason = upnp_unavailable()
-    if reason:
-        pytest.skip(reason)
+    require(upnp_unavailable())
     with NatLab(publics=1, homes=1, internet=UPNP_INTERNET) as lab:
         start_upnp(lab, lab.homes[0], tmp_path / "upnp")
         public = Daemon(lab, lab.publics[0], tmp_path / "public", small_model_dir)
