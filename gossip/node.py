@@ -21,6 +21,7 @@ from libp2p import new_host
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from libp2p.pubsub.gossipsub import PROTOCOL_ID, PROTOCOL_ID_V11
+from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
@@ -108,7 +109,7 @@ class GossipNode(Endpoint):
                                        on_verdict=self.relay_client.wake)
         self.upnp = PortMapper(self._mappable_ports, on_change=self.probe.wake)
         self.dialback = DialbackServer(swarm, config.psk)
-        self.recent: Recent[Any] = Recent()  # each signer's newest pubsub message (catch-ups)
+        self.recent: Recent[rpc_pb2.Message] = Recent()  # each signer's newest (catch-ups)
         self.catchup_server = CatchupServer(self.recent)
         self.catchups_served = self.catchup_server.served
 
