@@ -1,4 +1,4 @@
-"""peer.sketch: random-projection sketches of adapters keep distances, deterministically."""
+"""peer.sketch: count sketches of adapters keep distances, deterministically and cheaply."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from peer import sketch as sketches
 from peer.sketch import adapter_norm, sketch
 
 # A LoRA-shaped state of 20,480 parameters; "v.lora_B" is longer than one projection chunk.
@@ -78,6 +79,26 @@ def test_low_precision_tensors_are_sketched_in_float32() -> None:
     half = {k: v.to(torch.bfloat16) for k, v in state.items()}
     widened = {k: v.to(torch.float32) for k, v in half.items()}
     assert sketch(half) == sketch(widened)
+
+
+def test_one_coordinate_moves_one_entry_by_its_change() -> None:
+    # A count sketch adds each coordinate, with a fixed sign, to one fixed entry.
+    base = random_state(5)
+    moved = {k: v.clone() for k, v in base.items()}
+    moved["q.lora_B"][100, 2] += 0.5
+    change = [a - b for a, b in zip(sketch(moved), sketch(base), strict=True)]
+    assert sorted(abs(c) for c in change)[-1] == pytest.approx(0.5, rel=1e-9)
+    assert sum(abs(c) > 1e-9 for c in change) == 1
+
+
+def test_buckets_are_drawn_once_per_tensor_not_per_sketch() -> None:
+    # Drawing random numbers for every metrics line made a GPU peer's rounds 13 times longer.
+    state = random_state(6)
+    sketch(state, seed=12345)
+    drawn = sketches._buckets.cache_info().misses
+    for scale in (1.0, 2.0, -3.0):
+        sketch({k: scale * v for k, v in state.items()}, seed=12345)
+    assert sketches._buckets.cache_info().misses == drawn
 
 
 def test_dimension_must_be_positive() -> None:
