@@ -221,6 +221,10 @@ class Peer:
         state = runtime.trainer.state()
         await parts.publisher.announce(state, version=self.version, round_=self.round + 1,
                                        settling=not training)
+        if not training and self.gate is not None:
+            # Fetch only once every peer of the process serves what it merged last round.
+            self.gate.announced(self, self.round + 1)
+            await self.gate.wait_announced(self.round + 1)
         gather_started = trio.current_time()
         async with settle_turn(self.shared, settling=not training):
             state, merged, tried = await self._exchange(state, training=training)

@@ -3,8 +3,9 @@
 A neighbour that fails (unreachable, busy, timed out, rejected, untrained) is replaced by
 another one drawn at random, in up to `WAVES` waves, so that a round merges `fanout` adapters
 (`settle_fanout` in a settling round, which trains nothing and can afford more) whenever enough
-neighbours answer. Neighbours that had not trained yet are then fetched again, backing off, for
-as long as our own training took. gossip/ checks each adapter's format and counts what it
+neighbours answer. Neighbours that had not trained yet, or refused us for now (busy with other
+uploads, or asked too soon after our last fetch), are then fetched again, backing off, for as
+long as our own training took (at least the fetch timeout), while the round still has room. gossip/ checks each adapter's format and counts what it
 refuses; this module validates structure and norms and counts those refusals.
 """
 
@@ -66,7 +67,7 @@ class Gathered:
     """What one round gathered: the adapters to merge, and who was asked."""
 
     accepted: list[Contribution] = field(default_factory=list)
-    untrained: list[Announcement] = field(default_factory=list)  # never trained in time
+    untrained: list[Announcement] = field(default_factory=list)  # untrained or busy to the end
     tried: list[str] = field(default_factory=list)
 
 
@@ -138,16 +139,18 @@ class Gatherer:
             await self._fetch_all(chosen, round_)
         round_.found.tried = sorted(tried)
         if round_.waiting and len(round_.found.accepted) < wanted:
-            await self._await_training(round_, max(self.fetch_timeout_s, patience_s))
+            await self._await_again(round_, max(self.fetch_timeout_s, patience_s))
         round_.found.untrained = round_.waiting
         self.reference.update(round_.norms)
         return round_.found
 
-    async def _await_training(self, round_: _Round, patience_s: float) -> None:
-        """Fetch untrained neighbours again, backing off, for `patience_s`.
+    async def _await_again(self, round_: _Round, patience_s: float) -> None:
+        """Fetch untrained and busy neighbours again, backing off, for `patience_s`.
 
         Peers that start together finish their first round at different times, on a shared CPU
-        up to a whole training round apart: the first to finish finds only untrained ones.
+        up to a whole training round apart: the first to finish finds only untrained ones. And
+        peers whose rounds start together (settling behind a gate) all fetch at once: a
+        neighbour serves `max_uploads` of them and refuses the rest for that moment.
         """
         deadline = trio.current_time() + patience_s
         delay, started = PATIENCE_FIRST_S, trio.current_time()
@@ -158,7 +161,7 @@ class Gatherer:
             missing = round_.wanted - len(round_.found.accepted)
             chosen, round_.waiting = round_.waiting[:missing], round_.waiting[missing:]
             await self._fetch_all(chosen, round_)
-        logger.info("waited %.1f s for neighbours to train; %d of %d merged",
+        logger.info("waited %.1f s for neighbours to train or be free; %d of %d merged",
                     trio.current_time() - started, len(round_.found.accepted), round_.wanted)
 
     async def _fetch_all(self, chosen: list[Announcement], round_: _Round) -> None:
@@ -179,6 +182,8 @@ class Gatherer:
         except (TransferError, WireError) as exc:  # the node counted and logged it
             logger.debug("no adapter from %s this round: %s", peer, exc)
             self._judge(peer, exc.reason)
+            if exc.reason in _BUSY:  # busy now, likely free in a second: ask again
+                round_.waiting.append(announcement)
             return
         self.stats.adapters_received += 1
         self.neighbours.answered(peer)
@@ -241,5 +246,5 @@ class _Round:
     scale: float
     wanted: int  # adapters this round merges at most: the fanout of a training or settling round
     found: Gathered = field(default_factory=Gathered)
-    waiting: list[Announcement] = field(default_factory=list)  # untrained, to fetch again
+    waiting: list[Announcement] = field(default_factory=list)  # untrained or busy: ask again
     norms: list[float] = field(default_factory=list)  # of accepted adapters, for the reference

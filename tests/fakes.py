@@ -70,6 +70,7 @@ class FakeNode:
         self.adapter_shapes: dict[str, tuple[int, int]] | None = None
         self.offered: Offer | None = None
         self.up = True  # a node that is down refuses every fetch
+        self.busy = 0  # the next `busy` fetches are refused, as a server with no free slot does
         self._seqno = 0
         self._send, self.announcements = trio.open_memory_channel[Heard](256)
 
@@ -108,7 +109,13 @@ class FakeNode:
         if other is None or not other.up or other.offered is None:
             self.rejected["unreachable"] += 1
             raise TransferError("unreachable", "no such node")
+        if other.busy > 0:
+            other.busy -= 1
+            other.server.refused["busy"] += 1
+            raise TransferError("refused", "peer answered busy")
         offer = other.offered
+        own = -1 if self.current is None else self.current.version
+        self.network.fetched.append((self.peer_id, other.peer_id, own, offer.version))
         data = encode_update(offer.estimate.update_for(None))  # always a keyframe
         self.bytes_in += len(data)
         self.links.record(other.peer_id, len(data), self.network.fetch_s, 0.0)
@@ -165,6 +172,8 @@ class FakeNetwork:
 
     fetch_s: float = 0.1
     nodes: dict[str, FakeNode] = field(default_factory=dict)
+    # Every fetch: (fetcher, server, the fetcher's announced version, the version served).
+    fetched: list[tuple[str, str, int, int]] = field(default_factory=list)
 
     def node(self, config: NodeConfig, swarm: bytes, identity: Path | None) -> FakeNode:
         node = FakeNode(self, config, swarm)

@@ -7,7 +7,9 @@ tests/test_rounds.py; a slow peer's training rounds last three times the others'
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -17,6 +19,7 @@ from gossip.config import NodeConfig
 from peer.config import PeerConfig
 from peer.daemon import Peer
 from peer.gate import RoundGate
+from peer.publish import Publisher
 from tests.fakes import FakeNetwork, fake_runtime
 from topology.config import TopologyConfig
 
@@ -122,6 +125,39 @@ async def test_a_longer_round_reported_during_a_wait_extends_it(
     assert trio.current_time() == pytest.approx(60)
 
 
+async def test_announcements_are_waited_for_as_rounds_are(
+        autojump_clock: trio.testing.MockClock) -> None:
+    gate = RoundGate(floor_s=100)
+    for member in "ab":
+        gate.join(member, 2)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(gate.wait_announced, 3)
+        gate.announced("a", 3)
+        await trio.sleep(5)
+        assert gate.statistics().opened == 0, "b has not announced round 3"
+        gate.announced("b", 3)
+    assert trio.current_time() == 5 and gate.statistics().opened == 1
+    # Having finished round 3 is past having announced it; announcing is not finishing.
+    gate.finished("a", 3, took_s=1)
+    assert await gate.wait_announced(3)
+    with trio.move_on_after(50):
+        await gate.wait_for(3)
+    assert trio.current_time() == 55 and gate.behind(3) == 1
+
+
+async def test_a_member_late_to_announce_is_waited_for_once(
+        autojump_clock: trio.testing.MockClock) -> None:
+    gate = RoundGate(floor_s=30)
+    for member in "ab":
+        gate.join(member, 0)
+    gate.announced("a", 1)
+    assert not await gate.wait_announced(1)
+    assert trio.current_time() == 30 and gate.statistics().late == 1
+    assert await gate.wait_announced(1), "b is late: not waited for again"
+    gate.announced("b", 1)  # caught up with the wait that gave up on it
+    assert gate.statistics().late == 0 and trio.current_time() == 30
+
+
 NETWORK = NodeConfig(fetch_timeout_s=2.0)
 
 
@@ -179,6 +215,35 @@ async def test_peers_behind_a_gate_settle_after_the_slowest_has_trained(
         assert gate.statistics().timed_out == 0
     else:  # paced, as deployed peers: the fast ones settle while the slow one still trains
         assert min(settle_starts) < trained - 20, (settle_starts, trained)
+
+
+@pytest.mark.parametrize("together", [True, False])
+async def test_settling_peers_behind_a_gate_fetch_what_every_neighbour_merged_last(
+        tmp_path: Path, mock_clock: trio.testing.MockClock, monkeypatch: pytest.MonkeyPatch,
+        together: bool) -> None:
+    """One peer takes long to announce: behind a gate, the others fetch only once it serves
+    this round's adapter, never the one it had before its last merge."""
+    mock_clock.autojump_threshold = 0.02
+    network, gate = FakeNetwork(), RoundGate() if together else None
+    peers = [_peer(tmp_path, network, index, 10, gate) for index in range(3)]
+    step = Publisher.step
+
+    def slow_step(publisher: Publisher, *args: Any, **kwargs: Any) -> Any:
+        if publisher.node is peers[2].parts.node:  # type: ignore[union-attr]
+            time.sleep(0.3)  # real time, in a worker thread: the virtual clock runs on
+        return step(publisher, *args, **kwargs)
+
+    monkeypatch.setattr(Publisher, "step", slow_step)
+    await _run(peers)
+    slow = peers[2].parts.node.peer_id  # type: ignore[union-attr]
+    # Settling rounds announce versions 3 and 4 (a version a round, after round 0's 0).
+    settling = [(own, served) for _, server, own, served in network.fetched
+                if server == slow and own >= 3]
+    assert settling, network.fetched
+    if together:
+        assert all(served == own for own, served in settling), settling
+    else:
+        assert any(served < own for own, served in settling), settling
 
 
 async def test_a_crashed_peer_leaves_the_gate(

@@ -249,7 +249,8 @@ def test_peers_of_one_process_settle_together_after_the_last_training_round(
     # Peers done first keep serving: every settling round of every peer merged (of 5 others).
     assert min(line["merged"] for peer in rounds for line in peer[2:]) >= 4
     gate = result["settle_gate"]
-    assert gate["timed_out"] == 0 and gate["opened"] == 6 * 2 and gate["members"] == 0
+    # Each settling round waits twice: for the round before to end, then for announcements.
+    assert gate["timed_out"] == 0 and gate["opened"] == 6 * 2 * 2 and gate["members"] == 0
     assert result["consensus"][-1]["distance"] < result["consensus"][2]["distance"]
 
     result, rounds = _settling(tmp_path / "paced", small_model_dir, "--settle-schedule", "paced")
