@@ -5,8 +5,9 @@ another one drawn at random, in up to `WAVES` waves, so that a round merges `fan
 (`settle_fanout` in a settling round, which trains nothing and can afford more) whenever enough
 neighbours answer. Neighbours that had not trained yet, or refused us for now (busy with other
 uploads, or asked too soon after our last fetch), are then fetched again, backing off, for as
-long as our own training took (at least the fetch timeout), while the round still has room. gossip/ checks each adapter's format and counts what it
-refuses; this module validates structure and norms and counts those refusals.
+long as our own training took (at least the fetch timeout), while the round still has room.
+gossip/ checks each adapter's format and counts what it refuses; this module validates
+structure and norms and counts those refusals.
 """
 
 from __future__ import annotations
