@@ -9,8 +9,8 @@ once every member still in has finished round r - 1: the first settling round st
 the last training round of the slowest peer. Then each member announces (serves) what it merged
 in round r - 1 and waits again, until every member has announced round r, before it fetches:
 a member whose announcement was ready first would otherwise fetch from neighbours still
-serving what they had before round r - 1's merge (over libp2p, 64 peers settled 0.7 a round
-instead of 0.4 that way).
+serving what they had before round r - 1's merge (one slow announcer is enough; see
+tests/test_gate.py).
 
 The gate holds no peer: members are any hashable keys, with how far each has come. A
 member leaves when it stops, crashes or is done, so the gate never waits for it; and a wait is
