@@ -229,8 +229,9 @@ async def test_settling_peers_behind_a_gate_fetch_what_every_neighbour_merged_la
     step = Publisher.step
 
     def slow_step(publisher: Publisher, *args: Any, **kwargs: Any) -> Any:
-        if publisher.node is peers[2].parts.node:  # type: ignore[union-attr]
-            time.sleep(0.3)  # real time, in a worker thread: the virtual clock runs on
+        slow_node = peers[2].parts.node  # type: ignore[union-attr]
+        if kwargs.get("settling") and publisher.node is slow_node:
+            time.sleep(1.0)  # real time, in a worker thread: the virtual clock runs on
         return step(publisher, *args, **kwargs)
 
     monkeypatch.setattr(Publisher, "step", slow_step)

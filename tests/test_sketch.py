@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from peer import sketch as sketches
 from peer.sketch import adapter_norm, sketch
 
-# A LoRA-shaped state of 20,480 parameters; "v.lora_B" is longer than one projection chunk.
+# A LoRA-shaped state of 20,480 parameters.
 SHAPES = {"q.lora_A": (4, 512), "q.lora_B": (512, 4), "v.lora_A": (4, 512),
           "v.lora_B": (64, 160)}
 
@@ -74,7 +74,7 @@ def test_identical_states_and_empty_states() -> None:
     assert sketch({k: torch.zeros_like(v) for k, v in state.items()}) == [0.0] * 64
 
 
-def test_low_precision_tensors_are_sketched_in_float32() -> None:
+def test_low_precision_tensors_are_sketched_as_their_float32_values() -> None:
     state = random_state(4)
     half = {k: v.to(torch.bfloat16) for k, v in state.items()}
     widened = {k: v.to(torch.float32) for k, v in half.items()}
