@@ -3,9 +3,10 @@
 A neighbour that fails (unreachable, busy, timed out, rejected, untrained) is replaced by
 another one drawn at random, in up to `WAVES` waves, so that a round merges `fanout` adapters
 (`settle_fanout` in a settling round, which trains nothing and can afford more) whenever enough
-neighbours answer. Neighbours that had not trained yet, or refused us for now (busy with other
-uploads, or asked too soon after our last fetch), are then fetched again, backing off, for as
-long as our own training took (at least the fetch timeout), while the round still has room.
+neighbours answer. Neighbours that had not trained yet, and in a settling round those that
+refused us for now (busy with other uploads, or asked too soon after our last fetch), are then
+fetched again, backing off, for as long as our own training took (at least the fetch timeout),
+while the round still has room.
 gossip/ checks each adapter's format and counts what it refuses; this module validates
 structure and norms and counts those refusals.
 """
@@ -125,7 +126,8 @@ class Gatherer:
         """
         scale = await self.offload(lambda: self.reference.scale(own))
         wanted = self.settle_fanout if settling else self.fanout
-        round_ = _Round(own=own, version=version, trained=trained, scale=scale, wanted=wanted)
+        round_ = _Round(own=own, version=version, trained=trained, scale=scale, wanted=wanted,
+                        settling=settling)
         tried: set[str] = set()
         for wave in range(WAVES):
             missing = wanted - len(round_.found.accepted)
@@ -183,7 +185,9 @@ class Gatherer:
         except (TransferError, WireError) as exc:  # the node counted and logged it
             logger.debug("no adapter from %s this round: %s", peer, exc)
             self._judge(peer, exc.reason)
-            if exc.reason in _BUSY:  # busy now, likely free in a second: ask again
+            if exc.reason in _BUSY and round_.settling:
+                # Settling peers behind a gate all fetch at once: busy now, free in a second.
+                # (A training round goes on with other neighbours: waits there cost training.)
                 round_.waiting.append(announcement)
             return
         self.stats.adapters_received += 1
@@ -246,6 +250,7 @@ class _Round:
     trained: bool
     scale: float
     wanted: int  # adapters this round merges at most: the fanout of a training or settling round
+    settling: bool = False  # a round that trained nothing: busy neighbours are asked again
     found: Gathered = field(default_factory=Gathered)
     waiting: list[Announcement] = field(default_factory=list)  # untrained or busy: ask again
     norms: list[float] = field(default_factory=list)  # of accepted adapters, for the reference

@@ -146,26 +146,33 @@ async def test_an_untrained_neighbour_is_fetched_again_until_it_has_trained(
     assert found.accepted[0].age == 0 and found.untrained == []
 
 
-async def test_a_busy_neighbour_is_asked_again_when_no_other_can_stand_in(
+async def test_a_busy_neighbour_is_asked_again_in_a_settling_round(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     # Peers that settle behind a gate all fetch at once; a neighbour serves a few and answers
-    # the rest "busy". With nobody left to draw, the round asks it again after 1 s, then 2 s.
+    # the rest "busy". With nobody left to draw, a settling round asks it again after 1 s, 2 s.
     network = FakeNetwork()
     loaded, free = _serving(network, 0.2), _serving(network, 0.3)
     loaded.busy = 2
     gatherer, neighbours = _gatherer(network, [loaded, free])
     started = trio.current_time()
-    found = await gatherer.gather(_state(0.1), version=1, trained=True, patience_s=10)
+    found = await gatherer.gather(_state(0.1), version=1, trained=True, patience_s=10,
+                                  settling=True)
     assert sorted(c.peer for c in found.accepted) == sorted([loaded.peer_id, free.peer_id])
     assert 3.0 <= trio.current_time() - started < 4.0 and found.untrained == []
     assert loaded.server.refused["busy"] == 2
     assert neighbours.verdicts["failed"] == [] == neighbours.verdicts["distrust"]
     # Busy to the end of the patience: the round goes on with the one it has.
     loaded.busy = 100
-    found = await gatherer.gather(_state(0.1), version=2, trained=True, patience_s=5)
+    found = await gatherer.gather(_state(0.1), version=2, trained=True, patience_s=5,
+                                  settling=True)
     assert [c.peer for c in found.accepted] == [free.peer_id]
     assert [a.peer for a in found.untrained] == [loaded.peer_id]
+    # A training round does not wait for a busy neighbour: it goes on with the others.
+    loaded.busy, started = 1, trio.current_time()
+    found = await gatherer.gather(_state(0.1), version=3, trained=True, patience_s=5)
+    assert [c.peer for c in found.accepted] == [free.peer_id]
+    assert trio.current_time() - started < 1.0 and found.untrained == []
 
 
 async def test_patience_ends_with_the_fetch_timeout_when_training_was_quick(
