@@ -180,7 +180,7 @@ def remove_stale() -> list[str]:
 
 @functools.cache
 def lab_unavailable() -> str | None:
-    """Why a NatLab cannot run here (for `pytest.skip`), or None where it can."""
+    """Why a NatLab cannot run here (tests fail with it), or None where it can."""
     if not sys.platform.startswith("linux"):
         return "the NAT lab needs Linux network namespaces"
     if os.geteuid() != 0:

@@ -72,7 +72,7 @@ def miniupnpd_binary() -> str | None:
 
 
 def upnp_unavailable() -> str | None:
-    """Why a UPnP router cannot run in the lab here (for `pytest.skip`), or None."""
+    """Why a UPnP router cannot run in the lab here (tests fail with it), or None."""
     reason = lab_unavailable()
     if reason:
         return reason

@@ -3,7 +3,7 @@
 The page draws itself from /status.json and /rounds.json with its inline script, so only a
 browser that runs the script shows whether the numbers arrive: the test reads the DOM that
 Chromium rendered and keeps a screenshot. CI installs Chromium (.ci/run); on a machine without
-it, this test alone is skipped with the package to install.
+it, these tests fail, naming the package to install.
 """
 
 from __future__ import annotations

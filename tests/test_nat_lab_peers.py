@@ -1,6 +1,6 @@
 """Real `loraswarm peer` daemons in the NAT lab: a public peer and peers behind home NATs.
 
-Every test skips, with the reason, where the lab cannot be built (not root, no nftables).
+Every test fails, naming the fix, where the lab cannot be built (not root, no nftables).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The NAT lab behaves like the internet with home NATs: small socket programs in namespaces.
 
-Every test skips, with the reason, where namespaces cannot be made (not root, no nftables).
+Every test fails, naming the fix, where namespaces cannot be made (not root, no nftables).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """`--upnp`: a home peer asks its router to forward its port, and the swarm finds it public.
 
 The router is Debian's miniupnpd in a NAT lab router namespace (`testbed.upnplab`); the test
-skips, with the reason, where the lab cannot be built or miniupnpd is not unpacked (.ci/run).
+fails, naming the fix, where the lab cannot be built or miniupnpd is not unpacked (.ci/run).
 """
 
 from __future__ import annotations
