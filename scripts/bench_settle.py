@@ -23,7 +23,8 @@ The JSON is rewritten after each run, so a bench stopped early keeps what it mea
 Examples:
     python scripts/bench_settle.py --json bench-settle.json
     python scripts/bench_settle.py --json out.json --peers 64 --fanouts 2,8 --workers 2
-Arguments after `--` go to every simulate.py run (not --out, --peers or the fanouts).
+Arguments after `--` go to every simulate.py run (not --out, --peers or the fanouts); its
+--timeout is 8 s a peer (at least 1,800) unless one is given there.
 """
 
 from __future__ import annotations
@@ -82,6 +83,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def run_timeout(peers: int) -> int:
+    """The simulator's --timeout for a swarm of `peers`: its 1,800 s default ends a 1,000-peer run
+    (about 5,000 s here) in its first training round. A later `-- --timeout` wins."""
+    return max(1800, 8 * peers)
+
+
 def simulate_command(args: argparse.Namespace, peers: int, fanout: int, out: Path) -> list[str]:
     """The simulate.py command line of one run."""
     command = [sys.executable, str(SIMULATE), "--in-process", "--peers", str(peers),
@@ -90,7 +97,7 @@ def simulate_command(args: argparse.Namespace, peers: int, fanout: int, out: Pat
                "--batch-size", str(args.batch_size), *TABLE_SEQ_LEN, "--fanout", str(args.fanout),
                "--settle-rounds", str(args.settle_rounds), "--settle-fanout", str(fanout),
                "--eval-every", str(args.rounds + args.settle_rounds), "--seed", str(args.seed),
-               "--out", str(out)]
+               "--out", str(out), "--timeout", str(run_timeout(peers))]
     if args.workers > 1:
         command += ["--workers", str(args.workers)]
     if args.network is not None:

@@ -70,3 +70,14 @@ def test_network_is_passed_on_only_when_given(tmp_path: Path) -> None:
                               tmp_path)
     assert memory[memory.index("--network") + 1] == "memory"
     assert parse_args(["--json", "x.json", "--peers", "8,16,64"]).peers == [8, 16, 64]
+
+
+def test_timeout_grows_with_the_swarm_and_a_given_one_wins(tmp_path: Path) -> None:
+    def timeout(command: list[str]) -> str:
+        return command[len(command) - 1 - command[::-1].index("--timeout") + 1]
+
+    args = parse_args(["--json", "x.json"])
+    assert timeout(simulate_command(args, 8, 4, tmp_path)) == "1800"
+    assert timeout(simulate_command(args, 1000, 4, tmp_path)) == "8000"
+    given = parse_args(["--json", "x.json", "--", "--timeout", "99"])
+    assert timeout(simulate_command(given, 1000, 4, tmp_path)) == "99"
