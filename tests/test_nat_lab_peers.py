@@ -14,8 +14,7 @@ from testbed.labpeers import PORT, Daemon, wait_for
 from testbed.natlab import NatLab, lab_unavailable
 from tests.conftest import require
 
-# Hole punches need both sides to act within a round trip: alone, not beside another worker.
-pytestmark = [pytest.mark.slow, pytest.mark.serial]
+pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
