@@ -73,8 +73,8 @@ def test_network_is_passed_on_only_when_given(tmp_path: Path) -> None:
 
 
 def test_timeout_grows_with_the_swarm_and_a_given_one_wins(tmp_path: Path) -> None:
-    def timeout(command: list[str]) -> str:
-        return command[len(command) - 1 - command[::-1].index("--timeout") + 1]
+    def timeout(command: list[str]) -> str:  # the last --timeout's value: simulate.py takes it
+        return command[max(i for i, arg in enumerate(command) if arg == "--timeout") + 1]
 
     args = parse_args(["--json", "x.json"])
     assert timeout(simulate_command(args, 8, 4, tmp_path)) == "1800"
