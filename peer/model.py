@@ -189,6 +189,17 @@ def fingerprint(model_dir: Path) -> str:
     return _hash_folder(model_dir)
 
 
+def base_fingerprint(model_dir: Path, placement: Placement) -> str:
+    """What the swarm id hashes of a base: its `fingerprint`, and its quantization if any.
+
+    A 4-bit base is another function of the same weights, and averaging with bf16 peers cost
+    a 4-bit peer an eighth of its gain (README: "Design decisions"), so it has a swarm of its
+    own; the device and a float dtype are each peer's own business.
+    """
+    print_ = fingerprint(model_dir)
+    return f"{print_}/{placement.quantize}" if placement.quantize else print_
+
+
 def _hash_folder(model_dir: Path) -> str:
     digest = hashlib.sha256()
     config = json.loads((model_dir / "config.json").read_text())

@@ -16,8 +16,8 @@ from gossip.wire import encode_adapter
 from peer.config import PeerConfig
 from peer.data import TokenBatches, eval_batches, load_examples
 from peer.device import CPU_FLOAT32, Placement, resolve
-from peer.errors import DataError, PeerError
-from peer.model import attach_lora, fingerprint, load_base, resolve_model
+from peer.errors import ConfigError, DataError, PeerError
+from peer.model import attach_lora, base_fingerprint, load_base, resolve_model
 from peer.privacy import check_data, plan
 from peer.shared import SharedModel
 from peer.store import CHECKPOINT, Checkpoint, PeerStore
@@ -37,7 +37,7 @@ class Runtime:
     store: PeerStore
     shapes: dict[str, tuple[tuple[int, ...], torch.dtype]]
     resumed: Checkpoint | None
-    placement: Placement = CPU_FLOAT32  # where the base computes (a shared base: CPU float32)
+    placement: Placement = CPU_FLOAT32  # where the base computes
     # The adapter as the swarm seed draws it, before any checkpoint: every peer of the swarm
     # starts from it, so it is version 0 of every peer's public estimate (publish.py).
     initial: dict[str, torch.Tensor] | None = None
@@ -71,12 +71,13 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
         logger.info("loading %s on %s", model_dir, placement.describe())
         base, tokenizer = load_base(model_dir, placement)
         model = attach_lora(base, config.lora, config.init_seed, frozen_a=config.train.frozen_a)
-        adapter, lock, model_print = "default", None, fingerprint(model_dir)
-        if placement.quantize:
-            # A 4-bit base is another function of the same weights, and averaging with bf16
-            # peers cost a 4-bit peer an eighth of its gain (README: "Design decisions").
-            model_print += f"/{placement.quantize}"
+        adapter, lock, model_print = "default", None, base_fingerprint(model_dir, placement)
     else:
+        if placement != shared.placement:
+            raise ConfigError(
+                f"in-process peers share one base, on {shared.placement.describe()}, and this "
+                f"peer asks for {placement.describe()}: give every peer the same --device, "
+                "--dtype and --quantize")
         model, tokenizer, lock = shared.model, shared.tokenizer, shared.lock
         model_dir, model_print = shared.model_dir, shared.fingerprint
         adapter = shared.add_adapter(config.data_dir.name, config.lora, config.init_seed,
@@ -113,7 +114,7 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
         store=store,
         shapes={k: (tuple(v.shape), v.dtype) for k, v in state.items()},
         resumed=resumed,
-        placement=placement if shared is None else CPU_FLOAT32,
+        placement=placement,
         initial=initial,
     )
 

@@ -21,8 +21,9 @@ import trio
 from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dict
 
 from merge.types import AdapterState
+from peer.device import CPU_FLOAT32, Placement
 from peer.errors import ConfigError
-from peer.model import LoraSettings, attach_lora, fingerprint, load_base, resolve_model
+from peer.model import LoraSettings, attach_lora, base_fingerprint, load_base, resolve_model
 
 T = TypeVar("T")
 # The per-adapter module dicts of a peft LoRA layer.
@@ -45,6 +46,7 @@ class SharedModel:
     init_seed: int
     frozen_a: bool
     initial: AdapterState
+    placement: Placement = CPU_FLOAT32  # where the base computes, for every peer of the process
     lock: threading.Lock = field(default_factory=threading.Lock)
     # The worker threads of passes that take `lock`, apart from trio's 40 (see `take_turn`).
     threads: trio.CapacityLimiter = field(
@@ -59,19 +61,20 @@ class SharedModel:
 
     @classmethod
     def load(cls, model: str | None, lora: LoraSettings, init_seed: int, *,
-             frozen_a: bool = False) -> SharedModel:
-        """Load the base once and attach the seeded initial adapter (kept as "default").
+             frozen_a: bool = False, placement: Placement = CPU_FLOAT32) -> SharedModel:
+        """Load the base once, where `placement` says, and attach the seeded initial adapter
+        (kept as "default").
 
         Raises:
             ModelError: the model cannot be resolved or loaded.
         """
         model_dir = resolve_model(model)
-        base, tokenizer = load_base(model_dir)
+        base, tokenizer = load_base(model_dir, placement)
         peft_model = attach_lora(base, lora, init_seed, frozen_a=frozen_a)
         initial = {k: v.detach().clone()
                    for k, v in get_peft_model_state_dict(peft_model).items()}
-        return cls(peft_model, tokenizer, model_dir, fingerprint(model_dir), lora, init_seed,
-                   frozen_a, initial)
+        return cls(peft_model, tokenizer, model_dir, base_fingerprint(model_dir, placement),
+                   lora, init_seed, frozen_a, initial, placement)
 
     def add_adapter(self, name: str, lora: LoraSettings, init_seed: int,
                     frozen_a: bool) -> str:

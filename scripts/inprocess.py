@@ -25,6 +25,7 @@ import trio
 from gossip.node import GossipNode
 from peer.config import PeerConfig
 from peer.daemon import Peer
+from peer.device import resolve
 from peer.gate import RoundGate
 from peer.parts import NodeFactory
 from peer.shared import SharedModel
@@ -97,7 +98,8 @@ class InProcessBackend:
     async def open(cls, folders: Sequence[Path], log: Path, first: PeerConfig, *,
                    node_factory: NodeFactory = GossipNode,
                    gate: RoundGate | None = None) -> AsyncIterator[InProcessBackend]:
-        """Load the base model of `first` (and use its torch threads, 0: all); log to `log`.
+        """Load the base model of `first`, placed by its --device, --dtype and --quantize, which
+        every peer must share (and use its torch threads, 0: all); log to `log`.
         The peers' nodes come from `node_factory` (libp2p hosts, or a memory network's); with
         `gate`, they settle in lock step behind it."""
         with logging_to(log):
@@ -105,7 +107,8 @@ class InProcessBackend:
             torch.set_num_threads(first.train.threads or torch.get_num_threads())
             shared = await trio.to_thread.run_sync(
                 lambda: SharedModel.load(first.model, first.lora, first.init_seed,
-                                         frozen_a=first.train.frozen_a))
+                                         frozen_a=first.train.frozen_a,
+                                         placement=resolve(first.device)))
             async with trio.open_nursery() as nursery:
                 yield cls(nursery, shared, folders, node_factory, gate)
                 nursery.cancel_scope.cancel()

@@ -44,7 +44,8 @@ SIMULATED: dict[str, tuple[Any, str]] = {
     "dtype": (fast_cpu_dtype(Hardware.probe()),
               "dtype of each peer process's frozen base (auto, float32, bfloat16, float16); "
               "the default is bfloat16 on a CPU that computes it natively (AVX-512 BF16, AMX): "
-              "1.5 times faster there at the same loss. In-process peers share one float32 base"),
+              "1.5 times faster there at the same loss. In-process peers share one base, "
+              "placed by it and --peer-arg=--device"),
 }
 # The benchmarks' recorded tables ran 48-token examples, the simulator's default until the demo
 # went under 3 minutes with 32: they pass it, so that their commands still reproduce the README.

@@ -21,8 +21,10 @@ from peer.config import PeerConfig, TrainConfig
 from peer.daemon import Peer
 from peer.data import TokenBatches
 from peer.device import CPU_FLOAT32, DeviceConfig, Placement
+from peer.errors import ConfigError
 from peer.model import LoraSettings, attach_lora, load_base
 from peer.setup import build_runtime
+from peer.shared import SharedModel
 from peer.trainer import LocalTrainer, labelled_tokens, split_batch
 from tests.conftest import write_jsonl
 from topology.config import TopologyConfig
@@ -119,6 +121,27 @@ def test_base_dtype_is_not_part_of_the_swarm_id(tmp_path: Path, small_model_dir:
                                  device=DeviceConfig(dtype="bfloat16")))
     assert full.swarm == half.swarm
     assert full.shapes == half.shapes  # what the validator demands of every adapter
+
+
+def test_in_process_peers_share_a_base_placed_as_they_ask(tmp_path: Path,
+                                                         small_model_dir: Path) -> None:
+    train = write_jsonl(tmp_path / "t.jsonl", [{"text": text} for text in TEXTS])
+    config = PeerConfig(data_dir=tmp_path / "p0", train_path=train, model=str(small_model_dir),
+                        train=TrainConfig(steps_per_round=1, batch_size=4, seq_len=32),
+                        device=DeviceConfig(device="cpu", dtype="bfloat16"))
+    shared = SharedModel.load(config.model, config.lora, config.init_seed, placement=BF16)
+    runtime = build_runtime(config, shared)
+    assert runtime.placement == BF16
+    assert shared.model.base_model.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
+    assert runtime.swarm == build_runtime(replace(config, data_dir=tmp_path / "alone")).swarm
+    start = runtime.trainer.state()
+    runtime.trainer.train_round()
+    state = runtime.trainer.state()
+    assert {v.dtype for v in state.values()} == {torch.float32}
+    assert any(not torch.equal(state[k], start[k]) for k in start)
+    with pytest.raises(ConfigError, match="same --device, --dtype and --quantize"):
+        build_runtime(replace(config, data_dir=tmp_path / "p1",
+                              device=DeviceConfig(device="cpu", dtype="float32")), shared)
 
 
 def _peer_config(tmp: Path, name: str, model: Path, train: Path, dtype: str,
