@@ -273,3 +273,39 @@ async def test_a_connection_opened_for_a_fetch_is_closed_after_it() -> None:
             assert (await client.fetch(announce(server, data))).data == served(server)
         assert client.connected_peers() == [server.peer_id]
         nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_set_up_while_the_host_closes_is_closed_too() -> None:
+    """`Swarm.close` sweeps its connections, then closes listeners and transports; one that
+    registers in between used to stay open, and its peer kept a connection nobody answered."""
+    async with trio.open_nursery() as nursery:
+        other = GossipNode(NodeConfig(), SWARM, identity_dir=None)
+        await nursery.start(other.run)
+        closing = GossipNode(NodeConfig(), SWARM, identity_dir=None)
+        scope, stopped = trio.CancelScope(), trio.Event()
+
+        async def run_closing(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await closing.run(task_status=task_status)
+            stopped.set()
+
+        await nursery.start(run_closing)
+        transports = closing.host.get_network().transport_manager
+        close_all = transports.close_all
+
+        async def dial_then_close_transports() -> None:
+            # The race, made certain: a dial completes after the sweep of connections.
+            await closing.connect(other.listen_addrs[0])
+            await close_all()
+
+        transports.close_all = dial_then_close_transports
+        scope.cancel()
+        with trio.fail_after(15):
+            await stopped.wait()
+        gone = ID.from_base58(closing.peer_id)
+        with trio.fail_after(5):
+            while any(not getattr(conn, "is_closed", False)
+                      for conn in other.host.get_network().get_connections(gone)):
+                await trio.sleep(0.05)
+        assert not closing.host.get_network().connections
+        nursery.cancel_scope.cancel()
