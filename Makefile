@@ -23,8 +23,11 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	$(BIN)/python scripts/simulate.py --out demo-out
 
+# Two workers for all but the `serial` tests (timing-sensitive), which then run alone; see
+# README, "Tests". Each phase lists its slowest tests.
 test: install
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 -m "not serial" --durations=20
+	$(BIN)/python -m pytest -m serial --durations=5
 
 lint: install
 	$(BIN)/ruff check .

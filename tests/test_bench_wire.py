@@ -58,6 +58,7 @@ def test_merged_every_round_needs_every_peer_and_round() -> None:
     assert not merged_every_round(result(), fanout=2)
 
 
+@pytest.mark.serial  # bounds the seconds of a shaped fetch
 async def test_a_timed_fetch_takes_the_link_round_trip_and_rate() -> None:
     link = Link.parse("delay=20ms,rate=8mbit")
     with trio.fail_after(30):

@@ -14,7 +14,8 @@ from testbed.labpeers import PORT, Daemon, wait_for
 from testbed.natlab import NatLab, lab_unavailable
 from tests.conftest import require
 
-pytestmark = pytest.mark.slow
+# Hole punches need both sides to act within a round trip: alone, not beside another worker.
+pytestmark = [pytest.mark.slow, pytest.mark.serial]
 
 
 @pytest.fixture

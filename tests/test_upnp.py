@@ -17,6 +17,9 @@ from testbed.natlab import NatLab
 from testbed.upnplab import UPNP_INTERNET, start_upnp, upnp_unavailable
 from tests.conftest import require
 
+# Daemons behind lab routers on timers: alone, not beside another worker.
+pytestmark = pytest.mark.serial
+
 
 async def test_without_a_upnp_router_the_mapper_says_so_and_maps_nothing() -> None:
     # This machine's network has no UPnP gateway (the lab's is in its own namespaces).

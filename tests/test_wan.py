@@ -22,6 +22,9 @@ from gossip.wire import Announcement, digest, encode_adapter
 from testbed.wan import Link, LinkProxy
 from topology.config import TopologyConfig
 
+# Bounds on shaped links' round trips: alone, not beside another worker.
+pytestmark = pytest.mark.serial
+
 SWARM = swarm_id("wan-model", {"r": 4}, 0)
 
 
