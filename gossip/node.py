@@ -34,6 +34,7 @@ from gossip.endpoint import ANNOUNCEMENT_QUEUE, Endpoint, Heard, Received
 from gossip.errors import GossipError, TransferError, WireError
 from gossip.fetcher import fetch_from
 from gossip.hardening import (
+    ConnectionLedger,
     close_stragglers,
     guard_peerstore,
     host_key_pair,
@@ -84,6 +85,8 @@ class GossipNode(Endpoint):
                          self.host)
         guard_peerstore(self.host.get_peerstore(), self.host.get_id(),
                         self.host.get_connected_peers)
+        self._ledger = ConnectionLedger()
+        self.host.get_network().register_notifee(self._ledger)
         self.router = FloodPublishGossipSub(
             # Not v1.2: py-libp2p 0.8.1 answers every delivery with IDONTWANT to each mesh peer,
             # whatever the size (go-libp2p only past 1 KiB). For our ~300-byte announcements that
@@ -195,10 +198,10 @@ class GossipNode(Endpoint):
         On cancellation the host is closed first, while libp2p's own tasks still run, and only
         then are those tasks cancelled. The other order leaks sockets: a connection whose task
         is cancelled mid-close counts as closed but its socket stays open, and the peer at the
-        other end keeps a zombie connection (PY-LIBP2P.md pitfall 6). A connection whose setup
-        finished while `close()` was past its sweep of connections is registered all the same
-        and was never closed: its peer's next fetch from us waited out the whole fetch timeout
-        (`tests/test_membership.py`, about one abrupt stop in ten). Those are closed after it.
+        other end keeps a zombie connection (PY-LIBP2P.md pitfall 6). `close()` itself left some
+        open (one set up while it closed, others its table no longer held), and a neighbour's
+        next fetch from us waited out its whole timeout: every connection still open after it
+        is closed too (`gossip.hardening.close_stragglers`).
         """
         libp2p_scope = trio.CancelScope(shield=True)
         async with trio.open_nursery() as nursery:
@@ -209,7 +212,7 @@ class GossipNode(Endpoint):
             finally:
                 with trio.CancelScope(shield=True), trio.move_on_after(5):
                     await self.host.close()
-                    await close_stragglers(self.host)
+                    await close_stragglers(self.host, self._ledger)
                 libp2p_scope.cancel()
 
     async def _serve(self, scope: trio.CancelScope, *, task_status: Any) -> None:

@@ -309,3 +309,31 @@ async def test_a_connection_set_up_while_the_host_closes_is_closed_too() -> None
                 await trio.sleep(0.05)
         assert not closing.host.get_network().connections
         nursery.cancel_scope.cancel()
+
+
+async def test_a_connection_the_swarm_lost_track_of_is_closed_at_stop() -> None:
+    """An open connection missing from the swarm's table was never closed by `Swarm.close`."""
+    async with trio.open_nursery() as nursery:
+        other = GossipNode(NodeConfig(), SWARM, identity_dir=None)
+        await nursery.start(other.run)
+        closing = GossipNode(NodeConfig(), SWARM, identity_dir=None)
+        scope, stopped = trio.CancelScope(), trio.Event()
+
+        async def run_closing(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+            with scope:
+                await closing.run(task_status=task_status)
+            stopped.set()
+
+        await nursery.start(run_closing)
+        with trio.fail_after(10):
+            await closing.connect(other.listen_addrs[0])
+        del closing.host.get_network().connections[ID.from_base58(other.peer_id)]
+        scope.cancel()
+        with trio.fail_after(15):
+            await stopped.wait()
+        gone = ID.from_base58(closing.peer_id)
+        with trio.fail_after(5):
+            while any(not getattr(conn, "is_closed", False)
+                      for conn in other.host.get_network().get_connections(gone)):
+                await trio.sleep(0.05)
+        nursery.cancel_scope.cancel()
