@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pytest
 import torch
@@ -275,22 +275,39 @@ async def test_a_connection_opened_for_a_fetch_is_closed_after_it() -> None:
         nursery.cancel_scope.cancel()
 
 
+class _Stoppable:
+    """A node of its own cancel scope beside `other`, for what its stop leaves behind."""
+
+    def __init__(self, other: GossipNode) -> None:
+        self.other = other
+        self.node = GossipNode(NodeConfig(), SWARM, identity_dir=None)
+        self._scope, self._stopped = trio.CancelScope(), trio.Event()
+
+    async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+        with self._scope:
+            await self.node.run(task_status=task_status)
+        self._stopped.set()
+
+    async def stop_and_wait_until_other_sees_it_gone(self) -> None:
+        """Stop abruptly; then every connection `other` has to us must close within 5 s."""
+        self._scope.cancel()
+        with trio.fail_after(15):
+            await self._stopped.wait()
+        gone = ID.from_base58(self.node.peer_id)
+        with trio.fail_after(5):
+            while any(not getattr(conn, "is_closed", False)
+                      for conn in self.other.host.get_network().get_connections(gone)):
+                await trio.sleep(0.05)
+
+
 async def test_a_connection_set_up_while_the_host_closes_is_closed_too() -> None:
     """`Swarm.close` sweeps its connections, then closes listeners and transports; one that
     registers in between used to stay open, and its peer kept a connection nobody answered."""
-    async with trio.open_nursery() as nursery:
-        other = GossipNode(NodeConfig(), SWARM, identity_dir=None)
-        await nursery.start(other.run)
-        closing = GossipNode(NodeConfig(), SWARM, identity_dir=None)
-        scope, stopped = trio.CancelScope(), trio.Event()
-
-        async def run_closing(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await closing.run(task_status=task_status)
-            stopped.set()
-
-        await nursery.start(run_closing)
-        transports = closing.host.get_network().transport_manager
+    async with running(NodeConfig()) as (other,), trio.open_nursery() as nursery:
+        stoppable = _Stoppable(other)
+        closing = stoppable.node
+        await nursery.start(stoppable.run)
+        transports = cast(Any, closing.host.get_network()).transport_manager
         close_all = transports.close_all
 
         async def dial_then_close_transports() -> None:
@@ -299,41 +316,16 @@ async def test_a_connection_set_up_while_the_host_closes_is_closed_too() -> None
             await close_all()
 
         transports.close_all = dial_then_close_transports
-        scope.cancel()
-        with trio.fail_after(15):
-            await stopped.wait()
-        gone = ID.from_base58(closing.peer_id)
-        with trio.fail_after(5):
-            while any(not getattr(conn, "is_closed", False)
-                      for conn in other.host.get_network().get_connections(gone)):
-                await trio.sleep(0.05)
+        await stoppable.stop_and_wait_until_other_sees_it_gone()
         assert not closing.host.get_network().connections
-        nursery.cancel_scope.cancel()
 
 
 async def test_a_connection_the_swarm_lost_track_of_is_closed_at_stop() -> None:
     """An open connection missing from the swarm's table was never closed by `Swarm.close`."""
-    async with trio.open_nursery() as nursery:
-        other = GossipNode(NodeConfig(), SWARM, identity_dir=None)
-        await nursery.start(other.run)
-        closing = GossipNode(NodeConfig(), SWARM, identity_dir=None)
-        scope, stopped = trio.CancelScope(), trio.Event()
-
-        async def run_closing(*, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-            with scope:
-                await closing.run(task_status=task_status)
-            stopped.set()
-
-        await nursery.start(run_closing)
+    async with running(NodeConfig()) as (other,), trio.open_nursery() as nursery:
+        stoppable = _Stoppable(other)
+        await nursery.start(stoppable.run)
         with trio.fail_after(10):
-            await closing.connect(other.listen_addrs[0])
-        del closing.host.get_network().connections[ID.from_base58(other.peer_id)]
-        scope.cancel()
-        with trio.fail_after(15):
-            await stopped.wait()
-        gone = ID.from_base58(closing.peer_id)
-        with trio.fail_after(5):
-            while any(not getattr(conn, "is_closed", False)
-                      for conn in other.host.get_network().get_connections(gone)):
-                await trio.sleep(0.05)
-        nursery.cancel_scope.cancel()
+            await stoppable.node.connect(other.listen_addrs[0])
+        del stoppable.node.host.get_network().connections[ID.from_base58(other.peer_id)]
+        await stoppable.stop_and_wait_until_other_sees_it_gone()
