@@ -210,9 +210,12 @@ class GossipNode(Endpoint):
             try:
                 await trio.sleep_forever()
             finally:
-                with trio.CancelScope(shield=True), trio.move_on_after(5):
-                    await self.host.close()
-                    await close_stragglers(self.host, self._ledger)
+                with trio.CancelScope(shield=True):
+                    with trio.move_on_after(5):
+                        await self.host.close()
+                    # Its own time: after a close that ran out of its own, the more to close.
+                    with trio.move_on_after(2):
+                        await close_stragglers(self.host, self._ledger)
                 libp2p_scope.cancel()
 
     async def _serve(self, scope: trio.CancelScope, *, task_status: Any) -> None:
