@@ -188,6 +188,16 @@ class ConnectionLedger(INotifee):
         return [conn for conn in list(self._seen) if not getattr(conn, "is_closed", False)]
 
 
+async def close_host(host: Any, ledger: ConnectionLedger) -> None:
+    """Close `host` (at most 5 s), then whatever it left open (at most 2 s more, its own time:
+    after a close that ran out of its own, the more to close); shielded from cancellation."""
+    with trio.CancelScope(shield=True):
+        with trio.move_on_after(5):
+            await host.close()
+        with trio.move_on_after(2):
+            await close_stragglers(host, ledger)
+
+
 async def close_stragglers(host: Any, ledger: ConnectionLedger) -> int:
     """Close the connections a closed host still lists, and those `ledger` saw registered
     that are still open (see 4. above); how many there were.

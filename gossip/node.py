@@ -35,7 +35,7 @@ from gossip.errors import GossipError, TransferError, WireError
 from gossip.fetcher import fetch_from
 from gossip.hardening import (
     ConnectionLedger,
-    close_stragglers,
+    close_host,
     guard_peerstore,
     host_key_pair,
     install_ping_fix,
@@ -201,7 +201,7 @@ class GossipNode(Endpoint):
         other end keeps a zombie connection (PY-LIBP2P.md pitfall 6). `close()` itself left some
         open (one set up while it closed, others its table no longer held), and a neighbour's
         next fetch from us waited out its whole timeout: every connection still open after it
-        is closed too (`gossip.hardening.close_stragglers`).
+        is closed too (`gossip.hardening.close_host`).
         """
         libp2p_scope = trio.CancelScope(shield=True)
         async with trio.open_nursery() as nursery:
@@ -210,12 +210,7 @@ class GossipNode(Endpoint):
             try:
                 await trio.sleep_forever()
             finally:
-                with trio.CancelScope(shield=True):
-                    with trio.move_on_after(5):
-                        await self.host.close()
-                    # Its own time: after a close that ran out of its own, the more to close.
-                    with trio.move_on_after(2):
-                        await close_stragglers(self.host, self._ledger)
+                await close_host(self.host, self._ledger)
                 libp2p_scope.cancel()
 
     async def _serve(self, scope: trio.CancelScope, *, task_status: Any) -> None:
