@@ -1,9 +1,10 @@
 """Swarm identity: which peers may average their adapters together.
 
 Averaging LoRA factors coordinate-wise only means something between peers that share the base
-model, the LoRA shape, the initialisation seed and the wire protocol. The swarm id hashes all
-four, names the pubsub topic and prefixes every wire envelope, so that peers of different swarms
-never even decode each other's messages.
+model (its weights and its tokenizer: the caller's fingerprint), the LoRA shape, the
+initialisation seed and the wire protocol. The swarm id hashes all four, names the pubsub topic
+and prefixes every wire envelope, so that peers of different swarms never even decode each
+other's messages.
 
 What the id leaves out is as deliberate as what it hashes. The device, the base's dtype,
 gradient accumulation and checkpointing are each peer's own business: LoRA factors, optimizer

@@ -40,8 +40,11 @@ _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _FINGERPRINT_FILE = "loraswarm-fingerprint.txt"
 # How a built-in folder was made; a folder of another (older) conversion is made again.
 # 2: the special tokens are the GGUF's own, whatever the installed transformers reads.
+# 3: the stored fingerprint hashes the tokenizer too (`tokenizer_print`).
 _CONVERSION_FILE = "loraswarm-conversion.txt"
-_CONVERSION = "2"
+_CONVERSION = "3"
+# Text whose token ids show a tokenizer's normalisation, pre-tokenisation and added specials.
+_PROBE_TEXT = "Hello, world!  It's 2026: café\tnaïve\n<|im_end|> 1234567 x=y**2;"
 # The GGUF metadata key of each special token a tokenizer names.
 _SPECIAL_TOKEN_KEYS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown",
                        "pad_token": "padding"}
@@ -211,7 +214,11 @@ def _keep_key(key: str, layers: int | None) -> bool:
 
 
 def fingerprint(model_dir: Path) -> str:
-    """A sha256 over the model's config and weights: peers with different bases never mix.
+    """A sha256 over the model's config, weights and tokenizer: peers of different bases never mix.
+
+    Adapters trained on other token ids do not average into anything: peers whose tokenizers
+    disagree (an edited folder, or a transformers version that reads the same files otherwise,
+    as 5.17 read the built-in GGUF's end token) must not share a swarm.
 
     The built-in folders store theirs at conversion time; other folders are hashed on every
     start (about a second per GB), since a user may change the files between runs.
@@ -242,7 +249,36 @@ def _hash_folder(model_dir: Path) -> str:
         with open(weights, "rb") as handle:
             for chunk in iter(lambda: handle.read(1 << 22), b""):
                 digest.update(chunk)
+    digest.update(tokenizer_print(model_dir).encode())
     return digest.hexdigest()
+
+
+def tokenizer_print(model_dir: Path) -> str:
+    """A sha256 of what the folder's tokenizer does, as the installed transformers loads it.
+
+    Its vocabulary, its special tokens, its chat template and the ids it gives a probe text:
+    what training turns examples into. Hashed from the loaded tokenizer, not its files, so
+    that a library reading the same files otherwise gives another print.
+
+    Raises:
+        ModelError: the folder holds no tokenizer that transformers can load.
+    """
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{model_dir}: cannot load its tokenizer ({exc})") from exc
+    document = {
+        "vocab": sorted(tokenizer.get_vocab().items()),
+        "special": {name: getattr(tokenizer, f"{name}_token_id", None)
+                    for name in ("bos", "eos", "unk", "pad")},
+        "template": getattr(tokenizer, "chat_template", None),
+        "probe": [tokenizer(_PROBE_TEXT, add_special_tokens=flag)["input_ids"]
+                  for flag in (False, True)],
+    }
+    text = json.dumps(document, sort_keys=True, ensure_ascii=True, default=str)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def load_base(model_dir: Path, placement: Placement = CPU_FLOAT32) -> tuple[Any, Any]:

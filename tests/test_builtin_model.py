@@ -1,14 +1,19 @@
-"""The built-in model's conversion: its tokenizer must not hang on the installed transformers."""
+"""The built-in model's conversion: its tokenizer must not hang on the installed transformers,
+and peers whose tokenizers differ must not share a swarm."""
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
+import pytest
 from gguf import GGUFReader
 from transformers import AutoTokenizer
 
 from peer import model
-from peer.model import is_converted, pin_special_tokens
+from peer.errors import ModelError
+from peer.model import fingerprint, is_converted, pin_special_tokens
 
 
 def _gguf() -> Path:
@@ -50,3 +55,29 @@ def test_a_folder_of_an_older_conversion_is_made_again(tmp_path: Path,
     assert not is_converted(old)
     (old / model._CONVERSION_FILE).write_text(model._CONVERSION)
     assert is_converted(old)
+
+
+def _copy_without_fingerprint(source: Path, target: Path) -> Path:
+    """A user's folder of the same files: weights linked, the rest copied, hashed on start."""
+    target.mkdir()
+    for item in source.iterdir():
+        if item.suffix == ".safetensors":
+            (target / item.name).symlink_to(item)
+        elif item.name != model._FINGERPRINT_FILE:
+            shutil.copy(item, target / item.name)
+    return target
+
+
+def test_a_tokenizer_that_differs_alone_gives_another_fingerprint(tmp_path: Path,
+                                                                   small_model_dir: Path) -> None:
+    same = _copy_without_fingerprint(small_model_dir, tmp_path / "same")
+    assert fingerprint(same) == fingerprint(small_model_dir), "stored = hashed on start"
+    edited = _copy_without_fingerprint(small_model_dir, tmp_path / "edited")
+    settings = json.loads((edited / "tokenizer_config.json").read_text())
+    settings["eos_token"] = "<|im_start|>"  # what transformers 5.17 read from the GGUF
+    (edited / "tokenizer_config.json").write_text(json.dumps(settings))
+    assert fingerprint(edited) != fingerprint(same)
+    (edited / "tokenizer.json").unlink()
+    (edited / "tokenizer_config.json").unlink()
+    with pytest.raises(ModelError, match="cannot load its tokenizer"):
+        fingerprint(edited)
