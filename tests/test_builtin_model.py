@@ -13,7 +13,8 @@ from transformers import AutoTokenizer
 
 from peer import model
 from peer.errors import ModelError
-from peer.model import fingerprint, is_converted, pin_special_tokens
+from peer.fingerprint import FINGERPRINT_FILE, fingerprint
+from peer.model import is_converted, pin_special_tokens
 
 
 def _gguf() -> Path:
@@ -49,7 +50,7 @@ def test_a_folder_of_an_older_conversion_is_made_again(tmp_path: Path,
     assert is_converted(small_model_dir)
     old = tmp_path / "old"
     old.mkdir()
-    (old / model._FINGERPRINT_FILE).write_text("ab" * 32)  # a finished conversion 1
+    (old / FINGERPRINT_FILE).write_text("ab" * 32)  # a finished conversion 1
     assert not is_converted(old)
     (old / model._CONVERSION_FILE).write_text("1")
     assert not is_converted(old)
@@ -63,7 +64,7 @@ def _copy_without_fingerprint(source: Path, target: Path) -> Path:
     for item in source.iterdir():
         if item.suffix == ".safetensors":
             (target / item.name).symlink_to(item)
-        elif item.name != model._FINGERPRINT_FILE:
+        elif item.name != FINGERPRINT_FILE:
             shutil.copy(item, target / item.name)
     return target
 

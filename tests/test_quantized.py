@@ -21,7 +21,8 @@ from merge import Contribution, MergeConfig, merge_states, validate_update
 from peer.config import PeerConfig, TrainConfig
 from peer.data import TokenBatches
 from peer.device import DeviceConfig, Placement
-from peer.model import LoraSettings, attach_lora, fingerprint, load_base
+from peer.fingerprint import fingerprint
+from peer.model import LoraSettings, attach_lora, load_base
 from peer.setup import build_runtime
 from peer.trainer import LocalTrainer
 from tests.conftest import write_jsonl
