@@ -116,7 +116,7 @@ class Connections:
             failures = self._redial.get(peer, (0, 0.0))[0]
             delay = backoff_delay(failures, self.rng, base_s=_REDIAL_BASE_S, cap_s=_REDIAL_CAP_S)
             self._redial[peer] = (failures + 1, trio.current_time() + delay)
-            self.view.failed(peer)
+            self.view.failed(peer, trio.current_time())
             logger.debug("dial %s failed (%s); not before %.1f s", peer, exc, delay)
             return
         self._redial.pop(peer, None)

@@ -266,8 +266,8 @@ class Membership:
         self.view.trust(peer)
 
     def failed(self, peer: str) -> None:
-        """A fetch from `peer` failed on the network: later draws try it after the others."""
-        self.view.failed(peer)
+        """A fetch from `peer` failed on the network: draws try it after the others for a while."""
+        self.view.failed(peer, trio.current_time())
 
     def distrust(self, peer: str) -> None:
         """`peer` served something invalid: drop it from the view.

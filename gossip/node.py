@@ -4,7 +4,8 @@
 calls: `publish` an announcement, receive validated ones (`Heard`) from `announcements`, `serve`
 the public estimate it offers (`gossip.estimate`), and `fetch` (or `receive`: fetch and apply)
 a neighbour's estimate update, kept per neighbour in an `EstimateReplica`.
-Who is in the swarm and whom to dial is `gossip.membership.Membership`'s business.
+Who is in the swarm and whom to dial is `gossip.membership.Membership`'s business; how others
+reach us (addresses, reachability, relays, hole punches) is read through `gossip.presence`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
 from libp2p.tools.anyio_service import background_trio_service
 
-from gossip.addresses import Scope, address_scope, expand_unspecified, interface_ips
+from gossip.addresses import Scope, address_scope
 from gossip.catchup import CATCHUP_PROTOCOL, CatchupServer, Recent, ask_catchup, check_entry
 from gossip.config import NodeConfig, connection_config
 from gossip.dialback import DIALBACK_PROTOCOL, DialbackReply, DialbackServer, ask_dialback
@@ -42,14 +43,15 @@ from gossip.hardening import (
     noise_only,
 )
 from gossip.holepunch import Puncher
-from gossip.reachability import PRIVATE, PUBLIC, Reachability, ReachabilityProbe, tcp_ports
-from gossip.relay import GuardedRelay, RelayClient, circuit_transport, is_relayed, remote_addr
+from gossip.presence import Presence
+from gossip.reachability import PRIVATE, ReachabilityProbe
+from gossip.relay import GuardedRelay, RelayClient, circuit_transport, remote_addr
 from gossip.router import FloodPublishGossipSub
 from gossip.seqno import install_seqno_counter
 from gossip.swarm import TRANSFER_PROTOCOL, topic_name
 from gossip.transfer import Fetched
 from gossip.upnp import PortMapper
-from gossip.wire import MAX_ADDRS, Announcement
+from gossip.wire import Announcement
 
 __all__ = ["GossipNode", "Heard", "NodeConfig", "Received"]
 
@@ -60,7 +62,7 @@ _DIALBACK = TProtocol(DIALBACK_PROTOCOL)
 _CATCHUP = TProtocol(CATCHUP_PROTOCOL)
 
 
-class GossipNode(Endpoint):
+class GossipNode(Presence, Endpoint):
     """One peer's presence in a swarm.
 
     Args:
@@ -121,76 +123,6 @@ class GossipNode(Endpoint):
         self.recent: Recent[rpc_pb2.Message] = Recent()  # each signer's newest (catch-ups)
         self.catchup_server = CatchupServer(self.recent)
         self.catchups_served = self.catchup_server.served
-
-    @property
-    def reachability(self) -> Reachability:
-        """Whether peers outside can dial us, as the last dial-back probe found."""
-        return self.probe.current
-
-    @property
-    def listen_addrs(self) -> list[str]:
-        """Full multiaddrs (with /p2p/<id>) that other peers can bootstrap from: a listener on
-        0.0.0.0 (or ::) is listed at each interface's address, loopback last.
-
-        The last known addresses are kept after the host closes, for the final status.
-        """
-        try:
-            addrs = self.host.get_addrs()
-        except OSError:  # the host is closing and its listener socket is gone (EBADF)
-            addrs = []
-        current = expand_unspecified(
-            [str(addr) if "/p2p/" in str(addr) else f"{addr}/p2p/{self.peer_id}"
-             for addr in addrs], interface_ips())
-        if current:
-            self._last_addrs = current
-        return current or self._last_addrs
-
-    @property
-    def announce_addrs(self) -> list[str]:
-        """Full multiaddrs our announcements carry: the router's forwarded ports (`--upnp`),
-        `config.announce` if set, else where we listen (a peer behind a proxy or a NAT is
-        dialled at an address it does not listen on), then our circuit addresses through the
-        relays that hold a slot for us.
-        """
-        direct = self.listen_addrs if not self.config.announce else \
-            [f"{addr}/p2p/{self.peer_id}" for addr in self.config.announce]
-        direct = [f"{addr}/p2p/{self.peer_id}" for addr in self.upnp.addrs()] + direct
-        circuits = self.relay_client.circuit_addrs()
-        return [*direct[: MAX_ADDRS - len(circuits)], *circuits]
-
-    def _mappable_ports(self) -> tuple[int, ...]:
-        """The TCP ports we listen on beyond loopback: what a router could forward to us."""
-        return tcp_ports([a for a in self.listen_addrs
-                          if not a.startswith(("/ip4/127.", "/ip6/::1/"))])
-
-    def _relaying(self) -> bool:
-        mode = self.config.relay_service
-        return mode == "on" or (mode == "auto" and self.reachability.status == PUBLIC)
-
-    def _relay_candidates(self) -> list[str]:
-        """Relays to ask, each group in random order: peers we hold a direct connection to,
-        then peers with an address we may dial (from their own announcements)."""
-        network, rng = self.host.get_network(), self.probe.rng
-        connected = [str(p) for p in self.host.get_connected_peers()
-                     if any(not is_relayed(c) for c in network.get_connections(p))]
-        any_conn = {str(p) for p in self.host.get_connected_peers()}
-        others = [p for p in self.dialer.dialable() if p not in any_conn]
-        rng.shuffle(connected)
-        rng.shuffle(others)
-        return [*connected, *others]
-
-    def relayed_only(self) -> set[str]:
-        """Peers we reach only through a relay: their hole punch failed lately."""
-        return self.puncher.failed_recently()
-
-    def relay_status(self) -> dict[str, Any]:
-        """What we relay for others and through whom we are reachable, for status.json."""
-        return {"serving": self._relaying(), "held_here": self.relay.reservations,
-                "forwarded_bytes": self.relay.forwarded,
-                "granted_here": self.relay.reserved, "refused_here": dict(self.relay.refused),
-                **self.relay_client.to_status(), "relayed_dials": dict(self.dialer.relayed_dials),
-                "holepunch": dict(self.puncher.outcomes),
-                **({"upnp": self.upnp.to_status()} if self.config.upnp else {})}
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         """Start the host, pubsub and transfer handler; signal readiness; serve until cancelled.
@@ -398,13 +330,3 @@ class GossipNode(Endpoint):
             links=self.links, started=started, held=held, check=self._checker(announcement),
             keep_direct=self._punched,
         )
-
-    def _punched(self, peer: str) -> bool:
-        """Whether we hold a direct connection to `peer` though we last reached it through a
-        relay: a hole punch made it. Kept after a fetch, since a redial would take the relay
-        and another punch (about 1 s against 0.03 s in the NAT lab)."""
-        if peer not in self.dialer.reached_by_relay:
-            return False
-        network = self.host.get_network()
-        return any(not is_relayed(c) and not getattr(c, "is_closed", False)
-                   for c in network.get_connections(ID.from_base58(peer)))

@@ -69,7 +69,7 @@ class Gathered:
     """What one round gathered: the adapters to merge, and who was asked."""
 
     accepted: list[Contribution] = field(default_factory=list)
-    untrained: list[Announcement] = field(default_factory=list)  # untrained or busy to the end
+    unanswered: list[Announcement] = field(default_factory=list)  # untrained or busy to the end
     tried: list[str] = field(default_factory=list)
 
 
@@ -143,7 +143,7 @@ class Gatherer:
         round_.found.tried = sorted(tried)
         if round_.waiting and len(round_.found.accepted) < wanted:
             await self._await_again(round_, max(self.fetch_timeout_s, patience_s))
-        round_.found.untrained = round_.waiting
+        round_.found.unanswered = round_.waiting
         self.reference.update(round_.norms)
         return round_.found
 

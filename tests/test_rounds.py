@@ -143,7 +143,7 @@ async def test_an_untrained_neighbour_is_fetched_again_until_it_has_trained(
     # Fetched at 0, then after 1 s and 2 more s of backoff: trained by then.
     assert [c.peer for c in found.accepted] == [late.peer_id]
     assert 3.0 <= trio.current_time() - started < 4.0
-    assert found.accepted[0].age == 0 and found.untrained == []
+    assert found.accepted[0].age == 0 and found.unanswered == []
 
 
 async def test_a_busy_neighbour_is_asked_again_in_a_settling_round(
@@ -159,7 +159,7 @@ async def test_a_busy_neighbour_is_asked_again_in_a_settling_round(
     found = await gatherer.gather(_state(0.1), version=1, trained=True, patience_s=10,
                                   settling=True)
     assert sorted(c.peer for c in found.accepted) == sorted([loaded.peer_id, free.peer_id])
-    assert 3.0 <= trio.current_time() - started < 4.0 and found.untrained == []
+    assert 3.0 <= trio.current_time() - started < 4.0 and found.unanswered == []
     assert loaded.server.refused["busy"] == 2
     assert neighbours.verdicts["failed"] == [] == neighbours.verdicts["distrust"]
     # Busy to the end of the patience: the round goes on with the one it has.
@@ -167,12 +167,12 @@ async def test_a_busy_neighbour_is_asked_again_in_a_settling_round(
     found = await gatherer.gather(_state(0.1), version=2, trained=True, patience_s=5,
                                   settling=True)
     assert [c.peer for c in found.accepted] == [free.peer_id]
-    assert [a.peer for a in found.untrained] == [loaded.peer_id]
+    assert [a.peer for a in found.unanswered] == [loaded.peer_id]
     # A training round does not wait for a busy neighbour: it goes on with the others.
     loaded.busy, started = 1, trio.current_time()
     found = await gatherer.gather(_state(0.1), version=3, trained=True, patience_s=5)
     assert [c.peer for c in found.accepted] == [free.peer_id]
-    assert trio.current_time() - started < 1.0 and found.untrained == []
+    assert trio.current_time() - started < 1.0 and found.unanswered == []
 
 
 async def test_patience_ends_with_the_fetch_timeout_when_training_was_quick(
@@ -181,7 +181,7 @@ async def test_patience_ends_with_the_fetch_timeout_when_training_was_quick(
     gatherer, never = _untrained_neighbour()
     started = trio.current_time()
     found = await gatherer.gather(_state(0.1), version=2, trained=True, patience_s=0.5)
-    assert found.accepted == [] and [a.peer for a in found.untrained] == [never.peer_id]
+    assert found.accepted == [] and [a.peer for a in found.unanswered] == [never.peer_id]
     assert trio.current_time() - started < NETWORK.fetch_timeout_s + 0.5
 
 

@@ -17,6 +17,7 @@ from topology import (
     PeerInfo,
     TopologyConfig,
 )
+from topology.admission import RETRY_BASE_S, RETRY_CAP_S, retry_after_s
 
 SELF = "self"
 POOL = [SELF] + [f"p{i}" for i in range(9)]
@@ -306,7 +307,7 @@ def test_peers_whose_fetches_failed_are_drawn_after_the_others() -> None:
     view = _view(view_size=64)
     for i in range(10):
         view.observe(f"s{i}", 1.0, version=1)
-        view.failed(f"s{i}")  # identities that never served
+        view.failed(f"s{i}", 1.0)  # identities that never served
     view.observe("quiet", 1.0, version=1)
     rng = random.Random(0)
     for _ in range(20):
@@ -317,6 +318,28 @@ def test_peers_whose_fetches_failed_are_drawn_after_the_others() -> None:
     assert info is not None and info.failures == 0 and info.trusted
 
 
+def test_a_peer_that_failed_comes_back_to_the_draw_after_a_backoff() -> None:
+    """Ranked after the others for good, a peer that failed once (asked before it had an
+    address we could dial) was never drawn again while enough others served."""
+    view = _view(view_size=64, timeout=10_000.0)
+    for name in ("a", "b", "late"):
+        view.observe(name, 0.0, version=1)
+    view.failed("late", 0.0)
+    rng = random.Random(0)
+
+    def draws_of_late(now: float) -> int:
+        return sum("late" in [i.peer_id for i in view.sample(2, rng, now)] for _ in range(200))
+
+    assert draws_of_late(0.0) == 0 and draws_of_late(RETRY_BASE_S - 0.1) == 0
+    assert 100 < draws_of_late(RETRY_BASE_S) < 200, "then as likely as the others: 2 of 3"
+    view.failed("late", 100.0)  # failing again in a row waits twice as long
+    assert draws_of_late(100.0 + 2 * RETRY_BASE_S - 0.1) == 0
+    assert draws_of_late(100.0 + 2 * RETRY_BASE_S) > 100
+    info = view.get("late")
+    assert info is not None and info.failures == 2
+    assert retry_after_s(1) == RETRY_BASE_S and retry_after_s(100) == RETRY_CAP_S
+
+
 def test_untrusted_peers_a_host_answered_for_are_drawn_first() -> None:
     view = _view(view_size=64)
     for i in range(20):
@@ -325,5 +348,5 @@ def test_untrusted_peers_a_host_answered_for_are_drawn_first() -> None:
     view.reached("hosted")
     rng = random.Random(0)
     assert all(view.sample(1, rng, 1.0)[0].peer_id == "hosted" for _ in range(20))
-    view.failed("hosted")  # failures weigh first: a reached peer that fails sinks too
+    view.failed("hosted", 1.0)  # failures weigh first: a reached peer that fails sinks too
     assert all(view.sample(1, rng, 1.0)[0].peer_id != "hosted" for _ in range(20))

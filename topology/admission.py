@@ -17,6 +17,15 @@ if TYPE_CHECKING:
 
 # At most view_size / this many untrusted members may share one public address prefix.
 PER_PREFIX_SHARE = 8
+# A peer whose fetch failed is drawn after the others for this long, doubling with each
+# failure in a row: long enough that identities that never serve sink, short enough that an
+# honest peer which failed once (not yet dialable, or timed out on a loaded machine) comes back.
+RETRY_BASE_S, RETRY_CAP_S = 30.0, 600.0
+
+
+def retry_after_s(failures: int) -> float:
+    """How long a peer with `failures` failed fetches in a row is drawn after the others."""
+    return min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(max(failures - 1, 0), 16))
 
 
 def per_prefix_cap(config: TopologyConfig) -> int:
@@ -40,9 +49,11 @@ def eviction_candidate(peers: Iterable[PeerInfo],
     return min(untrusted, key=lambda info: (-info.admitted, info.peer_id))
 
 
-def draw_rank(info: PeerInfo) -> tuple[int, bool]:
-    """Draw order of untrusted peers: fewer failed fetches first, then reached ones first."""
-    return (info.failures, not info.reached)
+def draw_rank(info: PeerInfo, now: float) -> tuple[int, bool]:
+    """Draw order of untrusted peers: fewer failed fetches first (failures whose retry time
+    has come count as none), then peers a host answered for first."""
+    failures = info.failures if now < info.retry_at else 0
+    return (failures, not info.reached)
 
 
 def public_prefix(addrs: Sequence[str]) -> str | None:

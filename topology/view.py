@@ -22,7 +22,13 @@ from collections import OrderedDict
 from collections.abc import Collection, Sequence
 from dataclasses import dataclass, replace
 
-from topology.admission import draw_rank, eviction_candidate, per_prefix_cap, public_prefix
+from topology.admission import (
+    draw_rank,
+    eviction_candidate,
+    per_prefix_cap,
+    public_prefix,
+    retry_after_s,
+)
 from topology.config import TopologyConfig
 from topology.errors import InvalidArgument
 
@@ -44,6 +50,7 @@ class PeerInfo:
     admitted: float = 0.0  # when it entered the view: seniority
     trusted: bool = False  # it served us an adapter that passed validation
     failures: int = 0  # fetches from it that failed since it last served a valid adapter
+    retry_at: float = 0.0  # until then its failures rank it after the others (`failed`)
     reached: bool = False  # we held a connection to it: a real host answers for this id
 
 
@@ -166,7 +173,7 @@ class MembershipView:
         """
         info = self._peers.get(peer_id)
         if info is not None:
-            self._peers[peer_id] = replace(info, trusted=True, failures=0)
+            self._peers[peer_id] = replace(info, trusted=True, failures=0, retry_at=0.0)
 
     def reached(self, peer_id: str) -> None:
         """We hold a connection to `peer_id`: Noise proved a host answers for its id.
@@ -178,15 +185,21 @@ class MembershipView:
         if info is not None and not info.reached:
             self._peers[peer_id] = replace(info, reached=True)
 
-    def failed(self, peer_id: str) -> None:
-        """A fetch from `peer_id` failed (unreachable, timed out): draw it after the others.
+    def failed(self, peer_id: str, now: float) -> None:
+        """A fetch from `peer_id` failed (unreachable, timed out): draw it after the others
+        for a while, twice as long after each failure in a row (`retry_after_s`).
 
         It keeps its place: an honest peer on a loaded machine times out too, and dropped, it
-        would come back as a newcomer, the first to be evicted under a flood.
+        would come back as a newcomer, the first to be evicted under a flood. And it comes
+        back to the draw: ranked after the others for good, a peer that failed once (asked
+        before it held an address we could dial) was never drawn again while others served.
         """
+        _check_time(now)
         info = self._peers.get(peer_id)
         if info is not None:
-            self._peers[peer_id] = replace(info, failures=info.failures + 1)
+            failures = info.failures + 1
+            self._peers[peer_id] = replace(info, failures=failures,
+                                           retry_at=now + retry_after_s(failures))
 
     def distrust(self, peer_id: str) -> None:
         """Drop `peer_id`: it served something invalid."""
@@ -268,13 +281,13 @@ class MembershipView:
         trusted = [info for info in candidates if info.trusted]
         share = k // 2 + (k % 2 if rng.random() < 0.5 else 0)
         drawn = rng.sample(trusted, min(share, len(trusted)))
-        # The rest, level by level: peers whose fetches failed least first, and among those the
-        # ones a host answered for (identities that never serve sink to the end).
+        # The rest, level by level: peers whose fetches failed least lately first, and among
+        # those the ones a host answered for (identities that never serve sink to the end).
         rest = [info for info in candidates if info not in drawn]
-        for level in sorted({draw_rank(info) for info in rest}):
+        for level in sorted({draw_rank(info, now) for info in rest}):
             if len(drawn) == k:
                 break
-            tier = [info for info in rest if draw_rank(info) == level]
+            tier = [info for info in rest if draw_rank(info, now) == level]
             drawn += rng.sample(tier, min(k - len(drawn), len(tier)))
         return drawn
 
