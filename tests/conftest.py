@@ -14,15 +14,6 @@ os.environ.setdefault("LORASWARM_CACHE", str(Path.home() / ".cache" / "loraswarm
 torch.set_num_threads(1)
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Run the multi-process tests (`slow`, 10 to 70 s each) first, in file order.
-
-    Two workers take tests in collection order; one of these picked up last kept a worker busy
-    for a minute while the other had nothing left to do.
-    """
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
-
-
 @pytest.fixture(scope="session")
 def small_model_dir() -> Path:
     """The built-in SmolLM2 cut to its first layers: real weights and tokenizer, cheap to run."""
