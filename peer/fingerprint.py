@@ -47,6 +47,8 @@ def base_fingerprint(model_dir: Path, placement: Placement) -> str:
 
 
 def hash_folder(model_dir: Path) -> str:
+    """A sha256 over the folder's config (less `transformers_version`), its safetensors files
+    in name order and its `tokenizer_print`: what `fingerprint` stores or computes."""
     digest = hashlib.sha256()
     config = json.loads((model_dir / "config.json").read_text())
     config.pop("transformers_version", None)

@@ -283,11 +283,11 @@ class MembershipView:
         drawn = rng.sample(trusted, min(share, len(trusted)))
         # The rest, level by level: peers whose fetches failed least lately first, and among
         # those the ones a host answered for (identities that never serve sink to the end).
-        rest = [info for info in candidates if info not in drawn]
-        for level in sorted({draw_rank(info, now) for info in rest}):
+        rest = [(draw_rank(info, now), info) for info in candidates if info not in drawn]
+        for level in sorted({rank for rank, _ in rest}):
             if len(drawn) == k:
                 break
-            tier = [info for info in rest if draw_rank(info, now) == level]
+            tier = [info for rank, info in rest if rank == level]
             drawn += rng.sample(tier, min(k - len(drawn), len(tier)))
         return drawn
 
