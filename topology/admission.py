@@ -10,6 +10,7 @@ import ipaddress
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
+from topology.backoff import backoff_ceiling
 from topology.config import TopologyConfig
 
 if TYPE_CHECKING:
@@ -25,7 +26,7 @@ RETRY_BASE_S, RETRY_CAP_S = 30.0, 600.0
 
 def retry_after_s(failures: int) -> float:
     """How long a peer with `failures` failed fetches in a row is drawn after the others."""
-    return min(RETRY_CAP_S, RETRY_BASE_S * 2.0 ** min(max(failures - 1, 0), 16))
+    return backoff_ceiling(failures - 1, RETRY_BASE_S, RETRY_CAP_S)
 
 
 def per_prefix_cap(config: TopologyConfig) -> int:

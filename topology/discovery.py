@@ -10,13 +10,10 @@ import math
 import random
 from collections.abc import Collection
 
+from topology.backoff import backoff_ceiling
 from topology.config import TopologyConfig
 from topology.errors import InvalidArgument
 from topology.view import MembershipView, PeerInfo
-
-# Past this many doublings every sane base delay is beyond any sane cap; stopping here keeps the
-# arithmetic in floats instead of growing an unbounded integer power of two.
-_MAX_DOUBLINGS = 64
 
 
 def backoff_delay(
@@ -44,8 +41,7 @@ def backoff_delay(
         raise InvalidArgument(f"attempt must be >= 0, got {attempt}")
     if not (math.isfinite(cap_s) and 0 < base_s <= cap_s):
         raise InvalidArgument(f"need 0 < base_s <= cap_s (finite), got {base_s} and {cap_s}")
-    ceiling = min(cap_s, base_s * 2.0 ** min(attempt, _MAX_DOUBLINGS))
-    return rng.uniform(0.0, ceiling)
+    return rng.uniform(0.0, backoff_ceiling(attempt, base_s, cap_s))
 
 
 def peers_to_dial(
