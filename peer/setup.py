@@ -72,7 +72,8 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
         logger.info("loading %s on %s", model_dir, placement.describe())
         base, tokenizer = load_base(model_dir, placement)
         model = attach_lora(base, config.lora, config.init_seed, frozen_a=config.train.frozen_a)
-        adapter, lock, model_print = "default", None, base_fingerprint(model_dir, placement)
+        model_print = base_fingerprint(model_dir, placement, tokenizer)
+        adapter, lock = "default", None
     else:
         if placement != shared.placement:
             raise ConfigError(

@@ -74,8 +74,9 @@ class SharedModel:
         peft_model = attach_lora(base, lora, init_seed, frozen_a=frozen_a)
         initial = {k: v.detach().clone()
                    for k, v in get_peft_model_state_dict(peft_model).items()}
-        return cls(peft_model, tokenizer, model_dir, base_fingerprint(model_dir, placement),
-                   lora, init_seed, frozen_a, initial, placement)
+        print_ = base_fingerprint(model_dir, placement, tokenizer)
+        return cls(peft_model, tokenizer, model_dir, print_, lora, init_seed, frozen_a, initial,
+                   placement)
 
     def add_adapter(self, name: str, lora: LoraSettings, init_seed: int,
                     frozen_a: bool) -> str:

@@ -14,7 +14,8 @@ from transformers import AutoTokenizer
 from peer import model
 from peer.errors import ModelError
 from peer.fingerprint import FINGERPRINT_FILE, fingerprint
-from peer.model import is_converted, pin_special_tokens
+from peer.model import LoraSettings, is_converted, pin_special_tokens
+from peer.shared import SharedModel
 
 
 def _gguf() -> Path:
@@ -82,3 +83,19 @@ def test_a_tokenizer_that_differs_alone_gives_another_fingerprint(tmp_path: Path
     (edited / "tokenizer_config.json").unlink()
     with pytest.raises(ModelError, match="cannot load its tokenizer"):
         fingerprint(edited)
+
+
+def test_a_start_loads_a_user_folders_tokenizer_once(tmp_path: Path, small_model_dir: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    folder = _copy_without_fingerprint(small_model_dir, tmp_path / "user")
+    loads: list[str] = []
+    load = AutoTokenizer.from_pretrained
+
+    def counted(*args: object, **kwargs: object) -> object:
+        loads.append(str(args[0]))
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", counted)
+    shared = SharedModel.load(str(folder), LoraSettings(), init_seed=0)
+    assert loads == [str(folder)], "the fingerprint hashes the tokenizer the model loaded"
+    assert shared.fingerprint == fingerprint(small_model_dir)
