@@ -10,17 +10,20 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from peer.device import Placement
 from peer.errors import ModelError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 FINGERPRINT_FILE = "loraswarm-fingerprint.txt"
 # Text whose token ids show a tokenizer's normalisation, pre-tokenisation and added specials.
 _PROBE_TEXT = "Hello, world!  It's 2026: caf\u00e9\tna\u00efve\n<|im_end|> 1234567 x=y**2;"
 
 
-def fingerprint(model_dir: Path, tokenizer: Any = None) -> str:
+def fingerprint(model_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """A sha256 over the model's config, weights and tokenizer: peers of different bases never mix.
 
     Adapters trained on other token ids do not average into anything: peers whose tokenizers
@@ -37,7 +40,8 @@ def fingerprint(model_dir: Path, tokenizer: Any = None) -> str:
     return hash_folder(model_dir, tokenizer)
 
 
-def base_fingerprint(model_dir: Path, placement: Placement, tokenizer: Any = None) -> str:
+def base_fingerprint(model_dir: Path, placement: Placement,
+                     tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """What the swarm id hashes of a base: its `fingerprint`, and its quantization if any.
 
     A 4-bit base is another function of the same weights, and averaging with bf16 peers cost
@@ -48,7 +52,7 @@ def base_fingerprint(model_dir: Path, placement: Placement, tokenizer: Any = Non
     return f"{print_}/{placement.quantize}" if placement.quantize else print_
 
 
-def hash_folder(model_dir: Path, tokenizer: Any = None) -> str:
+def hash_folder(model_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """A sha256 over the folder's config (less `transformers_version`), its safetensors files
     in name order and its `tokenizer_print`: what `fingerprint` stores or computes."""
     digest = hashlib.sha256()
@@ -63,7 +67,7 @@ def hash_folder(model_dir: Path, tokenizer: Any = None) -> str:
     return digest.hexdigest()
 
 
-def tokenizer_print(model_dir: Path, tokenizer: Any = None) -> str:
+def tokenizer_print(model_dir: Path, tokenizer: PreTrainedTokenizerBase | None = None) -> str:
     """A sha256 of what the folder's tokenizer does, as the installed transformers loads it.
 
     Its vocabulary, its special tokens, its chat template and the ids it gives a probe text:
