@@ -14,6 +14,8 @@ from peer.model import LoraSettings
 from peer.privacy import PrivacyConfig
 from topology.config import TopologyConfig
 
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
 
 @dataclass(frozen=True)
 class TrainConfig:
@@ -23,6 +25,9 @@ class TrainConfig:
     batch_size: int = field(default=8, metadata={"help": "examples per step"})
     seq_len: int = field(default=64, metadata={"help": "tokens per example (longer are cut)"})
     lr: float = field(default=2e-3, metadata={"help": "AdamW learning rate of the LoRA factors"})
+    lr_schedule: str = field(default="constant", metadata={
+        "help": "constant, or linear or cosine: decay --lr towards 0 over the run's --rounds x "
+        "--steps-per-round steps (needs --rounds; a restart resumes the curve)"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
     data_seed: int = field(default=0, metadata={"help": "seed of this peer's batch order"})
     threads: int = field(default=0, metadata={"help": "torch CPU threads (0: torch's default)"})
@@ -40,6 +45,9 @@ class TrainConfig:
             raise ValueError("seq_len must be in 8..8192")
         if not 0 < self.lr < 1:
             raise ValueError(f"lr must be in (0, 1), got {self.lr}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {', '.join(LR_SCHEDULES)}, "
+                             f"got {self.lr_schedule!r}")
         if self.weight_decay < 0:
             raise ValueError("weight_decay must be >= 0")
         if self.threads < 0:
@@ -133,6 +141,9 @@ class PeerConfig:
         if self.settle_rounds < 0 or (self.settle_rounds and not self.rounds):
             raise ValueError("settle_rounds must be >= 0 and needs rounds > 0 (settling "
                              "follows the training rounds)")
+        if self.train.lr_schedule != "constant" and not self.rounds:
+            raise ValueError(f"lr_schedule {self.train.lr_schedule} needs rounds > 0 (the "
+                             "steps it decays over); give --rounds or --lr-schedule constant")
         if self.eval_every < 1:
             raise ValueError("eval_every must be at least 1")
         if self.round_pause_s < 0 or self.linger_s < 0:

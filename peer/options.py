@@ -136,6 +136,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("batch_size", "train", "batch_size", int, "N", scope=AGREE),
     Option("seq_len", "train", "seq_len", int, "N", scope=AGREE),
     Option("lr", "train", "lr", float, "LR", scope=AGREE),
+    Option("lr_schedule", "train", "lr_schedule", str, "constant|linear|cosine", scope=AGREE),
     Option("weight_decay", "train", "weight_decay", float, "WD", scope=AGREE),
     Option("data_seed", "train", "data_seed", int, "N"),
     Option("threads", "train", "threads", int, "N"),

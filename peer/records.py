@@ -62,7 +62,8 @@ class Records:
         """
         record = {
             "round": round_, "version": version, "samples": self.runtime.trainer.samples,
-            "train_loss": loss, "eval_loss": self.stats.last_eval if evaluated else None,
+            "train_loss": loss, "lr": self.runtime.trainer.lr,
+            "eval_loss": self.stats.last_eval if evaluated else None,
             "merged": merged, **self.totals(),
             "train_s": _seconds(train_s), "gather_s": _seconds(gather_s),
             "round_s": _seconds(round_s),

@@ -98,7 +98,8 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
                            samples=resumed.samples if resumed else 0, adapter=adapter, lock=lock,
                            ledger=ledger, own=shared.own[adapter] if shared else None,
                            switch=shared.activate if shared else None,
-                           isolate=shared.isolated if shared else None)
+                           isolate=shared.isolated if shared else None,
+                           horizon=config.rounds * config.train.steps_per_round)
     initial = trainer.state()
     if resumed is not None:
         _check_fits(store.root / CHECKPOINT, resumed.state, trainer.state())

@@ -45,6 +45,8 @@ class LocalTrainer:
         switch: makes an adapter of `model` the active one (default: peft's `set_adapter`).
         isolate: a context in which our adapter is the only one of `model` (a shared model;
             see `alone`); None: nothing to isolate.
+        horizon: the steps `config.lr_schedule` decays over (--rounds x --steps-per-round);
+            the ledger's step count, which a restart resumes, says how far along we are.
     """
 
     def __init__(self, model: Any, batches: TokenBatches, config: TrainConfig,
@@ -53,8 +55,9 @@ class LocalTrainer:
                  own: list[tuple[str, torch.nn.Parameter]] | None = None,
                  switch: Callable[[str], None] | None = None,
                  isolate: Callable[[str], contextlib.AbstractContextManager[None]] | None = None,
-                 ) -> None:
+                 horizon: int = 0) -> None:
         self.model = model
+        self.horizon = horizon
         self._isolate = isolate
         self.ledger = ledger if ledger is not None else Ledger(PrivacyConfig())
         # The sample and the noise must be unpredictable to whoever knows the swarm's seeds.
@@ -119,6 +122,8 @@ class LocalTrainer:
                 break
             if not self.ledger.affords(1):
                 break
+            for group in self.optimizer.param_groups:
+                group["lr"] = self.lr
             if self.ledger.private:
                 sample = self.batches.poisson_batch(self.ledger.rate, self._sampler)
                 loss = self.private_step(sample)
@@ -131,6 +136,12 @@ class LocalTrainer:
         if losses:
             self._last_loss = sum(losses) / len(losses)
         return self._last_loss
+
+    @property
+    def lr(self) -> float:
+        """The learning rate of our next step: --lr times the schedule's share at it."""
+        share = lr_share(self.config.lr_schedule, self.ledger.steps, self.horizon)
+        return self.config.lr * share
 
     def step(self, batch: dict[str, torch.Tensor]) -> float:
         """One (non-private) optimizer step over `batch`; returns its loss."""
@@ -229,6 +240,21 @@ class LocalTrainer:
         with self._lock:
             self._activate()
             return mean_loss(self.model, batches)
+
+
+def lr_share(schedule: str, step: int, horizon: int) -> float:
+    """The share of --lr that step `step` (counted from 0) of a `horizon`-step run takes.
+
+    linear and cosine fall from 1 at step 0 towards 0 at `horizon`; a step at or past it keeps
+    the last step's share, so a peer that trains on (restarted with more rounds, or with none
+    given) never stalls at a rate of 0 (a DP step would spend ε for nothing).
+    """
+    if schedule == "constant" or horizon < 1:
+        return 1.0
+    done = min(step, horizon - 1) / horizon
+    if schedule == "linear":
+        return 1.0 - done
+    return 0.5 * (1.0 + math.cos(math.pi * done))
 
 
 def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:

@@ -36,6 +36,8 @@ SIMULATED: dict[str, tuple[Any, str]] = {
     "batch_size": (8, "examples per step"),
     "seq_len": (32, "tokens per example (longer examples are cut)"),
     "lr": (6e-3, "AdamW learning rate"),
+    "lr_schedule": ("constant", "constant, or linear or cosine: decay --lr to 0 over --rounds x "
+                    "--steps-per-round steps"),
     "fanout": (2, "neighbours fetched per round"),
     "settle_fanout": (0, "gossip mode: neighbours fetched per settling round (0: --fanout)"),
     "eval_every": (5, "evaluate every N rounds (and always after the last)"),

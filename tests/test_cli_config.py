@@ -32,6 +32,10 @@ def test_network_and_settling_flags(tmp_path: Path) -> None:
     config = _config(["--data-dir", str(tmp_path), "--train", "t.jsonl", "--rounds", "5",
                       "--settle-rounds", "3", "--health-check", "0", "--ping-timeout", "20"])
     assert (config.rounds, config.settle_rounds, config.total_rounds) == (5, 3, 8)
+    assert config.train.lr_schedule == "constant"
+    scheduled = _config(["--data-dir", str(tmp_path), "--train", "t.jsonl", "--rounds", "5",
+                         "--lr-schedule", "cosine"])
+    assert scheduled.train.lr_schedule == "cosine"
     assert config.network.health_check_s == 0 and config.network.ping_timeout_s == 20
     assert config.network.wire_codec == "sign"  # the default, measured by bench_wire.py
     config = _config(["--data-dir", str(tmp_path), "--train", "t.jsonl",
@@ -120,6 +124,8 @@ def test_every_option_has_help() -> None:
         (["--health-check", "-1"], "health_check"),
         (["--linger", "-5"], "linger_s"),
         (["--settle-rounds", "2"], "settle_rounds"),  # without --rounds there is nothing to settle
+        (["--lr-schedule", "step"], "lr_schedule must be one of constant, linear, cosine"),
+        (["--lr-schedule", "cosine"], "needs rounds > 0"),  # nothing to decay over
         (["--wire-codec", "gzip"], "wire_codec"),
         (["--wire-codec", "topk:2+zstd"], "wire_codec"),
         (["--settle-codec", "int4"], "settle_codec"),

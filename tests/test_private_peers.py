@@ -20,10 +20,12 @@ DP = PrivacyConfig(epsilon=2.5, delta=1e-2, clip=1.0, noise=1.0)  # 5 steps
 
 
 def _config(tmp: Path, name: str, model: Path, train: Path, *, rounds: int,
-            privacy: PrivacyConfig, bootstrap: tuple[str, ...] = ()) -> PeerConfig:
+            privacy: PrivacyConfig, bootstrap: tuple[str, ...] = (),
+            schedule: str = "constant") -> PeerConfig:
     return PeerConfig(
         data_dir=tmp / name, train_path=train, model=str(model), rounds=rounds,
-        train=TrainConfig(steps_per_round=2, batch_size=2, seq_len=24, lr=1e-3, threads=1),
+        train=TrainConfig(steps_per_round=2, batch_size=2, seq_len=24, lr=1e-3, threads=1,
+                          lr_schedule=schedule),
         network=NodeConfig(bootstrap=bootstrap, fetch_timeout_s=20),
         topology=TopologyConfig(fanout=2, peer_timeout_s=6), privacy=privacy,
     )
@@ -38,7 +40,8 @@ async def test_a_private_peer_spends_its_budget_then_settles_and_resumes_its_led
     tmp_path: Path, small_model_dir: Path, caplog: pytest.LogCaptureFixture,
 ) -> None:
     train = _train(tmp_path, "alone")
-    config = _config(tmp_path, "alone", small_model_dir, train, rounds=6, privacy=DP)
+    config = _config(tmp_path, "alone", small_model_dir, train, rounds=6, privacy=DP,
+                     schedule="linear")
     caplog.set_level(logging.WARNING, logger="peer.daemon")
     peer = Peer(config)
     with trio.fail_after(300):
@@ -52,14 +55,19 @@ async def test_a_private_peer_spends_its_budget_then_settles_and_resumes_its_led
     assert steps[-1] == 5 and 2.4 < privacy[-1]["epsilon"] <= 2.5
     trained = [line for line in lines if line["train_loss"] is not None]
     assert 0 < len(trained) < len(lines), "later rounds only serve and merge"
+    # --lr-schedule linear over 6 x 2 steps: each line gives the rate of the next step.
+    assert [line["lr"] for line in lines] == [
+        pytest.approx(1e-3 * (1 - p["steps"] / 12)) for p in privacy]
     spent = [r for r in caplog.records if "privacy budget spent" in r.getMessage()]
     assert len(spent) == 1, "said once"
     status = json.loads((config.data_dir / "status.json").read_text())
     assert status["privacy"] == privacy[-1]
     # A restart resumes the ledger: same steps, same ε, and no more training.
-    again = Peer(_config(tmp_path, "alone", small_model_dir, train, rounds=8, privacy=DP))
+    again = Peer(_config(tmp_path, "alone", small_model_dir, train, rounds=8, privacy=DP,
+                         schedule="linear"))
     runtime = await again.load()
     assert runtime.trainer.ledger.steps == steps[-1]
+    assert runtime.trainer.lr == pytest.approx(1e-3 * (1 - 5 / 16)), "the schedule resumes"
     assert runtime.trainer.ledger.record_dict() == privacy[-1]
     assert not again.training()
 
