@@ -192,6 +192,7 @@ class FakeTrainer:
         self.rounds = 0
         self.model, self.adapter = _FakeModel(), "default"
         self.ledger = Ledger(PrivacyConfig())  # not private: it only counts steps
+        self.lr = 1e-3  # what metrics lines report as the next step's rate
 
     def can_train(self) -> bool:
         return self.ledger.affords(1)
