@@ -88,8 +88,11 @@ def test_result_does_not_depend_on_neighbour_order(seed: int, k: int, shuffle_se
     random.Random(shuffle_seed).shuffle(shuffled)
     config = MergeConfig(rule=rule, trim=1, clip_tau=0.05)
     first, second = merge_states(own, others, config), merge_states(own, shuffled, config)
+    # product refactors the summed B A by an SVD, which amplifies float32's order-dependent
+    # rounding (seen: 1.5e-5 on a factor of 0.25, seed 26671116, k 3).
+    tol = 1e-4 if rule == "product" else 1e-5
     for key in first:
-        torch.testing.assert_close(first[key], second[key], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(first[key], second[key], atol=tol, rtol=tol)
 
 
 @pytest.mark.parametrize("rule", RULE_NAMES)
