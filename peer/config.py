@@ -135,6 +135,11 @@ class PeerConfig:
         """Training rounds plus settling rounds; 0 runs until stopped."""
         return self.rounds + self.settle_rounds
 
+    @property
+    def planned_steps(self) -> int:
+        """The training steps of `rounds` (0: no end): what DP's σ and the rate's decay span."""
+        return self.rounds * self.train.steps_per_round
+
     def __post_init__(self) -> None:
         if self.rounds < 0:
             raise ValueError("rounds must be >= 0 (0 runs until stopped)")

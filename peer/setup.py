@@ -92,14 +92,14 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
     store = PeerStore(config.data_dir)
     resumed = store.load_checkpoint(swarm_hex(swarm))
     ledger = plan(config.privacy, examples=len(batches), batch_size=config.train.batch_size,
-                  steps=config.rounds * config.train.steps_per_round,
+                  steps=config.planned_steps,
                   history=store.load_ledger(resumed))
     trainer = LocalTrainer(model, batches, config.train,
                            samples=resumed.samples if resumed else 0, adapter=adapter, lock=lock,
                            ledger=ledger, own=shared.own[adapter] if shared else None,
                            switch=shared.activate if shared else None,
                            isolate=shared.isolated if shared else None,
-                           horizon=config.rounds * config.train.steps_per_round)
+                           horizon=config.planned_steps)
     initial = trainer.state()
     if resumed is not None:
         _check_fits(store.root / CHECKPOINT, resumed.state, trainer.state())
