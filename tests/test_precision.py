@@ -70,7 +70,12 @@ def test_accumulation_gives_the_large_batch_gradient(small_model_dir: Path,
     parts = _gradient(_trainer(small_model_dir, grad_accum=grad_accum))
     assert whole.keys() == parts.keys() and whole
     for name, grad in whole.items():
-        torch.testing.assert_close(parts[name], grad, rtol=1e-4, atol=1e-7, msg=name)
+        # float32 sums in another order: an element's error scales with the tensor's largest
+        # terms, not its own size (8 one-example parts missed rtol 1e-4 by 6e-9 on an AMX CPU;
+        # a weighting bug in accumulation is off by percent).
+        scale = grad.abs().max().item()
+        torch.testing.assert_close(parts[name], grad, rtol=1e-4, atol=1e-7 + 1e-5 * scale,
+                                   msg=name)
 
 
 def test_accumulated_round_matches_the_large_batch_round(small_model_dir: Path) -> None:
