@@ -163,8 +163,7 @@ def summarise(lines: Sequence[dict[str, Any]], config: PeerConfig,
     if sorted(rounds) != list(range(1, config.rounds + 1)):
         raise BenchError(f"{config.data_dir}: metrics lines for rounds {sorted(rounds)}, "
                          f"expected 1..{config.rounds}")
-    steps = config.rounds * config.train.steps_per_round
-    if rounds[config.rounds]["samples"] != steps * config.train.batch_size:
+    if rounds[config.rounds]["samples"] != config.planned_steps * config.train.batch_size:
         raise BenchError("the peer trained fewer steps than asked (was it stopped?)")
     timed = range(2, config.rounds + 1)
     return DaemonRun(
