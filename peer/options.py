@@ -185,6 +185,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dp_clip", "privacy", "clip", float, "C"),
     Option("dp_noise", "privacy", "noise", float, "SIGMA"),
     Option("require_dp", "privacy", "require_dp", float, "EPS"),
+    Option("dp_accountant", "privacy", "accountant", str, "NAME"),
 )
 _BY_NAME = {option.name: option for option in OPTIONS}
 

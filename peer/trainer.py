@@ -135,6 +135,7 @@ class LocalTrainer:
             self.samples += self.batches.last_examples  # packed rows hold several
         if losses:
             self._last_loss = sum(losses) / len(losses)
+        self.ledger.epsilon()  # cached for the round's status line, which runs on the event loop
         return self._last_loss
 
     @property

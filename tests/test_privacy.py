@@ -1,4 +1,5 @@
-"""The ε ledger: Opacus's accounting, calibration, the budget, restarts and one-line errors."""
+"""The ε ledger: Opacus's accounting (RDP, and PRV where tighter), calibration, the budget,
+restarts and one-line errors."""
 
 from __future__ import annotations
 
@@ -9,12 +10,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from opacus.accountants import RDPAccountant
+from opacus.accountants import PRVAccountant, RDPAccountant
 
+from peer import accounting
+from peer.accounting import calibrate, epsilon_of
 from peer.cli import main
 from peer.errors import ConfigError, PeerError
 from peer.options import build_config
-from peer.privacy import Ledger, PrivacyConfig, calibrate, check_data, epsilon_of, plan
+from peer.privacy import Ledger, PrivacyConfig, check_data, plan
 from peer.store import Checkpoint, PeerStore
 
 BUDGET = PrivacyConfig(epsilon=2.0, delta=1e-5, clip=1.0)
@@ -36,7 +39,7 @@ def test_epsilon_matches_opacus_for_known_settings(noise: float, expected: float
     accountant = RDPAccountant()
     for _ in range(937):
         accountant.step(noise_multiplier=noise, sample_rate=32 / 10_000)
-    ours = epsilon_of([(noise, 32 / 10_000, 937)], 1e-5)
+    ours = epsilon_of([(noise, 32 / 10_000, 937)], 1e-5, "rdp")
     assert ours == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
     assert ours == pytest.approx(expected, abs=0.01)
 
@@ -46,7 +49,7 @@ def test_segments_compose_like_opacus_steps() -> None:
     for noise, rate, steps in ((1.2, 0.02, 30), (0.9, 0.05, 20)):
         for _ in range(steps):
             accountant.step(noise_multiplier=noise, sample_rate=rate)
-    ours = epsilon_of([(1.2, 0.02, 30), (0.9, 0.05, 20)], 1e-5)
+    ours = epsilon_of([(1.2, 0.02, 30), (0.9, 0.05, 20)], 1e-5, "rdp")
     assert ours == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
 
 
@@ -57,10 +60,59 @@ def test_a_step_without_noise_has_no_guarantee() -> None:
     assert ledger.record_dict()["epsilon"] is None
 
 
-def test_calibrated_noise_spends_the_budget_in_the_planned_steps() -> None:
-    noise = calibrate(BUDGET, rate=0.05, steps=200)
-    spent = epsilon_of([(noise, 0.05, 200)], BUDGET.delta)
-    assert spent <= BUDGET.epsilon and spent == pytest.approx(BUDGET.epsilon, abs=0.03)
+@pytest.mark.parametrize(("history", "tighter_than"), [
+    ([(0.589, 8 / 315, 80)], 0.85),  # the built-in swarm's busiest peer: 6.78 against 8.15
+    ([(1.24, 8 / 49, 80)], 0.95),  # its smallest: q = 0.16 amplifies less
+    ([(1.2, 0.02, 30), (0.9, 0.05, 20)], 0.95),  # a restart with other settings
+])
+def test_prv_is_opacus_prv_where_tighter_and_never_above_rdp(
+        history: list[tuple[float, float, int]], tighter_than: float) -> None:
+    prv = PRVAccountant()
+    prv.history = list(history)
+    rdp = epsilon_of(history, 1e-5, "rdp")
+    ours = epsilon_of(history, 1e-5)
+    assert ours == pytest.approx(min(rdp, prv.get_epsilon(delta=1e-5, eps_error=0.01)), rel=1e-9)
+    assert ours < tighter_than * rdp
+
+
+def test_prv_is_not_asked_where_its_grid_would_be_slow(monkeypatch: pytest.MonkeyPatch) -> None:
+    def refuse(*_: object) -> float:
+        raise AssertionError("PRV asked beyond its range")
+
+    monkeypatch.setattr(accounting, "_prv_epsilon", refuse)
+    accounting._epsilon.cache_clear()
+    many = [(1.0, 0.01, accounting.PRV_MAX_STEPS + 1)]  # ε 10 by RDP, but 200,001 steps
+    spent = [(0.5, 0.1, 400)]  # ε over 32 by RDP: the budget is long gone
+    for history in (many, spent):
+        assert epsilon_of(history, 1e-5) == epsilon_of(history, 1e-5, "rdp")
+    accounting._epsilon.cache_clear()
+
+
+def test_where_prv_cannot_answer_rdp_stands(monkeypatch: pytest.MonkeyPatch) -> None:
+    def fail(*_: object, **__: object) -> float:
+        raise ValueError("Discrete PLD has no support")  # what a failed FFT grid says, roughly
+
+    monkeypatch.setattr(PRVAccountant, "get_epsilon", fail)
+    accounting._epsilon.cache_clear()
+    history = [(0.7, 0.03, 57)]
+    assert epsilon_of(history, 1e-5) == epsilon_of(history, 1e-5, "rdp")
+    accounting._epsilon.cache_clear()
+
+
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_calibrated_noise_spends_the_budget_in_the_planned_steps(accountant: str) -> None:
+    noise = calibrate(epsilon=2.0, delta=1e-5, rate=0.05, steps=200, accountant=accountant)
+    spent = epsilon_of([(noise, 0.05, 200)], 1e-5, accountant)
+    assert spent <= 2.0 and spent == pytest.approx(2.0, abs=0.03)
+
+
+def test_prv_calibration_takes_the_least_noise_that_fits() -> None:
+    rate, steps = 8 / 315, 80
+    rdp = calibrate(epsilon=8.0, delta=1e-5, rate=rate, steps=steps, accountant="rdp")
+    prv = calibrate(epsilon=8.0, delta=1e-5, rate=rate, steps=steps)
+    assert prv < 0.95 * rdp, "PRV affords noticeably less noise"
+    assert epsilon_of([(prv, rate, steps)], 1e-5) <= 8.0
+    assert epsilon_of([(prv * 0.997, rate, steps)], 1e-5) > 8.0, "not more noise than needed"
 
 
 def test_calibration_keeps_opacus_search_warnings_out_of_the_log() -> None:
@@ -68,12 +120,15 @@ def test_calibration_keeps_opacus_search_warnings_out_of_the_log() -> None:
     # the way: three warnings in every DP peer's log at start, about values it then rejected.
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        calibrate(PrivacyConfig(epsilon=8.0, delta=1e-5, clip=1.0), rate=8 / 315, steps=80)
+        for accountant in ("prv", "rdp"):
+            calibrate(epsilon=8.0, delta=1e-5, rate=8 / 315, steps=80, accountant=accountant)
     assert [str(w.message) for w in caught] == []
 
 
-def test_the_ledger_stops_at_the_budget() -> None:
-    ledger = plan(BUDGET, examples=400, batch_size=8, steps=40)
+@pytest.mark.parametrize("accountant", ["prv", "rdp"])
+def test_the_ledger_stops_at_the_budget(accountant: str) -> None:
+    ledger = plan(PrivacyConfig(epsilon=2.0, accountant=accountant), examples=400,
+                  batch_size=8, steps=40)
     taken = 0
     while ledger.affords(1):
         ledger.record(1)
@@ -125,6 +180,7 @@ def _values(tmp_path: Path, **privacy: object) -> dict[str, object]:
     ({"dp_epsilon": 1, "dp_noise": -2}, "dp_noise must be"),
     ({"dp_noise": 1.0}, "dp_noise needs dp_epsilon"),
     ({"require_dp": 0}, "require_dp must be"),
+    ({"dp_epsilon": 8, "dp_accountant": "gdp"}, "dp_accountant must be one of prv, rdp"),
     ({"dp_epsilon": 8, "grad_checkpointing": True}, "does not work with grad_checkpointing"),
     ({"dp_epsilon": 8, "quantize": "4bit"}, "does not work with grad_checkpointing or quant"),
 ])
