@@ -112,7 +112,11 @@ class LocalTrainer:
         """
         with self._lock:
             self._activate()
-            return self._train_steps(stop)
+            loss = self._train_steps(stop)
+        # ε of the steps just taken, cached for the round's status line (on the event loop);
+        # outside the lock, which in-process peers share.
+        self.ledger.epsilon()
+        return loss
 
     def _train_steps(self, stop: threading.Event | None) -> float:
         self.model.train()
@@ -135,7 +139,6 @@ class LocalTrainer:
             self.samples += self.batches.last_examples  # packed rows hold several
         if losses:
             self._last_loss = sum(losses) / len(losses)
-        self.ledger.epsilon()  # cached for the round's status line, which runs on the event loop
         return self._last_loss
 
     @property

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from peer import accounting
 from peer.config import TrainConfig
 from peer.data import TokenBatches
 from peer.dpsgd import clip_rows, noisy_mean, per_example_grads, per_example_norms
@@ -70,7 +71,11 @@ def test_noise_has_the_promised_scale() -> None:
     assert float(noisy.std()) == pytest.approx(1.5 * 0.5 / 3.0, rel=0.02)
 
 
-def test_a_private_trainer_stops_at_its_budget(peft_and_tokenizer) -> None:
+def test_a_private_trainer_stops_at_its_budget(peft_and_tokenizer,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    asked: list[object] = []
+    prv = accounting._prv_epsilon
+    monkeypatch.setattr(accounting, "_prv_epsilon", lambda *a: asked.append(a) or prv(*a))
     model, tokenizer = peft_and_tokenizer
     config = TrainConfig(steps_per_round=4, batch_size=4, seq_len=32, lr=1e-2, grad_accum=2)
     batches = TokenBatches(TEXTS, tokenizer, seq_len=32, batch_size=4, seed=0)
@@ -83,6 +88,11 @@ def test_a_private_trainer_stops_at_its_budget(peft_and_tokenizer) -> None:
         loss = trainer.train_round()
         rounds += 1
         assert loss > 0 and rounds < 50
+        # The round's ε was worked out in the training thread: the event loop's status line,
+        # announcement and budget check find it cached.
+        before_status = len(asked)
+        ledger.record_dict(), ledger.announced(), trainer.can_train()
+        assert len(asked) == before_status
     assert ledger.epsilon() <= 3.0 and not ledger.affords(1)
     assert ledger.history == [(1.0, 4 / len(TEXTS), ledger.steps)]
     after = trainer.state()
