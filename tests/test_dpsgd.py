@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -75,7 +76,12 @@ def test_a_private_trainer_stops_at_its_budget(peft_and_tokenizer,
                                               monkeypatch: pytest.MonkeyPatch) -> None:
     asked: list[object] = []
     prv = accounting._prv_epsilon
-    monkeypatch.setattr(accounting, "_prv_epsilon", lambda *a: asked.append(a) or prv(*a))
+
+    def counted(*args: Any) -> float:
+        asked.append(args)
+        return prv(*args)
+
+    monkeypatch.setattr(accounting, "_prv_epsilon", counted)
     model, tokenizer = peft_and_tokenizer
     config = TrainConfig(steps_per_round=4, batch_size=4, seq_len=32, lr=1e-2, grad_accum=2)
     batches = TokenBatches(TEXTS, tokenizer, seq_len=32, batch_size=4, seed=0)
