@@ -136,6 +136,14 @@ class Ledger:
                 guess=self.planned - self.steps)
         return self._most
 
+    def describe(self) -> str:
+        """One line for the start-up log: the noise, the sampling and what the budget holds."""
+        assert self.config.epsilon is not None
+        return (f"DP-SGD: noise σ = {self.noise:.4g}, sampling rate q = {self.rate:.4g}, clip "
+                f"C = {self.config.clip:g}; ε {self.epsilon():.4g} of {self.config.epsilon:g} "
+                f"spent at δ = {self.config.delta:g} ({self.config.accountant} accountant); "
+                f"the budget holds {self.most_steps() - self.steps} more steps")
+
     def announced(self) -> float:
         """ε for an announcement: the finite ε spent, or -1.0 for "no DP guarantee"."""
         if not self.config.enabled:

@@ -94,6 +94,8 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
     ledger = plan(config.privacy, examples=len(batches), batch_size=config.train.batch_size,
                   steps=config.planned_steps,
                   history=store.load_ledger(resumed))
+    if ledger.config.enabled:
+        logger.info("%s", ledger.describe())
     trainer = LocalTrainer(model, batches, config.train,
                            samples=resumed.samples if resumed else 0, adapter=adapter, lock=lock,
                            ledger=ledger, own=shared.own[adapter] if shared else None,

@@ -129,12 +129,16 @@ def test_calibration_keeps_opacus_search_warnings_out_of_the_log() -> None:
 def test_the_ledger_stops_at_the_budget(accountant: str) -> None:
     ledger = plan(PrivacyConfig(epsilon=2.0, accountant=accountant), examples=400,
                   batch_size=8, steps=40)
+    start = f"σ = {ledger.noise:.4g}, sampling rate q = 0.02, clip C = 1; ε 0 of 2"
+    assert start in ledger.describe()
     taken = 0
     while ledger.affords(1):
         ledger.record(1)
         taken += 1
     assert 38 <= taken <= 45, "calibrated for 40 steps (to a tolerance)"
     assert ledger.epsilon() <= BUDGET.epsilon
+    assert f"ε {ledger.epsilon():.4g} of 2 spent at δ = 1e-05 ({accountant} accountant); the " \
+        "budget holds 0 more steps" in ledger.describe()
     ledger.record(1)  # what the next step would cost
     assert ledger.epsilon() > BUDGET.epsilon
 
