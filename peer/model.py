@@ -226,9 +226,11 @@ def load_base(model_dir: Path, placement: Placement = CPU_FLOAT32) -> tuple[Any,
         if placement.quantize:
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, quantization_config=_bnb_config(placement),
-                device_map={"": str(placement.device)}, dtype=placement.dtype)
+                device_map={"": str(placement.device)}, dtype=placement.dtype,
+                attn_implementation=placement.attention)
         else:
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype)
+            model = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=placement.dtype, attn_implementation=placement.attention)
             cast(Any, model).to(placement.device)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: cannot load as a causal LM ({exc})") from exc

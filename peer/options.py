@@ -149,6 +149,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dtype", "device", "dtype", str, "DTYPE"),
     Option("quantize", "device", "quantize", str, "4bit|8bit", scope=SWARM),
     Option("grad_checkpointing", "device", "grad_checkpointing", _bool, "BOOL"),
+    Option("attention", "device", "attention", str, "sdpa|eager"),
     Option("listen", "network", "listen", str, "MULTIADDR", repeat=True),
     Option("bootstrap", "network", "bootstrap", str, "MULTIADDR", repeat=True),
     Option("announce", "network", "announce", str, "MULTIADDR", repeat=True),

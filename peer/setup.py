@@ -79,7 +79,7 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
             raise ConfigError(
                 f"in-process peers share one base, on {shared.placement.describe()}, and this "
                 f"peer asks for {placement.describe()}: give every peer the same --device, "
-                "--dtype and --quantize")
+                "--dtype, --quantize and --attention")
         model, tokenizer, lock = shared.model, shared.tokenizer, shared.lock
         model_dir, model_print = shared.model_dir, shared.fingerprint
         adapter = shared.add_adapter(config.data_dir.name, config.lora, config.init_seed,

@@ -98,8 +98,9 @@ class InProcessBackend:
     async def open(cls, folders: Sequence[Path], log: Path, first: PeerConfig, *,
                    node_factory: NodeFactory = GossipNode,
                    gate: RoundGate | None = None) -> AsyncIterator[InProcessBackend]:
-        """Load the base model of `first`, placed by its --device, --dtype and --quantize, which
-        every peer must share (and use its torch threads, 0: all); log to `log`.
+        """Load the base model of `first`, placed by its --device, --dtype, --quantize and
+        --attention, which every peer must share (and use its torch threads, 0: all); log to
+        `log`.
         The peers' nodes come from `node_factory` (libp2p hosts, or a memory network's); with
         `gate`, they settle in lock step behind it."""
         with logging_to(log):

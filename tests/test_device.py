@@ -81,9 +81,16 @@ def test_quantization_keeps_the_compute_dtype_rules() -> None:
     assert qlora.describe() == "cuda:0, bfloat16 base, 4bit"
 
 
+def test_the_attention_kernel_is_part_of_the_placement() -> None:
+    eager = resolve(DeviceConfig(device="cpu", attention="eager"), AMPERE)
+    assert eager.attention == "eager" and eager.describe() == "cpu, float32 base, eager attention"
+    assert eager != resolve(DeviceConfig(device="cpu"), AMPERE), "in-process peers must agree"
+
+
 @pytest.mark.parametrize(
     ("field", "value"),
-    [("device", "gpu"), ("device", "cuda:x"), ("dtype", "half"), ("quantize", "2bit")],
+    [("device", "gpu"), ("device", "cuda:x"), ("dtype", "half"), ("quantize", "2bit"),
+     ("attention", "flash")],
 )
 def test_unknown_names_are_refused(field: str, value: str) -> None:
     with pytest.raises(ValueError, match=value.replace(":", ".")):

@@ -12,6 +12,7 @@ import torch
 from peer import accounting
 from peer.config import TrainConfig
 from peer.data import TokenBatches
+from peer.device import Placement
 from peer.dpsgd import clip_rows, noisy_mean, per_example_grads, per_example_norms
 from peer.model import LoraSettings, attach_lora, load_base
 from peer.privacy import PrivacyConfig, plan
@@ -51,6 +52,21 @@ def test_per_example_grads_match_one_backward_per_example(peft_and_tokenizer) ->
             if param.requires_grad:
                 torch.testing.assert_close(grads[name][i], param.grad, rtol=1e-3, atol=1e-6)
     model.zero_grad()
+
+
+def test_eager_attention_gives_the_same_per_example_grads(peft_and_tokenizer,
+                                                          small_model_dir: Path) -> None:
+    model, tokenizer = peft_and_tokenizer
+    base, _ = load_base(small_model_dir, Placement(attention="eager"))
+    eager = attach_lora(base, LoraSettings(rank=4, alpha=8), seed=1)
+    assert base.config._attn_implementation == "eager"
+    assert model.base_model.model.config._attn_implementation == "sdpa"
+    batch = _batch(tokenizer, 5)
+    fused, fused_losses = per_example_grads(model, _trainable(model), batch)
+    plain, plain_losses = per_example_grads(eager, _trainable(eager), batch)
+    torch.testing.assert_close(plain_losses, fused_losses, rtol=1e-5, atol=1e-6)
+    for name, grads in fused.items():
+        torch.testing.assert_close(plain[name], grads, rtol=1e-4, atol=1e-6)
 
 
 def test_no_example_gradient_is_above_the_clip_after_clipping(peft_and_tokenizer) -> None:

@@ -144,7 +144,7 @@ def test_in_process_peers_share_a_base_placed_as_they_ask(tmp_path: Path,
     state = runtime.trainer.state()
     assert {v.dtype for v in state.values()} == {torch.float32}
     assert any(not torch.equal(state[k], start[k]) for k in start)
-    with pytest.raises(ConfigError, match="same --device, --dtype and --quantize"):
+    with pytest.raises(ConfigError, match="same --device, --dtype, --quantize and --attention"):
         build_runtime(replace(config, data_dir=tmp_path / "p1",
                               device=DeviceConfig(device="cpu", dtype="float32")), shared)
 
