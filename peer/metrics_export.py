@@ -44,6 +44,15 @@ GAUGES = {
                       "validation."),
     "peers_refused": ("loraswarm_peers_refused", "Peers the view refused to admit."),
 }
+# status.json's `privacy` key -> (metric name, help): the ledger of a DP peer.
+PRIVACY = {
+    "epsilon": ("loraswarm_privacy_epsilon", "Epsilon spent on this peer's own DP steps at "
+                "--dp-delta (absent without a guarantee)."),
+    "budget": ("loraswarm_privacy_epsilon_budget", "--dp-epsilon: training stops before "
+               "spending more."),
+    "noise_multiplier": ("loraswarm_privacy_noise_multiplier", "Noise multiplier (sigma) of "
+                         "this run's DP steps."),
+}
 # status.json key (a reason -> count mapping) -> (metric name without _total, help).
 BY_REASON = {
     "rejected": ("loraswarm_rejected", "Neighbour adapters refused, by reason."),
@@ -75,6 +84,7 @@ class PeerCollector(Collector):
         live = values.get("live_peers")
         if "peers_live" not in values and isinstance(live, list):
             yield GaugeMetricFamily(*GAUGES["peers_live"], value=len(live))
+        yield from _privacy(values.get("privacy"))
         for key, (name, doc) in BY_REASON.items():
             family = CounterMetricFamily(name, doc, labels=["reason"])
             for reason, count in sorted(dict(values.get(key) or {}).items()):
@@ -92,6 +102,18 @@ def peer_registry(read: Callable[[], Mapping[str, Any]]) -> CollectorRegistry:
 def exposition(registry: CollectorRegistry) -> bytes:
     """The registry in the Prometheus text format (version 0.0.4)."""
     return generate_latest(registry)
+
+
+def _privacy(ledger: Any) -> Iterator[Metric]:
+    """A DP peer's ledger: ε spent, its budget and σ, and the steps counted."""
+    if not isinstance(ledger, Mapping) or ledger.get("budget") is None:
+        return  # no --dp-epsilon: nothing private to watch
+    for key, (name, doc) in PRIVACY.items():
+        if _number(ledger.get(key)):
+            yield GaugeMetricFamily(name, doc, value=float(ledger[key]))
+    if _number(ledger.get("steps")):
+        yield CounterMetricFamily("loraswarm_privacy_steps", "Training steps in this peer's "
+                                  "privacy ledger.", value=float(ledger["steps"]))
 
 
 def _number(value: Any) -> bool:

@@ -152,12 +152,15 @@ class Ledger:
         return eps if math.isfinite(eps) else -1.0
 
     def record_dict(self) -> dict[str, Any]:
-        """`privacy` of status.json and metrics lines (ε null: no guarantee, i.e. infinite)."""
+        """`privacy` of status.json and metrics lines (ε null: no guarantee, i.e. infinite;
+        budget null: no --dp-epsilon)."""
         eps = self.epsilon()
         private = self.config.enabled
         return {"epsilon": round(eps, 6) if private and math.isfinite(eps) else None,
                 "delta": self.config.delta if private else None, "steps": self.steps,
-                "noise_multiplier": self.noise, "clip": self.config.clip if private else None}
+                "noise_multiplier": self.noise, "clip": self.config.clip if private else None,
+                "budget": self.config.epsilon,
+                "accountant": self.config.accountant if private else None}
 
     def to_json(self) -> dict[str, Any]:
         return {"history": [list(segment) for segment in self.history]}

@@ -26,7 +26,9 @@ from peer.config import PeerConfig
 from peer.daemon import Peer
 from peer.errors import ConfigError
 from peer.http import HttpLimits, http_listen
+from peer.metrics_export import exposition, peer_registry
 from peer.options import config_from_args
+from peer.privacy import Ledger, PrivacyConfig
 from tests.fakes import fake_runtime
 from topology.config import TopologyConfig
 
@@ -127,6 +129,22 @@ async def test_metrics_match_status_json(tmp_path: Path) -> None:
     assert samples["loraswarm_train_loss[]"] == pytest.approx(last["train_loss"]) == 1 / 3
     info = samples[f"loraswarm_peer_info{sorted(_info(status).items())}"]
     assert info == 1
+
+
+def test_a_private_peers_ledger_is_in_its_metrics() -> None:
+    ledger = Ledger(PrivacyConfig(epsilon=8.0, noise=1.0), noise=1.0, rate=0.05)
+    ledger.record(30)
+    text = exposition(peer_registry(lambda: {"privacy": ledger.record_dict()})).decode()
+    samples = {sample.name: sample.value
+               for family in text_string_to_metric_families(text) for sample in family.samples}
+    assert samples["loraswarm_privacy_epsilon"] == pytest.approx(ledger.epsilon(), abs=1e-6)
+    assert 0 < samples["loraswarm_privacy_epsilon"] < 8
+    assert samples["loraswarm_privacy_epsilon_budget"] == 8.0
+    assert samples["loraswarm_privacy_noise_multiplier"] == 1.0
+    assert samples["loraswarm_privacy_steps_total"] == 30
+    # A peer without --dp-epsilon has no ledger worth a metric (its ε would be "none").
+    plain = {"privacy": Ledger(PrivacyConfig()).record_dict()}
+    assert b"loraswarm_privacy" not in exposition(peer_registry(lambda: plain))
 
 
 def _info(status: dict) -> dict[str, str]:
