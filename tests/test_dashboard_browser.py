@@ -34,7 +34,8 @@ def _start_peer(folder: Path, model: Path, train: Path) -> subprocess.Popen[byte
     command = [sys.executable, "-m", "peer.cli", "peer", "--data-dir", str(folder),
                "--train", str(train), "--eval", str(train), "--model", str(model),
                "--steps-per-round", "1", "--batch-size", "2", "--seq-len", "24",
-               "--threads", "1", "--rounds", "2", "--linger", "300", "--http", "0"]
+               "--threads", "1", "--rounds", "2", "--linger", "300", "--http", "0",
+               "--dp-epsilon", "8", "--dp-delta", "0.01"]
     log = open(folder.with_suffix(".log"), "wb")  # noqa: SIM115 - lives as long as the process
     return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
@@ -84,6 +85,8 @@ def test_dashboard_renders_the_peers_numbers(tmp_path: Path, small_model_dir: Pa
     lines = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
     assert f'<div class="v" id="train-loss">{lines[-1]["train_loss"]:.4f}</div>' in dom
     assert html.escape(status["device"]) in dom
+    epsilon = status["privacy"]["epsilon"]
+    assert 0 < epsilon <= 8 and f'<div class="v" id="epsilon">{epsilon:.3f} of 8</div>' in dom
     # The swarm table: a lone peer's telemetry is its own row, in bold, with its real id.
     assert '<table id="swarm-table">' in dom and 'id="swarm-empty"' not in dom
     assert f'<tr style="font-weight:600"><td title="{status["peer_id"]}">' in dom
@@ -116,3 +119,4 @@ async def test_dashboard_shows_swarm_telemetry_as_text(tmp_path: Path, monkeypat
     assert "<td>2.5000</td><td>2.7500</td>" in dom and "<td>4 s</td>" in dom
     assert html.escape(HOSTILE, quote=False) in dom, "telemetry is shown as text"
     assert "<img" not in dom and "<title>loraswarm 12D3Ko" in dom
+    assert 'id="epsilon"' not in dom, "no privacy card without --dp-epsilon"
