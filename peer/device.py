@@ -29,8 +29,9 @@ DTYPES: dict[str, torch.dtype] = {
     "float16": torch.float16,
 }
 QUANTIZE = ("4bit", "8bit")
-# Attention kernels of the base (transformers' attn_implementation).
-ATTENTION = ("sdpa", "eager")
+# Attention kernels of the base (transformers' attn_implementation); auto: transformers' choice
+# (SDPA where the model supports it, else eager).
+ATTENTION = ("auto", "sdpa", "eager")
 ADAPTER_DTYPE = torch.float32  # the dtype of LoRA factors, optimizer state, merges and the wire
 # CPU flags (Linux /proc/cpuinfo) of native bfloat16 matrix arithmetic: AVX-512 BF16, Intel AMX.
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
@@ -53,9 +54,10 @@ class DeviceConfig:
     grad_checkpointing: bool = field(default=False, metadata={
         "help": "keep fewer activations and recompute them in the backward pass: less "
         "memory for one more forward pass per step"})
-    attention: str = field(default="sdpa", metadata={
-        "help": "attention kernel of the base: sdpa (PyTorch's fused kernels) or eager (plain "
-        "matmuls). With --dp-epsilon on a CPU and batches of 32 or more, eager made a DP step "
+    attention: str = field(default="auto", metadata={
+        "help": "attention kernel of the base: auto (transformers' choice: sdpa where the model "
+        "supports it), sdpa (PyTorch's fused kernels) or eager (plain matmuls). With "
+        "--dp-epsilon on a CPU and batches of 32 or more, eager made a DP step "
         "25-34 percent faster (vmap cannot batch the CPU's fused kernel); on a GPU it was "
         "slower. Its memory grows with --seq-len squared"})
 
@@ -68,7 +70,7 @@ class DeviceConfig:
         if self.quantize and self.quantize not in QUANTIZE:
             raise ValueError(f"unknown quantization {self.quantize!r}; use 4bit or 8bit")
         if self.attention not in ATTENTION:
-            raise ValueError(f"unknown attention {self.attention!r}; use sdpa or eager")
+            raise ValueError(f"unknown attention {self.attention!r}; use auto, sdpa or eager")
 
 
 def _is_device_name(name: str) -> bool:
@@ -137,14 +139,14 @@ class Placement:
     dtype: torch.dtype = torch.float32
     quantize: str = ""
     grad_checkpointing: bool = False
-    attention: str = "sdpa"
+    attention: str = "auto"
 
     def describe(self) -> str:
         """One line for the start-up log, e.g. `cuda:0, bfloat16 base, 4bit`."""
         dtype = str(self.dtype).removeprefix("torch.")
         text = f"{self.device}, {dtype} base"
         text += f", {self.quantize}" if self.quantize else ""
-        return text + (f", {self.attention} attention" if self.attention != "sdpa" else "")
+        return text + (f", {self.attention} attention" if self.attention != "auto" else "")
 
 
 CPU_FLOAT32 = Placement()

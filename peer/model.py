@@ -221,16 +221,19 @@ def load_base(model_dir: Path, placement: Placement = CPU_FLOAT32) -> tuple[Any,
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    # "auto" leaves the kernel to transformers (SDPA where the model supports it); a kernel the
+    # model lacks is a ValueError from transformers, refused below in one line.
+    attention = {} if placement.attention == "auto" else {
+        "attn_implementation": placement.attention}
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if placement.quantize:
             model = AutoModelForCausalLM.from_pretrained(
                 model_dir, quantization_config=_bnb_config(placement),
-                device_map={"": str(placement.device)}, dtype=placement.dtype,
-                attn_implementation=placement.attention)
+                device_map={"": str(placement.device)}, dtype=placement.dtype, **attention)
         else:
-            model = AutoModelForCausalLM.from_pretrained(
-                model_dir, dtype=placement.dtype, attn_implementation=placement.attention)
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=placement.dtype,
+                                                         **attention)
             cast(Any, model).to(placement.device)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"{model_dir}: cannot load as a causal LM ({exc})") from exc

@@ -60,7 +60,7 @@ def test_eager_attention_gives_the_same_per_example_grads(peft_and_tokenizer,
     base, _ = load_base(small_model_dir, Placement(attention="eager"))
     eager = attach_lora(base, LoraSettings(rank=4, alpha=8), seed=1)
     assert base.config._attn_implementation == "eager"
-    assert model.base_model.model.config._attn_implementation == "sdpa"
+    assert model.base_model.model.config._attn_implementation == "sdpa", "auto: sdpa here"
     batch = _batch(tokenizer, 5)
     fused, fused_losses = per_example_grads(model, _trainable(model), batch)
     plain, plain_losses = per_example_grads(eager, _trainable(eager), batch)
