@@ -33,7 +33,7 @@ from gossip.estimate import PublicEstimate
 from gossip.fetcher import cap_s, fetch_adapter, link_stats, patience
 from gossip.replicas import Replicas
 from gossip.transfer import AdapterServer, Fetched, Offer
-from gossip.wire import Announcement, FetchHeader
+from gossip.wire import NOT_PRIVATE, Announcement, FetchHeader
 
 __all__ = ["Endpoint", "Heard", "Received"]
 
@@ -66,6 +66,7 @@ class Received:
     samples: int
     state: dict[str, torch.Tensor]
     nbytes: int
+    privacy: float = NOT_PRIVATE  # the ε its server signed for this version
 
 
 class Endpoint:
@@ -235,7 +236,7 @@ class Endpoint:
                 raise
             self.replicas.keep(peer, applied)
         return Received(peer=fetched.peer, version=fetched.version, samples=fetched.samples,
-                        state=state, nbytes=len(fetched.data))
+                        state=state, nbytes=len(fetched.data), privacy=fetched.privacy)
 
     def _reject(self, reason: str, fmt: str, *args: object) -> None:
         self.rejected[reason] += 1

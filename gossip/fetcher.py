@@ -241,7 +241,8 @@ async def _fetch(
     if actual != header.body_digest:  # the header's body digest is the signed one
         raise TransferError("digest_mismatch", f"update bytes from {peer} do not match its digest")
     return Fetched(peer=peer, version=header.version, samples=header.samples, data=data,
-                   digest=header.digest, rtt_s=body_start - sent, body_s=body_s)
+                   digest=header.digest, privacy=header.privacy, rtt_s=body_start - sent,
+                   body_s=body_s)
 
 
 async def read_body(stream: Any, n: int, *, peer: str, budget_at: float, cap_at: float,

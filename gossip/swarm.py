@@ -22,7 +22,8 @@ import json
 import math
 from collections.abc import Mapping
 
-PROTOCOL_VERSION: int = 4  # 4: announcements carry telemetry and the privacy ε
+# 4: announcements carry telemetry and the privacy ε; 5: so do transfer headers, signed.
+PROTOCOL_VERSION: int = 5
 SWARM_ID_BYTES = 16
 TRANSFER_PROTOCOL = "/loraswarm/adapter/4"
 

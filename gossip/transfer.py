@@ -31,7 +31,15 @@ import trio
 
 from gossip.errors import TransferError, WireError
 from gossip.estimate import EstimateSnapshot, encode_update
-from gossip.wire import FetchHeader, FetchRequest, digest, frame, frame_length, signed_offer
+from gossip.wire import (
+    NOT_PRIVATE,
+    FetchHeader,
+    FetchRequest,
+    digest,
+    frame,
+    frame_length,
+    signed_offer,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +62,7 @@ class Offer:
     version: int
     samples: int
     estimate: EstimateSnapshot
+    privacy: float = NOT_PRIVATE  # ε the DP ledger had spent on this version
 
     @property
     def digest(self) -> bytes:
@@ -88,6 +97,7 @@ class Fetched:
     samples: int
     data: bytes
     digest: bytes
+    privacy: float = NOT_PRIVATE  # the signed ε of this version
     rtt_s: float = 0.0  # request sent to header received
     body_s: float = 0.0  # header received to last body byte
 
@@ -194,7 +204,7 @@ class AdapterServer:
             body_digest = await trio.to_thread.run_sync(digest, data)
             signature = self._sign(signed_offer(self._swarm, self._peer, offer.version,
                                                 offer.samples, len(data), offer.digest,
-                                                body_digest))
+                                                body_digest, offer.privacy))
             kind = "current" if not steps else "keyframe" if steps[0].is_keyframe else "delta"
             body = Body(data, body_digest, signature, kind)
             if self._offer is offer:  # not cached for an offer replaced meanwhile
@@ -284,7 +294,7 @@ class AdapterServer:
         return FetchHeader(
             swarm=self._swarm, status=status, version=offer.version, samples=offer.samples,
             nbytes=len(body.data), digest=offer.digest, body_digest=body.digest,
-            signature=body.signature,
+            signature=body.signature, privacy=offer.privacy,
         ).to_wire()
 
     def _count(self, reason: str) -> None:

@@ -286,7 +286,8 @@ class FetchHeader(Envelope):
     An "ok" header carries the server's libp2p signature over `signed_offer(...)`: the version
     (and so the age a merge gives it), sample count and `digest` (the estimate digest that
     names the version, `gossip.estimate`) of what it serves, and the length and sha256
-    (`body_digest`) of the update bytes that follow, are bound to its key, whether or not an
+    (`body_digest`) of the update bytes that follow, and the ε its DP ledger had spent on
+    that version (`privacy`, -1.0: no guarantee), are bound to its key, whether or not an
     announcement of that version was heard.
     """
 
@@ -298,12 +299,13 @@ class FetchHeader(Envelope):
     digest: bytes
     body_digest: bytes = b"\0" * DIGEST_BYTES
     signature: bytes = b""
+    privacy: float = NOT_PRIVATE
     protocol: int = PROTOCOL_VERSION
 
     KIND: ClassVar[str] = "fetch_header"
     FIELDS: ClassVar[frozenset[str]] = frozenset(
         {"protocol", "status", "version", "samples", "nbytes", "digest", "body_digest",
-         "signature"}
+         "signature", "privacy"}
     )
 
     def __post_init__(self) -> None:
@@ -318,6 +320,7 @@ class FetchHeader(Envelope):
         check_int("samples", self.samples, 0, MAX_SAMPLES)
         check_bytes("digest", self.digest, DIGEST_BYTES)
         check_bytes("body_digest", self.body_digest, DIGEST_BYTES)
+        _check_privacy(self.privacy)
         if type(self.signature) is not bytes:
             raise bad_field("signature", f"expected bytes, got {type(self.signature).__name__}")
         low = 1 if ok else 0
@@ -327,7 +330,7 @@ class FetchHeader(Envelope):
     def signed_part(self, peer: str) -> bytes:
         """What the signature covers; see `signed_offer`."""
         return signed_offer(self.swarm, peer, self.version, self.samples, self.nbytes,
-                            self.digest, self.body_digest)
+                            self.digest, self.body_digest, self.privacy)
 
     @classmethod
     def from_wire(cls, data: bytes, *, swarm: bytes, max_nbytes: int) -> FetchHeader:
@@ -343,14 +346,15 @@ class FetchHeader(Envelope):
 
 
 def signed_offer(swarm: bytes, peer: str, version: int, samples: int, nbytes: int,
-                 digest: bytes, body_digest: bytes) -> bytes:
+                 digest: bytes, body_digest: bytes, privacy: float = NOT_PRIVATE) -> bytes:
     """The bytes a server signs for an offer: a domain tag, then every field a merge relies on.
 
     The peer id is inside, so a signature cannot be replayed by another peer; the swarm id is
     inside, so it cannot be replayed into another swarm. `digest` names the estimate version;
-    `nbytes` and `body_digest` bind the update bytes sent for it (one signature per body).
+    `nbytes` and `body_digest` bind the update bytes sent for it (one signature per body);
+    `privacy` is the ε spent on that version (`--require-dp` judges the adapter by it).
     """
-    fields = [swarm, peer, version, samples, nbytes, digest, body_digest]
+    fields = [swarm, peer, version, samples, nbytes, digest, body_digest, privacy]
     return _SIGNING_TAG + msgpack.packb(fields, use_bin_type=True)
 
 

@@ -23,7 +23,7 @@ import trio
 
 from gossip.errors import TransferError, WireError
 from gossip.node import Received
-from gossip.wire import Announcement
+from gossip.wire import NOT_PRIVATE, Announcement
 from merge.config import MergeConfig
 from merge.errors import RejectedUpdate
 from merge.reference import NormReference
@@ -174,12 +174,8 @@ class Gatherer:
 
     async def _fetch_one(self, announcement: Announcement, round_: _Round) -> None:
         peer = announcement.peer
-        refusal = self._privacy_refusal(announcement)
-        if refusal is not None:  # refused before a byte is fetched
-            self.stats.rejected[refusal] += 1
-            logger.info("not merging %s: %s (announced ε %g, --require-dp %g)", peer, refusal,
-                        announcement.privacy, self.require_dp)
-            return
+        if self._refused_as_private(peer, announcement.privacy, "announced"):
+            return  # before a byte is fetched
         try:
             received = await self.source.receive(announcement)
         except (TransferError, WireError) as exc:  # the node counted and logged it
@@ -192,6 +188,8 @@ class Gatherer:
             return
         self.stats.adapters_received += 1
         self.neighbours.answered(peer)
+        if self._refused_as_private(peer, received.privacy, "the version fetched signed"):
+            return  # it spent more ε since the announcement we judged
         if received.samples == 0 and round_.trained:
             # A neighbour that has not finished its first round serves the seeded adapter,
             # which would merge with weight 0: try another one, or it again later.
@@ -213,17 +211,26 @@ class Gatherer:
             state=received.state, samples=received.samples, peer=peer,
             age=max(0, round_.version - received.version)))
 
-    def _privacy_refusal(self, announcement: Announcement) -> str | None:
-        """Why `--require-dp` refuses this neighbour (one of PRIVACY_REASONS), or None.
+    def _refused_as_private(self, peer: str, epsilon: float, signed: str) -> bool:
+        """Whether `--require-dp` refuses a neighbour that signed `epsilon`; a refusal is
+        counted by reason (one of PRIVACY_REASONS) and logged.
 
-        Judged on its latest signed announcement; it says nothing of honesty, so the
-        neighbour is neither distrusted nor dropped.
+        Judged on its latest signed announcement before fetching, then on the signed header
+        of the version fetched; it says nothing of honesty, so the neighbour is neither
+        distrusted nor dropped.
         """
         if self.require_dp is None:
-            return None
-        if not announcement.private:
-            return "not_private"
-        return "epsilon_over" if announcement.privacy > self.require_dp else None
+            return False
+        if epsilon == NOT_PRIVATE:
+            reason = "not_private"
+        elif epsilon > self.require_dp:
+            reason = "epsilon_over"
+        else:
+            return False
+        self.stats.rejected[reason] += 1
+        logger.info("not merging %s: %s (%s ε %g, --require-dp %g)", peer, reason, signed,
+                    epsilon, self.require_dp)
+        return True
 
     def _judge(self, peer: str, reason: str) -> None:
         """Drop a neighbour that served invalid bytes; draw one the network failed after others.

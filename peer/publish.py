@@ -125,7 +125,9 @@ class Publisher:
             dict(state), config.attack, scale=config.attack_scale, seed=version)
         snapshot = await trio.to_thread.run_sync(
             partial(self.step, served, version, settling=settling))
-        offer = node.serve(Offer(version=version, samples=samples, estimate=snapshot))
+        privacy = self.trainer.ledger.announced()  # ε of this version: signed in its headers
+        offer = node.serve(Offer(version=version, samples=samples, estimate=snapshot,
+                                 privacy=privacy))
         # A neighbour's tensors have exactly our shapes, unless ranks may differ (up to
         # MAX_RANK_FACTOR x ours): what bounds the size of an update taken from it.
         node.expect_shapes(self._shapes, rank_factor=MAX_RANK_FACTOR if self.rank_free else 1,
@@ -137,7 +139,7 @@ class Publisher:
             digest=offer.digest, nbytes=offer.keyframe_bytes,
             train_loss=self.stats.last_train_loss, addrs=tuple(node.announce_addrs),
             telemetry=own_telemetry(config, self.runtime, self.stats, round_),
-            privacy=self.trainer.ledger.announced(),
+            privacy=privacy,
         )
         if node.current is not None:
             node.update(announcement)

@@ -128,7 +128,7 @@ class FakeNode:
         state = replica.estimate
         assert state is not None
         return Received(peer=other.peer_id, version=offer.version, samples=offer.samples,
-                        state=state, nbytes=len(data))
+                        state=state, nbytes=len(data), privacy=offer.privacy)
 
     @property
     def reachability(self) -> Reachability:

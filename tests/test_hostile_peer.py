@@ -62,7 +62,7 @@ def _header(signer: SyntheticPeer | None, version: int, body: bytes, target: byt
     fields (None: not signed)."""
     fields: dict[str, Any] = dict(protocol=PROTOCOL_VERSION, status="ok", version=version,
                                   samples=16, nbytes=len(body), digest=target,
-                                  body_digest=digest(body))
+                                  body_digest=digest(body), privacy=-1.0)
     fields.update(changes)
     if "signature" not in fields:
         fields["signature"] = bytes(64) if signer is None else _sign(signer, fields)
@@ -73,7 +73,7 @@ def _sign(signer: SyntheticPeer, fields: dict[str, Any]) -> bytes:
     try:
         signed = signed_offer(LOOPBACK_SWARM, signer.peer_id, fields["version"],
                               fields["samples"], fields["nbytes"], fields["digest"],
-                              fields["body_digest"])
+                              fields["body_digest"], fields.get("privacy", -1.0))
     except (TypeError, ValueError):  # a spoiled field cannot be packed: sign anything
         return bytes(64)
     return bytes(signer.node.host.get_private_key().sign(signed))
@@ -233,6 +233,9 @@ def _transfer_cases(hostile: SyntheticPeer) -> list[tuple[str, Case]]:
         ("bad_signature", lambda v: good(_header(h, v, _good(v), signature=_sign(
             h, {"version": v + 1, "samples": 16, "nbytes": len(_good(v)), "digest": GOOD,
                 "body_digest": digest(_good(v))})), _good(v))),  # signed for another version
+        ("bad_signature", lambda v: good(_header(h, v, _good(v), privacy=4.0, signature=_sign(
+            h, {"version": v, "samples": 16, "nbytes": len(_good(v)), "digest": GOOD,
+                "body_digest": digest(_good(v)), "privacy": 9.0})), _good(v))),  # ε lowered
         # A version lie: signed, but behind what it announced (a rollback), or the announced
         # version with another estimate (each client may be shown another adapter).
         ("header_mismatch", lambda v: good(_header(h, v - 1, _good(v - 1)), _good(v - 1))),

@@ -296,12 +296,19 @@ def test_training_seconds_go_on_after_a_restart() -> None:
     assert stats.totals(bytes_in=0, bytes_out=0)["t_train"] == 42.5
 
 
-async def test_require_dp_refuses_by_reason_before_fetching(
+async def test_require_dp_refuses_by_reason_before_fetching_and_by_the_signed_header(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     network = FakeNetwork()
-    plain, loose, tight = (_serving(network, v) for v in (0.1, 0.2, 0.3))
-    announced = {plain.peer_id: -1.0, loose.peer_id: 9.5, tight.peer_id: 4.0}
+    plain, loose, tight, stale = (_serving(network, v) for v in (0.1, 0.2, 0.3, 0.4))
+    announced = {plain.peer_id: -1.0, loose.peer_id: 9.5, tight.peer_id: 4.0,
+                 stale.peer_id: 4.0}
+    # What each serves is signed with the ε of its version: `stale` trained on since its
+    # announcement and serves a version at ε 9.
+    signed = {**announced, stale.peer_id: 9.0}
+    for node in (plain, loose, tight, stale):
+        assert node.offered is not None
+        node.serve(replace(node.offered, privacy=signed[node.peer_id]))
 
     class Private(Neighbours):
         def sample(self, k: int, *, exclude: Collection[str] = ()) -> list[Announcement]:
@@ -309,13 +316,13 @@ async def test_require_dp_refuses_by_reason_before_fetching(
             return [replace(a, privacy=announced[a.peer]) for a in drawn]
 
     ours = network.node(NETWORK, SWARM, None)
-    neighbours = Private([plain, loose, tight])
-    gatherer = Gatherer(ours, neighbours, MergeConfig(), fanout=2, offload=_inline,
+    neighbours = Private([plain, loose, tight, stale])
+    gatherer = Gatherer(ours, neighbours, MergeConfig(), fanout=4, offload=_inline,
                         fetch_timeout_s=NETWORK.fetch_timeout_s, require_dp=8.0)
     found = await gatherer.gather(_state(0.1), version=1, trained=True)
     assert [c.peer for c in found.accepted] == [tight.peer_id]
-    assert gatherer.stats.rejected == {"not_private": 1, "epsilon_over": 1}
-    assert gatherer.stats.adapters_received == 1, "the refused were not fetched"
+    assert gatherer.stats.rejected == {"not_private": 1, "epsilon_over": 2}
+    assert gatherer.stats.adapters_received == 2, "the announced refusals were not fetched"
     assert neighbours.verdicts["distrust"] == [], "a refusal says nothing of honesty"
 
 

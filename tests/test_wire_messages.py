@@ -118,8 +118,16 @@ def test_fetch_header_refusals_round_trip(status: str) -> None:
 
 
 def test_fetch_header_ok_round_trip() -> None:
-    message = ok_header()
-    assert FetchHeader.from_wire(message.to_wire(), swarm=SWARM, max_nbytes=CAP) == message
+    for privacy in (-1.0, 0.0, 7.99):
+        message = ok_header(privacy=privacy)
+        assert FetchHeader.from_wire(message.to_wire(), swarm=SWARM, max_nbytes=CAP) == message
+
+
+def test_a_headers_signature_covers_its_privacy() -> None:
+    header = ok_header(privacy=4.0)
+    other = ok_header(privacy=9.0)
+    assert header.signed_part(PEER) != other.signed_part(PEER), "ε is signed with the version"
+    assert header.signed_part(PEER) == ok_header(privacy=4.0).signed_part(PEER)
 
 
 @FAST
@@ -267,12 +275,13 @@ def test_fetch_request_and_header_rejections() -> None:
         assert reason_of(envelope({**request, **spoil}), "request") == "bad_field", spoil
     header = {"kind": "fetch_header", "protocol": PROTOCOL_VERSION, "status": "ok", "version": 1,
               "samples": 0, "nbytes": CAP + 1, "digest": b"\0" * 32, "body_digest": b"\1" * 32,
-              "signature": bytes(64)}
+              "signature": bytes(64), "privacy": 8.0}
     assert reason_of(envelope(header), "header") == "oversized"
     for spoil in ({"status": "maybe"}, {"nbytes": 0}, {"version": -1},
                   {"status": "busy"},  # a refusal with a version and bytes promised
                   {"signature": b""}, {"signature": bytes(2000)}, {"signature": "sig"},
-                  {"body_digest": b"\1" * 31}, {"body_digest": None}):
+                  {"body_digest": b"\1" * 31}, {"body_digest": None},
+                  {"privacy": 8}, {"privacy": -0.5}, {"privacy": float("nan")}):
         assert reason_of(envelope({**header, "nbytes": 10, **spoil}), "header") == "bad_field"
 
 
