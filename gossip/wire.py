@@ -213,11 +213,6 @@ class Announcement(Envelope):
                             f"{type(self.telemetry).__name__}")
         _check_privacy(self.privacy)
 
-    @property
-    def private(self) -> bool:
-        """Whether the sender announces a DP guarantee (a finite ε)."""
-        return self.privacy != NOT_PRIVATE
-
     @classmethod
     def from_wire(cls, data: bytes, *, swarm: bytes, max_nbytes: int) -> Announcement:
         """Decode and validate an announcement.
