@@ -18,6 +18,7 @@ from gossip.dialback import DialbackReply, DialbackRequest, ask_dialback, probe_
 from gossip.errors import WireError
 from gossip.node import NodeConfig
 from gossip.reachability import PRIVATE, PUBLIC, UNKNOWN, tcp_ports, verdict
+from gossip.swarm import PROTOCOL_VERSION
 from gossip.wire import MAGIC
 from tests.nodes import SWARM, running
 
@@ -77,7 +78,7 @@ def test_dialback_messages_round_trip() -> None:
 @pytest.mark.parametrize("ports", [(), (0,), (70000,), (1, 1), (1, 2, 3, 4, 5), ("80",)])
 def test_a_hostile_request_is_refused_with_a_reason(ports: tuple) -> None:
     import msgpack
-    data = MAGIC + SWARM + msgpack.packb({"kind": "dialback_request", "protocol": 4,
+    data = MAGIC + SWARM + msgpack.packb({"kind": "dialback_request", "protocol": PROTOCOL_VERSION,
                                            "ports": list(ports)})
     with pytest.raises(WireError) as caught:
         DialbackRequest.from_wire(data, swarm=SWARM)
