@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from gossip.wire import MAX_EPSILON, NOT_PRIVATE
 from peer.accounting import (
     ACCOUNTANTS,
     MAX_NOISE,
@@ -145,11 +146,12 @@ class Ledger:
                 f"the budget holds {self.most_steps() - self.steps} more steps")
 
     def announced(self) -> float:
-        """ε for an announcement: the finite ε spent, or -1.0 for "no DP guarantee"."""
+        """ε for an announcement and transfer headers: the ε spent, or -1.0 for "no DP
+        guarantee" (also past the wire's `MAX_EPSILON`, which guarantees nothing anyway)."""
         if not self.config.enabled:
-            return -1.0
+            return NOT_PRIVATE
         eps = self.epsilon()
-        return eps if math.isfinite(eps) else -1.0
+        return eps if eps <= MAX_EPSILON else NOT_PRIVATE
 
     def record_dict(self) -> dict[str, Any]:
         """`privacy` of status.json and metrics lines (ε null: no guarantee, i.e. infinite;

@@ -53,6 +53,14 @@ def test_segments_compose_like_opacus_steps() -> None:
     assert ours == pytest.approx(accountant.get_epsilon(delta=1e-5), rel=1e-9)
 
 
+def test_an_epsilon_beyond_what_the_wire_carries_is_announced_as_no_guarantee() -> None:
+    ledger = Ledger(PrivacyConfig(epsilon=1e9, noise=0.05), noise=0.05, rate=1.0)
+    ledger.record(1000)  # ε 2.2e5 by RDP: on the wire
+    assert ledger.announced() == pytest.approx(ledger.epsilon())
+    ledger.record(9000)  # ε over 1e6: announcements and headers would refuse it
+    assert ledger.epsilon() > 1e6 and ledger.announced() == -1.0
+
+
 def test_a_step_without_noise_has_no_guarantee() -> None:
     assert epsilon_of([(1.0, 0.1, 5), (0.0, 1.0, 1)], 1e-5) == math.inf
     ledger = Ledger(BUDGET, noise=1.0, rate=0.1, history=[(0.0, 1.0, 1)])
