@@ -111,9 +111,8 @@ def _prv_epsilon(steps: tuple[Segment, ...], delta: float) -> float:
 
     accountant = PRVAccountant()
     accountant.history = list(steps)
-    try:
-        with warnings.catch_warnings(), np.errstate(all="ignore"):
-            warnings.simplefilter("ignore")
+    try:  # its domain bound asks RDP (same warning as ours); extreme σ divide by zero in log
+        with _largest_order_quiet(), np.errstate(all="ignore"):
             eps = float(accountant.get_epsilon(delta=delta, eps_error=PRV_EPS_ERROR))
     except (ValueError, ArithmeticError, RuntimeError, MemoryError) as exc:
         logger.debug("PRV accountant gave no answer for %s: %s", steps, exc)
