@@ -55,7 +55,9 @@ def test_three_daemons_join_merge_stop_and_export(tmp_path: Path, small_model_di
         boot = _status(folders[0])["listen_addrs"][0]
         for i in (1, 2):
             procs.append(_start(folders[i], small_model_dir, trains[i], "--bootstrap", boot))
-        _wait(lambda: all(_status(f).get("merges", 0) >= 1 for f in folders), "merges", procs)
+        # Every peer merged and served: the restart below checks that both totals go on.
+        _wait(lambda: all(_status(f).get("merges", 0) >= 1 and _status(f).get("bytes_out", 0) > 0
+                          for f in folders), "merges and uploads", procs)
     finally:
         for proc in procs:
             proc.send_signal(signal.SIGTERM)
