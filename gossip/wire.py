@@ -341,7 +341,7 @@ class FetchHeader(Envelope):
 
 
 def signed_offer(swarm: bytes, peer: str, version: int, samples: int, nbytes: int,
-                 digest: bytes, body_digest: bytes, privacy: float = NOT_PRIVATE) -> bytes:
+                 digest: bytes, body_digest: bytes, privacy: float) -> bytes:
     """The bytes a server signs for an offer: a domain tag, then every field a merge relies on.
 
     The peer id is inside, so a signature cannot be replayed by another peer; the swarm id is

@@ -146,7 +146,7 @@ async def test_a_corrupted_delta_is_rejected_and_the_next_fetch_gets_a_keyframe(
             bad = bytes(data)
             signature = server.host.get_private_key().sign(signed_offer(
                 SWARM, server.peer_id, offer.version, offer.samples, len(bad), offer.digest,
-                digest(bad)))
+                digest(bad), offer.privacy))
             return Body(bad, digest(bad), signature)
 
         server.server.body_for = corrupting  # type: ignore[method-assign]
