@@ -185,6 +185,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("dp_delta", "privacy", "delta", float, "DELTA"),
     Option("dp_clip", "privacy", "clip", float, "C"),
     Option("dp_noise", "privacy", "noise", float, "SIGMA"),
+    Option("dp_sample_rate", "privacy", "sample_rate", float, "Q"),
     Option("require_dp", "privacy", "require_dp", float, "EPS"),
     Option("dp_accountant", "privacy", "accountant", str, "NAME"),
 )

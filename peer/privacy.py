@@ -56,6 +56,10 @@ class PrivacyConfig:
         "--steps-per-round steps spend exactly --dp-epsilon)"})
     require_dp: float | None = field(default=None, metadata={
         "help": "merge only neighbours that announce DP training with ε at most this"})
+    sample_rate: float | None = field(default=None, metadata={
+        "help": "Poisson sampling rate q of each DP step (an expected q x N of the peer's N "
+        "examples a step) instead of --batch-size / N: peers of a swarm that share q share σ "
+        "for the same ε, and their merge weights follow their data (see README)"})
     accountant: str = field(default="prv", metadata={
         "help": "how ε is counted: prv (Opacus's PRV accountant wherever it is tighter than "
         "RDP: 6-7 percent less noise for the same ε here) or rdp (Opacus's RDP accountant "
@@ -76,6 +80,10 @@ class PrivacyConfig:
             raise ValueError(f"dp_noise must be in (0, {MAX_NOISE:g}], got {self.noise}")
         if self.noise is not None and self.epsilon is None:
             raise ValueError("dp_noise needs dp_epsilon (the budget at which training stops)")
+        if self.sample_rate is not None and not (0 < self.sample_rate <= 1):
+            raise ValueError(f"dp_sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.sample_rate is not None and self.epsilon is None:
+            raise ValueError("dp_sample_rate needs dp_epsilon (it sets DP-SGD's sampling)")
         if self.require_dp is not None and not (0 < self.require_dp < math.inf):
             raise ValueError(f"require_dp must be a finite ε > 0, got {self.require_dp}")
         if self.accountant not in ACCOUNTANTS:
@@ -89,15 +97,18 @@ class Ledger:
     Args:
         config: the budget (`epsilon`) and δ; a config without DP records noiseless steps.
         noise: σ of this run's steps (0: not private).
-        rate: Poisson sampling rate q of this run's steps (batch size / examples).
+        rate: Poisson sampling rate q of this run's steps (--dp-sample-rate, or batch size /
+            examples).
         history: the segments of earlier runs, from the data folder.
         planned: the steps σ was calibrated for, if it was (where the budget should end).
+        examples: the peer's N, for the expected batch q·N that `describe` says (0: unknown).
     """
 
     def __init__(self, config: PrivacyConfig, *, noise: float = 0.0, rate: float = 1.0,
-                 history: Sequence[Segment] = (), planned: int = 0) -> None:
+                 history: Sequence[Segment] = (), planned: int = 0, examples: int = 0) -> None:
         self.config = config
         self.noise = noise
+        self.examples = examples
         self.rate = rate
         self.planned = planned
         self.history = [(float(noise), float(q), int(steps)) for noise, q, steps in history]
@@ -140,8 +151,10 @@ class Ledger:
     def describe(self) -> str:
         """One line for the start-up log: the noise, the sampling and what the budget holds."""
         assert self.config.epsilon is not None
-        return (f"DP-SGD: noise σ = {self.noise:.4g}, sampling rate q = {self.rate:.4g}, clip "
-                f"C = {self.config.clip:g}; ε {self.epsilon():.4g} of {self.config.epsilon:g} "
+        batch = f" (an expected {self.rate * self.examples:.3g} examples a step)" \
+            if self.examples else ""
+        return (f"DP-SGD: noise σ = {self.noise:.4g}, sampling rate q = {self.rate:.4g}{batch}, "
+                f"clip C = {self.config.clip:g}; ε {self.epsilon():.4g} of {self.config.epsilon:g} "
                 f"spent at δ = {self.config.delta:g} ({self.config.accountant} accountant); "
                 f"the budget holds {self.most_steps() - self.steps} more steps")
 
@@ -207,9 +220,10 @@ def check_data(config: PrivacyConfig, *, examples: int, batch_size: int, pack: b
     if pack:
         raise ConfigError("--pack puts several examples in a row, but DP-SGD clips each "
                           "example's gradient; turn --pack off with --dp-epsilon")
-    if batch_size > examples:
+    if config.sample_rate is None and batch_size > examples:
         raise ConfigError(f"--batch-size {batch_size} exceeds the {examples} training examples; "
-                          "DP-SGD samples each example with probability batch/N")
+                          "DP-SGD samples each example with probability batch/N (or give "
+                          "--dp-sample-rate)")
 
 
 def _below(bound: float) -> float:
@@ -219,7 +233,8 @@ def _below(bound: float) -> float:
 
 def plan(config: PrivacyConfig, *, examples: int, batch_size: int, steps: int,
          history: Sequence[Segment] = ()) -> Ledger:
-    """This run's ledger: σ given or calibrated for `steps` steps, q = batch / examples.
+    """This run's ledger: σ given or calibrated for `steps` steps, q = `--dp-sample-rate`, or
+    batch / examples without it.
 
     Args:
         steps: how many steps the budget is spread over (--rounds x --steps-per-round); 0
@@ -230,10 +245,13 @@ def plan(config: PrivacyConfig, *, examples: int, batch_size: int, steps: int,
     """
     if not config.enabled:
         return Ledger(config, history=history)
-    if batch_size > examples:  # some examples had no token to predict within --seq-len
-        raise ConfigError(f"--batch-size {batch_size} exceeds the {examples} usable training "
-                          "examples; DP-SGD samples each with probability batch/N")
-    rate = batch_size / examples
+    rate = config.sample_rate
+    if rate is None:
+        if batch_size > examples:  # some examples had no token to predict within --seq-len
+            raise ConfigError(f"--batch-size {batch_size} exceeds the {examples} usable "
+                              "training examples; DP-SGD samples each with probability "
+                              "batch/N (or give --dp-sample-rate)")
+        rate = batch_size / examples
     noise, planned = config.noise, 0
     if noise is None:
         if steps < 1:
@@ -243,7 +261,8 @@ def plan(config: PrivacyConfig, *, examples: int, batch_size: int, steps: int,
         noise = calibrate(epsilon=config.epsilon, delta=config.delta, rate=rate, steps=steps,
                           accountant=config.accountant)
         planned = steps
-    ledger = Ledger(config, noise=noise, rate=rate, history=history, planned=planned)
+    ledger = Ledger(config, noise=noise, rate=rate, history=history, planned=planned,
+                    examples=examples)
     # Both worked out here, in the loading thread, not at the first step or status line.
     affordable = ledger.most_steps() - ledger.steps
     ledger.epsilon()

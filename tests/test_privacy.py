@@ -137,7 +137,8 @@ def test_calibration_keeps_opacus_search_warnings_out_of_the_log() -> None:
 def test_the_ledger_stops_at_the_budget(accountant: str) -> None:
     ledger = plan(PrivacyConfig(epsilon=2.0, accountant=accountant), examples=400,
                   batch_size=8, steps=40)
-    start = f"σ = {ledger.noise:.4g}, sampling rate q = 0.02, clip C = 1; ε 0 of 2"
+    start = (f"σ = {ledger.noise:.4g}, sampling rate q = 0.02 (an expected 8 examples a step), "
+             "clip C = 1; ε 0 of 2")
     assert start in ledger.describe()
     taken = 0
     while ledger.affords(1):
@@ -149,6 +150,20 @@ def test_the_ledger_stops_at_the_budget(accountant: str) -> None:
         "budget holds 0 more steps" in ledger.describe()
     ledger.record(1)  # what the next step would cost
     assert ledger.epsilon() > BUDGET.epsilon
+
+
+def test_a_shared_sample_rate_gives_peers_of_every_size_one_sigma() -> None:
+    shared = PrivacyConfig(epsilon=8.0, sample_rate=0.1, accountant="rdp")
+    small, large = (plan(shared, examples=n, batch_size=8, steps=80) for n in (60, 600))
+    assert small.rate == large.rate == 0.1 and small.noise == large.noise
+    assert "sampling rate q = 0.1 (an expected 60 examples a step)" in large.describe()
+    # Without it q = batch / N: the smaller peer samples more of its data and needs more σ.
+    alone = PrivacyConfig(epsilon=8.0, accountant="rdp")
+    by_batch = [plan(alone, examples=n, batch_size=8, steps=80) for n in (60, 600)]
+    assert by_batch[0].noise > by_batch[1].noise
+    # The rate, not --batch-size, bounds the sample: a batch above N is no error then.
+    check_data(shared, examples=60, batch_size=64, pack=False)
+    assert plan(shared, examples=60, batch_size=64, steps=80).rate == 0.1
 
 
 def test_the_ledger_resumes_from_the_data_folder_and_never_goes_back(tmp_path: Path) -> None:
@@ -191,6 +206,9 @@ def _values(tmp_path: Path, **privacy: object) -> dict[str, object]:
     ({"dp_epsilon": 1, "dp_clip": 0}, "dp_clip must be"),
     ({"dp_epsilon": 1, "dp_noise": -2}, "dp_noise must be"),
     ({"dp_noise": 1.0}, "dp_noise needs dp_epsilon"),
+    ({"dp_epsilon": 1, "dp_sample_rate": 0}, "dp_sample_rate must be in"),
+    ({"dp_epsilon": 1, "dp_sample_rate": 1.5}, "dp_sample_rate must be in"),
+    ({"dp_sample_rate": 0.1}, "dp_sample_rate needs dp_epsilon"),
     ({"require_dp": 0}, "require_dp must be"),
     ({"dp_epsilon": 8, "dp_accountant": "gdp"}, "dp_accountant must be one of prv, rdp"),
     ({"dp_epsilon": 8, "grad_checkpointing": True}, "does not work with grad_checkpointing"),
