@@ -96,3 +96,17 @@ async def test_require_dp_merges_only_private_neighbours(tmp_path: Path,
     assert links[others["dp"].peer_id]["transfers"] >= 1
     assert links.get(others["plain"].peer_id, {}).get("transfers", 0) == 0
     assert picky.status()["rejected"]["not_private"] == picky.stats.rejected["not_private"]
+
+
+async def test_a_sample_rate_sets_the_sample_instead_of_the_batch_size(
+    tmp_path: Path, small_model_dir: Path,
+) -> None:
+    train = _train(tmp_path, "rated")  # 8 examples; the config's --batch-size is 2
+    privacy = PrivacyConfig(epsilon=50.0, delta=1e-2, noise=1.0, sample_rate=1.0)
+    runtime = await Peer(_config(tmp_path, "rated", small_model_dir, train, rounds=1,
+                                 privacy=privacy)).load()
+    trainer = runtime.trainer
+    assert trainer.ledger.rate == 1.0
+    await trio.to_thread.run_sync(trainer.train_round)
+    # q = 1 takes every example in each of the round's 2 steps: 16, not 2 x --batch-size.
+    assert trainer.samples == 16 and trainer.ledger.steps == 2
