@@ -24,10 +24,21 @@ Three measurements, one JSON (`--json OUT`):
     `--exposure-peers/-rounds/-steps-per-round` size those runs (default: the sweep's).
     `--only utility|exposure` runs one part; `--resume` keeps what the JSON already has.
 
+    Each mode may take its own settings (a peer alone and a swarm are tuned apart):
+    `--sim-arg` passes a simulate.py argument to every run, `--gossip-arg`, `--local-arg`
+    and `--central-arg` to that mode's runs only (after the others, so they win).
+    `--runs N` repeats each utility run N times (DP noise differs between runs): the mode's
+    value is then the mean, and MODE_runs lists each run's loss.
+
     python scripts/bench_privacy.py --json bench-privacy.json
     python scripts/bench_privacy.py --json quick.json --epsilons inf,8 --rounds 2 --peers 3
     python scripts/bench_privacy.py --json b.json --rounds 24 --exposure-model builtin \
         --exposure-peers 3 --exposure-rounds 10 --exposure-steps-per-round 4
+    python scripts/bench_privacy.py --json tuned.json --only utility --epsilons 8 --runs 2 \
+        --model builtin --rounds 20 --steps-per-round 4 \
+        --gossip-arg=--lr=0.01 --gossip-arg=--fanout=7 --gossip-arg=--settle-rounds=3 \
+        --gossip-arg=--peer-arg=--lora-rank=2 --local-arg=--lr=0.004 \
+        --central-arg=--batch-size=64 --central-arg=--lr=0.003
 """
 
 from __future__ import annotations
@@ -81,7 +92,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="run only this part")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs the JSON already holds; run the others")
-    return parser.parse_args(argv)
+    parser.add_argument("--runs", type=int, default=1, metavar="N",
+                        help="utility runs of each (ε, mode): their mean is the mode's value")
+    parser.add_argument("--sim-arg", action="append", default=[], metavar="ARG",
+                        help="extra scripts/simulate.py argument for every run (repeatable), "
+                        "e.g. --sim-arg=--peer-arg=--dp-sample-rate=0.1")
+    for mode in simulate.MODES:
+        parser.add_argument(f"--{mode}-arg", action="append", default=[], metavar="ARG",
+                            help=f"extra scripts/simulate.py argument for the {mode} runs only "
+                            f"(repeatable; after --sim-arg), e.g. --{mode}-arg=--lr=0.004")
+    args = parser.parse_args(argv)
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
+    return args
 
 
 def exposure_args(args: argparse.Namespace) -> argparse.Namespace:
@@ -100,8 +123,15 @@ def _key(epsilon: str) -> str:
     return "inf" if epsilon == "inf" else f"{float(epsilon):g}"
 
 
-def run_mode(args: argparse.Namespace, epsilon: str, mode: str, inserted: Path) -> float:
-    """One `simulate.py` run (`--compare`'s settings) at `epsilon`; its mean final eval loss."""
+def run_folder(args: argparse.Namespace, epsilon: str, mode: str, run: int = 0) -> Path:
+    """Where a run's simulation goes: OUT/ε/MODE, then OUT/ε/MODE-2, ... for `--runs`."""
+    return args.out / _key(epsilon) / (mode if run == 0 else f"{mode}-{run + 1}")
+
+
+def run_mode(args: argparse.Namespace, epsilon: str, mode: str, inserted: Path,
+             run: int = 0) -> float:
+    """One `simulate.py` run (`--compare`'s settings, then --sim-arg and the mode's own) at
+    `epsilon`; its mean final eval loss."""
     dp = [] if epsilon == "inf" else [f"--peer-arg=--dp-epsilon={epsilon}",
                                       f"--peer-arg=--dp-delta={args.delta}",
                                       f"--peer-arg=--dp-clip={args.clip}"]
@@ -110,8 +140,16 @@ def run_mode(args: argparse.Namespace, epsilon: str, mode: str, inserted: Path) 
         str(args.rounds), "--steps-per-round", str(args.steps_per_round), "--batch-size",
         str(args.batch_size), "--seq-len", str(args.seq_len), "--lr", str(args.lr), "--model",
         args.model, "--eval-every", str(args.rounds), "--seed", str(args.seed), "--insert",
-        str(inserted), "--out", str(args.out / _key(epsilon) / mode), *dp])
+        str(inserted), "--out", str(run_folder(args, epsilon, mode, run)), *dp,
+        *args.sim_arg, *getattr(args, f"{mode}_arg")])
     return float(simulate.run(sim)["mean_eval_loss"])
+
+
+def _losses(utility: dict[str, Any], mode: str) -> list[float]:
+    """The losses of `mode`'s utility runs that a JSON holds (one written before --runs
+    existed holds the mode's value alone)."""
+    runs = utility.get(f"{mode}_runs")
+    return list(runs) if runs else [utility[mode]] if mode in utility else []
 
 
 def schedule(epsilons: list[str]) -> list[tuple[str, str]]:
@@ -144,7 +182,7 @@ def run_exposure(args: argparse.Namespace, epsilon: str, planted: dict[str, int]
 
     from peer.model import load_base, resolve_model
 
-    peers = args.out / _key(epsilon) / "gossip" / "peers"
+    peers = run_folder(args, epsilon, "gossip") / "peers"
     most = max(planted.values())
     found: dict[str, Any] = {"by_k": {str(k): {} for k in planted.values()}}
     for role, folder in (("owner", "p0"), ("neighbour", "p1")):
@@ -255,16 +293,21 @@ def main(argv: list[str] | None = None) -> int:
                 result["exposure"][name] = run_exposure(exposure_args(args), epsilon, planted,
                                                         candidates, nulls)
                 result["exposure"][name]["wall_s"] = round(time.monotonic() - started, 1)
-        elif not (args.resume and mode in utility):
-            utility[mode] = run_mode(args, epsilon, mode, inserted)
-            if mode == "gossip" and not separate and args.only != "utility":
-                result["exposure"][name] = run_exposure(args, epsilon, planted, candidates,
-                                                        nulls)
+        elif not (args.resume and len(_losses(utility, mode)) >= args.runs):
+            losses = _losses(utility, mode) if args.resume else []
+            for run in range(len(losses), args.runs):
+                losses.append(run_mode(args, epsilon, mode, inserted, run))
+                if run == 0 and mode == "gossip" and not separate and args.only != "utility":
+                    result["exposure"][name] = run_exposure(args, epsilon, planted,
+                                                            candidates, nulls)
+                utility[f"{mode}_runs"] = losses
+                utility[mode] = statistics.fmean(losses)
+                args.json.write_text(json.dumps(result, indent=2))
             utility[f"{mode}_wall_s"] = round(time.monotonic() - started, 1)
         if nulls:
             result["exposure"]["null"] = canary.spread(nulls)
         if "step_time_ratio" not in result and mode != "exposure":  # on the first run's shard 0
-            result.update(time_steps(args, args.out / _key(epsilon) / mode / "data"
+            result.update(time_steps(args, run_folder(args, epsilon, mode) / "data"
                                      / "shard-0.jsonl"))
         args.json.write_text(json.dumps(result, indent=2))  # partial results survive a stop
     print(json.dumps({k: result.get(k) for k in ("utility", "exposure", "step_time_ratio")},

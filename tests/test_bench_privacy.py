@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+import json
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from peer.data import TokenBatches
 from peer.dpsgd import per_example_grads
 from peer.model import LoraSettings, attach_lora, load_base
+from scripts import bench_privacy, simulate
 from scripts.bench_privacy import (
     _opacus_grad_sampler,
     exposure_args,
@@ -78,3 +81,37 @@ def test_separate_exposure_runs_come_first_with_their_own_model_and_size() -> No
     assert [mode for _, mode in plan(parse_args(["--json", "b.json", "--only", "utility",
                                                  "--exposure-model", "builtin"]))] == \
         [mode for _, mode in schedule(["inf", "8", "4", "1"])]
+
+
+def test_each_mode_takes_its_own_settings_and_repeated_runs_are_averaged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    seen: list[argparse.Namespace] = []
+
+    def fake_run(sim: argparse.Namespace) -> dict[str, float]:  # each run ends 1 higher
+        seen.append(sim)
+        return {"mean_eval_loss": 3.0 + len(seen)}
+
+    monkeypatch.setattr(simulate, "run", fake_run)
+    monkeypatch.setattr(bench_privacy, "time_steps", lambda args, shard: {"step_time_ratio": 1})
+    out, report = tmp_path / "o", tmp_path / "b.json"
+    common = ["--json", str(report), "--out", str(out), "--only", "utility", "--epsilons", "8",
+              "--sim-arg=--peer-arg=--dp-sample-rate=0.1", "--gossip-arg=--lr=0.01",
+              "--gossip-arg=--fanout=7", "--local-arg=--lr=0.004"]
+    assert bench_privacy.main([*common, "--runs", "2"]) == 0
+    assert [(Path(sim.out).name, sim.mode, sim.lr, sim.fanout) for sim in seen] == [
+        ("gossip", "gossip", 0.01, 7), ("gossip-2", "gossip", 0.01, 7),
+        ("local", "local", 0.004, 2), ("local-2", "local", 0.004, 2),
+        ("central", "central", 0.006, 2), ("central-2", "central", 0.006, 2)]
+    assert all({"--dp-epsilon=8", "--dp-sample-rate=0.1"} <= set(sim.peer_arg) for sim in seen)
+    utility = json.loads(report.read_text())["utility"]["8"]
+    assert utility["gossip_runs"] == [4.0, 5.0] and utility["gossip"] == 4.5
+    assert utility["central_runs"] == [8.0, 9.0]
+    # --resume with more runs adds only the missing ones, into new folders.
+    assert bench_privacy.main([*common, "--runs", "3", "--resume"]) == 0
+    assert [Path(sim.out).name for sim in seen[6:]] == ["gossip-3", "local-3", "central-3"]
+    utility = json.loads(report.read_text())["utility"]["8"]
+    assert utility["gossip_runs"] == [4.0, 5.0, 10.0] and utility["local"] == pytest.approx(
+        (6.0 + 7.0 + 11.0) / 3)
+    with pytest.raises(SystemExit):
+        parse_args(["--json", "b.json", "--runs", "0"])
