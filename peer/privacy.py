@@ -220,10 +220,17 @@ def check_data(config: PrivacyConfig, *, examples: int, batch_size: int, pack: b
     if pack:
         raise ConfigError("--pack puts several examples in a row, but DP-SGD clips each "
                           "example's gradient; turn --pack off with --dp-epsilon")
+    _check_batch(config, batch_size=batch_size, examples=examples)
+
+
+def _check_batch(config: PrivacyConfig, *, batch_size: int, examples: int,
+                 which: str = "") -> None:
+    """Refuse an expected batch above N, which q = batch / N cannot sample (none with
+    --dp-sample-rate, whose rate bounds the sample)."""
     if config.sample_rate is None and batch_size > examples:
-        raise ConfigError(f"--batch-size {batch_size} exceeds the {examples} training examples; "
-                          "DP-SGD samples each example with probability batch/N (or give "
-                          "--dp-sample-rate)")
+        raise ConfigError(f"--batch-size {batch_size} exceeds the {examples} {which}training "
+                          "examples; DP-SGD samples each example with probability batch/N (or "
+                          "give --dp-sample-rate)")
 
 
 def _below(bound: float) -> float:
@@ -245,13 +252,9 @@ def plan(config: PrivacyConfig, *, examples: int, batch_size: int, steps: int,
     """
     if not config.enabled:
         return Ledger(config, history=history)
-    rate = config.sample_rate
-    if rate is None:
-        if batch_size > examples:  # some examples had no token to predict within --seq-len
-            raise ConfigError(f"--batch-size {batch_size} exceeds the {examples} usable "
-                              "training examples; DP-SGD samples each with probability "
-                              "batch/N (or give --dp-sample-rate)")
-        rate = batch_size / examples
+    # Again on the usable examples: some had no token to predict within --seq-len.
+    _check_batch(config, batch_size=batch_size, examples=examples, which="usable ")
+    rate = config.sample_rate if config.sample_rate is not None else batch_size / examples
     noise, planned = config.noise, 0
     if noise is None:
         if steps < 1:
