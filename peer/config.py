@@ -100,6 +100,10 @@ class PeerConfig:
         "help": "after --rounds, this many more rounds that exchange and merge without "
         "training, so that the swarm ends close to one adapter (needs --rounds)"})
     eval_every: int = field(default=1, metadata={"help": "evaluate every N rounds"})
+    eval_batch_size: int = field(default=8, metadata={
+        "help": "held-out examples per forward pass, whatever --batch-size is: in bfloat16 the "
+        "same examples' loss moves by up to 0.009 with the batch's shape, so peers (and "
+        "simulate.py's modes) that train on different batches still compare on one"})
     round_pause_s: float = field(default=0.0, metadata={"help": "idle time between rounds"})
     linger_s: float = field(default=0.0, metadata={
         "help": "after the last of --rounds (and --settle-rounds), keep serving the final "
@@ -151,6 +155,8 @@ class PeerConfig:
                              "steps it decays over); give --rounds or --lr-schedule constant")
         if self.eval_every < 1:
             raise ValueError("eval_every must be at least 1")
+        if self.eval_batch_size < 1:
+            raise ValueError("eval_batch_size must be at least 1")
         if self.round_pause_s < 0 or self.linger_s < 0:
             raise ValueError("round_pause_s and linger_s must be >= 0")
         if self.wait_peers < 0 or self.wait_timeout_s < 0:

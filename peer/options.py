@@ -121,6 +121,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("rounds", None, "rounds", int, "N"),
     Option("settle_rounds", None, "settle_rounds", int, "N"),
     Option("eval_every", None, "eval_every", int, "N"),
+    Option("eval_batch_size", None, "eval_batch_size", int, "N"),
     Option("round_pause", None, "round_pause_s", float, "SECONDS"),
     Option("linger", None, "linger_s", float, "SECONDS"),
     Option("wait_peers", None, "wait_peers", int, "N"),

@@ -113,7 +113,7 @@ def build_runtime(config: PeerConfig, shared: SharedModel | None = None) -> Runt
     return Runtime(
         trainer=trainer,
         eval_batches=eval_batches(held_out, tokenizer, seq_len=config.train.seq_len,
-                                  batch_size=config.train.batch_size) if held_out else [],
+                                  batch_size=config.eval_batch_size) if held_out else [],
         swarm=swarm,
         model_dir=model_dir,
         store=store,

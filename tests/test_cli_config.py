@@ -130,6 +130,7 @@ def test_every_option_has_help() -> None:
         (["--wire-codec", "topk:2+zstd"], "wire_codec"),
         (["--settle-codec", "int4"], "settle_codec"),
         (["--membership-tick", "0"], "tick_s must be a positive number"),
+        (["--eval-batch-size", "0"], "eval_batch_size must be at least 1"),
     ],
 )
 def test_bad_values_are_one_line_errors(tmp_path: Path, argv: list[str], message: str) -> None:

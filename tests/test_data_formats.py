@@ -337,4 +337,20 @@ def test_peer_reads_its_columns_and_packs(tmp_path: Path, small_model_dir: Path)
     batches = runtime.trainer.batches
     assert batches.pack and len(batches) == 2
     assert batches.next_batch()["input_ids"].shape[0] == 1 and batches.last_examples == 2
-    assert len(runtime.eval_batches) == 2  # held-out data is read the same way, never packed
+    # Held-out data is read the same way, never packed: two examples, two rows.
+    assert sum(int(b["input_ids"].shape[0]) for b in runtime.eval_batches) == 2
+
+
+def test_held_out_batches_do_not_follow_the_training_batch(tmp_path: Path,
+                                                           small_model_dir: Path) -> None:
+    from peer.setup import build_runtime
+
+    texts = [{"text": f"Held-out example number {i}."} for i in range(7)]
+    held_out = jsonl(tmp_path / "eval.jsonl", *texts)
+    rows = []
+    for batch_size in (1, 4):
+        config = PeerConfig(data_dir=tmp_path / f"peer{batch_size}", train_path=held_out,
+                            eval_path=held_out, model=str(small_model_dir), eval_batch_size=3,
+                            train=TrainConfig(batch_size=batch_size, seq_len=32))
+        rows.append([int(b["input_ids"].shape[0]) for b in build_runtime(config).eval_batches])
+    assert rows == [[3, 3, 1], [3, 3, 1]]
