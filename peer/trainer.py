@@ -159,15 +159,19 @@ class LocalTrainer:
         """One DP-SGD step over a Poisson sample `batch` (None: an empty one); returns its mean
         example loss (None for an empty sample, which still takes a step of pure noise).
 
-        The sample is cut into `grad_accum` row groups for memory; each example's gradient is
-        clipped on its own, so the groups add up to the same sum. The caller records the step
-        in the ledger.
+        The sample is cut into row groups of at most `batch_size / grad_accum` examples, a
+        non-private step's micro-batch: a Poisson sample's size is q·N (under
+        `--dp-sample-rate`, any size), and per-example gradients of all its rows at once took
+        an in-process simulation past 10 GB at 152 rows of the built-in model (killed for
+        memory on a 24 GB machine). Each example's gradient
+        is clipped on its own, so the groups add up to the same sum. The caller records the
+        step in the ledger.
         """
         ledger, clip = self.ledger, self.ledger.config.clip
         total = {name: torch.zeros_like(p) for name, p in self._trainable.items()}
         losses: list[torch.Tensor] = []
         if batch is not None:
-            rows = -(-len(batch["input_ids"]) // self.config.grad_accum)
+            rows = micro_batch(self.config)
             params = {name: p.detach() for name, p in self._trainable.items()}
             for start in range(0, len(batch["input_ids"]), rows):
                 part = _trim({k: v[start : start + rows] for k, v in batch.items()})
@@ -259,6 +263,11 @@ def lr_share(schedule: str, step: int, horizon: int) -> float:
     if schedule == "linear":
         return 1.0 - done
     return 0.5 * (1.0 + math.cos(math.pi * done))
+
+
+def micro_batch(config: TrainConfig) -> int:
+    """Rows a step computes at once: `--batch-size` split into `--grad-accum` parts."""
+    return max(1, config.batch_size // config.grad_accum)
 
 
 def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:

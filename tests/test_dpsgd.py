@@ -124,3 +124,34 @@ def test_a_private_trainer_stops_at_its_budget(peft_and_tokenizer,
     trainer.train_round()  # over budget: no step is taken, the ledger stays
     assert ledger.steps == steps and trainer.state().keys() == after.keys()
     assert all(torch.equal(trainer.state()[k], after[k]) for k in after)
+
+
+def test_a_large_poisson_sample_is_taken_in_micro_batches(peft_and_tokenizer,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    import peer.trainer as trainer_module
+
+    model, tokenizer = peft_and_tokenizer
+    sizes: list[int] = []
+    sums: list[dict[str, torch.Tensor]] = []
+
+    def recorded(model_: Any, params: Any, batch: dict[str, torch.Tensor]) -> Any:
+        sizes.append(len(batch["input_ids"]))
+        return per_example_grads(model_, params, batch)
+
+    def kept(total: dict[str, torch.Tensor], **kwargs: Any) -> dict[str, torch.Tensor]:
+        sums.append({k: v.clone() for k, v in total.items()})
+        return noisy_mean(total, **kwargs)
+
+    monkeypatch.setattr(trainer_module, "per_example_grads", recorded)
+    monkeypatch.setattr(trainer_module, "noisy_mean", kept)
+    config = TrainConfig(steps_per_round=1, batch_size=4, seq_len=32, lr=1e-2, grad_accum=2)
+    batches = TokenBatches(TEXTS, tokenizer, seq_len=32, batch_size=4, seed=0)
+    budget = PrivacyConfig(epsilon=3.0, delta=1e-3, clip=0.5, noise=1.0, sample_rate=0.5)
+    ledger = plan(budget, examples=len(batches), batch_size=4, steps=0)
+    trainer = LocalTrainer(model, batches, config, ledger=ledger)
+    sample = _batch(tokenizer, 7)  # a Poisson sample far above --batch-size
+    whole = clip_rows(per_example_grads(model, _trainable(model), sample)[0], 0.5)
+    trainer.private_step(sample)
+    assert sizes == [2, 2, 2, 1]  # --batch-size 4 / --grad-accum 2 rows at a time
+    for name, clipped in whole.items():
+        torch.testing.assert_close(sums[0][name], clipped.sum(dim=0), rtol=1e-4, atol=1e-6)
