@@ -163,9 +163,8 @@ class LocalTrainer:
         non-private step's micro-batch: a Poisson sample's size is q·N (under
         `--dp-sample-rate`, any size), and per-example gradients of all its rows at once took
         an in-process simulation past 10 GB at 152 rows of the built-in model (killed for
-        memory on a 24 GB machine). Each example's gradient
-        is clipped on its own, so the groups add up to the same sum. The caller records the
-        step in the ledger.
+        memory on a 24 GB machine). Each example's gradient is clipped on its own, so the
+        groups add up to the same sum. The caller records the step in the ledger.
         """
         ledger, clip = self.ledger, self.ledger.config.clip
         total = {name: torch.zeros_like(p) for name, p in self._trainable.items()}
