@@ -36,6 +36,11 @@ class TrainConfig:
         "help": "split each step's batch into this many micro-batches (it must divide "
         "--batch-size): the same update in less memory"})
 
+    @property
+    def micro_batch(self) -> int:
+        """Rows a step computes at once: `--batch-size` split into `--grad-accum` parts."""
+        return self.batch_size // self.grad_accum
+
     def __post_init__(self) -> None:
         if self.steps_per_round < 1:
             raise ValueError("steps_per_round must be at least 1")

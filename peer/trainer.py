@@ -170,10 +170,9 @@ class LocalTrainer:
         total = {name: torch.zeros_like(p) for name, p in self._trainable.items()}
         losses: list[torch.Tensor] = []
         if batch is not None:
-            rows = micro_batch(self.config)
+            parts = -(-len(batch["input_ids"]) // self.config.micro_batch)
             params = {name: p.detach() for name, p in self._trainable.items()}
-            for start in range(0, len(batch["input_ids"]), rows):
-                part = _trim({k: v[start : start + rows] for k, v in batch.items()})
+            for part in split_batch(batch, parts):
                 grads, part_losses = per_example_grads(
                     self.model, params, {k: v.to(self.device) for k, v in part.items()})
                 for name, clipped in clip_rows(grads, clip).items():
@@ -262,11 +261,6 @@ def lr_share(schedule: str, step: int, horizon: int) -> float:
     if schedule == "linear":
         return 1.0 - done
     return 0.5 * (1.0 + math.cos(math.pi * done))
-
-
-def micro_batch(config: TrainConfig) -> int:
-    """Rows a step computes at once: `--batch-size` split into `--grad-accum` parts."""
-    return max(1, config.batch_size // config.grad_accum)
 
 
 def split_batch(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
