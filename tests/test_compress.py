@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 import zstandard
-from hypothesis import HealthCheck, given, settings
+from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from gossip.compress import MAGIC, Codec, decode_payload, parse_codec, shapes_of
@@ -105,6 +105,7 @@ def test_int8_error_is_within_a_row_absmax_over_127(seed: int, scale: float) -> 
 
 @pytest.mark.parametrize("fraction", [0.001, 0.05, 0.5, 1.0])
 @given(seed=st.integers(0, 2**16))
+@example(seed=22647)  # at fraction 1.0: 1.000014 half-steps, float32 rounding of the decode
 @FAST
 def test_topk_keeps_the_largest_entries_and_zeroes_the_rest(fraction: float, seed: int) -> None:
     state = adapter(seed)
@@ -116,9 +117,11 @@ def test_topk_keeps_the_largest_entries_and_zeroes_the_rest(fraction: float, see
         mask = torch.zeros_like(flat, dtype=torch.bool)
         mask[kept] = True
         assert not got[~mask].any()
-        # int8 values with one scale per tensor: within half a step of the kept largest |x|.
-        step = flat[kept].abs().max() / 127
-        assert bool(((got[mask] - flat[mask]).abs() <= step / 2 * (1 + 1e-5)).all())
+        # int8 values with one scale per tensor: within half a step of the kept largest |x|,
+        # up to float32 rounding of values as large as that |x|.
+        largest = flat[kept].abs().max()
+        slack = 4 * torch.finfo(torch.float32).eps * largest
+        assert bool(((got[mask] - flat[mask]).abs() <= largest / 127 / 2 + slack).all())
 
 
 @given(seed=st.integers(0, 2**16), cols=st.integers(1, 13))
