@@ -9,6 +9,7 @@ from merge import registry
 from merge.errors import MergeConfigError
 
 _NAMES = registry.RULE_NAMES
+WEIGHTINGS = ("samples", "equal")
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,13 @@ class MergeConfig:
     rule: str = field(
         default="average",
         metadata={"help": f"merge rule: {', '.join(_NAMES[:-1])} or {_NAMES[-1]}"},
+    )
+    weights: str = field(
+        default="samples",
+        metadata={"help": "what a contribution's merge weight starts from: samples (its "
+                          "claimed training samples, capped) or equal (every accepted "
+                          "adapter the same; for DP peers that sample a fixed share of "
+                          "their data, see the README)"},
     )
     staleness_discount: float = field(
         default=0.5, metadata={"help": "weight multiplier per version of age (w *= x**age)"}
@@ -51,6 +59,10 @@ class MergeConfig:
 
     def __post_init__(self) -> None:
         registry.rule(self.rule)  # raises MergeConfigError for a name it does not know
+        if self.weights not in WEIGHTINGS:
+            raise MergeConfigError(
+                f"weights must be one of {', '.join(WEIGHTINGS)}, got {self.weights!r}"
+            )
         # NaN fails every comparison, so each float check is written to reject it too.
         if not 0 < self.staleness_discount <= 1:
             raise MergeConfigError(

@@ -33,6 +33,8 @@ def merge_weights(own: Contribution, others: Sequence[Contribution],
     When every n_i is 0 (a swarm that has not trained yet) the weights fall back to the staleness
     factors alone. A neighbour's weight therefore never exceeds
     cap / (cap + n_0) however many samples it claims: a liar cannot buy more than that.
+    With `config.weights == "equal"` every n_i is 1 (the claims are not read at all): the
+    weights are the staleness factors alone.
 
     Args:
         own: this peer's adapter; its sample count sets the cap.
@@ -42,8 +44,11 @@ def merge_weights(own: Contribution, others: Sequence[Contribution],
     Returns:
         `[w_self, w_1, ..., w_k]`, non-negative, summing to 1.
     """
-    cap = sample_cap(own, config)
     decay = [config.staleness_discount ** clamp_age(c.age, config) for c in (own, *others)]
+    if config.weights == "equal":
+        total = sum(decay)
+        return [value / total for value in decay]
+    cap = sample_cap(own, config)
     samples = [float(max(own.samples, 0))] + [min(float(max(c.samples, 0)), cap) for c in others]
     raw = [n * d for n, d in zip(samples, decay, strict=True)]
     total = sum(raw)

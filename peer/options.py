@@ -177,6 +177,7 @@ OPTIONS: tuple[Option, ...] = (
     Option("target_connections", "topology", "target_connections", int, "N"),
     Option("membership_tick", "topology", "tick_s", float, "SECONDS"),
     Option("merge_rule", "merge", "rule", str, "NAME", scope=AGREE),
+    Option("merge_weights", "merge", "weights", str, "samples|equal", scope=AGREE),
     Option("staleness_discount", "merge", "staleness_discount", float, "X", scope=AGREE),
     Option("max_norm_ratio", "merge", "max_norm_ratio", float, "X", scope=AGREE),
     Option("trim", "merge", "trim", int, "N", scope=AGREE),

@@ -20,11 +20,13 @@ def test_flags_build_every_section(tmp_path: Path) -> None:
     config = _config([
         "--data-dir", str(tmp_path), "--train", "t.jsonl", "--lora-rank", "4",
         "--lora-targets", "q_proj,k_proj", "--lr", "0.01", "--fanout", "3",
-        "--merge-rule", "average", "--bootstrap", "/ip4/127.0.0.1/tcp/4001/p2p/"
+        "--merge-rule", "average", "--merge-weights", "equal",
+        "--bootstrap", "/ip4/127.0.0.1/tcp/4001/p2p/"
         "12D3KooWGzh5vWxgfEdpHPtvS6BWGKHWmRAZyrcpkUqdrH8kBLkG",
     ])
     assert config.lora.rank == 4 and config.lora.target_modules == ("q_proj", "k_proj")
     assert config.train.lr == 0.01 and config.topology.fanout == 3
+    assert config.merge.weights == "equal"
     assert config.network.bootstrap[0].startswith("/ip4/127.0.0.1/tcp/4001")
 
 
@@ -120,6 +122,7 @@ def test_every_option_has_help() -> None:
         (["--settle-fanout", "9", "--view-size", "8"], r"view_size \(8\)"),
         (["--settle-fanout", "two"], "--settle-fanout"),
         (["--merge-rule", "nope"], "nope"),
+        (["--merge-weights", "data"], "weights must be one of samples, equal, got 'data'"),
         (["--ping-timeout", "0"], "timeout"),
         (["--health-check", "-1"], "health_check"),
         (["--linger", "-5"], "linger_s"),

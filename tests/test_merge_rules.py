@@ -3,6 +3,7 @@ merge weights are normalised and liars are capped; the config rejects bad values
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 
@@ -177,8 +178,28 @@ def test_untrained_swarm_weights_fall_back_to_staleness() -> None:
     assert merge_weights(own, others, config) == pytest.approx([0.4, 0.2, 0.4])
 
 
+def test_equal_weights_read_no_claim_and_keep_the_staleness_discount() -> None:
+    config = MergeConfig(weights="equal", staleness_discount=0.5, max_age=3)
+    own = Contribution({}, samples=10)
+    liar = Contribution({}, samples=10**15, peer="liar")
+    small = Contribution({}, samples=1, peer="small")
+    assert merge_weights(own, [liar, small], config) == pytest.approx([1 / 3] * 3)
+    stale = Contribution({}, samples=500, age=10**9, peer="old")  # counts as age 3: x 1/8
+    assert merge_weights(own, [stale, small], config) == pytest.approx([8 / 17, 1 / 17, 8 / 17])
+    untrained = Contribution({}, samples=0)
+    assert merge_weights(untrained, [liar], config) == pytest.approx([0.5, 0.5])
+
+
+def test_average_with_equal_weights_is_the_plain_mean() -> None:
+    contributions = [dataclasses.replace(c, age=0) for c in neighbours(seed=7, k=3)]
+    merged = merge_states(contributions[0], contributions[1:], MergeConfig(weights="equal"))
+    for key in merged:
+        expected = sum(c.state[key] for c in contributions) / len(contributions)
+        torch.testing.assert_close(merged[key], expected)
+
+
 @pytest.mark.parametrize("kwargs", [
-    {"rule": "mean"}, {"staleness_discount": 0.0}, {"staleness_discount": 1.5},
+    {"rule": "mean"}, {"weights": "data"}, {"staleness_discount": 0.0}, {"staleness_discount": 1.5},
     {"staleness_discount": math.nan}, {"max_age": -1}, {"max_samples_ratio": 0.0},
     {"max_samples_ratio": math.inf}, {"max_norm_ratio": 0.5}, {"trim": -1},
     {"clip_tau": 0.0}, {"clip_tau": math.nan}, {"trim_fraction": 0.5},
