@@ -37,7 +37,8 @@ Three measurements, one JSON (`--json OUT`):
     python scripts/bench_privacy.py --json tuned.json --only utility --epsilons 8 --runs 2 \
         --model builtin --rounds 20 --steps-per-round 4 \
         --gossip-arg=--lr=0.01 --gossip-arg=--fanout=7 --gossip-arg=--settle-rounds=3 \
-        --gossip-arg=--peer-arg=--lora-rank=2 --local-arg=--lr=0.004 \
+        --gossip-arg=--peer-arg=--lora-rank=2 --gossip-arg=--peer-arg=--dp-sample-rate=0.1 \
+        --gossip-arg=--peer-arg=--merge-weights=equal --local-arg=--lr=0.004 \
         --central-arg=--batch-size=64 --central-arg=--lr=0.003
 """
 
