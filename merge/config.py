@@ -22,10 +22,10 @@ class MergeConfig:
     )
     weights: str = field(
         default="samples",
-        metadata={"help": "what a contribution's merge weight starts from: samples (its "
-                          "claimed training samples, capped) or equal (every accepted "
-                          "adapter the same; for DP peers that sample a fixed share of "
-                          "their data, see the README)"},
+        metadata={"help": "what a merge weight starts from, before staleness: samples (the "
+                          "training samples each adapter claims, capped) or equal (every "
+                          "accepted adapter the same: for DP peers at a shared "
+                          "--dp-sample-rate, whose steps already scale with their data)"},
     )
     staleness_discount: float = field(
         default=0.5, metadata={"help": "weight multiplier per version of age (w *= x**age)"}
