@@ -46,10 +46,11 @@ def merge_weights(own: Contribution, others: Sequence[Contribution],
     """
     decay = [config.staleness_discount ** clamp_age(c.age, config) for c in (own, *others)]
     if config.weights == "equal":
-        total = sum(decay)
-        return [value / total for value in decay]
-    cap = sample_cap(own, config)
-    samples = [float(max(own.samples, 0))] + [min(float(max(c.samples, 0)), cap) for c in others]
+        samples = [1.0] * len(decay)
+    else:
+        cap = sample_cap(own, config)
+        samples = [float(max(own.samples, 0))] + [min(float(max(c.samples, 0)), cap)
+                                                  for c in others]
     raw = [n * d for n, d in zip(samples, decay, strict=True)]
     total = sum(raw)
     if total <= 0.0:
