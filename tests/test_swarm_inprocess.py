@@ -385,13 +385,10 @@ async def test_a_compressed_wire_codec_merges_every_round_on_fewer_bytes(
     tmp_path: Path, small_model_dir: Path
 ) -> None:
     # Each peer fetches its neighbour's estimate as steps from the swarm-seeded adapter, which
-    # both hold. Measured on 2 cores (4 merges a peer): 220 KB a fetch with fp32, 30 KB with
-    # int8+zstd and 2.4 KB with topk:0.02+zstd (105 KB with int8+zstd when the first fetch
-    # was a keyframe). Counted per fetch, int8+zstd once came to 83 KB of fp32's 198 KB in a
-    # fresh-clone run of the whole suite, most likely with more steps a fetch (a peer that
-    # misses rounds fetches every step since the version it holds; not logged there). Per
-    # step received, which the codec alone decides: fp32 198 KB a fetch, int8+zstd 51-52 KB
-    # and topk:0.02+zstd 3.4 KB a step (quiet machine, 2 runs).
+    # both hold. Compared per step received, which the codec alone decides (per fetch, how
+    # many steps a fetch chains depends on how many rounds a busy peer missed: int8+zstd once
+    # came to 83 KB of fp32's 198 KB). Measured on 2 quiet cores, 4 merges a peer, 2 runs:
+    # fp32 198 KB a fetch, int8+zstd 51-52 KB and topk:0.02+zstd 3.4 KB a step.
     fp32 = await _bytes_per_update(tmp_path, small_model_dir, "fp32", merges=4)
     int8 = await _bytes_per_update(tmp_path, small_model_dir, "int8+zstd", merges=4)
     topk = await _bytes_per_update(tmp_path, small_model_dir, "topk:0.02+zstd", merges=4)
