@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import multiaddr
-from libp2p.network.config import ConnectionConfig
 
-from gossip.compress import parse_codec
+if TYPE_CHECKING:
+    from libp2p.network.config import ConnectionConfig
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ class NodeConfig:
                 )
         if self.psk is not None and (len(self.psk) != 64 or not _is_hex(self.psk)):
             raise ValueError("a swarm key is 64 hex characters; make one with `loraswarm keygen`")
+        # Imported here: the codecs need torch, and `loraswarm --help` reads this class.
+        from gossip.compress import parse_codec
+
         try:
             parse_codec(self.wire_codec)
         except ValueError as exc:
@@ -176,6 +180,8 @@ def connection_config(config: NodeConfig) -> ConnectionConfig:
     only failed fetches that would have finished: with 64 peers in one process, 1,311 of 1,446
     failed fetches were negotiations cut off at 10 s while the event loop was busy.
     """
+    from libp2p.network.config import ConnectionConfig  # libp2p: see `NodeConfig.__post_init__`
+
     negotiation = float(max(10, config.fetch_timeout_s))
     settings = ConnectionConfig(outbound_stream_protocol_negotiation_timeout=negotiation,
                                 inbound_stream_protocol_negotiation_timeout=negotiation)

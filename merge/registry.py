@@ -14,14 +14,16 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeAlias, cast
+from typing import TYPE_CHECKING, Any, TypeAlias, cast
 
 from merge.errors import MergeConfigError
 from merge.quorum import TrimSettings, min_buffered, no_minimum
-from merge.types import AdapterState, Contribution
+
+if TYPE_CHECKING:  # torch: `merge.config` reads this table and must load without it
+    from merge.types import AdapterState, Contribution
 
 # The third argument is the `MergeConfig` (not named here, see the module docstring).
-MergeRule: TypeAlias = Callable[[Contribution, Sequence[Contribution], Any], AdapterState]
+MergeRule: TypeAlias = "Callable[[Contribution, Sequence[Contribution], Any], AdapterState]"
 
 
 @dataclass(frozen=True)

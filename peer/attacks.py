@@ -12,8 +12,7 @@ from collections.abc import Callable, Mapping
 import torch
 
 from merge.types import AdapterState
-
-ATTACKS = ("scale", "noise", "signflip")
+from peer.config import ATTACKS
 
 
 def poison(state: Mapping[str, torch.Tensor], attack: str, *, scale: float = 50.0,

@@ -1,20 +1,24 @@
-"""The peer's configuration: one frozen dataclass per concern, composed into `PeerConfig`."""
+"""The peer's configuration: one frozen dataclass per concern, composed into `PeerConfig`.
+
+Every config class it composes lives in a module that imports neither torch nor libp2p, so that
+`loraswarm --help` and a bad flag's one-line error come at once (a test checks it).
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from gossip.node import NodeConfig
+from gossip.config import NodeConfig
 from merge.config import MergeConfig
-from peer.attacks import ATTACKS
-from peer.device import DeviceConfig
+from peer.device_config import DeviceConfig
 from peer.http import http_listen
-from peer.model import LoraSettings
-from peer.privacy import PrivacyConfig
+from peer.lora_config import LoraSettings
+from peer.privacy_config import PrivacyConfig
 from topology.config import TopologyConfig
 
 LR_SCHEDULES = ("constant", "linear", "cosine")
+ATTACKS = ("scale", "noise", "signflip")  # `--attack`: poisoned adapters (`peer.attacks`)
 
 
 @dataclass(frozen=True)

@@ -15,69 +15,19 @@ every rule is testable on a CPU-only machine by describing a machine that has a 
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from peer.device_config import DTYPE_NAMES, DeviceConfig
 from peer.errors import ConfigError
 
-DEVICES = ("auto", "cpu", "cuda", "cuda:N", "mps")
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
-QUANTIZE = ("4bit", "8bit")
-# Attention kernels of the base (transformers' attn_implementation); auto: transformers' choice
-# (SDPA where the model supports it, else eager).
-ATTENTION = ("auto", "sdpa", "eager")
+DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 ADAPTER_DTYPE = torch.float32  # the dtype of LoRA factors, optimizer state, merges and the wire
+
 # CPU flags (Linux /proc/cpuinfo) of native bfloat16 matrix arithmetic: AVX-512 BF16, Intel AMX.
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
-
-
-@dataclass(frozen=True)
-class DeviceConfig:
-    """What this machine computes with; none of it has to match the other peers'."""
-
-    device: str = field(default="auto", metadata={
-        "help": "auto (CUDA, else Apple MPS, else CPU), cpu, cuda, cuda:N or mps"})
-    dtype: str = field(default="auto", metadata={
-        "help": "dtype of the frozen base: auto (bfloat16 on CUDA that supports it, else "
-        "float16 on a GPU, float32 on CPU), float32, bfloat16 or float16; LoRA factors and "
-        "the wire stay float32"})
-    quantize: str = field(default="", metadata={
-        "help": "load the base in 4bit (QLoRA: nf4, double quantization) or 8bit through "
-        "bitsandbytes; needs CUDA and `pip install 'loraswarm[gpu]'`. A quantized peer only "
-        "joins peers with the same --quantize (it is part of the swarm id)"})
-    grad_checkpointing: bool = field(default=False, metadata={
-        "help": "keep fewer activations and recompute them in the backward pass: less "
-        "memory for one more forward pass per step"})
-    attention: str = field(default="auto", metadata={
-        "help": "attention kernel of the base: auto (transformers' choice: sdpa where the model "
-        "supports it), sdpa (PyTorch's fused kernels) or eager (plain matmuls). With "
-        "--dp-epsilon on a CPU and batches of 32 or more, eager made a DP step "
-        "25-34 percent faster (vmap cannot batch the CPU's fused kernel); on a GPU it was "
-        "slower. Its memory grows with --seq-len squared"})
-
-    def __post_init__(self) -> None:
-        if not _is_device_name(self.device):
-            raise ValueError(f"unknown device {self.device!r}; use one of {', '.join(DEVICES)}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; use auto, "
-                             f"{', '.join(DTYPES)}")
-        if self.quantize and self.quantize not in QUANTIZE:
-            raise ValueError(f"unknown quantization {self.quantize!r}; use 4bit or 8bit")
-        if self.attention not in ATTENTION:
-            raise ValueError(f"unknown attention {self.attention!r}; use auto, sdpa or eager")
-
-
-def _is_device_name(name: str) -> bool:
-    if name in ("auto", "cpu", "cuda", "mps"):
-        return True
-    kind, _, index = name.partition(":")
-    return kind == "cuda" and index.isdigit()
 
 
 @dataclass(frozen=True)

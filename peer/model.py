@@ -19,7 +19,6 @@ import math
 import os
 import shutil
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
@@ -28,6 +27,7 @@ import torch
 from peer.device import ADAPTER_DTYPE, CPU_FLOAT32, Placement
 from peer.errors import ModelError
 from peer.fingerprint import FINGERPRINT_FILE, hash_folder
+from peer.lora_config import LoraSettings
 
 logger = logging.getLogger(__name__)
 
@@ -44,29 +44,6 @@ _CONVERSION = "3"
 # The GGUF metadata key of each special token a tokenizer names.
 _SPECIAL_TOKEN_KEYS = {"bos_token": "bos", "eos_token": "eos", "unk_token": "unknown",
                        "pad_token": "padding"}
-
-
-@dataclass(frozen=True)
-class LoraSettings:
-    """The LoRA shape every peer of a swarm shares (it is part of the swarm id)."""
-
-    rank: int = field(default=8, metadata={"help": "LoRA rank r"})
-    alpha: int = field(default=16, metadata={"help": "LoRA alpha (scale = alpha / r)"})
-    target_modules: tuple[str, ...] = field(
-        default=("q_proj", "v_proj"), metadata={"help": "module names that get LoRA factors"}
-    )
-
-    def __post_init__(self) -> None:
-        if not 1 <= self.rank <= 1024:
-            raise ValueError(f"LoRA rank must be in 1..1024, got {self.rank}")
-        if self.alpha <= 0:
-            raise ValueError(f"LoRA alpha must be positive, got {self.alpha}")
-        if not self.target_modules:
-            raise ValueError("LoRA target_modules must name at least one module, e.g. q_proj")
-
-    def to_dict(self) -> dict[str, Any]:
-        """Canonical form for hashing into the swarm id."""
-        return {"r": self.rank, "alpha": self.alpha, "targets": sorted(self.target_modules)}
 
 
 def cache_dir() -> Path:

@@ -15,14 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gossip.node import NodeConfig
+from gossip.config import NodeConfig
 from merge.config import MergeConfig
 from peer.config import DataConfig, PeerConfig, TrainConfig
-from peer.device import DeviceConfig
+from peer.device_config import DeviceConfig
 from peer.errors import ConfigError
 from peer.http import http_listen
-from peer.model import LoraSettings
-from peer.privacy import PrivacyConfig
+from peer.lora_config import LoraSettings
+from peer.privacy_config import PrivacyConfig
 from topology.config import TopologyConfig
 
 _SECTIONS: dict[str | None, type] = {

@@ -36,18 +36,15 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from merge import (
-    RULES,
-    AdapterState,
-    Contribution,
-    MergeConfig,
-    merge_states,
-    merge_weights,
-)
+from merge.config import MergeConfig
 from merge.errors import RejectedUpdate
+from merge.registry import RULES
 from merge.registry import rule as rule_entry
+from merge.rules import merge_states
 from merge.tensors import lora_pairs
+from merge.types import AdapterState, Contribution
 from merge.validate import validate_update
+from merge.weights import merge_weights
 
 HIDDEN, LAYERS, RANK, KV_OUT = 896, 24, 16, 128
 MODULES = {"q_proj": HIDDEN, "k_proj": KV_OUT, "v_proj": KV_OUT, "o_proj": HIDDEN}

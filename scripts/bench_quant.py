@@ -43,7 +43,10 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from merge import AdapterState, Contribution, MergeConfig, lora_pairs, merge_states, state_norm
+from merge.config import MergeConfig
+from merge.rules import merge_states
+from merge.tensors import lora_pairs, state_norm
+from merge.types import AdapterState, Contribution
 from peer.config import TrainConfig
 from peer.data import TokenBatches, eval_batches
 from peer.device import Placement

@@ -8,6 +8,8 @@ Every import statement counts, including those inside functions.
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -22,6 +24,8 @@ ALLOWED = {
     "topology": {"topology"},
     "merge": {"merge"},
 }
+# What the command line must not import before it has a peer to run: 2-4 s before `--help`.
+HEAVY = ("torch", "transformers", "peft", "libp2p", "opacus", "safetensors")
 
 
 def imported_packages(path: Path) -> set[str]:
@@ -53,3 +57,11 @@ def test_the_check_sees_an_upward_import(tmp_path: Path) -> None:
     module = tmp_path / "upward.py"
     module.write_text("def late():\n    from peer.daemon import Peer\n    import scripts.x\n")
     assert imported_packages(module) == {"peer", "scripts"}
+
+
+def test_the_command_line_loads_without_torch_or_libp2p() -> None:
+    # A fresh interpreter: this test process has imported everything already.
+    code = f"import sys, peer.cli; print(' '.join(m for m in {HEAVY!r} if m in sys.modules))"
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120, check=True)
+    assert done.stdout.split() == []

@@ -17,7 +17,10 @@ import pytest
 import torch
 
 from gossip.swarm import swarm_id
-from merge import Contribution, MergeConfig, merge_states, validate_update
+from merge.config import MergeConfig
+from merge.rules import merge_states
+from merge.types import Contribution
+from merge.validate import validate_update
 from peer.config import PeerConfig, TrainConfig
 from peer.data import TokenBatches
 from peer.device import DeviceConfig, Placement
