@@ -25,7 +25,6 @@ from peer.errors import ConfigError
 
 DTYPES: dict[str, torch.dtype] = {name: getattr(torch, name) for name in DTYPE_NAMES}
 ADAPTER_DTYPE = torch.float32  # the dtype of LoRA factors, optimizer state, merges and the wire
-
 # CPU flags (Linux /proc/cpuinfo) of native bfloat16 matrix arithmetic: AVX-512 BF16, Intel AMX.
 CPU_BF16_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})
 

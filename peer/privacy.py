@@ -1,4 +1,7 @@
-"""Differential privacy of a peer's own training steps: its settings and its ε ledger.
+"""Differential privacy of a peer's own training steps: its ε ledger and σ's calibration.
+
+Its settings (`PrivacyConfig`) live in `peer.privacy_config`, which the command line loads
+without an accountant.
 
 With `--dp-epsilon`, every local step is a DP-SGD step (`peer.dpsgd`): a Poisson sample of the
 peer's examples, each example's gradient clipped to `--dp-clip`, Gaussian noise of standard
