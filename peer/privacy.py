@@ -1,7 +1,7 @@
 """Differential privacy of a peer's own training steps: its ε ledger and σ's calibration.
 
 Its settings (`PrivacyConfig`) live in `peer.privacy_config`, which the command line loads
-without an accountant.
+without torch or opacus.
 
 With `--dp-epsilon`, every local step is a DP-SGD step (`peer.dpsgd`): a Poisson sample of the
 peer's examples, each example's gradient clipped to `--dp-clip`, Gaussian noise of standard
